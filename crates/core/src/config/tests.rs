@@ -1,0 +1,177 @@
+use std::collections::HashMap;
+use std::io::Write;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn file(content: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    f
+}
+
+fn load_str(content: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let f = file(content);
+    Config::load(Some(f.path()), &env(pairs))
+}
+
+fn invalid_key(result: Result<Config, ConfigError>) -> String {
+    match result {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("expected an invalid-key error, got {other:?}"),
+    }
+}
+
+#[test]
+fn defaults_without_file_or_env() {
+    let config = Config::load(None, &HashMap::new()).unwrap();
+    assert_eq!(config.cluster.name, "default");
+    assert!(!config.cluster.node_id.is_empty());
+    assert_eq!(config.cluster.lease_ttl_secs, 10);
+    assert_eq!(config.http.listen, "127.0.0.1:8479");
+    assert_eq!(config.postgres.schema, "etcd_sync");
+    assert_eq!(config.retry.max_attempts, 10);
+    let mappings = config.validated_mappings().unwrap();
+    assert_eq!(mappings.len(), 1);
+    let only = mappings.iter().next().unwrap();
+    assert_eq!(only.prefix, b"");
+    assert_eq!(only.table.as_str(), "kv");
+    assert_eq!(only.direction, Direction::Both);
+    assert_eq!(only.policy, Policy::NewestWins);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let config = load_str(
+        "[cluster]\nname = \"from-file\"\nlease_ttl_secs = 7\n[etcd]\nendpoints = [\"http://file:2379\"]\n",
+        &[
+            ("ETCD_PG_SYNC__CLUSTER__NAME", "from-env"),
+            ("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://a:2379,http://b:2379"),
+            ("ETCD_PG_SYNC__POSTGRES__POOL_SIZE", "12"),
+            ("ETCD_PG_SYNC__SYNC__LISTEN_NOTIFY", "false"),
+            ("UNRELATED", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.cluster.name, "from-env");
+    assert_eq!(config.cluster.lease_ttl_secs, 7, "file value kept where env is silent");
+    assert_eq!(config.etcd.endpoints, vec!["http://a:2379", "http://b:2379"]);
+    assert_eq!(config.postgres.pool_size, 12);
+    assert!(!config.sync.listen_notify);
+}
+
+#[test]
+fn mappings_from_the_file() {
+    let config = load_str(
+        r#"
+[[mappings]]
+prefix = "/app/"
+table = "kv_app"
+direction = "both"
+policy = "manual"
+
+[[mappings]]
+prefix = "/cfg/"
+table = "kv_cfg"
+direction = "etcd-to-pg"
+"#,
+        &[],
+    )
+    .unwrap();
+    let set = config.validated_mappings().unwrap();
+    assert_eq!(set.find(b"/app/x").unwrap().policy, Policy::Manual);
+    assert_eq!(set.find(b"/cfg/y").unwrap().direction, Direction::EtcdToPg);
+    assert_eq!(set.find(b"/cfg/y").unwrap().policy, Policy::NewestWins);
+}
+
+#[test]
+fn overlapping_prefixes_name_the_mapping() {
+    let err = load_str(
+        "[[mappings]]\nprefix = \"/app/\"\ntable = \"a\"\n[[mappings]]\nprefix = \"/app/sub/\"\ntable = \"b\"\n",
+        &[],
+    );
+    assert_eq!(invalid_key(err), "mappings[1].prefix");
+}
+
+#[test]
+fn every_validation_error_names_its_key() {
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\npolicy = \"loudest-wins\"\n", &[], "mappings[0].policy"),
+        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\ndirection = \"sideways\"\n", &[], "mappings[0].direction"),
+        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"Robert'); DROP TABLE x;--\"\n", &[], "mappings[0].table"),
+        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"outbox\"\n", &[], "mappings[0].table"),
+        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"t\"\n[[mappings]]\nprefix = \"/b/\"\ntable = \"t\"\n", &[], "mappings[1].table"),
+        ("[[mappings]]\nprefix = \"__etcd_pg_sync/x\"\ntable = \"t\"\n", &[], "mappings[0].prefix"),
+        ("", &[("ETCD_PG_SYNC__POSTGRES__URL", "not a url")], "postgres.url"),
+        ("", &[("ETCD_PG_SYNC__POSTGRES__URL", "mysql://h/db")], "postgres.url"),
+        ("", &[("ETCD_PG_SYNC__POSTGRES__SCHEMA", "bad-schema")], "postgres.schema"),
+        ("", &[("ETCD_PG_SYNC__POSTGRES__POOL_SIZE", "1")], "postgres.pool_size"),
+        ("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "ftp://x")], "etcd.endpoints[0]"),
+        ("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://ok:1,nonsense")], "etcd.endpoints[1]"),
+        ("", &[("ETCD_PG_SYNC__CLUSTER__NAME", "a b")], "cluster.name"),
+        ("", &[("ETCD_PG_SYNC__CLUSTER__LEASE_TTL_SECS", "1")], "cluster.lease_ttl_secs"),
+        ("", &[("ETCD_PG_SYNC__HTTP__LISTEN", "localhost")], "http.listen"),
+        ("", &[("ETCD_PG_SYNC__RETRY__MULTIPLIER", "0.5")], "retry.multiplier"),
+        ("", &[("ETCD_PG_SYNC__RETRY__MAX_MS", "10")], "retry.max_ms"),
+        ("", &[("ETCD_PG_SYNC__RETRY__MAX_ATTEMPTS", "0")], "retry.max_attempts"),
+        ("", &[("ETCD_PG_SYNC__SYNC__BATCH_SIZE", "0")], "sync.batch_size"),
+        ("", &[("ETCD_PG_SYNC__ETCD__PASSWORD", "x")], "etcd.username"),
+        ("", &[("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "1")], "etcd.max_txn_ops"),
+        ("[postgres.tls]\nmode = \"verify-full\"\n", &[], "postgres.tls.ca_file"),
+        ("[etcd.tls]\ncert_file = \"/x\"\n", &[], "etcd.tls.key_file"),
+        ("[postgres]\npassword_file = \"/nonexistent/secret\"\n", &[], "postgres.password_file"),
+    ];
+    for (content, pairs, key) in cases {
+        assert_eq!(&invalid_key(load_str(content, pairs)), key, "config {content:?} env {pairs:?}");
+    }
+}
+
+#[test]
+fn parse_errors_name_the_key() {
+    let unknown = load_str("[cluster]\nnmae = \"typo\"\n", &[]).unwrap_err();
+    assert!(unknown.to_string().contains("nmae"), "{unknown}");
+    let wrong_type = load_str("[cluster]\nlease_ttl_secs = \"soon\"\n", &[]).unwrap_err();
+    assert!(wrong_type.to_string().contains("lease_ttl_secs"), "{wrong_type}");
+    let bad_toml = load_str("[cluster\n", &[]).unwrap_err();
+    assert!(matches!(bad_toml, ConfigError::Parse(_)));
+    let missing = Config::load(Some(std::path::Path::new("/nonexistent.toml")), &HashMap::new()).unwrap_err();
+    assert!(missing.to_string().contains("/nonexistent.toml"));
+}
+
+#[test]
+fn secrets_come_from_files_and_are_redacted() {
+    let mut secret = tempfile::NamedTempFile::new().unwrap();
+    writeln!(secret, "s3cr3t-pg").unwrap();
+    let config = load_str(
+        &format!(
+            "[postgres]\nurl = \"postgres://app:inline-pass@db:5432/x\"\npassword_file = \"{}\"\n[etcd]\nusername = \"root\"\npassword = \"etcd-pass\"\n",
+            secret.path().display()
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.postgres.password.as_ref().unwrap().expose(), "s3cr3t-pg");
+    assert_eq!(config.etcd.password.as_ref().unwrap().expose(), "etcd-pass");
+    let shown = config.to_redacted_toml();
+    let debug = format!("{config:?}");
+    for secret in ["s3cr3t-pg", "etcd-pass", "inline-pass"] {
+        assert!(!shown.contains(secret), "check-config output leaks {secret}:\n{shown}");
+        if secret != "inline-pass" {
+            assert!(!debug.contains(secret), "Debug leaks {secret}");
+        }
+    }
+    assert!(shown.contains("postgres://app:REDACTED@db:5432/x"), "{shown}");
+}
+
+#[test]
+fn redact_url_hides_only_the_password() {
+    assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:REDACTED@h/db");
+    assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    assert_eq!(redact_url("postgres://u:p@[bad/db"), "postgres://<redacted>");
+}

@@ -1,0 +1,1 @@
+fn main() { eps_server::main() }
