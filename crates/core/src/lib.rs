@@ -9,7 +9,9 @@ pub mod config;
 pub mod ident;
 pub mod keys;
 pub mod mapping;
+pub mod model;
 pub mod policy;
+pub mod reconcile;
 
 pub use backoff::Backoff;
 pub use config::{Config, ConfigError};

@@ -1,0 +1,134 @@
+//! The vocabulary shared by the etcd adapter, the store and the actors:
+//! changes, key states and pending PostgreSQL changes. No I/O types.
+
+use std::fmt;
+
+/// A change's kind, as etcd and the `op` columns name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Put,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        match s {
+            "put" => Some(Op::Put),
+            "delete" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// etcd's revision metadata of a live key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyMeta {
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+/// A live key in etcd: value and metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub meta: KeyMeta,
+}
+
+/// One change seen on the etcd watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdEvent {
+    pub op: Op,
+    pub key: Vec<u8>,
+    /// The revision of the change (the mod revision of a put, the revision
+    /// of the deletion for a delete).
+    pub revision: i64,
+    /// The new value; empty for deletes.
+    pub value: Vec<u8>,
+    /// Metadata after a put; zeroes for deletes.
+    pub meta: KeyMeta,
+    /// The key just before the change, when it existed (etcd's `prev_kv`).
+    pub prev: Option<PrevKv>,
+}
+
+impl EtcdEvent {
+    /// The mod revision the key had before this change; 0 if it did not exist.
+    pub fn prev_revision(&self) -> i64 {
+        self.prev.as_ref().map_or(0, |p| p.mod_revision)
+    }
+
+    /// Approximate bytes held by this event (for memory-bounded batching).
+    pub fn size_bytes(&self) -> usize {
+        self.key.len() + self.value.len() + self.prev.as_ref().map_or(0, |p| p.value.len()) + 64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrevKv {
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A change written in PostgreSQL and not yet in etcd (an outbox row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub id: i64,
+    pub op: Op,
+    /// The new value; `None` for deletes.
+    pub value: Option<Vec<u8>>,
+    /// The etcd mod revision the row had when it was written (0 = the key did
+    /// not exist): the compare of the etcd txn that applies it.
+    pub base_revision: i64,
+    /// When the change was written, microseconds on PostgreSQL's clock.
+    pub changed_at_us: i64,
+    /// Set while the change is parked behind a pending `manual` conflict.
+    pub conflict_id: Option<i64>,
+}
+
+/// Where a history row or mirror row came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A change made in etcd, seen on the watch.
+    Etcd,
+    /// A change made in PostgreSQL, propagated to etcd and seen back.
+    Pg,
+    /// Read by the initial snapshot.
+    Snapshot,
+    /// Read by a resync after compaction (the revisions in between are
+    /// unknown) or by an operator's repair.
+    Resync,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Etcd => "etcd",
+            Origin::Pg => "pg",
+            Origin::Snapshot => "snapshot",
+            Origin::Resync => "resync",
+        }
+    }
+
+    /// The `origin` column of a mirror row only says which store wrote last.
+    pub fn row_origin(self) -> &'static str {
+        match self {
+            Origin::Pg => "pg",
+            Origin::Etcd | Origin::Snapshot | Origin::Resync => "etcd",
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! What to do with one key when etcd changes reach PostgreSQL: the pure
+//! planner behind the apply transaction, the arbiter and the resync.
+//!
+//! For each key the planner gets the PostgreSQL changes still pending in the
+//! outbox and the etcd inputs (watch events, or a state read by a resync) in
+//! revision order, and returns the key's *final* effect: history rows, one
+//! mirror action, which outbox rows are consumed, rebased or parked, and the
+//! conflicts. The store executes the plans of many keys as a few bulk
+//! statements, so the planner is where correctness is decided and tested.
+//!
+//! Rules, for an etcd input `e` and the first pending change `p1`:
+//! - no pending change: the mirror takes etcd's state;
+//! - `e` is not newer than `p1.base_revision`: the local writer already saw
+//!   it; history only;
+//! - `e` is exactly `p1` applied (same op and value, `e`'s previous revision
+//!   equals `p1`'s base): an echo of the service's own write — consume `p1`,
+//!   rebase the changes queued behind it onto `e`, history origin `pg`;
+//! - anything else: a conflict, decided by the mapping's policy.
+
+use crate::mapping::{Direction, Policy};
+use crate::model::{EtcdEvent, KeyMeta, KeyValue, Op, Origin, PendingChange};
+use crate::policy::{decide, Decision, Side};
+
+/// An etcd input for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyInput {
+    /// A change from the watch, with its previous state.
+    Event(EtcdEvent),
+    /// The key's state read at `revision` by a resync or the arbiter: `None`
+    /// means absent. The changes that led there are unknown.
+    Observed {
+        state: Option<KeyValue>,
+        revision: i64,
+        origin: Origin,
+    },
+}
+
+impl KeyInput {
+    /// The revision the input brings the key to.
+    fn revision(&self) -> i64 {
+        match self {
+            KeyInput::Event(e) => e.revision,
+            KeyInput::Observed { state: Some(kv), .. } => kv.meta.mod_revision,
+            KeyInput::Observed { revision, .. } => *revision,
+        }
+    }
+
+    fn final_value(&self) -> Option<&[u8]> {
+        match self {
+            KeyInput::Event(e) if e.op == Op::Put => Some(&e.value),
+            KeyInput::Event(_) => None,
+            KeyInput::Observed { state, .. } => state.as_ref().map(|kv| kv.value.as_slice()),
+        }
+    }
+
+    fn meta(&self) -> KeyMeta {
+        match self {
+            KeyInput::Event(e) if e.op == Op::Put => e.meta,
+            KeyInput::Observed { state: Some(kv), .. } => kv.meta,
+            _ => KeyMeta::default(),
+        }
+    }
+}
+
+/// A history row to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub revision: i64,
+    pub op: Op,
+    pub value: Option<Vec<u8>>,
+    pub prev_value: Option<Vec<u8>>,
+    pub meta: KeyMeta,
+    pub origin: Origin,
+}
+
+/// The one thing that happens to the key's mirror row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorAction {
+    Leave,
+    /// Make the row equal to etcd's state (`value: None` deletes it), unless
+    /// the row already reflects `revision` or later.
+    Set {
+        value: Option<Vec<u8>>,
+        meta: KeyMeta,
+        revision: i64,
+        origin: Origin,
+    },
+    /// Keep the row's (local) value, update its etcd metadata; only where the
+    /// row's mod revision equals `expect` (when given).
+    Meta {
+        expect_mod_revision: Option<i64>,
+        meta: KeyMeta,
+    },
+}
+
+/// One side of a conflict as recorded in the `conflicts` ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSide {
+    pub value: Option<Vec<u8>>,
+    pub revision: i64,
+    pub observed_at_us: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictEntry {
+    pub etcd: EtcdSide,
+    /// The local state that conflicted: the last pending change's value.
+    pub pg_value: Option<Vec<u8>>,
+    pub pg_base_revision: i64,
+    pub pg_changed_at_us: i64,
+    pub policy: Policy,
+    /// `None` while parked (`manual`).
+    pub winner: Option<Side>,
+    /// Outbox rows parked behind this conflict.
+    pub parks: Vec<i64>,
+}
+
+/// The final effect of a batch on one key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyPlan {
+    pub history: Vec<HistoryEntry>,
+    pub mirror: MirrorActionSlot,
+    pub consumed: Vec<i64>,
+    /// Outbox rows that stay, with their new base revision.
+    pub rebased: Vec<(i64, i64)>,
+    pub conflicts: Vec<ConflictEntry>,
+    /// New etcd side of a conflict already parked (id from `conflict_id`).
+    pub refreshed_conflicts: Vec<(i64, EtcdSide)>,
+}
+
+/// `MirrorAction` with a default, so `KeyPlan` can derive `Default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorActionSlot(pub MirrorAction);
+
+impl Default for MirrorActionSlot {
+    fn default() -> Self {
+        MirrorActionSlot(MirrorAction::Leave)
+    }
+}
+
+/// Everything the planner needs to know about the key's mapping and the
+/// moment of observation.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanContext {
+    pub policy: Policy,
+    pub direction: Direction,
+    /// When the etcd inputs were observed, microseconds on PostgreSQL's clock.
+    pub observed_at_us: i64,
+}
+
+/// Plans one key. `pending` is in outbox id order, `inputs` in revision order.
+pub fn plan_key(ctx: PlanContext, pending: &[PendingChange], inputs: &[KeyInput]) -> KeyPlan {
+    debug_assert!(pending.windows(2).all(|w| w[0].id < w[1].id));
+    debug_assert!(inputs.windows(2).all(|w| w[0].revision() <= w[1].revision()));
+    let mut planner = Planner {
+        ctx,
+        // An etcd-to-pg mapping never propagates local changes: they are
+        // dead-lettered by the poller, and etcd's state always wins here.
+        pending: if ctx.direction.pg_to_etcd() {
+            pending.to_vec()
+        } else {
+            Vec::new()
+        },
+        original_bases: pending.iter().map(|p| (p.id, p.base_revision)).collect(),
+        plan: KeyPlan::default(),
+        parked_here: false,
+    };
+    for input in inputs {
+        planner.apply(input);
+    }
+    planner.finish()
+}
+
+struct Planner {
+    ctx: PlanContext,
+    pending: Vec<PendingChange>,
+    original_bases: Vec<(i64, i64)>,
+    plan: KeyPlan,
+    /// A conflict of this batch parked the key: later inputs refresh it.
+    parked_here: bool,
+}
+
+impl Planner {
+    fn apply(&mut self, input: &KeyInput) {
+        let Some(first) = self.pending.first().cloned() else {
+            self.record_history(input, default_origin(input));
+            if self.ctx.direction.etcd_to_pg() {
+                self.set_mirror_to(input, default_origin(input));
+            }
+            return;
+        };
+        if input.revision() <= first.base_revision {
+            // The local change was written on top of this state already.
+            self.record_history(input, default_origin(input));
+            return;
+        }
+        if self.parked_here {
+            self.record_history(input, default_origin(input));
+            let side = self.etcd_side(input);
+            if let Some(entry) = self.plan.conflicts.last_mut() {
+                entry.etcd = side;
+            }
+            return;
+        }
+        if let Some(parked) = first.conflict_id {
+            self.record_history(input, default_origin(input));
+            self.plan
+                .refreshed_conflicts
+                .push((parked, self.etcd_side(input)));
+            return;
+        }
+        if is_echo(&first, input) {
+            self.consume_echo(input);
+            return;
+        }
+        if agrees_with_final_state(&self.pending, input) {
+            // A resync found etcd already holding the final local state (the
+            // writes landed, their echoes were lost to compaction).
+            self.record_history(input, Origin::Pg);
+            self.plan.consumed.extend(self.pending.drain(..).map(|p| p.id));
+            self.set_mirror_to(input, Origin::Pg);
+            return;
+        }
+        self.conflict(input);
+    }
+
+    fn consume_echo(&mut self, input: &KeyInput) {
+        let KeyInput::Event(event) = input else {
+            unreachable!("only watch events are echoes");
+        };
+        self.record_history(input, Origin::Pg);
+        let echoed = self.pending.remove(0);
+        self.plan.consumed.push(echoed.id);
+        let new_base = match event.op {
+            Op::Put => event.revision,
+            Op::Delete => 0,
+        };
+        for queued in &mut self.pending {
+            if queued.base_revision == event.prev_revision() {
+                queued.base_revision = new_base;
+            }
+        }
+        if self.pending.is_empty() {
+            self.set_mirror_to(input, Origin::Pg);
+        } else if event.op == Op::Put {
+            // The row shows the newest local value; only its metadata moves.
+            self.set_meta(Some(event.prev_revision()), event.meta);
+        }
+    }
+
+    fn conflict(&mut self, input: &KeyInput) {
+        self.record_history(input, default_origin(input));
+        let last = self.pending.last().expect("conflict needs a pending change");
+        let first = self.pending.first().expect("conflict needs a pending change");
+        let decision = decide(self.ctx.policy, last.changed_at_us, self.ctx.observed_at_us);
+        let mut entry = ConflictEntry {
+            etcd: self.etcd_side(input),
+            pg_value: last.value.clone(),
+            pg_base_revision: first.base_revision,
+            pg_changed_at_us: last.changed_at_us,
+            policy: self.ctx.policy,
+            winner: None,
+            parks: Vec::new(),
+        };
+        match decision {
+            Decision::Keep(Side::Etcd) => {
+                entry.winner = Some(Side::Etcd);
+                self.plan.consumed.extend(self.pending.drain(..).map(|p| p.id));
+                self.set_mirror_to(input, default_origin(input));
+            }
+            Decision::Keep(Side::Pg) => {
+                entry.winner = Some(Side::Pg);
+                let new_base = match input.final_value() {
+                    Some(_) => input.revision(),
+                    None => 0,
+                };
+                for queued in &mut self.pending {
+                    queued.base_revision = new_base;
+                }
+                self.set_meta(None, input.meta());
+            }
+            Decision::Park => {
+                // The store links these rows to the new conflict's id.
+                entry.parks = self.pending.iter().map(|p| p.id).collect();
+                self.parked_here = true;
+            }
+        }
+        self.plan.conflicts.push(entry);
+    }
+
+    fn etcd_side(&self, input: &KeyInput) -> EtcdSide {
+        EtcdSide {
+            value: input.final_value().map(<[u8]>::to_vec),
+            revision: input.revision(),
+            observed_at_us: self.ctx.observed_at_us,
+        }
+    }
+
+    fn record_history(&mut self, input: &KeyInput, origin: Origin) {
+        match input {
+            KeyInput::Event(e) => self.plan.history.push(HistoryEntry {
+                revision: e.revision,
+                op: e.op,
+                value: (e.op == Op::Put).then(|| e.value.clone()),
+                prev_value: e.prev.as_ref().map(|p| p.value.clone()),
+                meta: e.meta,
+                origin,
+            }),
+            KeyInput::Observed { state, revision, .. } => self.plan.history.push(match state {
+                Some(kv) => HistoryEntry {
+                    revision: kv.meta.mod_revision,
+                    op: Op::Put,
+                    value: Some(kv.value.clone()),
+                    prev_value: None,
+                    meta: kv.meta,
+                    origin,
+                },
+                // The deletion happened at an unknown revision up to this
+                // one: the tombstone says "gone as of the resync".
+                None => HistoryEntry {
+                    revision: *revision,
+                    op: Op::Delete,
+                    value: None,
+                    prev_value: None,
+                    meta: KeyMeta::default(),
+                    origin,
+                },
+            }),
+        }
+    }
+
+    fn set_mirror_to(&mut self, input: &KeyInput, origin: Origin) {
+        debug_assert!(
+            !matches!(self.plan.mirror.0, MirrorAction::Meta { .. }) || self.pending.is_empty(),
+            "a Set follows a Meta only once nothing is pending"
+        );
+        self.plan.mirror = MirrorActionSlot(MirrorAction::Set {
+            value: input.final_value().map(<[u8]>::to_vec),
+            meta: input.meta(),
+            revision: input.revision(),
+            origin,
+        });
+    }
+
+    fn set_meta(&mut self, expect: Option<i64>, meta: KeyMeta) {
+        let expect = match &self.plan.mirror.0 {
+            // Composing: the row must still be where the first update expected.
+            MirrorAction::Meta {
+                expect_mod_revision,
+                ..
+            } => *expect_mod_revision,
+            _ => expect,
+        };
+        self.plan.mirror = MirrorActionSlot(MirrorAction::Meta {
+            expect_mod_revision: expect,
+            meta,
+        });
+    }
+
+    fn finish(mut self) -> KeyPlan {
+        for queued in &self.pending {
+            let original = self
+                .original_bases
+                .iter()
+                .find(|(id, _)| *id == queued.id)
+                .map(|(_, base)| *base);
+            if original != Some(queued.base_revision) {
+                self.plan.rebased.push((queued.id, queued.base_revision));
+            }
+        }
+        self.plan
+    }
+}
+
+fn default_origin(input: &KeyInput) -> Origin {
+    match input {
+        KeyInput::Event(_) => Origin::Etcd,
+        KeyInput::Observed { origin, .. } => *origin,
+    }
+}
+
+/// True when the etcd change is exactly the pending change applied.
+fn is_echo(pending: &PendingChange, input: &KeyInput) -> bool {
+    let KeyInput::Event(event) = input else {
+        return false;
+    };
+    if event.op != pending.op || event.prev_revision() != pending.base_revision {
+        return false;
+    }
+    match event.op {
+        Op::Put => pending.value.as_deref() == Some(event.value.as_slice()),
+        Op::Delete => true,
+    }
+}
+
+/// True when a resync's observed state equals the newest local state.
+fn agrees_with_final_state(pending: &[PendingChange], input: &KeyInput) -> bool {
+    let KeyInput::Observed { state, .. } = input else {
+        return false;
+    };
+    let Some(last) = pending.last() else {
+        return false;
+    };
+    state.as_ref().map(|kv| kv.value.as_slice()) == last.value.as_deref()
+}
+
+#[cfg(test)]
+mod tests;

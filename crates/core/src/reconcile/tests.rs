@@ -1,0 +1,352 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::PrevKv;
+
+const KEY: &[u8] = b"/app/k";
+
+fn ctx(policy: Policy) -> PlanContext {
+    PlanContext {
+        policy,
+        direction: Direction::Both,
+        observed_at_us: 1_000,
+    }
+}
+
+fn put(revision: i64, value: &str, prev: Option<(i64, &str)>) -> KeyInput {
+    KeyInput::Event(EtcdEvent {
+        op: Op::Put,
+        key: KEY.to_vec(),
+        revision,
+        value: value.as_bytes().to_vec(),
+        meta: KeyMeta {
+            create_revision: prev.map_or(revision, |_| 2),
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        },
+        prev: prev.map(|(rev, v)| PrevKv {
+            value: v.as_bytes().to_vec(),
+            mod_revision: rev,
+        }),
+    })
+}
+
+fn delete(revision: i64, prev: (i64, &str)) -> KeyInput {
+    KeyInput::Event(EtcdEvent {
+        op: Op::Delete,
+        key: KEY.to_vec(),
+        revision,
+        value: Vec::new(),
+        meta: KeyMeta::default(),
+        prev: Some(PrevKv {
+            value: prev.1.as_bytes().to_vec(),
+            mod_revision: prev.0,
+        }),
+    })
+}
+
+fn pending_put(id: i64, value: &str, base: i64, at: i64) -> PendingChange {
+    PendingChange {
+        id,
+        op: Op::Put,
+        value: Some(value.as_bytes().to_vec()),
+        base_revision: base,
+        changed_at_us: at,
+        conflict_id: None,
+    }
+}
+
+fn pending_delete(id: i64, base: i64, at: i64) -> PendingChange {
+    PendingChange {
+        id,
+        op: Op::Delete,
+        value: None,
+        base_revision: base,
+        changed_at_us: at,
+        conflict_id: None,
+    }
+}
+
+fn set_value(plan: &KeyPlan) -> Option<Option<&[u8]>> {
+    match &plan.mirror.0 {
+        MirrorAction::Set { value, .. } => Some(value.as_deref()),
+        _ => None,
+    }
+}
+
+#[test]
+fn plain_etcd_changes_go_to_the_mirror_and_history() {
+    let plan = plan_key(
+        ctx(Policy::NewestWins),
+        &[],
+        &[put(5, "a", None), put(6, "b", Some((5, "a")))],
+    );
+    assert_eq!(plan.history.len(), 2);
+    assert!(plan.history.iter().all(|h| h.origin == Origin::Etcd));
+    assert_eq!(plan.history[1].prev_value.as_deref(), Some(&b"a"[..]));
+    assert_eq!(set_value(&plan), Some(Some(&b"b"[..])));
+    assert!(plan.conflicts.is_empty() && plan.consumed.is_empty());
+}
+
+#[test]
+fn delete_leaves_a_tombstone_and_removes_the_row() {
+    let plan = plan_key(ctx(Policy::NewestWins), &[], &[delete(9, (5, "a"))]);
+    assert_eq!(plan.history[0].op, Op::Delete);
+    assert_eq!(plan.history[0].prev_value.as_deref(), Some(&b"a"[..]));
+    assert_eq!(set_value(&plan), Some(None));
+}
+
+#[test]
+fn echo_of_own_write_is_consumed_without_conflict() {
+    let pending = [pending_put(1, "local", 5, 500)];
+    let plan = plan_key(ctx(Policy::Manual), &pending, &[put(7, "local", Some((5, "old")))]);
+    assert_eq!(plan.consumed, vec![1]);
+    assert!(plan.conflicts.is_empty());
+    assert_eq!(plan.history[0].origin, Origin::Pg);
+    assert_eq!(set_value(&plan), Some(Some(&b"local"[..])));
+}
+
+#[test]
+fn chained_local_changes_are_echoed_one_by_one_and_rebased() {
+    // Three local writes on a row at revision 5; the poller applied the first
+    // two (revisions 7 and 8); the third is still queued.
+    let pending = [
+        pending_put(1, "v1", 5, 500),
+        pending_put(2, "v2", 5, 501),
+        pending_put(3, "v3", 5, 502),
+    ];
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &pending,
+        &[put(7, "v1", Some((5, "old"))), put(8, "v2", Some((7, "v1")))],
+    );
+    assert_eq!(plan.consumed, vec![1, 2]);
+    assert_eq!(plan.rebased, vec![(3, 8)]);
+    assert!(plan.conflicts.is_empty());
+    assert_eq!(
+        plan.mirror.0,
+        MirrorAction::Meta {
+            expect_mod_revision: Some(5),
+            meta: KeyMeta {
+                create_revision: 2,
+                mod_revision: 8,
+                version: 1,
+                lease: 0
+            }
+        },
+        "the row keeps v3 and moves its metadata only"
+    );
+}
+
+#[test]
+fn local_delete_echo_and_reinsert() {
+    let pending = [pending_delete(1, 5, 500), pending_put(2, "again", 0, 501)];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[delete(7, (5, "old"))]);
+    assert_eq!(plan.consumed, vec![1]);
+    assert!(plan.rebased.is_empty(), "the re-insert is already based on 'absent'");
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+}
+
+#[test]
+fn events_the_writer_already_saw_are_history_only() {
+    let pending = [pending_put(1, "local", 9, 500)];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[put(9, "seen", Some((5, "x")))]);
+    assert!(plan.conflicts.is_empty() && plan.consumed.is_empty());
+    assert_eq!(plan.history.len(), 1);
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+}
+
+#[test]
+fn etcd_wins_drops_every_local_change_and_records_the_loser() {
+    let pending = [pending_put(1, "l1", 5, 500), pending_put(2, "l2", 5, 600)];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[put(7, "remote", Some((5, "old")))]);
+    assert_eq!(plan.consumed, vec![1, 2]);
+    assert_eq!(set_value(&plan), Some(Some(&b"remote"[..])));
+    let conflict = &plan.conflicts[0];
+    assert_eq!(conflict.winner, Some(Side::Etcd));
+    assert_eq!(conflict.pg_value.as_deref(), Some(&b"l2"[..]));
+    assert_eq!(conflict.pg_changed_at_us, 600);
+    assert_eq!(conflict.etcd.value.as_deref(), Some(&b"remote"[..]));
+    assert_eq!(conflict.etcd.revision, 7);
+}
+
+#[test]
+fn pg_wins_rebases_local_changes_onto_etcd() {
+    let pending = [pending_put(1, "l1", 5, 500), pending_delete(2, 5, 600)];
+    let plan = plan_key(ctx(Policy::PgWins), &pending, &[put(7, "remote", Some((5, "old")))]);
+    assert!(plan.consumed.is_empty());
+    assert_eq!(plan.rebased, vec![(1, 7), (2, 7)]);
+    assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
+    assert!(matches!(plan.mirror.0, MirrorAction::Meta { expect_mod_revision: None, .. }));
+    assert_eq!(plan.history[0].origin, Origin::Etcd, "etcd's write still happened");
+}
+
+#[test]
+fn pg_wins_over_an_etcd_delete_rebases_onto_absent() {
+    let pending = [pending_put(1, "l1", 5, 500)];
+    let plan = plan_key(ctx(Policy::PgWins), &pending, &[delete(7, (5, "old"))]);
+    assert_eq!(plan.rebased, vec![(1, 0)]);
+}
+
+#[test]
+fn newest_wins_compares_pg_write_time_with_etcd_observation() {
+    let older_local = [pending_put(1, "l", 5, 900)];
+    let plan = plan_key(ctx(Policy::NewestWins), &older_local, &[put(7, "r", Some((5, "o")))]);
+    assert_eq!(plan.conflicts[0].winner, Some(Side::Etcd));
+    let newer_local = [pending_put(1, "l", 5, 1_100)];
+    let plan = plan_key(ctx(Policy::NewestWins), &newer_local, &[put(7, "r", Some((5, "o")))]);
+    assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
+}
+
+#[test]
+fn manual_parks_and_later_events_refresh_the_same_conflict() {
+    let pending = [pending_put(1, "l", 5, 500)];
+    let plan = plan_key(
+        ctx(Policy::Manual),
+        &pending,
+        &[put(7, "r1", Some((5, "o"))), put(8, "r2", Some((7, "r1")))],
+    );
+    assert_eq!(plan.conflicts.len(), 1, "one conflict for one divergence");
+    assert_eq!(plan.conflicts[0].winner, None);
+    assert_eq!(plan.conflicts[0].parks, vec![1]);
+    assert_eq!(plan.conflicts[0].etcd.revision, 8);
+    assert_eq!(plan.mirror.0, MirrorAction::Leave, "manual leaves both sides");
+    assert!(plan.consumed.is_empty());
+    assert_eq!(plan.history.len(), 2);
+
+    let mut parked = pending_put(1, "l", 5, 500);
+    parked.conflict_id = Some(42);
+    let plan = plan_key(ctx(Policy::Manual), &[parked], &[put(9, "r3", Some((8, "r2")))]);
+    assert!(plan.conflicts.is_empty());
+    assert_eq!(plan.refreshed_conflicts.len(), 1);
+    assert_eq!(plan.refreshed_conflicts[0].0, 42);
+}
+
+#[test]
+fn resync_state_equal_to_local_state_consumes_without_conflict() {
+    let pending = [pending_put(1, "l1", 5, 500), pending_put(2, "l2", 5, 501)];
+    let observed = KeyInput::Observed {
+        state: Some(KeyValue {
+            key: KEY.to_vec(),
+            value: b"l2".to_vec(),
+            meta: KeyMeta {
+                create_revision: 2,
+                mod_revision: 20,
+                version: 4,
+                lease: 0,
+            },
+        }),
+        revision: 30,
+        origin: Origin::Resync,
+    };
+    let plan = plan_key(ctx(Policy::Manual), &pending, &[observed]);
+    assert_eq!(plan.consumed, vec![1, 2]);
+    assert!(plan.conflicts.is_empty());
+}
+
+#[test]
+fn etcd_to_pg_mappings_ignore_local_changes() {
+    let mut context = ctx(Policy::PgWins);
+    context.direction = Direction::EtcdToPg;
+    let plan = plan_key(context, &[pending_put(1, "l", 5, 500)], &[put(7, "r", Some((5, "o")))]);
+    assert!(plan.conflicts.is_empty());
+    assert_eq!(set_value(&plan), Some(Some(&b"r"[..])));
+}
+
+#[test]
+fn pg_to_etcd_mappings_leave_foreign_etcd_changes_out_of_the_mirror() {
+    let mut context = ctx(Policy::NewestWins);
+    context.direction = Direction::PgToEtcd;
+    let plan = plan_key(context, &[], &[put(7, "r", None)]);
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+    assert_eq!(plan.history.len(), 1);
+}
+
+fn arb_policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::NewestWins),
+        Just(Policy::EtcdWins),
+        Just(Policy::PgWins),
+        Just(Policy::Manual)
+    ]
+}
+
+/// A random etcd history for the key: (revision, Some(value) | None).
+fn arb_inputs() -> impl Strategy<Value = Vec<KeyInput>> {
+    proptest::collection::vec(proptest::option::of("[a-c]"), 0..6).prop_map(|ops| {
+        let mut inputs = Vec::new();
+        let mut prev: Option<(i64, String)> = Some((5, "base".into()));
+        for (i, op) in ops.into_iter().enumerate() {
+            let revision = 10 + i as i64;
+            match op {
+                Some(value) => {
+                    let p = prev.as_ref().map(|(r, v)| (*r, v.as_str()));
+                    inputs.push(put(revision, &value, p));
+                    prev = Some((revision, value));
+                }
+                None => {
+                    if let Some((r, v)) = prev.take() {
+                        inputs.push(delete(revision, (r, &v)));
+                    }
+                }
+            }
+        }
+        inputs
+    })
+}
+
+fn arb_pending() -> impl Strategy<Value = Vec<PendingChange>> {
+    proptest::collection::vec((proptest::option::of("[a-c]"), 0i64..2_000), 0..4).prop_map(|rows| {
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, (value, at))| match value {
+                Some(v) => pending_put(i as i64 + 1, &v, 5, at),
+                None => pending_delete(i as i64 + 1, 5, at),
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn every_input_gets_exactly_one_history_row(policy in arb_policy(), pending in arb_pending(), inputs in arb_inputs()) {
+        let plan = plan_key(ctx(policy), &pending, &inputs);
+        let revisions: Vec<i64> = plan.history.iter().map(|h| h.revision).collect();
+        let expected: Vec<i64> = inputs.iter().map(KeyInput::revision).collect();
+        prop_assert_eq!(revisions, expected);
+    }
+
+    #[test]
+    fn every_pending_change_is_accounted_for_once(policy in arb_policy(), pending in arb_pending(), inputs in arb_inputs()) {
+        let plan = plan_key(ctx(policy), &pending, &inputs);
+        for change in &pending {
+            let consumed = plan.consumed.iter().filter(|id| **id == change.id).count();
+            prop_assert!(consumed <= 1);
+            let parked = plan.conflicts.iter().any(|c| c.parks.contains(&change.id));
+            if consumed == 1 {
+                prop_assert!(!parked, "a consumed change cannot be parked");
+            }
+        }
+        // Rows are consumed in outbox order: a prefix, or all of them.
+        let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
+        prop_assert_eq!(&plan.consumed[..], &ids[..plan.consumed.len()]);
+    }
+
+    #[test]
+    fn without_local_changes_the_mirror_ends_at_etcds_state(inputs in arb_inputs()) {
+        let plan = plan_key(ctx(Policy::NewestWins), &[], &inputs);
+        match inputs.last() {
+            None => prop_assert_eq!(plan.mirror.0, MirrorAction::Leave),
+            Some(last) => prop_assert_eq!(set_value(&plan), Some(last.final_value())),
+        }
+        prop_assert!(plan.conflicts.is_empty());
+    }
+
+    #[test]
+    fn automatic_policies_never_leave_a_conflict_pending(policy in prop_oneof![Just(Policy::NewestWins), Just(Policy::EtcdWins), Just(Policy::PgWins)],
+                                                         pending in arb_pending(), inputs in arb_inputs()) {
+        let plan = plan_key(ctx(policy), &pending, &inputs);
+        prop_assert!(plan.conflicts.iter().all(|c| c.winner.is_some() && c.parks.is_empty()));
+    }
+}

@@ -1,0 +1,453 @@
+//! The apply transaction: etcd inputs for many keys in, one PostgreSQL
+//! transaction out. The planner (`eps_core::reconcile`) decides per key; this
+//! module locks, reads what the planner needs and executes its plans as a few
+//! bulk statements per mirror table (`unnest` of arrays, not one statement per
+//! row: PostgreSQL absorbs batched rows 15x faster than single commits).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text};
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use eps_core::ident::Ident;
+use eps_core::mapping::{Mapping, MappingSet};
+use eps_core::model::{KeyMeta, Op, PendingChange};
+use eps_core::policy::Side;
+use eps_core::reconcile::{plan_key, ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext};
+
+use crate::error::StoreError;
+use crate::fence::{self, Fence};
+
+/// The etcd inputs of one key, in revision order.
+#[derive(Debug, Clone)]
+pub struct KeyInputs {
+    pub key: Vec<u8>,
+    pub inputs: Vec<KeyInput>,
+}
+
+/// One apply transaction's input.
+#[derive(Debug)]
+pub struct ApplyRequest<'a> {
+    pub fence: &'a Fence,
+    /// New checkpoint (applied revision), written in the same transaction.
+    pub checkpoint: Option<i64>,
+    /// When the inputs were read from etcd (service clock; converted to
+    /// PostgreSQL's clock inside the transaction).
+    pub observed_at: Instant,
+    pub trace_id: Option<&'a str>,
+    pub keys: &'a [KeyInputs],
+}
+
+/// What an apply transaction did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub inputs: usize,
+    pub history_rows: usize,
+    pub mirror_upserts: usize,
+    pub mirror_deletes: usize,
+    pub echoes: usize,
+    pub conflicts: Vec<ConflictSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictSummary {
+    pub id: i64,
+    pub table: String,
+    pub policy: &'static str,
+    pub winner: Option<Side>,
+}
+
+#[derive(QueryableByName)]
+struct PendingRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bytea)]
+    key: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    op: String,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    value: Option<Vec<u8>>,
+    #[diesel(sql_type = BigInt)]
+    base_revision: i64,
+    #[diesel(sql_type = BigInt)]
+    changed_at_us: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    conflict_id: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// Runs one apply transaction (retrying is the caller's business).
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    mappings: &MappingSet,
+    request: &ApplyRequest<'_>,
+) -> Result<ApplyReport, StoreError> {
+    // Group keys by mapping, keeping the order of first appearance.
+    let mut groups: Vec<(&Mapping, Vec<&KeyInputs>)> = Vec::new();
+    for key_inputs in request.keys {
+        let Some(mapping) = mappings.find(&key_inputs.key) else {
+            continue;
+        };
+        match groups.iter_mut().find(|(m, _)| m.table == mapping.table) {
+            Some((_, keys)) => keys.push(key_inputs),
+            None => groups.push((mapping, vec![key_inputs])),
+        }
+    }
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        let pg_now_us = fence::enter(conn, request.fence, request.checkpoint).await?;
+        let observed_at_us = pg_now_us - request.observed_at.elapsed().as_micros() as i64;
+        let mut report = ApplyReport::default();
+        for (mapping, keys) in &groups {
+            apply_table(conn, schema, mapping, keys, observed_at_us, request, &mut report).await?;
+        }
+        Ok(report)
+    })
+    .await
+}
+
+async fn apply_table(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    mapping: &Mapping,
+    keys: &[&KeyInputs],
+    observed_at_us: i64,
+    request: &ApplyRequest<'_>,
+    report: &mut ApplyReport,
+) -> Result<(), StoreError> {
+    let table = format!("{}.{}", schema.quoted(), mapping.table.quoted());
+    let mut key_list: Vec<&[u8]> = keys.iter().map(|k| k.key.as_slice()).collect();
+    key_list.sort_unstable();
+    key_list.dedup();
+
+    // Lock the rows first: a user's concurrent UPDATE of one of them either
+    // committed before (its outbox row is visible below) or waits for us
+    // (and then sees our metadata as its base).
+    diesel::sql_query(format!(
+        "SELECT 1 FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE"
+    ))
+    .bind::<Array<Bytea>, _>(&key_list)
+    .execute(conn)
+    .await?;
+
+    let pending_rows: Vec<PendingRow> = diesel::sql_query(
+        "SELECT id, key, op, value, base_revision, \
+                (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id \
+         FROM outbox WHERE mirror_table = $1 AND key = ANY($2) ORDER BY key, id FOR UPDATE",
+    )
+    .bind::<Text, _>(mapping.table.as_str())
+    .bind::<Array<Bytea>, _>(&key_list)
+    .load(conn)
+    .await?;
+    let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
+    for row in pending_rows {
+        let op = Op::parse(&row.op)
+            .ok_or_else(|| StoreError::Invalid(format!("outbox row {} has op {:?}", row.id, row.op)))?;
+        pending.entry(row.key).or_default().push(PendingChange {
+            id: row.id,
+            op,
+            value: row.value,
+            base_revision: row.base_revision,
+            changed_at_us: row.changed_at_us,
+            conflict_id: row.conflict_id,
+        });
+    }
+
+    let ctx = PlanContext {
+        policy: mapping.policy,
+        direction: mapping.direction,
+        observed_at_us,
+    };
+    let plans: Vec<(&[u8], KeyPlan)> = keys
+        .iter()
+        .map(|k| {
+            let key_pending = pending.get(&k.key).map(Vec::as_slice).unwrap_or(&[]);
+            report.inputs += k.inputs.len();
+            (k.key.as_slice(), plan_key(ctx, key_pending, &k.inputs))
+        })
+        .collect();
+
+    insert_history(conn, &plans, request).await.map(|n| report.history_rows += n)?;
+    write_mirror(conn, &table, &plans, report).await?;
+    update_outbox(conn, &plans, report).await?;
+    record_conflicts(conn, mapping, &plans, request, report).await?;
+    Ok(())
+}
+
+async fn insert_history(
+    conn: &mut AsyncPgConnection,
+    plans: &[(&[u8], KeyPlan)],
+    request: &ApplyRequest<'_>,
+) -> Result<usize, StoreError> {
+    let rows: Vec<_> = plans
+        .iter()
+        .flat_map(|(key, plan)| plan.history.iter().map(move |h| (*key, h)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = rows.iter().map(|(k, _)| *k).collect();
+    let revisions: Vec<i64> = rows.iter().map(|(_, h)| h.revision).collect();
+    let ops: Vec<&str> = rows.iter().map(|(_, h)| h.op.as_str()).collect();
+    let values: Vec<Option<&[u8]>> = rows.iter().map(|(_, h)| h.value.as_deref()).collect();
+    let prev_values: Vec<Option<&[u8]>> = rows.iter().map(|(_, h)| h.prev_value.as_deref()).collect();
+    let create_revisions: Vec<i64> = rows.iter().map(|(_, h)| h.meta.create_revision).collect();
+    let versions: Vec<i64> = rows.iter().map(|(_, h)| h.meta.version).collect();
+    let leases: Vec<i64> = rows.iter().map(|(_, h)| h.meta.lease).collect();
+    let origins: Vec<&str> = rows.iter().map(|(_, h)| h.origin.as_str()).collect();
+    let inserted = diesel::sql_query(
+        "INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, lease, origin, term, trace_id) \
+         SELECT u.key, u.revision, u.op, u.value, u.prev_value, u.create_revision, u.version, u.lease, u.origin, $10, $11 \
+         FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[], $9::text[]) \
+              AS u(key, revision, op, value, prev_value, create_revision, version, lease, origin) \
+         ON CONFLICT (key, revision) DO NOTHING",
+    )
+    .bind::<Array<Bytea>, _>(&keys)
+    .bind::<Array<BigInt>, _>(&revisions)
+    .bind::<Array<Text>, _>(&ops)
+    .bind::<Array<Nullable<Bytea>>, _>(&values)
+    .bind::<Array<Nullable<Bytea>>, _>(&prev_values)
+    .bind::<Array<BigInt>, _>(&create_revisions)
+    .bind::<Array<BigInt>, _>(&versions)
+    .bind::<Array<BigInt>, _>(&leases)
+    .bind::<Array<Text>, _>(&origins)
+    .bind::<BigInt, _>(request.fence.term)
+    .bind::<Nullable<Text>, _>(request.trace_id)
+    .execute(conn)
+    .await?;
+    Ok(inserted)
+}
+
+async fn write_mirror(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    plans: &[(&[u8], KeyPlan)],
+    report: &mut ApplyReport,
+) -> Result<(), StoreError> {
+    let mut upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
+    let mut deletes: Vec<(&[u8], i64)> = Vec::new();
+    let mut metas: Vec<(&[u8], Option<i64>, &KeyMeta)> = Vec::new();
+    for (key, plan) in plans {
+        match &plan.mirror.0 {
+            MirrorAction::Leave => {}
+            MirrorAction::Set {
+                value: Some(value),
+                meta,
+                origin,
+                ..
+            } => upserts.push((key, value, meta, origin.row_origin())),
+            MirrorAction::Set {
+                value: None,
+                revision,
+                ..
+            } => deletes.push((key, *revision)),
+            MirrorAction::Meta {
+                expect_mod_revision,
+                meta,
+            } => metas.push((key, *expect_mod_revision, meta)),
+        }
+    }
+    if !upserts.is_empty() {
+        let keys: Vec<&[u8]> = upserts.iter().map(|u| u.0).collect();
+        let values: Vec<&[u8]> = upserts.iter().map(|u| u.1).collect();
+        let create: Vec<i64> = upserts.iter().map(|u| u.2.create_revision).collect();
+        let modr: Vec<i64> = upserts.iter().map(|u| u.2.mod_revision).collect();
+        let version: Vec<i64> = upserts.iter().map(|u| u.2.version).collect();
+        let lease: Vec<i64> = upserts.iter().map(|u| u.2.lease).collect();
+        let origin: Vec<&str> = upserts.iter().map(|u| u.3).collect();
+        report.mirror_upserts += diesel::sql_query(format!(
+            "INSERT INTO {table} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+             SELECT u.key, u.value, u.create_revision, u.mod_revision, u.version, u.lease, now(), u.origin \
+             FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[]) \
+                  AS u(key, value, create_revision, mod_revision, version, lease, origin) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+                 mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+                 updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
+             WHERE t.mod_revision < EXCLUDED.mod_revision"
+        ))
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<Bytea>, _>(&values)
+        .bind::<Array<BigInt>, _>(&create)
+        .bind::<Array<BigInt>, _>(&modr)
+        .bind::<Array<BigInt>, _>(&version)
+        .bind::<Array<BigInt>, _>(&lease)
+        .bind::<Array<Text>, _>(&origin)
+        .execute(conn)
+        .await?;
+    }
+    if !deletes.is_empty() {
+        let keys: Vec<&[u8]> = deletes.iter().map(|d| d.0).collect();
+        let revisions: Vec<i64> = deletes.iter().map(|d| d.1).collect();
+        report.mirror_deletes += diesel::sql_query(format!(
+            "DELETE FROM {table} AS t USING unnest($1::bytea[], $2::int8[]) AS u(key, revision) \
+             WHERE t.key = u.key AND t.mod_revision < u.revision"
+        ))
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<BigInt>, _>(&revisions)
+        .execute(conn)
+        .await?;
+    }
+    if !metas.is_empty() {
+        let keys: Vec<&[u8]> = metas.iter().map(|m| m.0).collect();
+        let expect: Vec<Option<i64>> = metas.iter().map(|m| m.1).collect();
+        let create: Vec<i64> = metas.iter().map(|m| m.2.create_revision).collect();
+        let modr: Vec<i64> = metas.iter().map(|m| m.2.mod_revision).collect();
+        let version: Vec<i64> = metas.iter().map(|m| m.2.version).collect();
+        let lease: Vec<i64> = metas.iter().map(|m| m.2.lease).collect();
+        diesel::sql_query(format!(
+            "UPDATE {table} AS t SET create_revision = u.create_revision, mod_revision = u.mod_revision, \
+                 version = u.version, lease = u.lease \
+             FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+                  AS u(key, expect, create_revision, mod_revision, version, lease) \
+             WHERE t.key = u.key AND (u.expect IS NULL OR t.mod_revision = u.expect)"
+        ))
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<Nullable<BigInt>>, _>(&expect)
+        .bind::<Array<BigInt>, _>(&create)
+        .bind::<Array<BigInt>, _>(&modr)
+        .bind::<Array<BigInt>, _>(&version)
+        .bind::<Array<BigInt>, _>(&lease)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn update_outbox(
+    conn: &mut AsyncPgConnection,
+    plans: &[(&[u8], KeyPlan)],
+    report: &mut ApplyReport,
+) -> Result<(), StoreError> {
+    let consumed: Vec<i64> = plans.iter().flat_map(|(_, p)| p.consumed.iter().copied()).collect();
+    let echoes: usize = plans
+        .iter()
+        .map(|(_, p)| p.history.iter().filter(|h| h.origin == eps_core::model::Origin::Pg).count())
+        .sum();
+    report.echoes += echoes;
+    if !consumed.is_empty() {
+        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind::<Array<BigInt>, _>(&consumed)
+            .execute(conn)
+            .await?;
+    }
+    let rebased: Vec<(i64, i64)> = plans.iter().flat_map(|(_, p)| p.rebased.iter().copied()).collect();
+    if !rebased.is_empty() {
+        let ids: Vec<i64> = rebased.iter().map(|r| r.0).collect();
+        let bases: Vec<i64> = rebased.iter().map(|r| r.1).collect();
+        diesel::sql_query(
+            "UPDATE outbox AS o SET base_revision = u.base FROM unnest($1::int8[], $2::int8[]) AS u(id, base) \
+             WHERE o.id = u.id",
+        )
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&bases)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn record_conflicts(
+    conn: &mut AsyncPgConnection,
+    mapping: &Mapping,
+    plans: &[(&[u8], KeyPlan)],
+    request: &ApplyRequest<'_>,
+    report: &mut ApplyReport,
+) -> Result<(), StoreError> {
+    for (key, plan) in plans {
+        for conflict in &plan.conflicts {
+            let id = insert_conflict(conn, mapping, key, conflict, request).await?;
+            if !conflict.parks.is_empty() {
+                diesel::sql_query("UPDATE outbox SET conflict_id = $1 WHERE id = ANY($2)")
+                    .bind::<BigInt, _>(id)
+                    .bind::<Array<BigInt>, _>(&conflict.parks)
+                    .execute(conn)
+                    .await?;
+            }
+            let detail = serde_json::json!({
+                "conflict_id": id,
+                "table": mapping.table.as_str(),
+                "key": eps_core::keys::display_key(key),
+                "policy": mapping.policy.as_str(),
+                "winner": conflict.winner.map(Side::as_str),
+                "etcd_revision": conflict.etcd.revision,
+                "pg_revision": conflict.pg_base_revision,
+            });
+            crate::events::record(conn, request.fence, "conflict", request.trace_id, &detail).await?;
+            if conflict.winner.is_some() {
+                crate::events::record(conn, request.fence, "resolution", request.trace_id, &detail).await?;
+            }
+            report.conflicts.push(ConflictSummary {
+                id,
+                table: mapping.table.to_string(),
+                policy: mapping.policy.as_str(),
+                winner: conflict.winner,
+            });
+        }
+        for (conflict_id, side) in &plan.refreshed_conflicts {
+            refresh_conflict(conn, *conflict_id, side).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_conflict(
+    conn: &mut AsyncPgConnection,
+    mapping: &Mapping,
+    key: &[u8],
+    conflict: &ConflictEntry,
+    request: &ApplyRequest<'_>,
+) -> Result<i64, StoreError> {
+    let status = if conflict.winner.is_some() { "resolved" } else { "pending" };
+    let rows: Vec<IdRow> = diesel::sql_query(
+        "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
+             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id) \
+         VALUES ($1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
+             $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
+             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14) \
+         ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
+             etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
+             etcd_observed_at = EXCLUDED.etcd_observed_at \
+         RETURNING id",
+    )
+    .bind::<Text, _>(mapping.table.as_str())
+    .bind::<Bytea, _>(key)
+    .bind::<Nullable<Bytea>, _>(conflict.etcd.value.as_deref())
+    .bind::<BigInt, _>(conflict.etcd.revision)
+    .bind::<BigInt, _>(conflict.etcd.observed_at_us)
+    .bind::<Nullable<Bytea>, _>(conflict.pg_value.as_deref())
+    .bind::<BigInt, _>(conflict.pg_base_revision)
+    .bind::<BigInt, _>(conflict.pg_changed_at_us)
+    .bind::<Text, _>(conflict.policy.as_str())
+    .bind::<Nullable<Text>, _>(conflict.winner.map(Side::as_str))
+    .bind::<Text, _>(status)
+    .bind::<Text, _>(&request.fence.node)
+    .bind::<BigInt, _>(request.fence.term)
+    .bind::<Nullable<Text>, _>(request.trace_id)
+    .load(conn)
+    .await?;
+    rows.into_iter()
+        .next()
+        .map(|r| r.id)
+        .ok_or_else(|| StoreError::Invalid("conflict insert returned no id".into()))
+}
+
+async fn refresh_conflict(conn: &mut AsyncPgConnection, id: i64, side: &EtcdSide) -> Result<(), StoreError> {
+    diesel::sql_query(
+        "UPDATE conflicts SET etcd_value = $2, etcd_revision = $3, \
+             etcd_observed_at = to_timestamp($4::float8 / 1000000) \
+         WHERE id = $1 AND status = 'pending'",
+    )
+    .bind::<BigInt, _>(id)
+    .bind::<Nullable<Bytea>, _>(side.value.as_deref())
+    .bind::<BigInt, _>(side.revision)
+    .bind::<BigInt, _>(side.observed_at_us)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Connections: one pool (bb8 + diesel-async) whose every connection runs
+//! with `search_path` set to the service's schema.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::ConnectionError;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use eps_core::config::{PostgresConfig, SslMode};
+use eps_core::ident::Ident;
+use futures_util::FutureExt;
+
+use crate::error::StoreError;
+
+pub type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+/// How to open one connection: URL, password and TLS settings resolved
+/// once, used by the pool and by dedicated connections (LISTEN, migrations).
+#[derive(Clone)]
+pub struct Connector {
+    config: Arc<tokio_postgres::Config>,
+    schema: Ident,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    pub fn new(settings: &PostgresConfig) -> Result<Self, StoreError> {
+        let schema = Ident::parse(&settings.schema)
+            .map_err(|e| StoreError::Invalid(format!("postgres.schema: {e}")))?;
+        let mut config: tokio_postgres::Config = settings
+            .url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("postgres.url: {e}")))?;
+        if let Some(password) = &settings.password {
+            config.password(password.expose());
+        }
+        config.application_name("etcd-pg-sync");
+        config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+        if settings.tls.mode != SslMode::Disable {
+            return Err(StoreError::Invalid(
+                "postgres.tls.mode: TLS to PostgreSQL is not built yet; use \"disable\"".into(),
+            ));
+        }
+        Ok(Self {
+            config: Arc::new(config),
+            schema,
+        })
+    }
+
+    pub fn schema(&self) -> &Ident {
+        &self.schema
+    }
+
+    /// Opens a connection and points its `search_path` at the schema.
+    pub async fn connect(&self) -> Result<AsyncPgConnection, ConnectionError> {
+        let (client, conn) = self
+            .config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+        let mut connection = AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
+        connection
+            .batch_execute(&format!("SET search_path TO {}", self.schema.quoted()))
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(connection)
+    }
+
+    /// A pool of `size` connections.
+    pub async fn pool(&self, size: u32, wait: Duration) -> Result<Pool, StoreError> {
+        let connector = self.clone();
+        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+        manager_config.custom_setup = Box::new(move |_url| {
+            let connector = connector.clone();
+            async move { connector.connect().await }.boxed()
+        });
+        manager_config.recycling_method = RecyclingMethod::Fast;
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+            "postgres://configured-by-connector",
+            manager_config,
+        );
+        let pool = bb8::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(0))
+            .connection_timeout(wait)
+            // A broken connection must not come back from the pool.
+            .test_on_check_out(false)
+            .build_unchecked(manager);
+        Ok(pool)
+    }
+}

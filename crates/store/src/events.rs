@@ -1,0 +1,29 @@
+//! The audit trail (`sync_events`).
+
+use diesel::ExpressionMethods;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::error::StoreError;
+use crate::fence::Fence;
+use crate::schema::sync_events;
+
+/// Appends one audit event inside the caller's transaction.
+pub async fn record(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    kind: &str,
+    trace_id: Option<&str>,
+    detail: &serde_json::Value,
+) -> Result<(), StoreError> {
+    diesel::insert_into(sync_events::table)
+        .values((
+            sync_events::kind.eq(kind),
+            sync_events::node.eq(&fence.node),
+            sync_events::term.eq(fence.term),
+            sync_events::trace_id.eq(trace_id),
+            sync_events::detail.eq(detail),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}

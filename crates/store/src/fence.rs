@@ -1,0 +1,61 @@
+//! Fencing (SPEC 3.6): every transaction of the sync starts by proving that
+//! its term is still the stored one, and holds the `sync_state` row lock
+//! until it commits, so a new leader's term bump waits for it and every
+//! later transaction of the old leader fails.
+
+use diesel::sql_types::{BigInt, Text};
+use diesel::QueryableByName;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::error::StoreError;
+
+/// Who writes: the leader's term and node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub term: i64,
+    pub node: String,
+}
+
+#[derive(QueryableByName)]
+struct FenceRow {
+    #[diesel(sql_type = Text)]
+    #[allow(dead_code)] // evaluated for its side effect
+    applying: String,
+    #[diesel(sql_type = BigInt)]
+    now_us: i64,
+}
+
+/// Checks the term, marks the transaction as the service's own (the mirror
+/// triggers skip it) and, with `checkpoint`, advances the applied revision.
+/// Returns PostgreSQL's clock in microseconds since the epoch.
+pub async fn enter(conn: &mut AsyncPgConnection, fence: &Fence, checkpoint: Option<i64>) -> Result<i64, StoreError> {
+    let rows: Vec<FenceRow> = match checkpoint {
+        Some(revision) => {
+            diesel::sql_query(
+                "UPDATE sync_state \
+                 SET applied_revision = GREATEST(applied_revision, $2), applied_at = now() \
+                 WHERE id = 1 AND term = $1 \
+                 RETURNING set_config('etcd_sync.applying', 'on', true) AS applying, \
+                           (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us",
+            )
+            .bind::<BigInt, _>(fence.term)
+            .bind::<BigInt, _>(revision)
+            .load(conn)
+            .await?
+        }
+        None => {
+            diesel::sql_query(
+                "SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \
+                        (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \
+                 FROM sync_state WHERE id = 1 AND term = $1 FOR SHARE",
+            )
+            .bind::<BigInt, _>(fence.term)
+            .load(conn)
+            .await?
+        }
+    };
+    match rows.into_iter().next() {
+        Some(row) => Ok(row.now_us),
+        None => Err(StoreError::Fenced { term: fence.term }),
+    }
+}

@@ -1,0 +1,52 @@
+//! `sync_state`: the leader's term and the durable checkpoint.
+
+use diesel::{ExpressionMethods, OptionalExtension, QueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::error::StoreError;
+use crate::schema::sync_state;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncState {
+    pub term: i64,
+    pub leader_node: Option<String>,
+    pub applied_revision: i64,
+    pub applied_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
+    let row: Option<(i64, Option<String>, i64, Option<chrono::DateTime<chrono::Utc>>)> = sync_state::table
+        .filter(sync_state::id.eq(1))
+        .select((
+            sync_state::term,
+            sync_state::leader_node,
+            sync_state::applied_revision,
+            sync_state::applied_at,
+        ))
+        .first(conn)
+        .await
+        .optional()?;
+    let (term, leader_node, applied_revision, applied_at) =
+        row.ok_or_else(|| StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into()))?;
+    Ok(SyncState {
+        term,
+        leader_node,
+        applied_revision,
+        applied_at,
+    })
+}
+
+/// Makes `term` the current one if it is newer than the stored term. Waits
+/// for the old leader's open transactions (they hold the row lock); returns
+/// false when a newer term is already stored.
+pub async fn claim_term(conn: &mut AsyncPgConnection, term: i64, node: &str) -> Result<bool, StoreError> {
+    let updated = diesel::update(sync_state::table.filter(sync_state::id.eq(1)).filter(sync_state::term.lt(term)))
+        .set((
+            sync_state::term.eq(term),
+            sync_state::leader_node.eq(node),
+            sync_state::leader_since.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(updated == 1)
+}
