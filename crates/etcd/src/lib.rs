@@ -1,1 +1,184 @@
+//! The etcd side of etcd-pg-sync: a client with timeouts and TLS/auth from
+//! the config, paginated reads at one revision, watch sessions, the fenced
+//! compare-and-swap txn of the PostgreSQL → etcd path, and lease helpers for
+//! the election.
+//!
+//! *Architecture invariant*: only this crate depends on etcd-client; the rest
+//! of the service sees `eps_core::model` values and [`EtcdError`].
 
+pub mod convert;
+pub mod error;
+pub mod lease;
+pub mod txn;
+pub mod watch;
+
+use std::time::Duration;
+
+use eps_core::config::EtcdConfig;
+use eps_core::model::KeyValue;
+use etcd_client::{GetOptions, SortOrder, SortTarget};
+
+pub use error::EtcdError;
+pub use txn::{CasOutcome, CasWrite, LeaderFence};
+pub use watch::{WatchItem, WatchSession};
+
+/// gRPC messages may carry a txn of 128 values of 1.5 MiB and watch
+/// responses of many revisions: raise tonic's 4 MiB default (pitfall 12).
+const MAX_DECODING_BYTES: usize = 512 * 1024 * 1024;
+
+/// A connected etcd client. Cheap to clone (shares the channel).
+#[derive(Clone)]
+pub struct EtcdClient {
+    client: etcd_client::Client,
+    kv: etcd_client::KvClient,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdClient").finish_non_exhaustive()
+    }
+}
+
+/// One page of a range read.
+#[derive(Debug)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// The revision the page was read at.
+    pub revision: i64,
+    pub more: bool,
+}
+
+impl EtcdClient {
+    /// Connects to the configured endpoints (TLS, authentication).
+    pub async fn connect(config: &EtcdConfig) -> Result<Self, EtcdError> {
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            // HTTP/2 pings find a dead connection (black-holed network) even
+            // on an idle watch stream.
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let Some(user) = &config.username {
+            let password = config.password.as_ref().map(|p| p.expose()).unwrap_or_default();
+            options = options.with_user(user.clone(), password);
+        }
+        if let Some(tls) = tls_options(config)? {
+            options = options.with_tls(tls);
+        }
+        let request_timeout = Duration::from_millis(config.request_timeout_ms);
+        let connect = etcd_client::Client::connect(config.endpoints.clone(), Some(options));
+        let client = tokio::time::timeout(request_timeout.max(Duration::from_millis(config.connect_timeout_ms)), connect)
+            .await
+            .map_err(|_| EtcdError::Timeout(request_timeout))??;
+        let kv = client.kv_client().max_decoding_message_size(MAX_DECODING_BYTES);
+        Ok(Self {
+            client,
+            kv,
+            request_timeout,
+        })
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Runs one unary request under the request timeout.
+    async fn timed<T, F>(&self, request: F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        tokio::time::timeout(self.request_timeout, request)
+            .await
+            .map_err(|_| EtcdError::Timeout(self.request_timeout))?
+            .map_err(EtcdError::from)
+    }
+
+    /// The cluster's current revision (and proof that it answers).
+    pub async fn current_revision(&self) -> Result<i64, EtcdError> {
+        let mut client = self.client.clone();
+        let status = self.timed(client.status()).await?;
+        Ok(status.header().map_or(0, |h| h.revision()))
+    }
+
+    /// The revision below which etcd has compacted history, if it tells.
+    /// etcd 3.4 does not report it directly; a read at revision 1 fails with
+    /// the compact revision in its error when history was compacted.
+    pub async fn is_compacted(&self, revision: i64) -> Result<bool, EtcdError> {
+        let mut kv = self.kv.clone();
+        let probe = kv.get(
+            vec![0u8],
+            Some(GetOptions::new().with_revision(revision).with_count_only()),
+        );
+        match self.timed(probe).await {
+            Ok(_) => Ok(false),
+            Err(EtcdError::Compacted { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One page of `[start, end)` at `revision` (0 = now), in key order.
+    pub async fn range_page(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        revision: i64,
+        limit: usize,
+    ) -> Result<Page, EtcdError> {
+        let range_end = eps_core::keys::range_end_for_etcd(end);
+        let options = GetOptions::new()
+            .with_range(range_end)
+            .with_revision(revision)
+            .with_limit(limit as i64)
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        let mut kv = self.kv.clone();
+        let response = self.timed(kv.get(start.to_vec(), Some(options))).await?;
+        Ok(Page {
+            revision: response.header().map_or(revision, |h| h.revision()),
+            more: response.more(),
+            kvs: response.kvs().iter().map(convert::key_value).collect(),
+        })
+    }
+
+    /// The current value of one key.
+    pub async fn get(&self, key: &[u8]) -> Result<(Option<KeyValue>, i64), EtcdError> {
+        let mut kv = self.kv.clone();
+        let response = self.timed(kv.get(key.to_vec(), None)).await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((response.kvs().first().map(convert::key_value), revision))
+    }
+
+    /// The underlying client, for the modules of this crate.
+    pub(crate) fn raw(&self) -> etcd_client::Client {
+        self.client.clone()
+    }
+
+    pub(crate) fn kv(&self) -> etcd_client::KvClient {
+        self.kv.clone()
+    }
+}
+
+fn tls_options(config: &EtcdConfig) -> Result<Option<etcd_client::TlsOptions>, EtcdError> {
+    let https = config.endpoints.iter().any(|e| e.starts_with("https://"));
+    let tls = &config.tls;
+    if !https && tls.ca_file.is_none() && tls.cert_file.is_none() {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| EtcdError::Invalid(format!("{key}: cannot read {}: {e}", path.display())))
+    };
+    let mut options = etcd_client::TlsOptions::new();
+    if let Some(ca) = &tls.ca_file {
+        options = options.ca_certificate(etcd_client::Certificate::from_pem(read("etcd.tls.ca_file", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.identity(etcd_client::Identity::from_pem(
+            read("etcd.tls.cert_file", cert)?,
+            read("etcd.tls.key_file", key)?,
+        ));
+    }
+    if let Some(domain) = &tls.domain {
+        options = options.domain_name(domain.clone());
+    }
+    Ok(Some(options))
+}

@@ -1,0 +1,84 @@
+//! A watch over a key range from a revision, with previous values, as a
+//! sequence of [`WatchItem`]s.
+
+use eps_core::model::EtcdEvent;
+use etcd_client::WatchOptions;
+
+use crate::error::EtcdError;
+use crate::{convert, EtcdClient, MAX_DECODING_BYTES};
+
+#[derive(Debug)]
+pub enum WatchItem {
+    /// The events of one watch response: whole revisions, in order (etcd
+    /// never splits a revision across responses unless asked to fragment).
+    Events(Vec<EtcdEvent>),
+    /// Progress notification: every event of the range up to this revision
+    /// has been delivered.
+    Progress(i64),
+    /// The start revision is compacted: never re-watch from it, re-snapshot.
+    Compacted { compact_revision: i64 },
+}
+
+pub struct WatchSession {
+    requests: etcd_client::WatchRequestSender,
+    responses: etcd_client::WatchResponseStream,
+}
+
+impl WatchSession {
+    /// Watches `[start, end)` (`end == None`: to the end of the keyspace)
+    /// from `from_revision`, with `prev_kv`.
+    pub async fn start(client: &EtcdClient, start: &[u8], end: Option<&[u8]>, from_revision: i64) -> Result<Self, EtcdError> {
+        let options = WatchOptions::new()
+            .with_range(eps_core::keys::range_end_for_etcd(end))
+            .with_start_revision(from_revision)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut watch_client = client.raw().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
+        let stream = tokio::time::timeout(client.request_timeout(), watch_client.watch(start.to_vec(), Some(options)))
+            .await
+            .map_err(|_| EtcdError::Timeout(client.request_timeout()))??;
+        let (requests, responses) = stream.split();
+        Ok(Self { requests, responses })
+    }
+
+    /// The next item; `Ok(None)` when the server closed the stream.
+    pub async fn next(&mut self) -> Result<Option<WatchItem>, EtcdError> {
+        loop {
+            let Some(response) = self.responses.message().await? else {
+                return Ok(None);
+            };
+            if response.canceled() {
+                if response.compact_revision() > 0 {
+                    return Ok(Some(WatchItem::Compacted {
+                        compact_revision: response.compact_revision(),
+                    }));
+                }
+                return Err(EtcdError::Unavailable(format!(
+                    "watch canceled by etcd: {}",
+                    response.cancel_reason()
+                )));
+            }
+            if response.compact_revision() > 0 {
+                return Ok(Some(WatchItem::Compacted {
+                    compact_revision: response.compact_revision(),
+                }));
+            }
+            if response.events().is_empty() {
+                if response.created() {
+                    continue;
+                }
+                let revision = response.header().map_or(0, |h| h.revision());
+                return Ok(Some(WatchItem::Progress(revision)));
+            }
+            let events = response.events().iter().filter_map(convert::event).collect();
+            return Ok(Some(WatchItem::Events(events)));
+        }
+    }
+
+    /// Asks etcd for a progress notification (answered only once the watch
+    /// has caught up).
+    pub async fn request_progress(&mut self) -> Result<(), EtcdError> {
+        self.requests.request_progress().await?;
+        Ok(())
+    }
+}
