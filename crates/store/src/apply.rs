@@ -37,6 +37,9 @@ pub struct ApplyRequest<'a> {
     pub observed_at: Instant,
     pub trace_id: Option<&'a str>,
     pub keys: &'a [KeyInputs],
+    /// False when the inputs are states the history already holds (the
+    /// arbiter re-reading a key the watcher has applied).
+    pub record_history: bool,
 }
 
 /// What an apply transaction did.
@@ -169,7 +172,11 @@ async fn apply_table(
         .map(|k| {
             let key_pending = pending.get(&k.key).map(Vec::as_slice).unwrap_or(&[]);
             report.inputs += k.inputs.len();
-            (k.key.as_slice(), plan_key(ctx, key_pending, &k.inputs))
+            let mut plan = plan_key(ctx, key_pending, &k.inputs);
+            if !request.record_history {
+                plan.history.clear();
+            }
+            (k.key.as_slice(), plan)
         })
         .collect();
 

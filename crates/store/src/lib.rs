@@ -10,7 +10,10 @@ pub mod connect;
 pub mod error;
 pub mod events;
 pub mod fence;
+pub mod ledger;
 pub mod migrate;
+pub mod mirror;
+pub mod outbox;
 pub mod schema;
 pub mod state;
 
@@ -24,6 +27,7 @@ pub use apply::{ApplyReport, ApplyRequest, KeyInputs};
 pub use connect::{Connector, Pool};
 pub use error::StoreError;
 pub use fence::Fence;
+pub use outbox::{DeadLetterKind, OutboxRow};
 pub use state::SyncState;
 
 /// A handle on the service's PostgreSQL database. Cheap to clone.
@@ -99,5 +103,76 @@ impl Store {
     pub async fn apply(&self, request: &ApplyRequest<'_>) -> Result<ApplyReport, StoreError> {
         let mut conn = self.pool.get().await?;
         apply::apply(&mut conn, self.connector.schema(), &self.mappings, request).await
+    }
+
+    /// Advances the checkpoint alone (a progress notification: nothing
+    /// happened in the mapped ranges up to `revision`).
+    pub async fn advance_checkpoint(&self, fence: &Fence, revision: i64) -> Result<(), StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| fence::enter(conn, fence, Some(revision)).await.map(|_| ()))
+            .await
+    }
+
+    /// Records an audit event in its own (fenced) transaction.
+    pub async fn record_event(
+        &self,
+        fence: &Fence,
+        kind: &str,
+        trace_id: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, None).await?;
+            events::record(conn, fence, kind, trace_id, detail).await
+        })
+        .await
+    }
+
+    pub async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::pending(&mut conn, limit).await
+    }
+
+    pub async fn consume_outbox(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::consume(&mut conn, fence, ids).await
+    }
+
+    pub async fn record_attempt(&self, fence: &Fence, id: i64, error: &str) -> Result<i32, StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::record_attempt(&mut conn, fence, id, error).await
+    }
+
+    pub async fn dead_letter(
+        &self,
+        fence: &Fence,
+        row: &OutboxRow,
+        kind: DeadLetterKind,
+        reason: &str,
+        trace_id: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::dead_letter(&mut conn, fence, row, kind, reason, trace_id).await
+    }
+
+    /// A page of a mirror table in key order (resync, verify).
+    pub async fn mirror_page(
+        &self,
+        table: &Ident,
+        start: &[u8],
+        end: Option<&[u8]>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<mirror::MirrorRow>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        mirror::page(&mut conn, self.connector.schema(), table, start, end, after, limit).await
+    }
+
+    pub async fn counts(&self) -> Result<ledger::Counts, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::counts(&mut conn).await
     }
 }

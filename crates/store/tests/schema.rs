@@ -177,7 +177,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         KeyInputs { key: b"b".to_vec(), inputs: vec![put("b", &binary_value, 11, None)] },
     ];
     let report = store
-        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: Some("t1"), keys: &keys })
+        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: Some("t1"), keys: &keys, record_history: true })
         .await?;
     assert_eq!(report.history_rows, 3);
     assert_eq!(report.mirror_upserts, 2);
@@ -194,7 +194,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
 
     // Replaying the same batch changes nothing (idempotent by revision).
     let report = store
-        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: None, keys: &keys })
+        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: None, keys: &keys, record_history: true })
         .await?;
     assert_eq!(report.history_rows, 0);
     assert_eq!(report.mirror_upserts, 0);
@@ -207,6 +207,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         observed_at: Instant::now(),
         trace_id: None,
         keys: &[KeyInputs { key: b"c".to_vec(), inputs: vec![put("c", b"x", 12, None)] }],
+        record_history: true,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}

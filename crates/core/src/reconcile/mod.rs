@@ -189,6 +189,13 @@ impl Planner {
             }
             return;
         };
+        if let KeyInput::Observed { state, .. } = input {
+            let observed_revision = state.as_ref().map_or(0, |kv| kv.meta.mod_revision);
+            if observed_revision == first.base_revision {
+                // etcd is still where the local change started from.
+                return;
+            }
+        }
         if input.revision() <= first.base_revision {
             // The local change was written on top of this state already.
             self.record_history(input, default_origin(input));

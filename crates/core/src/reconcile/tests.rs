@@ -246,6 +246,16 @@ fn resync_state_equal_to_local_state_consumes_without_conflict() {
 }
 
 #[test]
+fn resync_finding_etcd_at_the_local_base_is_not_a_conflict() {
+    // A key inserted locally (base 0) is absent in etcd: nothing to reconcile.
+    let pending = [pending_put(1, "new", 0, 500)];
+    let absent = KeyInput::Observed { state: None, revision: 40, origin: Origin::Resync };
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[absent]);
+    assert!(plan.conflicts.is_empty() && plan.consumed.is_empty() && plan.history.is_empty());
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+}
+
+#[test]
 fn etcd_to_pg_mappings_ignore_local_changes() {
     let mut context = ctx(Policy::PgWins);
     context.direction = Direction::EtcdToPg;
@@ -310,7 +320,7 @@ fn arb_pending() -> impl Strategy<Value = Vec<PendingChange>> {
 
 proptest! {
     #[test]
-    fn every_input_gets_exactly_one_history_row(policy in arb_policy(), pending in arb_pending(), inputs in arb_inputs()) {
+    fn every_event_gets_exactly_one_history_row(policy in arb_policy(), pending in arb_pending(), inputs in arb_inputs()) {
         let plan = plan_key(ctx(policy), &pending, &inputs);
         let revisions: Vec<i64> = plan.history.iter().map(|h| h.revision).collect();
         let expected: Vec<i64> = inputs.iter().map(KeyInput::revision).collect();

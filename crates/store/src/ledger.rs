@@ -1,0 +1,391 @@
+//! The ledgers operators work with: conflicts (list, resolve) and dead
+//! letters (list, retry), and the counts `status` shows.
+
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use eps_core::ident::Ident;
+use eps_core::model::KeyValue;
+use eps_core::policy::Side;
+
+use crate::error::StoreError;
+use crate::fence::{self, Fence};
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct ConflictRow {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub mirror_table: String,
+    #[diesel(sql_type = Bytea)]
+    pub key: Vec<u8>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub etcd_value: Option<Vec<u8>>,
+    #[diesel(sql_type = BigInt)]
+    pub etcd_revision: i64,
+    #[diesel(sql_type = Timestamptz)]
+    pub etcd_observed_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub pg_value: Option<Vec<u8>>,
+    #[diesel(sql_type = BigInt)]
+    pub pg_revision: i64,
+    #[diesel(sql_type = Timestamptz)]
+    pub pg_changed_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Text)]
+    pub policy: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub winner: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub requested_take: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub resolved_by: Option<String>,
+    #[diesel(sql_type = Timestamptz)]
+    pub detected_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub resolved_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+const CONFLICT_COLUMNS: &str = "id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
+     pg_revision, pg_changed_at, policy, winner, status, requested_take, resolved_by, detected_at, resolved_at";
+
+/// Conflicts, newest first; `pending_only` keeps those awaiting an operator.
+pub async fn list_conflicts(conn: &mut AsyncPgConnection, pending_only: bool, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {
+    let rows = diesel::sql_query(format!(
+        "SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE ($1 = false OR status = 'pending') ORDER BY id DESC LIMIT $2"
+    ))
+    .bind::<diesel::sql_types::Bool, _>(pending_only)
+    .bind::<BigInt, _>(limit as i64)
+    .load(conn)
+    .await?;
+    Ok(rows)
+}
+
+pub async fn conflict(conn: &mut AsyncPgConnection, id: i64) -> Result<Option<ConflictRow>, StoreError> {
+    let rows: Vec<ConflictRow> = diesel::sql_query(format!("SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE id = $1"))
+        .bind::<BigInt, _>(id)
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// An operator's `conflicts resolve ID --take SIDE`: recorded here, carried
+/// out by the leader's arbiter through the fenced paths.
+pub async fn request_resolution(conn: &mut AsyncPgConnection, schema: &Ident, id: i64, side: Side) -> Result<bool, StoreError> {
+    let updated = diesel::sql_query("UPDATE conflicts SET requested_take = $2 WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .bind::<Text, _>(side.as_str())
+        .execute(conn)
+        .await?;
+    diesel::sql_query("SELECT pg_notify($1, 'resolve')")
+        .bind::<Text, _>(format!("{schema}_conflicts"))
+        .execute(conn)
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Conflicts with an operator's request waiting.
+pub async fn requested_resolutions(conn: &mut AsyncPgConnection) -> Result<Vec<ConflictRow>, StoreError> {
+    let rows = diesel::sql_query(format!(
+        "SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE requested_take IS NOT NULL ORDER BY id"
+    ))
+    .load(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Carries out `take` for a conflict so that both stores end with that
+/// side's value. `etcd_now` is the key's current state in etcd.
+///
+/// - Pending (parked) conflict: `etcd` drops the local changes and gives the
+///   mirror etcd's current state; `pg` rebases the parked changes onto
+///   etcd's current revision and releases them to the poller.
+/// - Resolved conflict (an operator overriding the policy): the chosen side's
+///   recorded value is written as a new local change, so it reaches etcd by
+///   the normal fenced compare-and-swap.
+pub async fn execute_resolution(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    fence: &Fence,
+    conflict: &ConflictRow,
+    take: Side,
+    etcd_now: Option<&KeyValue>,
+) -> Result<(), StoreError> {
+    let table = Ident::parse(&conflict.mirror_table)
+        .map_err(|e| StoreError::Invalid(format!("conflict {} names table {:?}: {e}", conflict.id, conflict.mirror_table)))?;
+    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let etcd_revision = etcd_now.map_or(0, |kv| kv.meta.mod_revision);
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, None).await?;
+        diesel::sql_query(format!("SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE"))
+            .bind::<Bytea, _>(&conflict.key)
+            .execute(conn)
+            .await?;
+        let pending = conflict.status == "pending";
+        match (pending, take) {
+            (true, Side::Etcd) => {
+                diesel::sql_query("DELETE FROM outbox WHERE mirror_table = $1 AND key = $2")
+                    .bind::<Text, _>(&conflict.mirror_table)
+                    .bind::<Bytea, _>(&conflict.key)
+                    .execute(conn)
+                    .await?;
+                set_mirror_unconditionally(conn, &qualified, &conflict.key, etcd_now).await?;
+            }
+            (true, Side::Pg) => {
+                diesel::sql_query(
+                    "UPDATE outbox SET base_revision = $3, conflict_id = NULL WHERE mirror_table = $1 AND key = $2",
+                )
+                .bind::<Text, _>(&conflict.mirror_table)
+                .bind::<Bytea, _>(&conflict.key)
+                .bind::<BigInt, _>(etcd_revision)
+                .execute(conn)
+                .await?;
+                set_mirror_meta(conn, &qualified, &conflict.key, etcd_now).await?;
+            }
+            (false, side) => {
+                let value = match side {
+                    Side::Etcd => conflict.etcd_value.as_deref(),
+                    Side::Pg => conflict.pg_value.as_deref(),
+                };
+                requeue_as_local_change(conn, &qualified, &conflict.mirror_table, &conflict.key, value, etcd_now).await?;
+            }
+        }
+        diesel::sql_query(
+            "UPDATE conflicts SET status = 'resolved', winner = $2, resolved_by = 'operator', \
+                 resolved_at = clock_timestamp(), requested_take = NULL WHERE id = $1",
+        )
+        .bind::<BigInt, _>(conflict.id)
+        .bind::<Text, _>(take.as_str())
+        .execute(conn)
+        .await?;
+        let detail = serde_json::json!({
+            "conflict_id": conflict.id,
+            "table": conflict.mirror_table,
+            "key": eps_core::keys::display_key(&conflict.key),
+            "winner": take.as_str(),
+            "by": "operator",
+        });
+        crate::events::record(conn, fence, "resolution", None, &detail).await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn set_mirror_unconditionally(
+    conn: &mut AsyncPgConnection,
+    qualified: &str,
+    key: &[u8],
+    state: Option<&KeyValue>,
+) -> Result<(), StoreError> {
+    match state {
+        Some(kv) => {
+            diesel::sql_query(format!(
+                "INSERT INTO {qualified} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), 'etcd') \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+                     mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+                     updated_at = now(), origin = 'etcd'"
+            ))
+            .bind::<Bytea, _>(key)
+            .bind::<Bytea, _>(&kv.value)
+            .bind::<BigInt, _>(kv.meta.create_revision)
+            .bind::<BigInt, _>(kv.meta.mod_revision)
+            .bind::<BigInt, _>(kv.meta.version)
+            .bind::<BigInt, _>(kv.meta.lease)
+            .execute(conn)
+            .await?;
+        }
+        None => {
+            diesel::sql_query(format!("DELETE FROM {qualified} WHERE key = $1"))
+                .bind::<Bytea, _>(key)
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn set_mirror_meta(conn: &mut AsyncPgConnection, qualified: &str, key: &[u8], state: Option<&KeyValue>) -> Result<(), StoreError> {
+    let meta = state.map(|kv| kv.meta).unwrap_or_default();
+    diesel::sql_query(format!(
+        "UPDATE {qualified} SET create_revision = $2, mod_revision = $3, version = $4, lease = $5 WHERE key = $1"
+    ))
+    .bind::<Bytea, _>(key)
+    .bind::<BigInt, _>(meta.create_revision)
+    .bind::<BigInt, _>(meta.mod_revision)
+    .bind::<BigInt, _>(meta.version)
+    .bind::<BigInt, _>(meta.lease)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes `value` (`None`: delete) to the mirror and the outbox as if a user
+/// had written it on top of etcd's current state.
+async fn requeue_as_local_change(
+    conn: &mut AsyncPgConnection,
+    qualified: &str,
+    table: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+    etcd_now: Option<&KeyValue>,
+) -> Result<(), StoreError> {
+    let meta = etcd_now.map(|kv| kv.meta).unwrap_or_default();
+    match value {
+        Some(value) => {
+            diesel::sql_query(format!(
+                "INSERT INTO {qualified} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), 'pg') \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+                     mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+                     updated_at = now(), origin = 'pg'"
+            ))
+            .bind::<Bytea, _>(key)
+            .bind::<Bytea, _>(value)
+            .bind::<BigInt, _>(meta.create_revision)
+            .bind::<BigInt, _>(meta.mod_revision)
+            .bind::<BigInt, _>(meta.version)
+            .bind::<BigInt, _>(meta.lease)
+            .execute(conn)
+            .await?;
+        }
+        None => {
+            diesel::sql_query(format!("DELETE FROM {qualified} WHERE key = $1"))
+                .bind::<Bytea, _>(key)
+                .execute(conn)
+                .await?;
+        }
+    }
+    diesel::sql_query(
+        "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Bytea, _>(key)
+    .bind::<Text, _>(if value.is_some() { "put" } else { "delete" })
+    .bind::<Nullable<Bytea>, _>(value)
+    .bind::<BigInt, _>(meta.mod_revision)
+    .execute(conn)
+    .await?;
+    diesel::sql_query("SELECT pg_notify(current_schema() || '_outbox', '')")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct DeadLetterRow {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub direction: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub mirror_table: Option<String>,
+    #[diesel(sql_type = Bytea)]
+    pub key: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    pub op: String,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub value: Option<Vec<u8>>,
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    #[diesel(sql_type = Text)]
+    pub kind: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub attempts: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub retried_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Dead letters, newest first; by default only those not retried yet.
+pub async fn list_dead_letters(conn: &mut AsyncPgConnection, include_retried: bool, limit: usize) -> Result<Vec<DeadLetterRow>, StoreError> {
+    let rows = diesel::sql_query(
+        "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
+         FROM dead_letters WHERE ($1 OR retried_at IS NULL) ORDER BY id DESC LIMIT $2",
+    )
+    .bind::<diesel::sql_types::Bool, _>(include_retried)
+    .bind::<BigInt, _>(limit as i64)
+    .load(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// `dead-letters retry`: puts the changes back into the outbox, based on the
+/// key's current mirror row, and wakes the poller. `ids == None`: all.
+pub async fn retry_dead_letters(conn: &mut AsyncPgConnection, schema: &Ident, ids: Option<&[i64]>) -> Result<usize, StoreError> {
+    let all = ids.is_none();
+    let ids: Vec<i64> = ids.map(<[i64]>::to_vec).unwrap_or_default();
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        let letters: Vec<DeadLetterRow> = diesel::sql_query(
+            "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
+             FROM dead_letters WHERE retried_at IS NULL AND direction = 'pg-to-etcd' AND ($1 OR id = ANY($2)) \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind::<diesel::sql_types::Bool, _>(all)
+        .bind::<Array<BigInt>, _>(&ids)
+        .load(conn)
+        .await?;
+        for letter in &letters {
+            let Some(table) = letter.mirror_table.as_deref().and_then(|t| Ident::parse(t).ok()) else {
+                continue;
+            };
+            #[derive(QueryableByName)]
+            struct Base {
+                #[diesel(sql_type = BigInt)]
+                base: i64,
+            }
+            let base: Vec<Base> = diesel::sql_query(format!(
+                "SELECT COALESCE((SELECT mod_revision FROM {}.{} WHERE key = $1), 0) AS base",
+                schema.quoted(),
+                table.quoted()
+            ))
+            .bind::<Bytea, _>(&letter.key)
+            .load(conn)
+            .await?;
+            diesel::sql_query(
+                "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind::<Text, _>(table.as_str())
+            .bind::<Bytea, _>(&letter.key)
+            .bind::<Text, _>(&letter.op)
+            .bind::<Nullable<Bytea>, _>(letter.value.as_deref())
+            .bind::<BigInt, _>(base.into_iter().next().map_or(0, |b| b.base))
+            .execute(conn)
+            .await?;
+            diesel::sql_query("UPDATE dead_letters SET retried_at = clock_timestamp() WHERE id = $1")
+                .bind::<BigInt, _>(letter.id)
+                .execute(conn)
+                .await?;
+        }
+        diesel::sql_query("SELECT pg_notify($1, '')")
+            .bind::<Text, _>(format!("{schema}_outbox"))
+            .execute(conn)
+            .await?;
+        Ok(letters.len())
+    })
+    .await
+}
+
+/// Counts for `status` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, QueryableByName)]
+pub struct Counts {
+    #[diesel(sql_type = BigInt)]
+    pub outbox_pending: i64,
+    #[diesel(sql_type = BigInt)]
+    pub conflicts_pending: i64,
+    #[diesel(sql_type = BigInt)]
+    pub dead_letters: i64,
+}
+
+pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> {
+    let rows: Vec<Counts> = diesel::sql_query(
+        "SELECT (SELECT count(*) FROM outbox) AS outbox_pending, \
+                (SELECT count(*) FROM conflicts WHERE status = 'pending') AS conflicts_pending, \
+                (SELECT count(*) FROM dead_letters WHERE retried_at IS NULL) AS dead_letters",
+    )
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().next().unwrap_or_default())
+}

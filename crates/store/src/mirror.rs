@@ -1,0 +1,45 @@
+//! Reading mirror tables in key order (resync, verify).
+
+use diesel::sql_types::{BigInt, Bytea};
+use diesel::QueryableByName;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use eps_core::ident::Ident;
+
+use crate::error::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct MirrorRow {
+    #[diesel(sql_type = Bytea)]
+    pub key: Vec<u8>,
+    #[diesel(sql_type = Bytea)]
+    pub value: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    pub mod_revision: i64,
+}
+
+/// Rows of `table` with `start <= key < end` (no end: unbounded) and
+/// `key > after` (when given), in byte order, at most `limit`.
+pub async fn page(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    table: &Ident,
+    start: &[u8],
+    end: Option<&[u8]>,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<MirrorRow>, StoreError> {
+    let rows = diesel::sql_query(format!(
+        "SELECT key, value, mod_revision FROM {}.{} \
+         WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) AND ($3::bytea IS NULL OR key > $3) \
+         ORDER BY key LIMIT $4",
+        schema.quoted(),
+        table.quoted()
+    ))
+    .bind::<Bytea, _>(start)
+    .bind::<diesel::sql_types::Nullable<Bytea>, _>(end)
+    .bind::<diesel::sql_types::Nullable<Bytea>, _>(after)
+    .bind::<BigInt, _>(limit as i64)
+    .load(conn)
+    .await?;
+    Ok(rows)
+}
