@@ -1,1 +1,5 @@
-fn main() { eps_server::main() }
+//! The `etcd-pg-sync` binary: everything lives in `eps-server`.
+
+fn main() -> std::process::ExitCode {
+    eps_server::main()
+}

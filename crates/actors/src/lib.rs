@@ -1,1 +1,168 @@
+//! The sync actors (SPEC 5): `EtcdWatcher` (etcd → PostgreSQL),
+//! `CompactionRecovery` (snapshot and resync), `PgPoller` (PostgreSQL →
+//! etcd), `ConflictArbiter` (conflicts the watcher could not settle inline,
+//! operator resolutions) and `Retrier` (per-change retries, dead letters).
+//!
+//! They run only on the leader, all under one [`Pipeline`] per leadership
+//! term: one kill switch stops them together (STYLE 4). Each is an actix
+//! actor under a `Supervisor`: its work is one loop future; a failure stops
+//! the actor deliberately and the supervisor restarts it with backoff, from
+//! durable state (STYLE 3, DEPENDENCIES pitfall 1).
 
+pub mod arbiter;
+pub mod poller;
+pub mod recovery;
+pub mod retrier;
+pub mod shell;
+pub mod telemetry;
+pub mod watcher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Addr, Supervisor};
+use eps_core::config::Config;
+use eps_core::mapping::MappingSet;
+use eps_etcd::{EtcdClient, LeaderFence};
+use eps_store::{Fence, Store};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use arbiter::ConflictArbiter;
+pub use poller::PgPoller;
+pub use recovery::CompactionRecovery;
+pub use retrier::Retrier;
+pub use shell::{ActorError, StatusBoard};
+pub use watcher::EtcdWatcher;
+
+/// What every actor of one leadership term shares.
+pub struct SyncContext {
+    pub config: Arc<Config>,
+    pub mappings: MappingSet,
+    pub store: Store,
+    pub etcd: EtcdClient,
+    /// PostgreSQL fencing: the term every transaction checks.
+    pub fence: Fence,
+    /// etcd fencing: the leader key every write compares.
+    pub leader: LeaderFence,
+    /// The term's kill switch.
+    pub kill: CancellationToken,
+    /// The watcher's applied revision (the durable checkpoint), published
+    /// for the poller, which waits on it after a failed compare.
+    pub applied: watch::Sender<i64>,
+    /// Wakes the poller (new work released by the arbiter or retrier).
+    pub wake_poller: Notify,
+    pub board: Arc<StatusBoard>,
+}
+
+impl SyncContext {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        etcd: EtcdClient,
+        fence: Fence,
+        leader: LeaderFence,
+        board: Arc<StatusBoard>,
+    ) -> Arc<Self> {
+        let mappings = store.mappings().clone();
+        Arc::new(SyncContext {
+            config,
+            mappings,
+            store,
+            etcd,
+            fence,
+            leader,
+            kill: CancellationToken::new(),
+            applied: watch::channel(0).0,
+            wake_poller: Notify::new(),
+            board,
+        })
+    }
+}
+
+/// The sync actors of one term. Dropping it (or [`Pipeline::stop`]) trips
+/// the kill switch and releases the actors.
+pub struct Pipeline {
+    ctx: Arc<SyncContext>,
+    watcher: Option<Addr<EtcdWatcher>>,
+    poller: Option<Addr<PgPoller>>,
+    arbiter: Option<Addr<ConflictArbiter>>,
+    retrier: Option<Addr<Retrier>>,
+    recovery: Option<Addr<CompactionRecovery>>,
+    stopped: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Pipeline {
+    /// Starts every actor under its supervisor. Must run on the actix
+    /// system's thread.
+    pub fn start(ctx: Arc<SyncContext>) -> Pipeline {
+        // Each actor holds a clone of `alive`; when all are gone, `stopped`
+        // closes.
+        let (alive, stopped) = tokio::sync::mpsc::channel::<()>(1);
+        let recovery = {
+            let (ctx, alive) = (ctx.clone(), alive.clone());
+            Supervisor::start(move |_| CompactionRecovery::new(ctx, alive))
+        };
+        let retrier = {
+            let (ctx, alive) = (ctx.clone(), alive.clone());
+            Supervisor::start(move |_| Retrier::new(ctx, alive))
+        };
+        let arbiter = {
+            let (ctx, alive) = (ctx.clone(), alive.clone());
+            Supervisor::start(move |_| ConflictArbiter::new(ctx, alive))
+        };
+        let poller = {
+            let (ctx, alive) = (ctx.clone(), alive.clone());
+            let (arbiter, retrier) = (arbiter.downgrade(), retrier.downgrade());
+            Supervisor::start(move |_| PgPoller::new(ctx, arbiter, retrier, alive))
+        };
+        let watcher = {
+            let (ctx, alive) = (ctx.clone(), alive.clone());
+            let recovery = recovery.downgrade();
+            Supervisor::start(move |_| EtcdWatcher::new(ctx, recovery, alive))
+        };
+        drop(alive);
+        Pipeline {
+            ctx,
+            watcher: Some(watcher),
+            poller: Some(poller),
+            arbiter: Some(arbiter),
+            retrier: Some(retrier),
+            recovery: Some(recovery),
+            stopped,
+        }
+    }
+
+    pub fn context(&self) -> &Arc<SyncContext> {
+        &self.ctx
+    }
+
+    /// Resolves when an actor tripped the kill switch (fenced: another
+    /// leader took over).
+    pub async fn killed(&self) {
+        self.ctx.kill.cancelled().await;
+    }
+
+    /// Trips the kill switch, releases the actors and waits (at most
+    /// `deadline`) until every one has stopped.
+    pub async fn stop(mut self, deadline: Duration) {
+        self.release();
+        let _ = tokio::time::timeout(deadline, self.stopped.recv()).await;
+    }
+
+    fn release(&mut self) {
+        self.ctx.kill.cancel();
+        // Supervisors restart an actor only while someone holds its address.
+        self.watcher.take();
+        self.poller.take();
+        self.arbiter.take();
+        self.retrier.take();
+        self.recovery.take();
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -1,1 +1,328 @@
+//! Leader election (SPEC 3.6, 6). Every replica campaigns with a key under
+//! `__etcd_pg_sync/<cluster>/election/`, bound to a lease it keeps alive.
+//! The key with the lowest create revision leads; the others wait for the
+//! key just before theirs to go. The leader's **term** is its key's create
+//! revision, strictly increasing across elections: it is written to
+//! PostgreSQL (only if greater than the stored one) before any sync actor
+//! starts, every PostgreSQL transaction checks it, and every etcd write
+//! compares the leader key's create revision with it.
+//!
+//! Losing the lease (keepalive failing for a TTL, a long pause) or being
+//! fenced stops the whole pipeline at once; the replica campaigns again.
+//! Shutdown resigns (revokes the lease) so a standby takes over at once.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eps_actors::{Pipeline, StatusBoard, SyncContext, telemetry};
+use eps_core::config::Config;
+use eps_etcd::{EtcdClient, EtcdError, LeaderFence};
+use eps_store::{Fence, Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+/// The election prefix of a cluster.
+pub fn election_prefix(cluster: &str) -> Vec<u8> {
+    let mut prefix = eps_core::INTERNAL_PREFIX.to_vec();
+    prefix.extend_from_slice(format!("{cluster}/election/").as_bytes());
+    prefix
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Standby,
+    Leader,
+}
+
+/// This node's view of the election, for `/status` and metrics.
+#[derive(Debug)]
+pub struct NodeStatus {
+    role: Mutex<Role>,
+    term: AtomicI64,
+    leader: Mutex<Option<String>>,
+}
+
+impl Default for NodeStatus {
+    fn default() -> Self {
+        NodeStatus {
+            role: Mutex::new(Role::Standby),
+            term: AtomicI64::new(0),
+            leader: Mutex::new(None),
+        }
+    }
+}
+
+impl NodeStatus {
+    pub fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The term this node leads with (0 when standby).
+    pub fn term(&self) -> i64 {
+        self.term.load(Ordering::Relaxed)
+    }
+
+    /// The current leader's node id, as last observed.
+    pub fn leader(&self) -> Option<String> {
+        self.leader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_leader(&self, leader: Option<String>) {
+        *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+    }
+
+    fn become_leader(&self, term: i64) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Leader;
+        self.term.store(term, Ordering::Relaxed);
+        metrics::gauge!(telemetry::IS_LEADER).set(1.0);
+        metrics::gauge!(telemetry::TERM).set(term as f64);
+        metrics::counter!(telemetry::LEADER_CHANGES_TOTAL).increment(1);
+    }
+
+    fn become_standby(&self) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Standby;
+        self.term.store(0, Ordering::Relaxed);
+        metrics::gauge!(telemetry::IS_LEADER).set(0.0);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("term {term} is not newer than the stored one: a newer leader exists")]
+    StaleTerm { term: i64 },
+}
+
+/// What a node needs to campaign and lead.
+#[derive(Clone)]
+pub struct Node {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub etcd: EtcdClient,
+    pub board: Arc<StatusBoard>,
+    pub status: Arc<NodeStatus>,
+}
+
+impl Node {
+    /// Campaigns, leads, steps down and campaigns again until `shutdown`.
+    /// Must run on the actix system's thread (it starts the actors).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let backoff = self.config.backoff();
+        let mut failures = 0u32;
+        metrics::gauge!(telemetry::IS_LEADER).set(0.0);
+        while !shutdown.is_cancelled() {
+            match self.campaign_and_lead(&shutdown).await {
+                Ok(()) => failures = 0,
+                Err(error) => {
+                    tracing::warn!(%error, "election round failed, campaigning again");
+                    self.board.record_error("election", &error.to_string());
+                    let delay = backoff.delay(failures);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn campaign_and_lead(&self, shutdown: &CancellationToken) -> Result<(), ClusterError> {
+        let cluster = &self.config.cluster;
+        let ttl = cluster.lease_ttl_secs as i64;
+        let prefix = election_prefix(&cluster.name);
+        let lease = self.etcd.grant_lease(ttl).await?;
+        let granted_at = Instant::now();
+        let _resign = Resign {
+            etcd: self.etcd.clone(),
+            lease,
+        };
+        let lost = CancellationToken::new();
+        let _keepalive = AbortOnDrop(tokio::spawn(keep_alive(
+            self.etcd.clone(),
+            lease,
+            Duration::from_secs(cluster.lease_ttl_secs),
+            granted_at,
+            lost.clone(),
+        )));
+        let mut key = prefix.clone();
+        key.extend_from_slice(format!("{lease:016x}").as_bytes());
+        let term = self
+            .etcd
+            .create_if_absent(&key, cluster.node_id.as_bytes(), lease)
+            .await?;
+        tracing::info!(term, "campaigning");
+
+        // Wait until our key is the oldest.
+        loop {
+            let leader = self.etcd.oldest_under(&prefix, None).await?;
+            self.status.set_leader(
+                leader
+                    .as_ref()
+                    .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+            );
+            if leader.as_ref().is_some_and(|kv| kv.key == key) {
+                break;
+            }
+            let Some(predecessor) = self.etcd.oldest_under(&prefix, Some(term)).await? else {
+                continue;
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = lost.cancelled() => {
+                    tracing::warn!("lease lost while standing by, campaigning again");
+                    return Ok(());
+                }
+                waited = self.etcd.wait_deleted(&predecessor.key, predecessor.meta.mod_revision) => waited?,
+                // Refresh the observed leader now and then.
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+
+        // Make the term current in PostgreSQL: waits for the old leader's
+        // open transactions, after which every one of them fails.
+        loop {
+            if lost.is_cancelled() || shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match self.store.claim_term(term, &cluster.node_id).await {
+                Ok(true) => break,
+                Ok(false) => return Err(ClusterError::StaleTerm { term }),
+                Err(error) if eps_core::Classify::retryable(&error) => {
+                    tracing::warn!(%error, "cannot record the term in PostgreSQL yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let fence = Fence {
+            term,
+            node: cluster.node_id.clone(),
+        };
+        self.status.become_leader(term);
+        self.status.set_leader(Some(cluster.node_id.clone()));
+        self.board.clear_last_error();
+        tracing::info!(term, node = %cluster.node_id, "became leader");
+        let event = serde_json::json!({"node": cluster.node_id, "term": term, "event": "elected"});
+        if let Err(error) = self
+            .store
+            .record_event(&fence, "leadership", None, &event)
+            .await
+        {
+            tracing::warn!(%error, "cannot record the leadership change");
+        }
+
+        let ctx = SyncContext::new(
+            self.config.clone(),
+            self.store.clone(),
+            self.etcd.clone(),
+            fence.clone(),
+            LeaderFence {
+                key: key.clone(),
+                term,
+            },
+            self.board.clone(),
+        );
+        let pipeline = Pipeline::start(ctx);
+        let reason = tokio::select! {
+            _ = lost.cancelled() => "lease lost",
+            _ = pipeline.killed() => "fenced",
+            _ = shutdown.cancelled() => "shutdown",
+        };
+        tracing::warn!(term, reason, "stepping down");
+        pipeline.stop(Duration::from_secs(5)).await;
+        self.board.all_stopped();
+        self.status.become_standby();
+        if reason == "shutdown" {
+            let event =
+                serde_json::json!({"node": cluster.node_id, "term": term, "event": "resigned"});
+            let _ = self
+                .store
+                .record_event(&fence, "leadership", None, &event)
+                .await;
+        }
+        // `_resign` revokes the lease: the key goes, a standby takes over.
+        Ok(())
+    }
+}
+
+/// Revokes the lease when the round ends (resigning leadership); a lease
+/// that cannot be revoked expires after its TTL.
+struct Resign {
+    etcd: EtcdClient,
+    lease: i64,
+}
+
+impl Drop for Resign {
+    fn drop(&mut self) {
+        let (etcd, lease) = (self.etcd.clone(), self.lease);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(error) = etcd.revoke_lease(lease).await {
+                    tracing::debug!(%error, "lease revoke failed; it will expire");
+                }
+            });
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease every third of its TTL. When no renewal has succeeded
+/// for a whole TTL (counted from when the last successful request was
+/// sent), etcd may have expired it: `lost` trips and the leader stops.
+async fn keep_alive(
+    etcd: EtcdClient,
+    lease: i64,
+    ttl: Duration,
+    granted_at: Instant,
+    lost: CancellationToken,
+) {
+    let interval = (ttl / 3).max(Duration::from_millis(300));
+    let mut valid_from = granted_at;
+    let mut stream = None;
+    loop {
+        if valid_from.elapsed() >= ttl {
+            tracing::warn!(lease, "lease not renewed for its whole TTL");
+            lost.cancel();
+            return;
+        }
+        let sent_at = Instant::now();
+        if stream.is_none() {
+            stream = etcd.keep_alive(lease).await.ok();
+        }
+        let renewed = match stream.as_mut() {
+            Some(s) => s.renew().await,
+            None => Err(EtcdError::Unavailable("no keepalive stream".into())),
+        };
+        match renewed {
+            Ok(ttl_left) if ttl_left > 0 => {
+                valid_from = sent_at;
+                tokio::time::sleep(interval).await;
+            }
+            Ok(_) => {
+                tracing::warn!(lease, "lease expired");
+                lost.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "lease renewal failed, retrying");
+                stream = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -6,9 +6,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::INTERNAL_PREFIX;
 use crate::ident::Ident;
 use crate::keys;
-use crate::INTERNAL_PREFIX;
 
 /// Which way changes flow for a mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,7 +141,9 @@ impl MappingSet {
             return None;
         }
         // The candidate is the last mapping whose prefix is <= key.
-        let idx = self.mappings.partition_point(|m| m.prefix.as_slice() <= key);
+        let idx = self
+            .mappings
+            .partition_point(|m| m.prefix.as_slice() <= key);
         let candidate = self.mappings.get(idx.checked_sub(1)?)?;
         candidate.contains(key).then_some(candidate)
     }
@@ -204,7 +206,10 @@ mod tests {
     #[test]
     fn covering_range_spans_all_prefixes() {
         let set = MappingSet::new(vec![mapping("/b/", "kv_b"), mapping("/a/", "kv_a")]);
-        assert_eq!(set.covering_range(), (b"/a/".to_vec(), Some(b"/b0".to_vec())));
+        assert_eq!(
+            set.covering_range(),
+            (b"/a/".to_vec(), Some(b"/b0".to_vec()))
+        );
     }
 
     #[test]

@@ -73,10 +73,14 @@ fn from_status(status: &tonic::Status) -> EtcdError {
             message,
             retryable: true,
         },
-        OUT_OF_RANGE if message.contains("compacted") => EtcdError::Compacted { compact_revision: 0 },
+        OUT_OF_RANGE if message.contains("compacted") => EtcdError::Compacted {
+            compact_revision: 0,
+        },
         PERMISSION_DENIED | UNAUTHENTICATED => EtcdError::PermissionDenied(message),
         INVALID_ARGUMENT if message.contains("too large") => EtcdError::TooLarge(message),
-        INVALID_ARGUMENT | FAILED_PRECONDITION | OUT_OF_RANGE | NOT_FOUND => EtcdError::Invalid(message),
+        INVALID_ARGUMENT | FAILED_PRECONDITION | OUT_OF_RANGE | NOT_FOUND => {
+            EtcdError::Invalid(message)
+        }
         RESOURCE_EXHAUSTED if message.contains("too large") => EtcdError::TooLarge(message),
         // "leader changed", "too many requests", internal hiccups: try again.
         RESOURCE_EXHAUSTED | ABORTED | UNKNOWN | INTERNAL => EtcdError::Other {

@@ -1,10 +1,13 @@
 //! Leases and the key operations the leader election is built from.
 
 use eps_core::model::KeyValue;
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
 
 use crate::error::EtcdError;
-use crate::{convert, EtcdClient};
+use crate::{EtcdClient, convert};
 
 impl EtcdClient {
     /// Grants a lease of `ttl_secs`; returns its id.
@@ -25,15 +28,28 @@ impl EtcdClient {
     pub async fn keep_alive(&self, id: i64) -> Result<LeaseKeepAlive, EtcdError> {
         let mut lease = self.raw().lease_client();
         let (keeper, stream) = self.timed(lease.keep_alive(id)).await?;
-        Ok(LeaseKeepAlive { keeper, stream, timeout: self.request_timeout() })
+        Ok(LeaseKeepAlive {
+            keeper,
+            stream,
+            timeout: self.request_timeout(),
+        })
     }
 
     /// Puts `key` bound to `lease` unless it exists; returns the key's create
     /// revision either way.
-    pub async fn create_if_absent(&self, key: &[u8], value: &[u8], lease: i64) -> Result<i64, EtcdError> {
+    pub async fn create_if_absent(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<i64, EtcdError> {
         let txn = Txn::new()
             .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.to_vec(), value.to_vec(), Some(PutOptions::new().with_lease(lease)))])
+            .and_then([TxnOp::put(
+                key.to_vec(),
+                value.to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
             .or_else([TxnOp::get(key.to_vec(), None)]);
         let mut kv = self.kv();
         let response = self.timed(kv.txn(txn)).await?;
@@ -45,7 +61,9 @@ impl EtcdClient {
                 .kvs()
                 .first()
                 .map(|kv| kv.create_revision())
-                .ok_or_else(|| EtcdError::Unavailable("election key vanished while being created".into())),
+                .ok_or_else(|| {
+                    EtcdError::Unavailable("election key vanished while being created".into())
+                }),
             other => Err(EtcdError::Other {
                 message: format!("unexpected txn response {other:?}"),
                 retryable: true,
@@ -56,7 +74,11 @@ impl EtcdClient {
     /// The key under `prefix` with the lowest create revision (the leader),
     /// and, separately, the highest one below `below` (the predecessor a
     /// candidate waits on).
-    pub async fn oldest_under(&self, prefix: &[u8], below: Option<i64>) -> Result<Option<KeyValue>, EtcdError> {
+    pub async fn oldest_under(
+        &self,
+        prefix: &[u8],
+        below: Option<i64>,
+    ) -> Result<Option<KeyValue>, EtcdError> {
         let mut options = GetOptions::new().with_prefix().with_limit(1);
         options = match below {
             None => options.with_sort(SortTarget::Create, SortOrder::Ascend),
@@ -106,7 +128,9 @@ impl EtcdClient {
     /// Puts one key (tests, tools).
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<i64, EtcdError> {
         let mut kv = self.kv();
-        let response = self.timed(kv.put(key.to_vec(), value.to_vec(), None)).await?;
+        let response = self
+            .timed(kv.put(key.to_vec(), value.to_vec(), None))
+            .await?;
         Ok(response.header().map_or(0, |h| h.revision()))
     }
 }
@@ -131,7 +155,9 @@ impl LeaseKeepAlive {
             .map_err(|_| EtcdError::Timeout(self.timeout))??;
         match response {
             Some(r) => Ok(r.ttl()),
-            None => Err(EtcdError::Unavailable("lease keepalive stream closed".into())),
+            None => Err(EtcdError::Unavailable(
+                "lease keepalive stream closed".into(),
+            )),
         }
     }
 }

@@ -20,7 +20,7 @@ use etcd_client::{GetOptions, SortOrder, SortTarget};
 
 pub use error::EtcdError;
 pub use txn::{CasOutcome, CasWrite, LeaderFence};
-pub use watch::{WatchItem, WatchSession};
+pub use watch::{ProgressRequester, WatchItem, WatchItems, WatchSession};
 
 /// gRPC messages may carry a txn of 128 values of 1.5 MiB and watch
 /// responses of many revisions: raise tonic's 4 MiB default (pitfall 12).
@@ -60,7 +60,11 @@ impl EtcdClient {
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         if let Some(user) = &config.username {
-            let password = config.password.as_ref().map(|p| p.expose()).unwrap_or_default();
+            let password = config
+                .password
+                .as_ref()
+                .map(|p| p.expose())
+                .unwrap_or_default();
             options = options.with_user(user.clone(), password);
         }
         if let Some(tls) = tls_options(config)? {
@@ -68,10 +72,15 @@ impl EtcdClient {
         }
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let connect = etcd_client::Client::connect(config.endpoints.clone(), Some(options));
-        let client = tokio::time::timeout(request_timeout.max(Duration::from_millis(config.connect_timeout_ms)), connect)
-            .await
-            .map_err(|_| EtcdError::Timeout(request_timeout))??;
-        let kv = client.kv_client().max_decoding_message_size(MAX_DECODING_BYTES);
+        let client = tokio::time::timeout(
+            request_timeout.max(Duration::from_millis(config.connect_timeout_ms)),
+            connect,
+        )
+        .await
+        .map_err(|_| EtcdError::Timeout(request_timeout))??;
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_DECODING_BYTES);
         Ok(Self {
             client,
             kv,
@@ -132,7 +141,9 @@ impl EtcdClient {
             .with_limit(limit as i64)
             .with_sort(SortTarget::Key, SortOrder::Ascend);
         let mut kv = self.kv.clone();
-        let response = self.timed(kv.get(start.to_vec(), Some(options))).await?;
+        let response = self
+            .timed(kv.get(range_start(start), Some(options)))
+            .await?;
         Ok(Page {
             revision: response.header().map_or(revision, |h| h.revision()),
             more: response.more(),
@@ -158,6 +169,16 @@ impl EtcdClient {
     }
 }
 
+/// etcd rejects an empty key: the range "from the beginning" starts at
+/// the smallest key there can be, "\0".
+pub(crate) fn range_start(start: &[u8]) -> Vec<u8> {
+    if start.is_empty() {
+        vec![0]
+    } else {
+        start.to_vec()
+    }
+}
+
 fn tls_options(config: &EtcdConfig) -> Result<Option<etcd_client::TlsOptions>, EtcdError> {
     let https = config.endpoints.iter().any(|e| e.starts_with("https://"));
     let tls = &config.tls;
@@ -165,11 +186,15 @@ fn tls_options(config: &EtcdConfig) -> Result<Option<etcd_client::TlsOptions>, E
         return Ok(None);
     }
     let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| EtcdError::Invalid(format!("{key}: cannot read {}: {e}", path.display())))
+        std::fs::read(path)
+            .map_err(|e| EtcdError::Invalid(format!("{key}: cannot read {}: {e}", path.display())))
     };
     let mut options = etcd_client::TlsOptions::new();
     if let Some(ca) = &tls.ca_file {
-        options = options.ca_certificate(etcd_client::Certificate::from_pem(read("etcd.tls.ca_file", ca)?));
+        options = options.ca_certificate(etcd_client::Certificate::from_pem(read(
+            "etcd.tls.ca_file",
+            ca,
+        )?));
     }
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
         options = options.identity(etcd_client::Identity::from_pem(

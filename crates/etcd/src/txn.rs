@@ -6,7 +6,7 @@ use eps_core::model::KeyValue;
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::error::EtcdError;
-use crate::{convert, EtcdClient};
+use crate::{EtcdClient, convert};
 
 /// The leader key and its create revision (the term): every write compares
 /// it, so a deposed leader's writes fail once its key is gone.
@@ -30,10 +30,16 @@ pub enum CasOutcome {
     /// Every write was applied at `revision`. `noop_deletes` lists the writes
     /// (by index) that deleted a key that was already absent: etcd records
     /// no event for them.
-    Applied { revision: i64, noop_deletes: Vec<usize> },
+    Applied {
+        revision: i64,
+        noop_deletes: Vec<usize>,
+    },
     /// Nothing was applied: these writes (by index) found the key elsewhere
-    /// (etcd's current state, `None` = absent).
-    Conflicts(Vec<(usize, Option<KeyValue>)>),
+    /// (etcd's current state, `None` = absent) at store revision `revision`.
+    Conflicts {
+        revision: i64,
+        conflicts: Vec<(usize, Option<KeyValue>)>,
+    },
     /// Nothing was applied: the leader key is gone or has another term.
     Fenced,
 }
@@ -48,19 +54,30 @@ pub async fn compare_and_swap(
     let mut compares = Vec::with_capacity(writes.len() + 1);
     let mut on_failure = Vec::with_capacity(writes.len() + 1);
     if let Some(fence) = fence {
-        compares.push(Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.term));
+        compares.push(Compare::create_revision(
+            fence.key.clone(),
+            CompareOp::Equal,
+            fence.term,
+        ));
         on_failure.push(TxnOp::get(fence.key.clone(), None));
     }
     let mut on_success = Vec::with_capacity(writes.len());
     for write in writes {
-        compares.push(Compare::mod_revision(write.key.clone(), CompareOp::Equal, write.expect_mod_revision));
+        compares.push(Compare::mod_revision(
+            write.key.clone(),
+            CompareOp::Equal,
+            write.expect_mod_revision,
+        ));
         on_success.push(match &write.value {
             Some(value) => TxnOp::put(write.key.clone(), value.clone(), None),
             None => TxnOp::delete(write.key.clone(), Some(DeleteOptions::new())),
         });
         on_failure.push(TxnOp::get(write.key.clone(), None));
     }
-    let txn = Txn::new().when(compares).and_then(on_success).or_else(on_failure);
+    let txn = Txn::new()
+        .when(compares)
+        .and_then(on_success)
+        .or_else(on_failure);
     let mut kv = client.kv();
     let response = tokio::time::timeout(client.request_timeout(), kv.txn(txn))
         .await
@@ -75,7 +92,10 @@ pub async fn compare_and_swap(
                 _ => None,
             })
             .collect();
-        return Ok(CasOutcome::Applied { revision, noop_deletes });
+        return Ok(CasOutcome::Applied {
+            revision,
+            noop_deletes,
+        });
     }
     let current = |results: &mut std::vec::IntoIter<TxnOpResponse>| match results.next() {
         Some(TxnOpResponse::Get(get)) => Ok(get.kvs().first().map(convert::key_value)),
@@ -98,5 +118,8 @@ pub async fn compare_and_swap(
             conflicts.push((i, state));
         }
     }
-    Ok(CasOutcome::Conflicts(conflicts))
+    Ok(CasOutcome::Conflicts {
+        revision,
+        conflicts,
+    })
 }

@@ -5,7 +5,7 @@ use eps_core::model::EtcdEvent;
 use etcd_client::WatchOptions;
 
 use crate::error::EtcdError;
-use crate::{convert, EtcdClient, MAX_DECODING_BYTES};
+use crate::{EtcdClient, MAX_DECODING_BYTES, convert};
 
 #[derive(Debug)]
 pub enum WatchItem {
@@ -27,52 +27,50 @@ pub struct WatchSession {
 impl WatchSession {
     /// Watches `[start, end)` (`end == None`: to the end of the keyspace)
     /// from `from_revision`, with `prev_kv`.
-    pub async fn start(client: &EtcdClient, start: &[u8], end: Option<&[u8]>, from_revision: i64) -> Result<Self, EtcdError> {
+    pub async fn start(
+        client: &EtcdClient,
+        start: &[u8],
+        end: Option<&[u8]>,
+        from_revision: i64,
+    ) -> Result<Self, EtcdError> {
         let options = WatchOptions::new()
             .with_range(eps_core::keys::range_end_for_etcd(end))
             .with_start_revision(from_revision)
             .with_prev_key()
             .with_progress_notify();
-        let mut watch_client = client.raw().watch_client().max_decoding_message_size(MAX_DECODING_BYTES);
-        let stream = tokio::time::timeout(client.request_timeout(), watch_client.watch(start.to_vec(), Some(options)))
-            .await
-            .map_err(|_| EtcdError::Timeout(client.request_timeout()))??;
+        let mut watch_client = client
+            .raw()
+            .watch_client()
+            .max_decoding_message_size(MAX_DECODING_BYTES);
+        let stream = tokio::time::timeout(
+            client.request_timeout(),
+            watch_client.watch(crate::range_start(start), Some(options)),
+        )
+        .await
+        .map_err(|_| EtcdError::Timeout(client.request_timeout()))??;
         let (requests, responses) = stream.split();
-        Ok(Self { requests, responses })
+        Ok(Self {
+            requests,
+            responses,
+        })
+    }
+
+    /// Splits the session: items to read (e.g. in a reader task) and a handle
+    /// to ask for progress notifications.
+    pub fn split(self) -> (ProgressRequester, WatchItems) {
+        (
+            ProgressRequester {
+                requests: self.requests,
+            },
+            WatchItems {
+                responses: self.responses,
+            },
+        )
     }
 
     /// The next item; `Ok(None)` when the server closed the stream.
     pub async fn next(&mut self) -> Result<Option<WatchItem>, EtcdError> {
-        loop {
-            let Some(response) = self.responses.message().await? else {
-                return Ok(None);
-            };
-            if response.canceled() {
-                if response.compact_revision() > 0 {
-                    return Ok(Some(WatchItem::Compacted {
-                        compact_revision: response.compact_revision(),
-                    }));
-                }
-                return Err(EtcdError::Unavailable(format!(
-                    "watch canceled by etcd: {}",
-                    response.cancel_reason()
-                )));
-            }
-            if response.compact_revision() > 0 {
-                return Ok(Some(WatchItem::Compacted {
-                    compact_revision: response.compact_revision(),
-                }));
-            }
-            if response.events().is_empty() {
-                if response.created() {
-                    continue;
-                }
-                let revision = response.header().map_or(0, |h| h.revision());
-                return Ok(Some(WatchItem::Progress(revision)));
-            }
-            let events = response.events().iter().filter_map(convert::event).collect();
-            return Ok(Some(WatchItem::Events(events)));
-        }
+        next_item(&mut self.responses).await
     }
 
     /// Asks etcd for a progress notification (answered only once the watch
@@ -80,5 +78,69 @@ impl WatchSession {
     pub async fn request_progress(&mut self) -> Result<(), EtcdError> {
         self.requests.request_progress().await?;
         Ok(())
+    }
+}
+
+/// The reading half of a [`WatchSession`].
+pub struct WatchItems {
+    responses: etcd_client::WatchResponseStream,
+}
+
+impl WatchItems {
+    /// The next item; `Ok(None)` when the server closed the stream.
+    pub async fn next(&mut self) -> Result<Option<WatchItem>, EtcdError> {
+        next_item(&mut self.responses).await
+    }
+}
+
+/// The requesting half of a [`WatchSession`].
+pub struct ProgressRequester {
+    requests: etcd_client::WatchRequestSender,
+}
+
+impl ProgressRequester {
+    /// Asks etcd for a progress notification.
+    pub async fn request_progress(&mut self) -> Result<(), EtcdError> {
+        self.requests.request_progress().await?;
+        Ok(())
+    }
+}
+
+async fn next_item(
+    responses: &mut etcd_client::WatchResponseStream,
+) -> Result<Option<WatchItem>, EtcdError> {
+    loop {
+        let Some(response) = responses.message().await? else {
+            return Ok(None);
+        };
+        if response.canceled() {
+            if response.compact_revision() > 0 {
+                return Ok(Some(WatchItem::Compacted {
+                    compact_revision: response.compact_revision(),
+                }));
+            }
+            return Err(EtcdError::Unavailable(format!(
+                "watch canceled by etcd: {}",
+                response.cancel_reason()
+            )));
+        }
+        if response.compact_revision() > 0 {
+            return Ok(Some(WatchItem::Compacted {
+                compact_revision: response.compact_revision(),
+            }));
+        }
+        if response.events().is_empty() {
+            if response.created() {
+                continue;
+            }
+            let revision = response.header().map_or(0, |h| h.revision());
+            return Ok(Some(WatchItem::Progress(revision)));
+        }
+        let events = response
+            .events()
+            .iter()
+            .filter_map(convert::event)
+            .collect();
+        return Ok(Some(WatchItem::Events(events)));
     }
 }

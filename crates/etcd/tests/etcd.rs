@@ -19,15 +19,32 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
     let etcd = Etcd::start().await?;
     let client = client(&etcd).await?;
     let lease = client.grant_lease(10).await?;
-    let term = client.create_if_absent(b"__etcd_pg_sync/t/election/1", b"n1", lease).await?;
-    let fence = LeaderFence { key: b"__etcd_pg_sync/t/election/1".to_vec(), term };
+    let term = client
+        .create_if_absent(b"__etcd_pg_sync/t/election/1", b"n1", lease)
+        .await?;
+    let fence = LeaderFence {
+        key: b"__etcd_pg_sync/t/election/1".to_vec(),
+        term,
+    };
 
     // Creating keys that must not exist (expect 0), in one txn.
     let writes = vec![
-        CasWrite { key: b"a".to_vec(), value: Some(b"1".to_vec()), expect_mod_revision: 0 },
-        CasWrite { key: b"b".to_vec(), value: Some(vec![0, 255]), expect_mod_revision: 0 },
+        CasWrite {
+            key: b"a".to_vec(),
+            value: Some(b"1".to_vec()),
+            expect_mod_revision: 0,
+        },
+        CasWrite {
+            key: b"b".to_vec(),
+            value: Some(vec![0, 255]),
+            expect_mod_revision: 0,
+        },
     ];
-    let CasOutcome::Applied { revision, noop_deletes } = compare_and_swap(&client, Some(&fence), &writes).await? else {
+    let CasOutcome::Applied {
+        revision,
+        noop_deletes,
+    } = compare_and_swap(&client, Some(&fence), &writes).await?
+    else {
         panic!("expected applied");
     };
     assert!(noop_deletes.is_empty());
@@ -36,10 +53,20 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
 
     // A stale base is a conflict, and nothing of the txn is applied.
     let writes = vec![
-        CasWrite { key: b"a".to_vec(), value: Some(b"2".to_vec()), expect_mod_revision: revision },
-        CasWrite { key: b"b".to_vec(), value: Some(b"x".to_vec()), expect_mod_revision: revision - 1 },
+        CasWrite {
+            key: b"a".to_vec(),
+            value: Some(b"2".to_vec()),
+            expect_mod_revision: revision,
+        },
+        CasWrite {
+            key: b"b".to_vec(),
+            value: Some(b"x".to_vec()),
+            expect_mod_revision: revision - 1,
+        },
     ];
-    let CasOutcome::Conflicts(conflicts) = compare_and_swap(&client, Some(&fence), &writes).await? else {
+    let CasOutcome::Conflicts { conflicts, .. } =
+        compare_and_swap(&client, Some(&fence), &writes).await?
+    else {
         panic!("expected conflicts");
     };
     assert_eq!(conflicts.len(), 1);
@@ -48,16 +75,29 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
     assert_eq!(client.get(b"a").await?.0.unwrap().value, b"1");
 
     // Deleting an absent key is applied but leaves no event.
-    let writes = vec![CasWrite { key: b"gone".to_vec(), value: None, expect_mod_revision: 0 }];
-    let CasOutcome::Applied { noop_deletes, .. } = compare_and_swap(&client, Some(&fence), &writes).await? else {
+    let writes = vec![CasWrite {
+        key: b"gone".to_vec(),
+        value: None,
+        expect_mod_revision: 0,
+    }];
+    let CasOutcome::Applied { noop_deletes, .. } =
+        compare_and_swap(&client, Some(&fence), &writes).await?
+    else {
         panic!("expected applied");
     };
     assert_eq!(noop_deletes, vec![0]);
 
     // Once the leader key is gone, every write is fenced.
     client.revoke_lease(lease).await?;
-    let writes = vec![CasWrite { key: b"a".to_vec(), value: Some(b"3".to_vec()), expect_mod_revision: revision }];
-    assert_eq!(compare_and_swap(&client, Some(&fence), &writes).await?, CasOutcome::Fenced);
+    let writes = vec![CasWrite {
+        key: b"a".to_vec(),
+        value: Some(b"3".to_vec()),
+        expect_mod_revision: revision,
+    }];
+    assert_eq!(
+        compare_and_swap(&client, Some(&fence), &writes).await?,
+        CasOutcome::Fenced
+    );
     assert_eq!(client.get(b"a").await?.0.unwrap().value, b"1");
     Ok(())
 }
@@ -117,7 +157,9 @@ async fn range_pages_walk_a_prefix_at_one_revision() -> anyhow::Result<()> {
     let mut all = first.kvs;
     let mut next = eps_core::keys::successor(&all.last().unwrap().key);
     loop {
-        let page = client.range_page(&next, Some(b"/p0"), first.revision, 10).await?;
+        let page = client
+            .range_page(&next, Some(b"/p0"), first.revision, 10)
+            .await?;
         all.extend(page.kvs);
         if !page.more {
             break;

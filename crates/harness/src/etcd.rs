@@ -122,9 +122,9 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = spawn_bound(command).with_context(|| {
-            "cannot start etcd: install Debian's etcd-server package or set ETCD_BIN"
-        })?;
+        let child = spawn_bound(command).with_context(
+            || "cannot start etcd: install Debian's etcd-server package or set ETCD_BIN",
+        )?;
         self.child = Some(child);
         self.wait_ready().await
     }
@@ -148,7 +148,8 @@ impl Etcd {
     /// True once the member serves; an error if the port answers with a
     /// member that is not ours.
     async fn probe(&self) -> anyhow::Result<bool> {
-        let connect = etcd_client::Client::connect([self.endpoint()], Some(self.connect_options.clone()));
+        let connect =
+            etcd_client::Client::connect([self.endpoint()], Some(self.connect_options.clone()));
         let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_secs(2), connect).await else {
             return Ok(false);
         };
@@ -166,7 +167,10 @@ impl Etcd {
 
     /// A client connected to this member.
     pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
-        Ok(etcd_client::Client::connect([self.endpoint()], Some(self.connect_options.clone())).await?)
+        Ok(
+            etcd_client::Client::connect([self.endpoint()], Some(self.connect_options.clone()))
+                .await?,
+        )
     }
 
     /// Kills the member (SIGKILL); data stays for [`Etcd::restart`].

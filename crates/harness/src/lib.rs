@@ -11,11 +11,11 @@
 //! database per test keeps the suite fast; tests that restart PostgreSQL or
 //! need their own etcd start dedicated ones.
 
-mod ports;
-mod process;
 pub mod etcd;
 pub mod http;
+mod ports;
 pub mod postgres;
+mod process;
 pub mod proxy;
 pub mod service;
 
@@ -26,7 +26,11 @@ pub use service::{Service, ServiceConfig};
 
 /// Waits until `check` returns `Ok(Some(value))`, polling every 20 ms, or
 /// fails after `timeout` with the last error seen.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> anyhow::Result<T>
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
@@ -68,6 +72,9 @@ pub fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("{prefix}-{}-", std::process::id()))
         .tempdir_in(scratch_root())?;
-    std::fs::write(dir.path().join(".owner-pid"), std::process::id().to_string())?;
+    std::fs::write(
+        dir.path().join(".owner-pid"),
+        std::process::id().to_string(),
+    )?;
     Ok(dir)
 }

@@ -108,7 +108,11 @@ fn template_dir(bin: &Path) -> anyhow::Result<PathBuf> {
     let version = Command::new(bin.join("postgres"))
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace([' ', '(', ')'], "_"))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace([' ', '(', ')'], "_")
+        })
         .unwrap_or_default();
     let template = std::env::temp_dir().join(format!("eps-pg-template-{version}"));
     if template.join("PG_VERSION").exists() {
@@ -125,7 +129,16 @@ fn template_dir(bin: &Path) -> anyhow::Result<PathBuf> {
     initdb
         .arg("-D")
         .arg(&building)
-        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+        .args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     as_server_user(&mut initdb)?;
@@ -258,7 +271,11 @@ impl Postgres {
     pub async fn create_database(&self) -> anyhow::Result<TestDatabase> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!("test_{}", COUNTER.fetch_add(1, Ordering::Relaxed));
-        let admin = connect(&format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)).await?;
+        let admin = connect(&format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.port
+        ))
+        .await?;
         admin
             .simple_query(&format!("CREATE DATABASE {name}"))
             .await

@@ -39,7 +39,13 @@ pub struct Service {
 impl ServiceConfig {
     /// A config for `node_id` against the given stores, with fast timings
     /// for tests; `extra_toml` is appended (mappings, sections).
-    pub fn new(binary: impl Into<PathBuf>, etcd_endpoint: &str, postgres_url: &str, node_id: &str, extra_toml: &str) -> Self {
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        etcd_endpoint: &str,
+        postgres_url: &str,
+        node_id: &str,
+        extra_toml: &str,
+    ) -> Self {
         let toml = format!(
             r#"
 [cluster]
@@ -146,13 +152,21 @@ impl Service {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_exit_status() {
-                anyhow::bail!("{} exited with {status} before ready\n{}", self.node_id, self.log_tail(40));
+                anyhow::bail!(
+                    "{} exited with {status} before ready\n{}",
+                    self.node_id,
+                    self.log_tail(40)
+                );
             }
             if let Ok((200, _)) = crate::http::get(self.http, "/readyz").await {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!("{} not ready after {timeout:?}\n{}", self.node_id, self.log_tail(40));
+                anyhow::bail!(
+                    "{} not ready after {timeout:?}\n{}",
+                    self.node_id,
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -218,7 +232,11 @@ impl Service {
             }
             if tokio::time::Instant::now() >= deadline {
                 self.kill();
-                anyhow::bail!("{} did not exit within {timeout:?} of SIGTERM\n{}", self.node_id, self.log_tail(40));
+                anyhow::bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM\n{}",
+                    self.node_id,
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1,1 +1,38 @@
-pub fn main() {}
+//! The `etcd-pg-sync` binary's library: command line (SPEC 4), the `run`
+//! service (HTTP endpoints, health monitor, election and sync actors), the
+//! operator commands, logging and metrics.
+//!
+//! Errors are typed in the layers below; here, at the edge, they get
+//! context and become exit codes: 0 success, 1 failure (or differences found
+//! by `verify`), 2 invalid configuration or usage.
+
+mod cli;
+mod commands;
+mod http;
+mod logging;
+mod monitor;
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+use eps_core::Config;
+
+pub use cli::Cli;
+
+/// Exit code for an invalid configuration or command line.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &env) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    commands::dispatch(cli.command, config)
+}

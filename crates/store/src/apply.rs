@@ -7,14 +7,16 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text};
 use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use eps_core::ident::Ident;
 use eps_core::mapping::{Mapping, MappingSet};
 use eps_core::model::{KeyMeta, Op, PendingChange};
 use eps_core::policy::Side;
-use eps_core::reconcile::{plan_key, ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext};
+use eps_core::reconcile::{
+    ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext, plan_key,
+};
 
 use crate::error::StoreError;
 use crate::fence::{self, Fence};
@@ -104,11 +106,27 @@ pub async fn apply(
         }
     }
     conn.transaction::<_, StoreError, _>(async |conn| {
-        let pg_now_us = fence::enter(conn, request.fence, request.checkpoint).await?;
+        let pg_now_us = fence::enter(
+            conn,
+            request.fence,
+            request
+                .checkpoint
+                .map_or(fence::Checkpoint::Keep, fence::Checkpoint::Advance),
+        )
+        .await?;
         let observed_at_us = pg_now_us - request.observed_at.elapsed().as_micros() as i64;
         let mut report = ApplyReport::default();
         for (mapping, keys) in &groups {
-            apply_table(conn, schema, mapping, keys, observed_at_us, request, &mut report).await?;
+            apply_table(
+                conn,
+                schema,
+                mapping,
+                keys,
+                observed_at_us,
+                request,
+                &mut report,
+            )
+            .await?;
         }
         Ok(report)
     })
@@ -150,8 +168,9 @@ async fn apply_table(
     .await?;
     let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
     for row in pending_rows {
-        let op = Op::parse(&row.op)
-            .ok_or_else(|| StoreError::Invalid(format!("outbox row {} has op {:?}", row.id, row.op)))?;
+        let op = Op::parse(&row.op).ok_or_else(|| {
+            StoreError::Invalid(format!("outbox row {} has op {:?}", row.id, row.op))
+        })?;
         pending.entry(row.key).or_default().push(PendingChange {
             id: row.id,
             op,
@@ -180,7 +199,9 @@ async fn apply_table(
         })
         .collect();
 
-    insert_history(conn, &plans, request).await.map(|n| report.history_rows += n)?;
+    insert_history(conn, &plans, request)
+        .await
+        .map(|n| report.history_rows += n)?;
     write_mirror(conn, &table, &plans, report).await?;
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, request, report).await?;
@@ -203,7 +224,8 @@ async fn insert_history(
     let revisions: Vec<i64> = rows.iter().map(|(_, h)| h.revision).collect();
     let ops: Vec<&str> = rows.iter().map(|(_, h)| h.op.as_str()).collect();
     let values: Vec<Option<&[u8]>> = rows.iter().map(|(_, h)| h.value.as_deref()).collect();
-    let prev_values: Vec<Option<&[u8]>> = rows.iter().map(|(_, h)| h.prev_value.as_deref()).collect();
+    let prev_values: Vec<Option<&[u8]>> =
+        rows.iter().map(|(_, h)| h.prev_value.as_deref()).collect();
     let create_revisions: Vec<i64> = rows.iter().map(|(_, h)| h.meta.create_revision).collect();
     let versions: Vec<i64> = rows.iter().map(|(_, h)| h.meta.version).collect();
     let leases: Vec<i64> = rows.iter().map(|(_, h)| h.meta.lease).collect();
@@ -331,10 +353,18 @@ async fn update_outbox(
     plans: &[(&[u8], KeyPlan)],
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
-    let consumed: Vec<i64> = plans.iter().flat_map(|(_, p)| p.consumed.iter().copied()).collect();
+    let consumed: Vec<i64> = plans
+        .iter()
+        .flat_map(|(_, p)| p.consumed.iter().copied())
+        .collect();
     let echoes: usize = plans
         .iter()
-        .map(|(_, p)| p.history.iter().filter(|h| h.origin == eps_core::model::Origin::Pg).count())
+        .map(|(_, p)| {
+            p.history
+                .iter()
+                .filter(|h| h.origin == eps_core::model::Origin::Pg)
+                .count()
+        })
         .sum();
     report.echoes += echoes;
     if !consumed.is_empty() {
@@ -343,7 +373,10 @@ async fn update_outbox(
             .execute(conn)
             .await?;
     }
-    let rebased: Vec<(i64, i64)> = plans.iter().flat_map(|(_, p)| p.rebased.iter().copied()).collect();
+    let rebased: Vec<(i64, i64)> = plans
+        .iter()
+        .flat_map(|(_, p)| p.rebased.iter().copied())
+        .collect();
     if !rebased.is_empty() {
         let ids: Vec<i64> = rebased.iter().map(|r| r.0).collect();
         let bases: Vec<i64> = rebased.iter().map(|r| r.1).collect();
@@ -385,9 +418,11 @@ async fn record_conflicts(
                 "etcd_revision": conflict.etcd.revision,
                 "pg_revision": conflict.pg_base_revision,
             });
-            crate::events::record(conn, request.fence, "conflict", request.trace_id, &detail).await?;
+            crate::events::record(conn, request.fence, "conflict", request.trace_id, &detail)
+                .await?;
             if conflict.winner.is_some() {
-                crate::events::record(conn, request.fence, "resolution", request.trace_id, &detail).await?;
+                crate::events::record(conn, request.fence, "resolution", request.trace_id, &detail)
+                    .await?;
             }
             report.conflicts.push(ConflictSummary {
                 id,
@@ -410,7 +445,11 @@ async fn insert_conflict(
     conflict: &ConflictEntry,
     request: &ApplyRequest<'_>,
 ) -> Result<i64, StoreError> {
-    let status = if conflict.winner.is_some() { "resolved" } else { "pending" };
+    let status = if conflict.winner.is_some() {
+        "resolved"
+    } else {
+        "pending"
+    };
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id) \
@@ -444,7 +483,11 @@ async fn insert_conflict(
         .ok_or_else(|| StoreError::Invalid("conflict insert returned no id".into()))
 }
 
-async fn refresh_conflict(conn: &mut AsyncPgConnection, id: i64, side: &EtcdSide) -> Result<(), StoreError> {
+async fn refresh_conflict(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    side: &EtcdSide,
+) -> Result<(), StoreError> {
     diesel::sql_query(
         "UPDATE conflicts SET etcd_value = $2, etcd_revision = $3, \
              etcd_observed_at = to_timestamp($4::float8 / 1000000) \

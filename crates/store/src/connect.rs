@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::ConnectionError;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use eps_core::config::{PostgresConfig, SslMode};
 use eps_core::ident::Ident;
@@ -25,7 +27,9 @@ pub struct Connector {
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").field("schema", &self.schema).finish_non_exhaustive()
+        f.debug_struct("Connector")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +68,8 @@ impl Connector {
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-        let mut connection = AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
+        let mut connection =
+            AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
         connection
             .batch_execute(&format!("SET search_path TO {}", self.schema.quoted()))
             .await

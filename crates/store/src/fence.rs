@@ -3,8 +3,8 @@
 //! until it commits, so a new leader's term bump waits for it and every
 //! later transaction of the old leader fails.
 
-use diesel::sql_types::{BigInt, Text};
 use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::error::StoreError;
@@ -25,25 +25,41 @@ struct FenceRow {
     now_us: i64,
 }
 
+/// What a fenced transaction does to the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    Keep,
+    /// Move it forward to this revision (never back).
+    Advance(i64),
+    /// Set it to exactly this revision (a resync at R).
+    Set(i64),
+}
+
 /// Checks the term, marks the transaction as the service's own (the mirror
-/// triggers skip it) and, with `checkpoint`, advances the applied revision.
-/// Returns PostgreSQL's clock in microseconds since the epoch.
-pub async fn enter(conn: &mut AsyncPgConnection, fence: &Fence, checkpoint: Option<i64>) -> Result<i64, StoreError> {
+/// triggers skip it) and moves the checkpoint as asked. Returns PostgreSQL's
+/// clock in microseconds since the epoch.
+pub async fn enter(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    checkpoint: Checkpoint,
+) -> Result<i64, StoreError> {
+    let advance = |revision, exact: bool| {
+        diesel::sql_query(
+            "UPDATE sync_state \
+             SET applied_revision = CASE WHEN $3 THEN $2 ELSE GREATEST(applied_revision, $2) END, \
+                 applied_at = now() \
+             WHERE id = 1 AND term = $1 \
+             RETURNING set_config('etcd_sync.applying', 'on', true) AS applying, \
+                       (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us",
+        )
+        .bind::<BigInt, _>(fence.term)
+        .bind::<BigInt, _>(revision)
+        .bind::<diesel::sql_types::Bool, _>(exact)
+    };
     let rows: Vec<FenceRow> = match checkpoint {
-        Some(revision) => {
-            diesel::sql_query(
-                "UPDATE sync_state \
-                 SET applied_revision = GREATEST(applied_revision, $2), applied_at = now() \
-                 WHERE id = 1 AND term = $1 \
-                 RETURNING set_config('etcd_sync.applying', 'on', true) AS applying, \
-                           (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us",
-            )
-            .bind::<BigInt, _>(fence.term)
-            .bind::<BigInt, _>(revision)
-            .load(conn)
-            .await?
-        }
-        None => {
+        Checkpoint::Advance(revision) => advance(revision, false).load(conn).await?,
+        Checkpoint::Set(revision) => advance(revision, true).load(conn).await?,
+        Checkpoint::Keep => {
             diesel::sql_query(
                 "SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \
                         (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \

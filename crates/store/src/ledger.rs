@@ -1,8 +1,8 @@
 //! The ledgers operators work with: conflicts (list, resolve) and dead
 //! letters (list, retry), and the counts `status` shows.
 
-use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use eps_core::ident::Ident;
 use eps_core::model::KeyValue;
@@ -51,7 +51,11 @@ const CONFLICT_COLUMNS: &str = "id, mirror_table, key, etcd_value, etcd_revision
      pg_revision, pg_changed_at, policy, winner, status, requested_take, resolved_by, detected_at, resolved_at";
 
 /// Conflicts, newest first; `pending_only` keeps those awaiting an operator.
-pub async fn list_conflicts(conn: &mut AsyncPgConnection, pending_only: bool, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {
+pub async fn list_conflicts(
+    conn: &mut AsyncPgConnection,
+    pending_only: bool,
+    limit: usize,
+) -> Result<Vec<ConflictRow>, StoreError> {
     let rows = diesel::sql_query(format!(
         "SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE ($1 = false OR status = 'pending') ORDER BY id DESC LIMIT $2"
     ))
@@ -62,17 +66,27 @@ pub async fn list_conflicts(conn: &mut AsyncPgConnection, pending_only: bool, li
     Ok(rows)
 }
 
-pub async fn conflict(conn: &mut AsyncPgConnection, id: i64) -> Result<Option<ConflictRow>, StoreError> {
-    let rows: Vec<ConflictRow> = diesel::sql_query(format!("SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE id = $1"))
-        .bind::<BigInt, _>(id)
-        .load(conn)
-        .await?;
+pub async fn conflict(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+) -> Result<Option<ConflictRow>, StoreError> {
+    let rows: Vec<ConflictRow> = diesel::sql_query(format!(
+        "SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE id = $1"
+    ))
+    .bind::<BigInt, _>(id)
+    .load(conn)
+    .await?;
     Ok(rows.into_iter().next())
 }
 
 /// An operator's `conflicts resolve ID --take SIDE`: recorded here, carried
 /// out by the leader's arbiter through the fenced paths.
-pub async fn request_resolution(conn: &mut AsyncPgConnection, schema: &Ident, id: i64, side: Side) -> Result<bool, StoreError> {
+pub async fn request_resolution(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    id: i64,
+    side: Side,
+) -> Result<bool, StoreError> {
     let updated = diesel::sql_query("UPDATE conflicts SET requested_take = $2 WHERE id = $1")
         .bind::<BigInt, _>(id)
         .bind::<Text, _>(side.as_str())
@@ -86,7 +100,9 @@ pub async fn request_resolution(conn: &mut AsyncPgConnection, schema: &Ident, id
 }
 
 /// Conflicts with an operator's request waiting.
-pub async fn requested_resolutions(conn: &mut AsyncPgConnection) -> Result<Vec<ConflictRow>, StoreError> {
+pub async fn requested_resolutions(
+    conn: &mut AsyncPgConnection,
+) -> Result<Vec<ConflictRow>, StoreError> {
     let rows = diesel::sql_query(format!(
         "SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE requested_take IS NOT NULL ORDER BY id"
     ))
@@ -112,12 +128,16 @@ pub async fn execute_resolution(
     take: Side,
     etcd_now: Option<&KeyValue>,
 ) -> Result<(), StoreError> {
-    let table = Ident::parse(&conflict.mirror_table)
-        .map_err(|e| StoreError::Invalid(format!("conflict {} names table {:?}: {e}", conflict.id, conflict.mirror_table)))?;
+    let table = Ident::parse(&conflict.mirror_table).map_err(|e| {
+        StoreError::Invalid(format!(
+            "conflict {} names table {:?}: {e}",
+            conflict.id, conflict.mirror_table
+        ))
+    })?;
     let qualified = format!("{}.{}", schema.quoted(), table.quoted());
     let etcd_revision = etcd_now.map_or(0, |kv| kv.meta.mod_revision);
     conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, None).await?;
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         diesel::sql_query(format!("SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE"))
             .bind::<Bytea, _>(&conflict.key)
             .execute(conn)
@@ -206,7 +226,12 @@ async fn set_mirror_unconditionally(
     Ok(())
 }
 
-async fn set_mirror_meta(conn: &mut AsyncPgConnection, qualified: &str, key: &[u8], state: Option<&KeyValue>) -> Result<(), StoreError> {
+async fn set_mirror_meta(
+    conn: &mut AsyncPgConnection,
+    qualified: &str,
+    key: &[u8],
+    state: Option<&KeyValue>,
+) -> Result<(), StoreError> {
     let meta = state.map(|kv| kv.meta).unwrap_or_default();
     diesel::sql_query(format!(
         "UPDATE {qualified} SET create_revision = $2, mod_revision = $3, version = $4, lease = $5 WHERE key = $1"
@@ -300,7 +325,11 @@ pub struct DeadLetterRow {
 }
 
 /// Dead letters, newest first; by default only those not retried yet.
-pub async fn list_dead_letters(conn: &mut AsyncPgConnection, include_retried: bool, limit: usize) -> Result<Vec<DeadLetterRow>, StoreError> {
+pub async fn list_dead_letters(
+    conn: &mut AsyncPgConnection,
+    include_retried: bool,
+    limit: usize,
+) -> Result<Vec<DeadLetterRow>, StoreError> {
     let rows = diesel::sql_query(
         "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
          FROM dead_letters WHERE ($1 OR retried_at IS NULL) ORDER BY id DESC LIMIT $2",
@@ -314,7 +343,11 @@ pub async fn list_dead_letters(conn: &mut AsyncPgConnection, include_retried: bo
 
 /// `dead-letters retry`: puts the changes back into the outbox, based on the
 /// key's current mirror row, and wakes the poller. `ids == None`: all.
-pub async fn retry_dead_letters(conn: &mut AsyncPgConnection, schema: &Ident, ids: Option<&[i64]>) -> Result<usize, StoreError> {
+pub async fn retry_dead_letters(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    ids: Option<&[i64]>,
+) -> Result<usize, StoreError> {
     let all = ids.is_none();
     let ids: Vec<i64> = ids.map(<[i64]>::to_vec).unwrap_or_default();
     conn.transaction::<_, StoreError, _>(async |conn| {

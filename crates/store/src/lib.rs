@@ -13,6 +13,7 @@ pub mod fence;
 pub mod ledger;
 pub mod migrate;
 pub mod mirror;
+pub mod notify;
 pub mod outbox;
 pub mod schema;
 pub mod state;
@@ -110,8 +111,24 @@ impl Store {
     pub async fn advance_checkpoint(&self, fence: &Fence, revision: i64) -> Result<(), StoreError> {
         use diesel_async::AsyncConnection;
         let mut conn = self.pool.get().await?;
-        conn.transaction::<_, StoreError, _>(async |conn| fence::enter(conn, fence, Some(revision)).await.map(|_| ()))
-            .await
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::Advance(revision))
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Sets the checkpoint to exactly `revision` (the end of a resync).
+    pub async fn set_checkpoint(&self, fence: &Fence, revision: i64) -> Result<(), StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::Set(revision))
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     /// Records an audit event in its own (fenced) transaction.
@@ -125,7 +142,7 @@ impl Store {
         use diesel_async::AsyncConnection;
         let mut conn = self.pool.get().await?;
         conn.transaction::<_, StoreError, _>(async |conn| {
-            fence::enter(conn, fence, None).await?;
+            fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
             events::record(conn, fence, kind, trace_id, detail).await
         })
         .await
@@ -141,7 +158,12 @@ impl Store {
         outbox::consume(&mut conn, fence, ids).await
     }
 
-    pub async fn record_attempt(&self, fence: &Fence, id: i64, error: &str) -> Result<i32, StoreError> {
+    pub async fn record_attempt(
+        &self,
+        fence: &Fence,
+        id: i64,
+        error: &str,
+    ) -> Result<i32, StoreError> {
         let mut conn = self.pool.get().await?;
         outbox::record_attempt(&mut conn, fence, id, error).await
     }
@@ -168,7 +190,40 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<mirror::MirrorRow>, StoreError> {
         let mut conn = self.pool.get().await?;
-        mirror::page(&mut conn, self.connector.schema(), table, start, end, after, limit).await
+        mirror::page(
+            &mut conn,
+            self.connector.schema(),
+            table,
+            start,
+            end,
+            after,
+            limit,
+        )
+        .await
+    }
+
+    pub async fn requested_resolutions(&self) -> Result<Vec<ledger::ConflictRow>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::requested_resolutions(&mut conn).await
+    }
+
+    pub async fn execute_resolution(
+        &self,
+        fence: &Fence,
+        conflict: &ledger::ConflictRow,
+        take: eps_core::policy::Side,
+        etcd_now: Option<&eps_core::model::KeyValue>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::execute_resolution(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            conflict,
+            take,
+            etcd_now,
+        )
+        .await
     }
 
     pub async fn counts(&self) -> Result<ledger::Counts, StoreError> {

@@ -4,7 +4,7 @@
 
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use eps_core::ident::Ident;
 
 use crate::connect::Connector;
@@ -20,7 +20,10 @@ pub struct MigrationReport {
 }
 
 /// Applies pending migrations and ensures the mirror tables. Idempotent.
-pub async fn migrate(connector: &Connector, tables: &[Ident]) -> Result<MigrationReport, StoreError> {
+pub async fn migrate(
+    connector: &Connector,
+    tables: &[Ident],
+) -> Result<MigrationReport, StoreError> {
     let schema = connector.schema().clone();
     let mut conn = connector
         .connect()
@@ -40,7 +43,8 @@ pub async fn migrate(connector: &Connector, tables: &[Ident]) -> Result<Migratio
     // diesel's migration harness is synchronous: run it on a blocking thread
     // through the async connection wrapper (DEPENDENCIES pitfall 2).
     let (conn, applied) = tokio::task::spawn_blocking(move || {
-        let mut wrapper: AsyncConnectionWrapper<AsyncPgConnection> = AsyncConnectionWrapper::from(conn);
+        let mut wrapper: AsyncConnectionWrapper<AsyncPgConnection> =
+            AsyncConnectionWrapper::from(conn);
         let applied = wrapper
             .run_pending_migrations(MIGRATIONS)
             .map(|versions| versions.iter().map(ToString::to_string).collect::<Vec<_>>())

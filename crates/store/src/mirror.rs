@@ -1,7 +1,7 @@
 //! Reading mirror tables in key order (resync, verify).
 
-use diesel::sql_types::{BigInt, Bytea};
 use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Bytea};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use eps_core::ident::Ident;
 

@@ -1,7 +1,7 @@
 //! The outbox as the PostgreSQL → etcd poller sees it.
 
-use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text};
 use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use eps_core::model::Op;
 
@@ -32,7 +32,9 @@ pub struct OutboxRow {
 
 impl OutboxRow {
     pub fn op(&self) -> Result<Op, StoreError> {
-        Op::parse(&self.op).ok_or_else(|| StoreError::Invalid(format!("outbox row {} has op {:?}", self.id, self.op)))
+        Op::parse(&self.op).ok_or_else(|| {
+            StoreError::Invalid(format!("outbox row {} has op {:?}", self.id, self.op))
+        })
     }
 }
 
@@ -42,6 +44,7 @@ pub enum DeadLetterKind {
     TooLarge,
     Unmapped,
     ReadOnlyMapping,
+    Invalid,
     RetriesExhausted,
 }
 
@@ -51,6 +54,7 @@ impl DeadLetterKind {
             DeadLetterKind::TooLarge => "too-large",
             DeadLetterKind::Unmapped => "unmapped",
             DeadLetterKind::ReadOnlyMapping => "read-only-mapping",
+            DeadLetterKind::Invalid => "invalid",
             DeadLetterKind::RetriesExhausted => "retries-exhausted",
         }
     }
@@ -58,7 +62,10 @@ impl DeadLetterKind {
 
 /// The oldest pending changes, in commit order per key, leaving out keys
 /// parked behind a pending `manual` conflict.
-pub async fn pending(conn: &mut AsyncPgConnection, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+pub async fn pending(
+    conn: &mut AsyncPgConnection,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, StoreError> {
     let rows = diesel::sql_query(
         "SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
                 (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us \
@@ -74,7 +81,11 @@ pub async fn pending(conn: &mut AsyncPgConnection, limit: usize) -> Result<Vec<O
 }
 
 /// The pending changes of one key, in order.
-pub async fn pending_for_key(conn: &mut AsyncPgConnection, table: &str, key: &[u8]) -> Result<Vec<OutboxRow>, StoreError> {
+pub async fn pending_for_key(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    key: &[u8],
+) -> Result<Vec<OutboxRow>, StoreError> {
     let rows = diesel::sql_query(
         "SELECT id, mirror_table, key, op, value, base_revision, attempts, \
                 (extract(epoch FROM created_at) * 1000000)::int8 AS created_at_us \
@@ -89,9 +100,13 @@ pub async fn pending_for_key(conn: &mut AsyncPgConnection, table: &str, key: &[u
 
 /// Removes changes that took effect without an etcd event (deleting a key
 /// that was already absent).
-pub async fn consume(conn: &mut AsyncPgConnection, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+pub async fn consume(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    ids: &[i64],
+) -> Result<(), StoreError> {
     conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, None).await?;
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind::<Array<BigInt>, _>(ids)
             .execute(conn)
@@ -102,14 +117,19 @@ pub async fn consume(conn: &mut AsyncPgConnection, fence: &Fence, ids: &[i64]) -
 }
 
 /// Counts a failed attempt on a change.
-pub async fn record_attempt(conn: &mut AsyncPgConnection, fence: &Fence, id: i64, error: &str) -> Result<i32, StoreError> {
+pub async fn record_attempt(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    id: i64,
+    error: &str,
+) -> Result<i32, StoreError> {
     #[derive(QueryableByName)]
     struct Attempts {
         #[diesel(sql_type = Integer)]
         attempts: i32,
     }
     conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, None).await?;
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let rows: Vec<Attempts> =
             diesel::sql_query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1 RETURNING attempts")
                 .bind::<BigInt, _>(id)
@@ -137,7 +157,7 @@ pub async fn dead_letter(
         id: i64,
     }
     conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, None).await?;
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let deleted = diesel::sql_query("DELETE FROM outbox WHERE id = $1")
             .bind::<BigInt, _>(row.id)
             .execute(conn)

@@ -31,8 +31,6 @@ diesel::table! {
     }
 }
 
-
-
 diesel::table! {
     sync_events (id) {
         id -> BigInt,

@@ -15,7 +15,12 @@ pub struct SyncState {
 }
 
 pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
-    let row: Option<(i64, Option<String>, i64, Option<chrono::DateTime<chrono::Utc>>)> = sync_state::table
+    let row: Option<(
+        i64,
+        Option<String>,
+        i64,
+        Option<chrono::DateTime<chrono::Utc>>,
+    )> = sync_state::table
         .filter(sync_state::id.eq(1))
         .select((
             sync_state::term,
@@ -26,8 +31,9 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         .first(conn)
         .await
         .optional()?;
-    let (term, leader_node, applied_revision, applied_at) =
-        row.ok_or_else(|| StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into()))?;
+    let (term, leader_node, applied_revision, applied_at) = row.ok_or_else(|| {
+        StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into())
+    })?;
     Ok(SyncState {
         term,
         leader_node,
@@ -39,14 +45,22 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
 /// Makes `term` the current one if it is newer than the stored term. Waits
 /// for the old leader's open transactions (they hold the row lock); returns
 /// false when a newer term is already stored.
-pub async fn claim_term(conn: &mut AsyncPgConnection, term: i64, node: &str) -> Result<bool, StoreError> {
-    let updated = diesel::update(sync_state::table.filter(sync_state::id.eq(1)).filter(sync_state::term.lt(term)))
-        .set((
-            sync_state::term.eq(term),
-            sync_state::leader_node.eq(node),
-            sync_state::leader_since.eq(diesel::dsl::now),
-        ))
-        .execute(conn)
-        .await?;
+pub async fn claim_term(
+    conn: &mut AsyncPgConnection,
+    term: i64,
+    node: &str,
+) -> Result<bool, StoreError> {
+    let updated = diesel::update(
+        sync_state::table
+            .filter(sync_state::id.eq(1))
+            .filter(sync_state::term.lt(term)),
+    )
+    .set((
+        sync_state::term.eq(term),
+        sync_state::leader_node.eq(node),
+        sync_state::leader_since.eq(diesel::dsl::now),
+    ))
+    .execute(conn)
+    .await?;
     Ok(updated == 1)
 }

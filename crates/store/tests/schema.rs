@@ -14,7 +14,10 @@ async fn store_with(toml_extra: &str) -> anyhow::Result<(Store, eps_harness::Tes
     let db = Postgres::fresh_database().await?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("c.toml");
-    std::fs::write(&path, format!("[postgres]\nurl = \"{}\"\n{toml_extra}", db.url()))?;
+    std::fs::write(
+        &path,
+        format!("[postgres]\nurl = \"{}\"\n{toml_extra}", db.url()),
+    )?;
     let config = Config::load(Some(&path), &HashMap::new())?;
     let store = Store::new(&config).await?;
     Ok((store, db))
@@ -50,9 +53,20 @@ async fn migrations_apply_on_an_empty_database_and_again_as_a_no_op() -> anyhow:
     assert_eq!(first.applied.len(), 1);
     assert_eq!(first.mirror_tables, vec!["kv"]);
     let second = store.migrate().await?;
-    assert!(second.applied.is_empty(), "second run applies nothing: {second:?}");
+    assert!(
+        second.applied.is_empty(),
+        "second run applies nothing: {second:?}"
+    );
     let client = db.client().await?;
-    for table in ["kv", "history", "outbox", "conflicts", "dead_letters", "sync_events", "sync_state"] {
+    for table in [
+        "kv",
+        "history",
+        "outbox",
+        "conflicts",
+        "dead_letters",
+        "sync_events",
+        "sync_state",
+    ] {
         let n = count(
             &client,
             &format!("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'etcd_sync' AND table_name = '{table}'"),
@@ -79,16 +93,32 @@ async fn user_writes_fill_the_outbox_and_service_writes_do_not() -> anyhow::Resu
     store.migrate().await?;
     let client = db.client().await?;
     client.batch_execute("SET search_path TO etcd_sync").await?;
-    client.execute("INSERT INTO kv (key, value) VALUES ('\\x6b31'::bytea, 'v1')", &[]).await?;
-    client.execute("UPDATE kv SET value = 'v2' WHERE key = 'k1'", &[]).await?;
-    client.execute("UPDATE kv SET value = 'v2' WHERE key = 'k1'", &[]).await?; // no change
-    client.execute("INSERT INTO kv (key, value) VALUES ('k2', 'x') ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", &[]).await?;
-    client.execute("DELETE FROM kv WHERE key = 'k2'", &[]).await?;
-    let rows = client
-        .query("SELECT key, op, value, base_revision FROM outbox ORDER BY id", &[])
+    client
+        .execute(
+            "INSERT INTO kv (key, value) VALUES ('\\x6b31'::bytea, 'v1')",
+            &[],
+        )
         .await?;
-    let seen: Vec<(Vec<u8>, String, Option<Vec<u8>>, i64)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    client
+        .execute("UPDATE kv SET value = 'v2' WHERE key = 'k1'", &[])
+        .await?;
+    client
+        .execute("UPDATE kv SET value = 'v2' WHERE key = 'k1'", &[])
+        .await?; // no change
+    client.execute("INSERT INTO kv (key, value) VALUES ('k2', 'x') ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", &[]).await?;
+    client
+        .execute("DELETE FROM kv WHERE key = 'k2'", &[])
+        .await?;
+    let rows = client
+        .query(
+            "SELECT key, op, value, base_revision FROM outbox ORDER BY id",
+            &[],
+        )
+        .await?;
+    let seen: Vec<(Vec<u8>, String, Option<Vec<u8>>, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     assert_eq!(
         seen,
         vec![
@@ -127,16 +157,33 @@ async fn user_updates_keep_the_etcd_metadata_as_base() -> anyhow::Result<()> {
         )
         .await?;
     // A user trying to change the metadata does not move the compare base.
-    client.execute("UPDATE kv SET value = 'mine', mod_revision = 1000 WHERE key = 'k'", &[]).await?;
-    let row = client.query_one("SELECT mod_revision, origin FROM kv WHERE key = 'k'", &[]).await?;
+    client
+        .execute(
+            "UPDATE kv SET value = 'mine', mod_revision = 1000 WHERE key = 'k'",
+            &[],
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT mod_revision, origin FROM kv WHERE key = 'k'", &[])
+        .await?;
     assert_eq!(row.get::<_, i64>(0), 9);
     assert_eq!(row.get::<_, String>(1), "pg");
-    let base: i64 = client.query_one("SELECT base_revision FROM outbox", &[]).await?.get(0);
+    let base: i64 = client
+        .query_one("SELECT base_revision FROM outbox", &[])
+        .await?
+        .get(0);
     assert_eq!(base, 9);
     // Renaming a key is a delete of the old key and a put of the new one.
-    client.execute("UPDATE kv SET key = 'k-renamed' WHERE key = 'k'", &[]).await?;
-    let rows = client.query("SELECT key, op, base_revision FROM outbox ORDER BY id", &[]).await?;
-    let ops: Vec<(Vec<u8>, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    client
+        .execute("UPDATE kv SET key = 'k-renamed' WHERE key = 'k'", &[])
+        .await?;
+    let rows = client
+        .query("SELECT key, op, base_revision FROM outbox ORDER BY id", &[])
+        .await?;
+    let ops: Vec<(Vec<u8>, String, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(ops[1], (b"k".to_vec(), "delete".into(), 9));
     assert_eq!(ops[2], (b"k-renamed".to_vec(), "put".into(), 0));
     Ok(())
@@ -148,20 +195,48 @@ async fn the_text_view_reads_and_writes_utf8_data() -> anyhow::Result<()> {
     store.migrate().await?;
     let client = db.client().await?;
     client.batch_execute("SET search_path TO etcd_sync").await?;
-    client.execute("INSERT INTO kv_text (key, value) VALUES ('/app/greeting', 'héllo')", &[]).await?;
-    client.execute("UPDATE kv_text SET value = 'hallo' WHERE key = '/app/greeting'", &[]).await?;
-    let raw: Vec<u8> = client.query_one("SELECT value FROM kv WHERE key = '/app/greeting'", &[]).await?.get(0);
+    client
+        .execute(
+            "INSERT INTO kv_text (key, value) VALUES ('/app/greeting', 'héllo')",
+            &[],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE kv_text SET value = 'hallo' WHERE key = '/app/greeting'",
+            &[],
+        )
+        .await?;
+    let raw: Vec<u8> = client
+        .query_one("SELECT value FROM kv WHERE key = '/app/greeting'", &[])
+        .await?
+        .get(0);
     assert_eq!(raw, b"hallo");
     // Binary data shows as NULL in the text view, without failing the query.
-    client.execute("INSERT INTO kv (key, value) VALUES ('\\x00ff'::bytea, '\\xfffe00'::bytea)", &[]).await?;
-    let rows = client.query("SELECT key, value FROM kv_text ORDER BY key NULLS FIRST", &[]).await?;
+    client
+        .execute(
+            "INSERT INTO kv (key, value) VALUES ('\\x00ff'::bytea, '\\xfffe00'::bytea)",
+            &[],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT key, value FROM kv_text ORDER BY key NULLS FIRST",
+            &[],
+        )
+        .await?;
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, Option<String>>(0), None);
     assert_eq!(rows[0].get::<_, Option<String>>(1), None);
-    client.execute("DELETE FROM kv_text WHERE key = '/app/greeting'", &[]).await?;
+    client
+        .execute("DELETE FROM kv_text WHERE key = '/app/greeting'", &[])
+        .await?;
     assert_eq!(count(&client, "SELECT count(*) FROM kv").await, 1);
     let ops = count(&client, "SELECT count(*) FROM outbox").await;
-    assert_eq!(ops, 4, "insert, update, binary insert and delete all reach the outbox");
+    assert_eq!(
+        ops, 4,
+        "insert, update, binary insert and delete all reach the outbox"
+    );
     Ok(())
 }
 
@@ -170,31 +245,70 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
     let (store, db) = store_with("").await?;
     store.migrate().await?;
     assert!(store.claim_term(5, "n1").await?);
-    let fence = Fence { term: 5, node: "n1".into() };
+    let fence = Fence {
+        term: 5,
+        node: "n1".into(),
+    };
     let binary_value = vec![0u8, 0xff, 0xfe, 0x00, b'x'];
     let keys = vec![
-        KeyInputs { key: b"a".to_vec(), inputs: vec![put("a", b"1", 10, None), put("a", b"2", 11, Some((10, b"1")))] },
-        KeyInputs { key: b"b".to_vec(), inputs: vec![put("b", &binary_value, 11, None)] },
+        KeyInputs {
+            key: b"a".to_vec(),
+            inputs: vec![
+                put("a", b"1", 10, None),
+                put("a", b"2", 11, Some((10, b"1"))),
+            ],
+        },
+        KeyInputs {
+            key: b"b".to_vec(),
+            inputs: vec![put("b", &binary_value, 11, None)],
+        },
     ];
     let report = store
-        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: Some("t1"), keys: &keys, record_history: true })
+        .apply(&ApplyRequest {
+            fence: &fence,
+            checkpoint: Some(11),
+            observed_at: Instant::now(),
+            trace_id: Some("t1"),
+            keys: &keys,
+            record_history: true,
+        })
         .await?;
     assert_eq!(report.history_rows, 3);
     assert_eq!(report.mirror_upserts, 2);
     let client = db.client().await?;
     client.batch_execute("SET search_path TO etcd_sync").await?;
-    let value: Vec<u8> = client.query_one("SELECT value FROM kv WHERE key = 'b'", &[]).await?.get(0);
+    let value: Vec<u8> = client
+        .query_one("SELECT value FROM kv WHERE key = 'b'", &[])
+        .await?
+        .get(0);
     assert_eq!(value, binary_value);
     assert_eq!(store.state().await?.applied_revision, 11);
-    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0, "the service's writes are not echoed");
-    let at_10: Option<Vec<u8>> = client.query_one("SELECT value_at('a', 10)", &[]).await?.get(0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        0,
+        "the service's writes are not echoed"
+    );
+    let at_10: Option<Vec<u8>> = client
+        .query_one("SELECT value_at('a', 10)", &[])
+        .await?
+        .get(0);
     assert_eq!(at_10.as_deref(), Some(&b"1"[..]));
-    let at_9: Option<Vec<u8>> = client.query_one("SELECT value_at('a', 9)", &[]).await?.get(0);
+    let at_9: Option<Vec<u8>> = client
+        .query_one("SELECT value_at('a', 9)", &[])
+        .await?
+        .get(0);
     assert_eq!(at_9, None);
 
     // Replaying the same batch changes nothing (idempotent by revision).
     let report = store
-        .apply(&ApplyRequest { fence: &fence, checkpoint: Some(11), observed_at: Instant::now(), trace_id: None, keys: &keys, record_history: true })
+        .apply(&ApplyRequest {
+            fence: &fence,
+            checkpoint: Some(11),
+            observed_at: Instant::now(),
+            trace_id: None,
+            keys: &keys,
+            record_history: true,
+        })
         .await?;
     assert_eq!(report.history_rows, 0);
     assert_eq!(report.mirror_upserts, 0);
@@ -206,14 +320,20 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         checkpoint: Some(12),
         observed_at: Instant::now(),
         trace_id: None,
-        keys: &[KeyInputs { key: b"c".to_vec(), inputs: vec![put("c", b"x", 12, None)] }],
+        keys: &[KeyInputs {
+            key: b"c".to_vec(),
+            inputs: vec![put("c", b"x", 12, None)],
+        }],
         record_history: true,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}
         other => panic!("expected fenced, got {other:?}"),
     }
-    assert_eq!(count(&client, "SELECT count(*) FROM kv WHERE key = 'c'").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM kv WHERE key = 'c'").await,
+        0
+    );
     assert_eq!(store.state().await?.applied_revision, 11);
     assert!(!store.claim_term(6, "n3").await?, "a term is claimed once");
     Ok(())

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::INTERNAL_PREFIX;
 use crate::backoff::Backoff;
 use crate::ident::{Ident, RESERVED_TABLES};
-use crate::mapping::{prefixes_overlap, Direction, Mapping, MappingSet, Policy};
-use crate::INTERNAL_PREFIX;
+use crate::mapping::{Direction, Mapping, MappingSet, Policy, prefixes_overlap};
 
 /// Environment variable prefix; sections and keys are separated by `__`.
 pub const ENV_PREFIX: &str = "ETCD_PG_SYNC";
@@ -614,7 +614,10 @@ impl Config {
 
         let pg = &self.postgres;
         let url = url::Url::parse(&pg.url).map_err(|e| {
-            ConfigError::invalid("postgres.url", format!("{}: {e}", self.postgres_url_redacted()))
+            ConfigError::invalid(
+                "postgres.url",
+                format!("{}: {e}", self.postgres_url_redacted()),
+            )
         })?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(ConfigError::invalid(
@@ -630,7 +633,8 @@ impl Config {
             ));
         }
         positive("postgres.connect_timeout_ms", pg.connect_timeout_ms)?;
-        if matches!(pg.tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) && pg.tls.ca_file.is_none()
+        if matches!(pg.tls.mode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && pg.tls.ca_file.is_none()
         {
             return Err(ConfigError::invalid(
                 "postgres.tls.ca_file",
@@ -675,10 +679,9 @@ impl Config {
         }
         positive("retry.max_attempts", retry.max_attempts as u64)?;
 
-        self.http
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| ConfigError::invalid("http.listen", format!("{:?}: {e}", self.http.listen)))?;
+        self.http.listen.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid("http.listen", format!("{:?}: {e}", self.http.listen))
+        })?;
 
         if let Some(endpoint) = &self.telemetry.otlp_endpoint {
             url::Url::parse(endpoint).map_err(|e| {
@@ -703,7 +706,9 @@ impl Config {
         for (i, raw) in self.mappings.iter().enumerate() {
             let key = |field: &str| format!("mappings[{i}].{field}");
             let prefix = raw.prefix.as_bytes().to_vec();
-            if prefix.starts_with(INTERNAL_PREFIX) || INTERNAL_PREFIX.starts_with(&prefix) && !prefix.is_empty() {
+            if prefix.starts_with(INTERNAL_PREFIX)
+                || INTERNAL_PREFIX.starts_with(&prefix) && !prefix.is_empty()
+            {
                 return Err(ConfigError::invalid(
                     key("prefix"),
                     format!(
@@ -713,7 +718,8 @@ impl Config {
                     ),
                 ));
             }
-            let table = Ident::parse(&raw.table).map_err(|m| ConfigError::invalid(key("table"), m))?;
+            let table =
+                Ident::parse(&raw.table).map_err(|m| ConfigError::invalid(key("table"), m))?;
             if RESERVED_TABLES.contains(&table.as_str()) || table.as_str().ends_with("_text") {
                 return Err(ConfigError::invalid(
                     key("table"),
@@ -727,7 +733,9 @@ impl Config {
                 other => {
                     return Err(ConfigError::invalid(
                         key("direction"),
-                        format!("unknown direction {other:?}, expected both, etcd-to-pg or pg-to-etcd"),
+                        format!(
+                            "unknown direction {other:?}, expected both, etcd-to-pg or pg-to-etcd"
+                        ),
                     ));
                 }
             };

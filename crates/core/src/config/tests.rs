@@ -60,8 +60,14 @@ fn environment_overrides_the_file() {
     )
     .unwrap();
     assert_eq!(config.cluster.name, "from-env");
-    assert_eq!(config.cluster.lease_ttl_secs, 7, "file value kept where env is silent");
-    assert_eq!(config.etcd.endpoints, vec!["http://a:2379", "http://b:2379"]);
+    assert_eq!(
+        config.cluster.lease_ttl_secs, 7,
+        "file value kept where env is silent"
+    );
+    assert_eq!(
+        config.etcd.endpoints,
+        vec!["http://a:2379", "http://b:2379"]
+    );
     assert_eq!(config.postgres.pool_size, 12);
     assert!(!config.sync.listen_notify);
 }
@@ -102,33 +108,125 @@ fn overlapping_prefixes_name_the_mapping() {
 #[test]
 fn every_validation_error_names_its_key() {
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\npolicy = \"loudest-wins\"\n", &[], "mappings[0].policy"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\ndirection = \"sideways\"\n", &[], "mappings[0].direction"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"Robert'); DROP TABLE x;--\"\n", &[], "mappings[0].table"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"outbox\"\n", &[], "mappings[0].table"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"t\"\n[[mappings]]\nprefix = \"/b/\"\ntable = \"t\"\n", &[], "mappings[1].table"),
-        ("[[mappings]]\nprefix = \"__etcd_pg_sync/x\"\ntable = \"t\"\n", &[], "mappings[0].prefix"),
-        ("", &[("ETCD_PG_SYNC__POSTGRES__URL", "not a url")], "postgres.url"),
-        ("", &[("ETCD_PG_SYNC__POSTGRES__URL", "mysql://h/db")], "postgres.url"),
-        ("", &[("ETCD_PG_SYNC__POSTGRES__SCHEMA", "bad-schema")], "postgres.schema"),
-        ("", &[("ETCD_PG_SYNC__POSTGRES__POOL_SIZE", "1")], "postgres.pool_size"),
-        ("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "ftp://x")], "etcd.endpoints[0]"),
-        ("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://ok:1,nonsense")], "etcd.endpoints[1]"),
-        ("", &[("ETCD_PG_SYNC__CLUSTER__NAME", "a b")], "cluster.name"),
-        ("", &[("ETCD_PG_SYNC__CLUSTER__LEASE_TTL_SECS", "1")], "cluster.lease_ttl_secs"),
-        ("", &[("ETCD_PG_SYNC__HTTP__LISTEN", "localhost")], "http.listen"),
-        ("", &[("ETCD_PG_SYNC__RETRY__MULTIPLIER", "0.5")], "retry.multiplier"),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\npolicy = \"loudest-wins\"\n",
+            &[],
+            "mappings[0].policy",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\ndirection = \"sideways\"\n",
+            &[],
+            "mappings[0].direction",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"Robert'); DROP TABLE x;--\"\n",
+            &[],
+            "mappings[0].table",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"outbox\"\n",
+            &[],
+            "mappings[0].table",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"t\"\n[[mappings]]\nprefix = \"/b/\"\ntable = \"t\"\n",
+            &[],
+            "mappings[1].table",
+        ),
+        (
+            "[[mappings]]\nprefix = \"__etcd_pg_sync/x\"\ntable = \"t\"\n",
+            &[],
+            "mappings[0].prefix",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__POSTGRES__URL", "not a url")],
+            "postgres.url",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__POSTGRES__URL", "mysql://h/db")],
+            "postgres.url",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__POSTGRES__SCHEMA", "bad-schema")],
+            "postgres.schema",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__POSTGRES__POOL_SIZE", "1")],
+            "postgres.pool_size",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "ftp://x")],
+            "etcd.endpoints[0]",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://ok:1,nonsense")],
+            "etcd.endpoints[1]",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__CLUSTER__NAME", "a b")],
+            "cluster.name",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__CLUSTER__LEASE_TTL_SECS", "1")],
+            "cluster.lease_ttl_secs",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__HTTP__LISTEN", "localhost")],
+            "http.listen",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__RETRY__MULTIPLIER", "0.5")],
+            "retry.multiplier",
+        ),
         ("", &[("ETCD_PG_SYNC__RETRY__MAX_MS", "10")], "retry.max_ms"),
-        ("", &[("ETCD_PG_SYNC__RETRY__MAX_ATTEMPTS", "0")], "retry.max_attempts"),
-        ("", &[("ETCD_PG_SYNC__SYNC__BATCH_SIZE", "0")], "sync.batch_size"),
-        ("", &[("ETCD_PG_SYNC__ETCD__PASSWORD", "x")], "etcd.username"),
-        ("", &[("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "1")], "etcd.max_txn_ops"),
-        ("[postgres.tls]\nmode = \"verify-full\"\n", &[], "postgres.tls.ca_file"),
+        (
+            "",
+            &[("ETCD_PG_SYNC__RETRY__MAX_ATTEMPTS", "0")],
+            "retry.max_attempts",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__SYNC__BATCH_SIZE", "0")],
+            "sync.batch_size",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__ETCD__PASSWORD", "x")],
+            "etcd.username",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "1")],
+            "etcd.max_txn_ops",
+        ),
+        (
+            "[postgres.tls]\nmode = \"verify-full\"\n",
+            &[],
+            "postgres.tls.ca_file",
+        ),
         ("[etcd.tls]\ncert_file = \"/x\"\n", &[], "etcd.tls.key_file"),
-        ("[postgres]\npassword_file = \"/nonexistent/secret\"\n", &[], "postgres.password_file"),
+        (
+            "[postgres]\npassword_file = \"/nonexistent/secret\"\n",
+            &[],
+            "postgres.password_file",
+        ),
     ];
     for (content, pairs, key) in cases {
-        assert_eq!(&invalid_key(load_str(content, pairs)), key, "config {content:?} env {pairs:?}");
+        assert_eq!(
+            &invalid_key(load_str(content, pairs)),
+            key,
+            "config {content:?} env {pairs:?}"
+        );
     }
 }
 
@@ -137,10 +235,17 @@ fn parse_errors_name_the_key() {
     let unknown = load_str("[cluster]\nnmae = \"typo\"\n", &[]).unwrap_err();
     assert!(unknown.to_string().contains("nmae"), "{unknown}");
     let wrong_type = load_str("[cluster]\nlease_ttl_secs = \"soon\"\n", &[]).unwrap_err();
-    assert!(wrong_type.to_string().contains("lease_ttl_secs"), "{wrong_type}");
+    assert!(
+        wrong_type.to_string().contains("lease_ttl_secs"),
+        "{wrong_type}"
+    );
     let bad_toml = load_str("[cluster\n", &[]).unwrap_err();
     assert!(matches!(bad_toml, ConfigError::Parse(_)));
-    let missing = Config::load(Some(std::path::Path::new("/nonexistent.toml")), &HashMap::new()).unwrap_err();
+    let missing = Config::load(
+        Some(std::path::Path::new("/nonexistent.toml")),
+        &HashMap::new(),
+    )
+    .unwrap_err();
     assert!(missing.to_string().contains("/nonexistent.toml"));
 }
 
@@ -156,22 +261,37 @@ fn secrets_come_from_files_and_are_redacted() {
         &[],
     )
     .unwrap();
-    assert_eq!(config.postgres.password.as_ref().unwrap().expose(), "s3cr3t-pg");
+    assert_eq!(
+        config.postgres.password.as_ref().unwrap().expose(),
+        "s3cr3t-pg"
+    );
     assert_eq!(config.etcd.password.as_ref().unwrap().expose(), "etcd-pass");
     let shown = config.to_redacted_toml();
     let debug = format!("{config:?}");
     for secret in ["s3cr3t-pg", "etcd-pass", "inline-pass"] {
-        assert!(!shown.contains(secret), "check-config output leaks {secret}:\n{shown}");
+        assert!(
+            !shown.contains(secret),
+            "check-config output leaks {secret}:\n{shown}"
+        );
         if secret != "inline-pass" {
             assert!(!debug.contains(secret), "Debug leaks {secret}");
         }
     }
-    assert!(shown.contains("postgres://app:REDACTED@db:5432/x"), "{shown}");
+    assert!(
+        shown.contains("postgres://app:REDACTED@db:5432/x"),
+        "{shown}"
+    );
 }
 
 #[test]
 fn redact_url_hides_only_the_password() {
-    assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:REDACTED@h/db");
+    assert_eq!(
+        redact_url("postgres://u:p@h/db"),
+        "postgres://u:REDACTED@h/db"
+    );
     assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-    assert_eq!(redact_url("postgres://u:p@[bad/db"), "postgres://<redacted>");
+    assert_eq!(
+        redact_url("postgres://u:p@[bad/db"),
+        "postgres://<redacted>"
+    );
 }

@@ -19,7 +19,7 @@
 
 use crate::mapping::{Direction, Policy};
 use crate::model::{EtcdEvent, KeyMeta, KeyValue, Op, Origin, PendingChange};
-use crate::policy::{decide, Decision, Side};
+use crate::policy::{Decision, Side, decide};
 
 /// An etcd input for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,9 @@ impl KeyInput {
     fn revision(&self) -> i64 {
         match self {
             KeyInput::Event(e) => e.revision,
-            KeyInput::Observed { state: Some(kv), .. } => kv.meta.mod_revision,
+            KeyInput::Observed {
+                state: Some(kv), ..
+            } => kv.meta.mod_revision,
             KeyInput::Observed { revision, .. } => *revision,
         }
     }
@@ -56,7 +58,9 @@ impl KeyInput {
     fn meta(&self) -> KeyMeta {
         match self {
             KeyInput::Event(e) if e.op == Op::Put => e.meta,
-            KeyInput::Observed { state: Some(kv), .. } => kv.meta,
+            KeyInput::Observed {
+                state: Some(kv), ..
+            } => kv.meta,
             _ => KeyMeta::default(),
         }
     }
@@ -151,7 +155,11 @@ pub struct PlanContext {
 /// Plans one key. `pending` is in outbox id order, `inputs` in revision order.
 pub fn plan_key(ctx: PlanContext, pending: &[PendingChange], inputs: &[KeyInput]) -> KeyPlan {
     debug_assert!(pending.windows(2).all(|w| w[0].id < w[1].id));
-    debug_assert!(inputs.windows(2).all(|w| w[0].revision() <= w[1].revision()));
+    debug_assert!(
+        inputs
+            .windows(2)
+            .all(|w| w[0].revision() <= w[1].revision())
+    );
     let mut planner = Planner {
         ctx,
         // An etcd-to-pg mapping never propagates local changes: they are
@@ -224,7 +232,9 @@ impl Planner {
             // A resync found etcd already holding the final local state (the
             // writes landed, their echoes were lost to compaction).
             self.record_history(input, Origin::Pg);
-            self.plan.consumed.extend(self.pending.drain(..).map(|p| p.id));
+            self.plan
+                .consumed
+                .extend(self.pending.drain(..).map(|p| p.id));
             self.set_mirror_to(input, Origin::Pg);
             return;
         }
@@ -257,8 +267,14 @@ impl Planner {
 
     fn conflict(&mut self, input: &KeyInput) {
         self.record_history(input, default_origin(input));
-        let last = self.pending.last().expect("conflict needs a pending change");
-        let first = self.pending.first().expect("conflict needs a pending change");
+        let last = self
+            .pending
+            .last()
+            .expect("conflict needs a pending change");
+        let first = self
+            .pending
+            .first()
+            .expect("conflict needs a pending change");
         let decision = decide(self.ctx.policy, last.changed_at_us, self.ctx.observed_at_us);
         let mut entry = ConflictEntry {
             etcd: self.etcd_side(input),
@@ -272,7 +288,9 @@ impl Planner {
         match decision {
             Decision::Keep(Side::Etcd) => {
                 entry.winner = Some(Side::Etcd);
-                self.plan.consumed.extend(self.pending.drain(..).map(|p| p.id));
+                self.plan
+                    .consumed
+                    .extend(self.pending.drain(..).map(|p| p.id));
                 self.set_mirror_to(input, default_origin(input));
             }
             Decision::Keep(Side::Pg) => {
@@ -313,7 +331,9 @@ impl Planner {
                 meta: e.meta,
                 origin,
             }),
-            KeyInput::Observed { state, revision, .. } => self.plan.history.push(match state {
+            KeyInput::Observed {
+                state, revision, ..
+            } => self.plan.history.push(match state {
                 Some(kv) => HistoryEntry {
                     revision: kv.meta.mod_revision,
                     op: Op::Put,

@@ -100,7 +100,11 @@ fn delete_leaves_a_tombstone_and_removes_the_row() {
 #[test]
 fn echo_of_own_write_is_consumed_without_conflict() {
     let pending = [pending_put(1, "local", 5, 500)];
-    let plan = plan_key(ctx(Policy::Manual), &pending, &[put(7, "local", Some((5, "old")))]);
+    let plan = plan_key(
+        ctx(Policy::Manual),
+        &pending,
+        &[put(7, "local", Some((5, "old")))],
+    );
     assert_eq!(plan.consumed, vec![1]);
     assert!(plan.conflicts.is_empty());
     assert_eq!(plan.history[0].origin, Origin::Pg);
@@ -119,7 +123,10 @@ fn chained_local_changes_are_echoed_one_by_one_and_rebased() {
     let plan = plan_key(
         ctx(Policy::EtcdWins),
         &pending,
-        &[put(7, "v1", Some((5, "old"))), put(8, "v2", Some((7, "v1")))],
+        &[
+            put(7, "v1", Some((5, "old"))),
+            put(8, "v2", Some((7, "v1"))),
+        ],
     );
     assert_eq!(plan.consumed, vec![1, 2]);
     assert_eq!(plan.rebased, vec![(3, 8)]);
@@ -144,14 +151,21 @@ fn local_delete_echo_and_reinsert() {
     let pending = [pending_delete(1, 5, 500), pending_put(2, "again", 0, 501)];
     let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[delete(7, (5, "old"))]);
     assert_eq!(plan.consumed, vec![1]);
-    assert!(plan.rebased.is_empty(), "the re-insert is already based on 'absent'");
+    assert!(
+        plan.rebased.is_empty(),
+        "the re-insert is already based on 'absent'"
+    );
     assert_eq!(plan.mirror.0, MirrorAction::Leave);
 }
 
 #[test]
 fn events_the_writer_already_saw_are_history_only() {
     let pending = [pending_put(1, "local", 9, 500)];
-    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[put(9, "seen", Some((5, "x")))]);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &pending,
+        &[put(9, "seen", Some((5, "x")))],
+    );
     assert!(plan.conflicts.is_empty() && plan.consumed.is_empty());
     assert_eq!(plan.history.len(), 1);
     assert_eq!(plan.mirror.0, MirrorAction::Leave);
@@ -160,7 +174,11 @@ fn events_the_writer_already_saw_are_history_only() {
 #[test]
 fn etcd_wins_drops_every_local_change_and_records_the_loser() {
     let pending = [pending_put(1, "l1", 5, 500), pending_put(2, "l2", 5, 600)];
-    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[put(7, "remote", Some((5, "old")))]);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &pending,
+        &[put(7, "remote", Some((5, "old")))],
+    );
     assert_eq!(plan.consumed, vec![1, 2]);
     assert_eq!(set_value(&plan), Some(Some(&b"remote"[..])));
     let conflict = &plan.conflicts[0];
@@ -174,12 +192,26 @@ fn etcd_wins_drops_every_local_change_and_records_the_loser() {
 #[test]
 fn pg_wins_rebases_local_changes_onto_etcd() {
     let pending = [pending_put(1, "l1", 5, 500), pending_delete(2, 5, 600)];
-    let plan = plan_key(ctx(Policy::PgWins), &pending, &[put(7, "remote", Some((5, "old")))]);
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[put(7, "remote", Some((5, "old")))],
+    );
     assert!(plan.consumed.is_empty());
     assert_eq!(plan.rebased, vec![(1, 7), (2, 7)]);
     assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
-    assert!(matches!(plan.mirror.0, MirrorAction::Meta { expect_mod_revision: None, .. }));
-    assert_eq!(plan.history[0].origin, Origin::Etcd, "etcd's write still happened");
+    assert!(matches!(
+        plan.mirror.0,
+        MirrorAction::Meta {
+            expect_mod_revision: None,
+            ..
+        }
+    ));
+    assert_eq!(
+        plan.history[0].origin,
+        Origin::Etcd,
+        "etcd's write still happened"
+    );
 }
 
 #[test]
@@ -192,10 +224,18 @@ fn pg_wins_over_an_etcd_delete_rebases_onto_absent() {
 #[test]
 fn newest_wins_compares_pg_write_time_with_etcd_observation() {
     let older_local = [pending_put(1, "l", 5, 900)];
-    let plan = plan_key(ctx(Policy::NewestWins), &older_local, &[put(7, "r", Some((5, "o")))]);
+    let plan = plan_key(
+        ctx(Policy::NewestWins),
+        &older_local,
+        &[put(7, "r", Some((5, "o")))],
+    );
     assert_eq!(plan.conflicts[0].winner, Some(Side::Etcd));
     let newer_local = [pending_put(1, "l", 5, 1_100)];
-    let plan = plan_key(ctx(Policy::NewestWins), &newer_local, &[put(7, "r", Some((5, "o")))]);
+    let plan = plan_key(
+        ctx(Policy::NewestWins),
+        &newer_local,
+        &[put(7, "r", Some((5, "o")))],
+    );
     assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
 }
 
@@ -211,13 +251,21 @@ fn manual_parks_and_later_events_refresh_the_same_conflict() {
     assert_eq!(plan.conflicts[0].winner, None);
     assert_eq!(plan.conflicts[0].parks, vec![1]);
     assert_eq!(plan.conflicts[0].etcd.revision, 8);
-    assert_eq!(plan.mirror.0, MirrorAction::Leave, "manual leaves both sides");
+    assert_eq!(
+        plan.mirror.0,
+        MirrorAction::Leave,
+        "manual leaves both sides"
+    );
     assert!(plan.consumed.is_empty());
     assert_eq!(plan.history.len(), 2);
 
     let mut parked = pending_put(1, "l", 5, 500);
     parked.conflict_id = Some(42);
-    let plan = plan_key(ctx(Policy::Manual), &[parked], &[put(9, "r3", Some((8, "r2")))]);
+    let plan = plan_key(
+        ctx(Policy::Manual),
+        &[parked],
+        &[put(9, "r3", Some((8, "r2")))],
+    );
     assert!(plan.conflicts.is_empty());
     assert_eq!(plan.refreshed_conflicts.len(), 1);
     assert_eq!(plan.refreshed_conflicts[0].0, 42);
@@ -249,7 +297,11 @@ fn resync_state_equal_to_local_state_consumes_without_conflict() {
 fn resync_finding_etcd_at_the_local_base_is_not_a_conflict() {
     // A key inserted locally (base 0) is absent in etcd: nothing to reconcile.
     let pending = [pending_put(1, "new", 0, 500)];
-    let absent = KeyInput::Observed { state: None, revision: 40, origin: Origin::Resync };
+    let absent = KeyInput::Observed {
+        state: None,
+        revision: 40,
+        origin: Origin::Resync,
+    };
     let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[absent]);
     assert!(plan.conflicts.is_empty() && plan.consumed.is_empty() && plan.history.is_empty());
     assert_eq!(plan.mirror.0, MirrorAction::Leave);
@@ -259,7 +311,11 @@ fn resync_finding_etcd_at_the_local_base_is_not_a_conflict() {
 fn etcd_to_pg_mappings_ignore_local_changes() {
     let mut context = ctx(Policy::PgWins);
     context.direction = Direction::EtcdToPg;
-    let plan = plan_key(context, &[pending_put(1, "l", 5, 500)], &[put(7, "r", Some((5, "o")))]);
+    let plan = plan_key(
+        context,
+        &[pending_put(1, "l", 5, 500)],
+        &[put(7, "r", Some((5, "o")))],
+    );
     assert!(plan.conflicts.is_empty());
     assert_eq!(set_value(&plan), Some(Some(&b"r"[..])));
 }

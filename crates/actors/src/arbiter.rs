@@ -1,0 +1,123 @@
+//! `ConflictArbiter`: settles the conflicts the watcher cannot settle inline
+//! — a PostgreSQL change whose base went stale without the watcher seeing it
+//! (handed over by the poller) — and carries out operators' `conflicts
+//! resolve` requests through the fenced paths. The policy decision itself is
+//! `eps_core::policy::decide`, also used by the watcher's transaction.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, AtomicResponse, Context, Handler, Message, Supervised, WrapFuture};
+use eps_core::model::Origin;
+use eps_core::policy::Side;
+use eps_core::reconcile::KeyInput;
+use eps_store::{ApplyRequest, KeyInputs};
+use tokio::sync::mpsc;
+
+use crate::SyncContext;
+use crate::shell::{ActorError, Progress, Shell};
+use crate::telemetry;
+
+/// Settle the pending changes of one key against etcd's current state.
+#[derive(Message)]
+#[rtype(result = "Result<(), ActorError>")]
+pub struct ResolveStale {
+    pub table: String,
+    pub key: Vec<u8>,
+}
+
+pub struct ConflictArbiter {
+    ctx: Arc<SyncContext>,
+    shell: Shell,
+}
+
+impl ConflictArbiter {
+    pub fn new(ctx: Arc<SyncContext>, alive: mpsc::Sender<()>) -> Self {
+        let shell = Shell::new(
+            "conflict_arbiter",
+            ctx.kill.clone(),
+            ctx.board.clone(),
+            ctx.config.backoff(),
+            alive,
+        );
+        ConflictArbiter { ctx, shell }
+    }
+}
+
+impl Actor for ConflictArbiter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let body = run(self.ctx.clone(), self.shell.progress.clone());
+        self.shell.spawn_loop(ctx, body);
+    }
+}
+
+impl Supervised for ConflictArbiter {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.shell.restarting();
+    }
+}
+
+impl Handler<ResolveStale> for ConflictArbiter {
+    type Result = AtomicResponse<Self, Result<(), ActorError>>;
+
+    fn handle(&mut self, msg: ResolveStale, _ctx: &mut Context<Self>) -> Self::Result {
+        let ctx = self.ctx.clone();
+        AtomicResponse::new(Box::pin(resolve_stale(ctx, msg).into_actor(self)))
+    }
+}
+
+async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), ActorError> {
+    let observed_at = Instant::now();
+    let (state, revision) = ctx.etcd.get(&msg.key).await?;
+    let keys = [KeyInputs {
+        key: msg.key.clone(),
+        inputs: vec![KeyInput::Observed {
+            state,
+            revision,
+            origin: Origin::Etcd,
+        }],
+    }];
+    let request = ApplyRequest {
+        fence: &ctx.fence,
+        checkpoint: None,
+        observed_at,
+        trace_id: None,
+        keys: &keys,
+        // The watcher has recorded etcd's changes of this key already.
+        record_history: false,
+    };
+    let report = ctx.store.apply(&request).await?;
+    for conflict in &report.conflicts {
+        let winner = conflict.winner.map_or("pending", Side::as_str);
+        metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
+        tracing::info!(conflict_id = conflict.id, table = %msg.table, policy = conflict.policy, winner, "conflict settled by the arbiter");
+    }
+    ctx.wake_poller.notify_one();
+    Ok(())
+}
+
+/// Carries out operators' resolution requests as they appear.
+async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), ActorError> {
+    let interval = Duration::from_millis(ctx.config.sync.poll_interval_ms);
+    loop {
+        progress.tick();
+        for conflict in ctx.store.requested_resolutions().await? {
+            let Some(take) = conflict.requested_take.as_deref().and_then(Side::parse) else {
+                continue;
+            };
+            let (etcd_now, _) = ctx.etcd.get(&conflict.key).await?;
+            ctx.store
+                .execute_resolution(&ctx.fence, &conflict, take, etcd_now.as_ref())
+                .await?;
+            tracing::info!(
+                conflict_id = conflict.id,
+                take = take.as_str(),
+                "conflict resolved by operator request"
+            );
+            ctx.wake_poller.notify_one();
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,595 @@
+//! `PgPoller`: PostgreSQL → etcd. Wakes on NOTIFY (and polls on an interval,
+//! so a lost notification only adds delay), reads the outbox in commit order
+//! per key and applies it to etcd with fenced compare-and-swap txns of many
+//! keys (one change per key per txn: successive changes are never
+//! coalesced).
+//!
+//! The poller never writes the mirror or the history: the watcher sees each
+//! applied change come back and recognizes it as the echo of the outbox row
+//! (same op and value, previous revision = the row's base), which consumes
+//! the row in the same transaction as the history row. A crash between the
+//! etcd write and that transaction therefore loses and duplicates nothing:
+//! the row stays, its compare fails on retry, and the echo consumes it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::{Actor, Context, Supervised, WeakAddr};
+use eps_core::Classify;
+use eps_core::model::Op;
+use eps_etcd::txn::compare_and_swap;
+use eps_etcd::{CasOutcome, CasWrite, EtcdError};
+use eps_store::notify::Notifications;
+use eps_store::{DeadLetterKind, OutboxRow};
+use tokio::sync::{Notify, mpsc};
+
+use crate::SyncContext;
+use crate::arbiter::{ConflictArbiter, ResolveStale};
+use crate::retrier::{ChangeFailed, Retrier, RetryDecision};
+use crate::shell::{ActorError, Progress, Shell};
+use crate::telemetry;
+
+pub struct PgPoller {
+    ctx: Arc<SyncContext>,
+    arbiter: WeakAddr<ConflictArbiter>,
+    retrier: WeakAddr<Retrier>,
+    shell: Shell,
+}
+
+impl PgPoller {
+    pub fn new(
+        ctx: Arc<SyncContext>,
+        arbiter: WeakAddr<ConflictArbiter>,
+        retrier: WeakAddr<Retrier>,
+        alive: mpsc::Sender<()>,
+    ) -> Self {
+        let shell = Shell::new(
+            "pg_poller",
+            ctx.kill.clone(),
+            ctx.board.clone(),
+            ctx.config.backoff(),
+            alive,
+        );
+        PgPoller {
+            ctx,
+            arbiter,
+            retrier,
+            shell,
+        }
+    }
+}
+
+impl Actor for PgPoller {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let body = run(
+            self.ctx.clone(),
+            self.arbiter.clone(),
+            self.retrier.clone(),
+            self.shell.progress.clone(),
+        );
+        self.shell.spawn_loop(ctx, body);
+    }
+}
+
+impl Supervised for PgPoller {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.shell.restarting();
+    }
+}
+
+/// Failpoint for tests: crash (abort the process) right after etcd
+/// committed a txn, before anything else happens. Enabled only when the
+/// binary runs with `ETCD_PG_SYNC_FAILPOINT=crash-after-etcd-commit`
+/// (the crash-durability test); never in production configs.
+fn crash_after_etcd_commit() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var("ETCD_PG_SYNC_FAILPOINT").is_ok_and(|v| v == "crash-after-etcd-commit")
+    })
+}
+
+async fn run(
+    ctx: Arc<SyncContext>,
+    arbiter: WeakAddr<ConflictArbiter>,
+    retrier: WeakAddr<Retrier>,
+    progress: Arc<Progress>,
+) -> Result<(), ActorError> {
+    let wake = Arc::new(Notify::new());
+    let _listener = ctx
+        .config
+        .sync
+        .listen_notify
+        .then(|| Listener(tokio::spawn(listen(ctx.clone(), wake.clone()))));
+    let mut applied = ctx.applied.subscribe();
+    let poll = Duration::from_millis(ctx.config.sync.poll_interval_ms);
+    let mut state = PollerState::default();
+    loop {
+        progress.tick();
+        drain(&ctx, &mut state, &arbiter, &retrier, &progress).await?;
+        let waiting_on_watcher = state.waiting_on_watcher();
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = ctx.wake_poller.notified() => {}
+            _ = tokio::time::sleep(state.next_wakeup(poll)) => {}
+            changed = applied.changed(), if waiting_on_watcher => {
+                if changed.is_err() {
+                    return Err(ActorError::Internal("applied-revision channel closed".into()));
+                }
+            }
+        }
+    }
+}
+
+/// The LISTEN task; aborted when dropped.
+struct Listener(tokio::task::JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Holds a dedicated connection on `LISTEN <schema>_outbox` and turns
+/// notifications into wake-ups. After every (re)connect it wakes the poller
+/// once: notifications sent meanwhile are lost (pitfall 10).
+async fn listen(ctx: Arc<SyncContext>, wake: Arc<Notify>) {
+    let backoff = ctx.config.backoff();
+    let mut attempt = 0u32;
+    loop {
+        match Notifications::listen(ctx.store.connector(), "outbox").await {
+            Ok(mut notifications) => {
+                attempt = 0;
+                wake.notify_one();
+                while notifications.next().await.is_ok() {
+                    wake.notify_one();
+                }
+                tracing::debug!("outbox notification connection lost, reconnecting");
+            }
+            Err(error) => tracing::debug!(%error, "cannot open the LISTEN connection"),
+        }
+        tokio::time::sleep(backoff.delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+type KeyId = (String, Vec<u8>);
+
+fn key_id(row: &OutboxRow) -> KeyId {
+    (row.mirror_table.clone(), row.key.clone())
+}
+
+/// Changes of one key this poller applied whose echoes the watcher has not
+/// consumed yet: the next change of the key is based on `last_revision`.
+#[derive(Debug)]
+struct Chain {
+    last_id: i64,
+    /// Revision of our last write (0 after a delete: the key is absent).
+    last_revision: i64,
+    /// Bases our writes superseded: a queued row based on one of them is in
+    /// fact based on `last_revision`.
+    superseded: Vec<i64>,
+}
+
+/// A key whose compare failed: it waits until the watcher has applied
+/// etcd's state (`until`); if the row is still stale then, the arbiter
+/// settles it.
+#[derive(Debug)]
+struct Blocked {
+    until: i64,
+    etcd_revision: i64,
+}
+
+#[derive(Debug, Default)]
+struct PollerState {
+    chains: HashMap<KeyId, Chain>,
+    blocked: HashMap<KeyId, Blocked>,
+    retry_at: HashMap<i64, Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    row: OutboxRow,
+    op: Op,
+    expected: i64,
+}
+
+impl PollerState {
+    fn waiting_on_watcher(&self) -> bool {
+        !self.chains.is_empty() || !self.blocked.is_empty()
+    }
+
+    fn next_wakeup(&self, poll: Duration) -> Duration {
+        let now = Instant::now();
+        self.retry_at
+            .values()
+            .map(|at| at.saturating_duration_since(now))
+            .min()
+            .map_or(poll, |d| d.min(poll))
+            .max(Duration::from_millis(1))
+    }
+
+    /// Forgets chains whose rows the watcher has consumed.
+    fn prune(&mut self, rows: &[OutboxRow], applied: i64) {
+        let mut oldest_present: HashMap<KeyId, i64> = HashMap::new();
+        for row in rows {
+            oldest_present.entry(key_id(row)).or_insert(row.id);
+        }
+        self.chains.retain(|key, chain| {
+            let sent_row_present = oldest_present
+                .get(key)
+                .is_some_and(|id| *id <= chain.last_id);
+            sent_row_present || applied < chain.last_revision
+        });
+        let present: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+        self.retry_at.retain(|id, _| present.contains(id));
+    }
+
+    /// The first unsent change of every key that may go now.
+    fn select(
+        &self,
+        rows: &[OutboxRow],
+        applied: i64,
+        now: Instant,
+    ) -> Result<Vec<Candidate>, ActorError> {
+        let mut taken: HashSet<KeyId> = HashSet::new();
+        let mut out = Vec::new();
+        for row in rows {
+            let key = key_id(row);
+            if taken.contains(&key) {
+                continue;
+            }
+            if self.blocked.get(&key).is_some_and(|b| applied < b.until) {
+                taken.insert(key);
+                continue;
+            }
+            let chain = self.chains.get(&key);
+            if chain.is_some_and(|c| row.id <= c.last_id) {
+                continue; // sent; its echo is on the way
+            }
+            taken.insert(key);
+            if self.retry_at.get(&row.id).is_some_and(|at| *at > now) {
+                continue;
+            }
+            let expected = match chain {
+                Some(c) if c.superseded.contains(&row.base_revision) => c.last_revision,
+                _ => row.base_revision,
+            };
+            out.push(Candidate {
+                op: row.op()?,
+                row: row.clone(),
+                expected,
+            });
+        }
+        Ok(out)
+    }
+
+    fn record_applied(&mut self, candidate: &Candidate, revision: i64) {
+        let key = key_id(&candidate.row);
+        self.blocked.remove(&key);
+        let chain = self.chains.entry(key).or_insert(Chain {
+            last_id: 0,
+            last_revision: 0,
+            superseded: Vec::new(),
+        });
+        chain.superseded.push(candidate.row.base_revision);
+        chain.superseded.push(candidate.expected);
+        chain.last_id = candidate.row.id;
+        chain.last_revision = match candidate.op {
+            Op::Put => revision,
+            Op::Delete => 0,
+        };
+    }
+}
+
+/// Why a change can never go to etcd, checked before sending.
+fn validate(ctx: &SyncContext, candidate: &Candidate) -> Result<(), (DeadLetterKind, String)> {
+    let row = &candidate.row;
+    let Some(mapping) = ctx.mappings.by_table(&row.mirror_table) else {
+        return Err((
+            DeadLetterKind::Unmapped,
+            format!("table {:?} is not a configured mapping", row.mirror_table),
+        ));
+    };
+    if !mapping.contains(&row.key) {
+        return Err((
+            DeadLetterKind::Unmapped,
+            format!(
+                "key is outside the prefix {:?} of the mapping for table {:?}",
+                String::from_utf8_lossy(&mapping.prefix),
+                row.mirror_table
+            ),
+        ));
+    }
+    if !mapping.direction.pg_to_etcd() {
+        return Err((
+            DeadLetterKind::ReadOnlyMapping,
+            format!(
+                "the mapping for table {:?} is etcd-to-pg: changes made in PostgreSQL are not propagated",
+                row.mirror_table
+            ),
+        ));
+    }
+    if row.key.is_empty() {
+        return Err((
+            DeadLetterKind::Invalid,
+            "etcd does not accept an empty key".into(),
+        ));
+    }
+    let size = request_bytes(row);
+    let limit = ctx.config.etcd.max_request_bytes;
+    if size > limit {
+        return Err((
+            DeadLetterKind::TooLarge,
+            format!(
+                "key and value take {size} bytes, over etcd's request limit of {limit} bytes (etcd.max_request_bytes)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes a change adds to a txn request (key twice: compare and op).
+fn request_bytes(row: &OutboxRow) -> usize {
+    2 * row.key.len() + row.value.as_ref().map_or(0, Vec::len) + 64
+}
+
+async fn drain(
+    ctx: &Arc<SyncContext>,
+    state: &mut PollerState,
+    arbiter: &WeakAddr<ConflictArbiter>,
+    retrier: &WeakAddr<Retrier>,
+    progress: &Progress,
+) -> Result<(), ActorError> {
+    // Bounded so one wake-up cannot spin; the next wake-up continues.
+    for _round in 0..1_000 {
+        let rows = ctx
+            .store
+            .pending_outbox(ctx.config.sync.outbox_batch_size)
+            .await?;
+        let applied = *ctx.applied.borrow();
+        state.prune(&rows, applied);
+        let candidates = state.select(&rows, applied, Instant::now())?;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        progress.tick();
+        metrics::gauge!(telemetry::OUTBOX_DEPTH).set(rows.len() as f64);
+        let mut sendable = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            match validate(ctx, &candidate) {
+                Ok(()) => sendable.push(candidate),
+                Err((kind, reason)) => {
+                    tracing::warn!(outbox_id = candidate.row.id, kind = kind.as_str(), %reason, "change dead-lettered");
+                    ctx.store
+                        .dead_letter(&ctx.fence, &candidate.row, kind, &reason, None)
+                        .await?;
+                    metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
+                        .increment(1);
+                }
+            }
+        }
+        for chunk in chunks(sendable, ctx) {
+            send(ctx, state, chunk, arbiter, retrier).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Splits candidates into txns within etcd's op and size limits.
+fn chunks(candidates: Vec<Candidate>, ctx: &SyncContext) -> Vec<Vec<Candidate>> {
+    // One compare slot goes to the leader fence.
+    let max_ops = ctx.config.etcd.max_txn_ops.saturating_sub(1).max(1);
+    let max_bytes = ctx
+        .config
+        .etcd
+        .max_request_bytes
+        .saturating_sub(64 * 1024)
+        .max(1);
+    let mut out: Vec<Vec<Candidate>> = Vec::new();
+    let mut current: Vec<Candidate> = Vec::new();
+    let mut bytes = 0usize;
+    for candidate in candidates {
+        let size = request_bytes(&candidate.row);
+        if !current.is_empty() && (current.len() >= max_ops || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(candidate);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+async fn send(
+    ctx: &Arc<SyncContext>,
+    state: &mut PollerState,
+    chunk: Vec<Candidate>,
+    arbiter: &WeakAddr<ConflictArbiter>,
+    retrier: &WeakAddr<Retrier>,
+) -> Result<(), ActorError> {
+    let mut queue: VecDeque<Vec<Candidate>> = VecDeque::from([chunk]);
+    while let Some(mut txn) = queue.pop_front() {
+        if txn.is_empty() {
+            continue;
+        }
+        let writes: Vec<CasWrite> = txn
+            .iter()
+            .map(|c| CasWrite {
+                key: c.row.key.clone(),
+                value: match c.op {
+                    Op::Put => Some(c.row.value.clone().unwrap_or_default()),
+                    Op::Delete => None,
+                },
+                expect_mod_revision: c.expected,
+            })
+            .collect();
+        match compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes).await {
+            Ok(CasOutcome::Applied {
+                revision,
+                noop_deletes,
+            }) => {
+                if crash_after_etcd_commit() {
+                    tracing::error!("failpoint crash-after-etcd-commit: aborting");
+                    std::process::abort();
+                }
+                record_sent(ctx, state, &txn, revision, &noop_deletes).await?;
+            }
+            Ok(CasOutcome::Conflicts {
+                revision,
+                conflicts,
+            }) => {
+                let failed: HashSet<usize> = conflicts.iter().map(|(i, _)| *i).collect();
+                for (index, current) in conflicts {
+                    let etcd_revision = current.as_ref().map_or(0, |kv| kv.meta.mod_revision);
+                    let until = current.as_ref().map_or(revision, |kv| kv.meta.mod_revision);
+                    on_compare_failed(ctx, state, &txn[index], etcd_revision, until, arbiter)
+                        .await?;
+                }
+                let mut index = 0;
+                txn.retain(|_| {
+                    let keep = !failed.contains(&index);
+                    index += 1;
+                    keep
+                });
+                queue.push_front(txn);
+            }
+            Ok(CasOutcome::Fenced) => return Err(ActorError::Fenced),
+            Err(error) if error.connection_level() || (error.retryable() && txn.len() > 1) => {
+                // The whole pipeline pauses; on restart everything is re-read
+                // (an unknown outcome is settled by the compares).
+                return Err(error.into());
+            }
+            Err(error) if txn.len() > 1 => {
+                // Find the change etcd rejects: split the txn.
+                let second = txn.split_off(txn.len() / 2);
+                queue.push_front(second);
+                queue.push_front(txn);
+                tracing::debug!(%error, "txn rejected, bisecting");
+            }
+            Err(EtcdError::TooLarge(message)) => {
+                let candidate = &txn[0];
+                let reason = format!("etcd rejected the change as too large: {message}");
+                ctx.store
+                    .dead_letter(
+                        &ctx.fence,
+                        &candidate.row,
+                        DeadLetterKind::TooLarge,
+                        &reason,
+                        None,
+                    )
+                    .await?;
+                metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => "too-large")
+                    .increment(1);
+            }
+            Err(error) => {
+                let candidate = &txn[0];
+                let retrier = retrier
+                    .upgrade()
+                    .ok_or_else(|| ActorError::Internal("retrier actor is gone".into()))?;
+                let decision = retrier
+                    .send(ChangeFailed {
+                        row: candidate.row.clone(),
+                        error: error.to_string(),
+                    })
+                    .await??;
+                match decision {
+                    RetryDecision::RetryAfter(delay) => {
+                        state
+                            .retry_at
+                            .insert(candidate.row.id, Instant::now() + delay);
+                    }
+                    RetryDecision::DeadLettered => {
+                        state.retry_at.remove(&candidate.row.id);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn record_sent(
+    ctx: &Arc<SyncContext>,
+    state: &mut PollerState,
+    txn: &[Candidate],
+    revision: i64,
+    noop_deletes: &[usize],
+) -> Result<(), ActorError> {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    for candidate in txn {
+        state.record_applied(candidate, revision);
+        state.retry_at.remove(&candidate.row.id);
+        metrics::counter!(telemetry::CHANGES_TOTAL, "direction" => telemetry::PG_TO_ETCD, "op" => candidate.op.as_str()).increment(1);
+        let latency = (now_us - candidate.row.created_at_us).max(0) as f64 / 1e6;
+        metrics::histogram!(telemetry::APPLY_LATENCY_SECONDS, "direction" => telemetry::PG_TO_ETCD)
+            .record(latency);
+    }
+    metrics::histogram!(telemetry::BATCH_SIZE, "direction" => telemetry::PG_TO_ETCD)
+        .record(txn.len() as f64);
+    if !noop_deletes.is_empty() {
+        // Deleting an absent key leaves no event to echo: consume here.
+        let ids: Vec<i64> = noop_deletes.iter().map(|i| txn[*i].row.id).collect();
+        ctx.store.consume_outbox(&ctx.fence, &ids).await?;
+    }
+    tracing::debug!(
+        changes = txn.len(),
+        revision,
+        "outbox changes applied to etcd"
+    );
+    Ok(())
+}
+
+async fn on_compare_failed(
+    ctx: &Arc<SyncContext>,
+    state: &mut PollerState,
+    candidate: &Candidate,
+    etcd_revision: i64,
+    until: i64,
+    arbiter: &WeakAddr<ConflictArbiter>,
+) -> Result<(), ActorError> {
+    let key = key_id(&candidate.row);
+    state.chains.remove(&key);
+    let applied = *ctx.applied.borrow();
+    let stale = state
+        .blocked
+        .get(&key)
+        .is_some_and(|b| applied >= b.until && b.etcd_revision == etcd_revision);
+    if !stale {
+        // etcd changed the key: the watcher will bring that change here and
+        // settle it with the pending row; wait for it.
+        state.blocked.insert(
+            key,
+            Blocked {
+                until,
+                etcd_revision,
+            },
+        );
+        return Ok(());
+    }
+    // The watcher has passed etcd's state and the row is still based on an
+    // older one: a conflict it could not see (the row was committed while
+    // the watcher applied the key). The arbiter settles it.
+    state.blocked.remove(&key);
+    tracing::info!(
+        outbox_id = candidate.row.id,
+        "stale change handed to the conflict arbiter"
+    );
+    let arbiter = arbiter
+        .upgrade()
+        .ok_or_else(|| ActorError::Internal("conflict arbiter actor is gone".into()))?;
+    arbiter
+        .send(ResolveStale {
+            table: candidate.row.mirror_table.clone(),
+            key: candidate.row.key.clone(),
+        })
+        .await?
+}

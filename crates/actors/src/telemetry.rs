@@ -1,0 +1,93 @@
+//! Metric names (SPEC 4: all start with `etcd_pg_sync_`) and the named
+//! events that log and count together (STYLE 10). Labels take values from
+//! fixed sets: never a key or an error text.
+
+pub const IS_LEADER: &str = "etcd_pg_sync_is_leader";
+pub const TERM: &str = "etcd_pg_sync_term";
+pub const APPLIED_REVISION: &str = "etcd_pg_sync_applied_revision";
+pub const ETCD_REVISION: &str = "etcd_pg_sync_etcd_revision";
+pub const CHANGES_TOTAL: &str = "etcd_pg_sync_changes_total";
+pub const APPLY_LATENCY_SECONDS: &str = "etcd_pg_sync_apply_latency_seconds";
+pub const BATCH_SIZE: &str = "etcd_pg_sync_batch_size";
+pub const CONFLICTS_TOTAL: &str = "etcd_pg_sync_conflicts_total";
+pub const CONFLICTS_PENDING: &str = "etcd_pg_sync_conflicts_pending";
+pub const RETRIES_TOTAL: &str = "etcd_pg_sync_retries_total";
+pub const DEAD_LETTERS: &str = "etcd_pg_sync_dead_letters";
+pub const DEAD_LETTERS_TOTAL: &str = "etcd_pg_sync_dead_letters_total";
+pub const COMPACTION_RECOVERIES_TOTAL: &str = "etcd_pg_sync_compaction_recoveries_total";
+pub const OUTBOX_DEPTH: &str = "etcd_pg_sync_outbox_depth";
+pub const ACTOR_RESTARTS: &str = "etcd_pg_sync_actor_restarts_total";
+pub const WATCH_LAG_REVISIONS: &str = "etcd_pg_sync_watch_lag_revisions";
+pub const WATCH_LAG_SECONDS: &str = "etcd_pg_sync_watch_lag_seconds";
+pub const PG_POOL_CONNECTIONS: &str = "etcd_pg_sync_pg_pool_connections";
+pub const PG_POOL_MAX: &str = "etcd_pg_sync_pg_pool_max_connections";
+pub const SNAPSHOT_KEYS_TOTAL: &str = "etcd_pg_sync_snapshot_keys_total";
+pub const LEADER_CHANGES_TOTAL: &str = "etcd_pg_sync_leader_changes_total";
+pub const DRIFTED_KEYS: &str = "etcd_pg_sync_drifted_keys";
+pub const UP: &str = "etcd_pg_sync_store_up";
+
+/// Describes every metric once (help texts in the exposition).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        IS_LEADER,
+        "1 on the replica that leads the cluster, 0 on standbys"
+    );
+    describe_gauge!(
+        TERM,
+        "fencing term of the current leadership (create revision of the leader key)"
+    );
+    describe_gauge!(
+        APPLIED_REVISION,
+        "etcd revision applied to PostgreSQL (the durable checkpoint)"
+    );
+    describe_gauge!(ETCD_REVISION, "etcd's current revision");
+    describe_counter!(CHANGES_TOTAL, "changes applied, by direction and op");
+    describe_histogram!(
+        APPLY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "time from a change being seen to it being committed on the other side"
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        "changes per batch (PostgreSQL transaction or etcd txn)"
+    );
+    describe_counter!(
+        CONFLICTS_TOTAL,
+        "conflicts detected, by policy and winner (pending for manual)"
+    );
+    describe_gauge!(CONFLICTS_PENDING, "conflicts waiting for an operator");
+    describe_counter!(RETRIES_TOTAL, "retried operations, by kind");
+    describe_gauge!(DEAD_LETTERS, "dead letters not yet retried");
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "changes moved to the dead-letter list, by kind"
+    );
+    describe_counter!(
+        COMPACTION_RECOVERIES_TOTAL,
+        "resyncs after the watch's revision was compacted"
+    );
+    describe_gauge!(
+        OUTBOX_DEPTH,
+        "PostgreSQL changes waiting to be applied to etcd"
+    );
+    describe_counter!(ACTOR_RESTARTS, "actor restarts, by actor");
+    describe_gauge!(WATCH_LAG_REVISIONS, "etcd revision minus applied revision");
+    describe_gauge!(
+        WATCH_LAG_SECONDS,
+        "seconds since the applied revision was last behind etcd's"
+    );
+    describe_gauge!(PG_POOL_CONNECTIONS, "PostgreSQL pool connections, by state");
+    describe_gauge!(PG_POOL_MAX, "PostgreSQL pool size");
+    describe_counter!(SNAPSHOT_KEYS_TOTAL, "keys read by snapshots and resyncs");
+    describe_counter!(LEADER_CHANGES_TOTAL, "times this replica became leader");
+    describe_gauge!(
+        DRIFTED_KEYS,
+        "keys that differed in the last anti-entropy check"
+    );
+    describe_gauge!(UP, "1 when the store answers, by store");
+}
+
+/// Direction label values.
+pub const ETCD_TO_PG: &str = "etcd_to_pg";
+pub const PG_TO_ETCD: &str = "pg_to_etcd";

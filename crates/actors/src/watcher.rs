@@ -1,0 +1,352 @@
+//! `EtcdWatcher`: etcd → PostgreSQL. A state machine (STYLE 6): no
+//! checkpoint → snapshot at R → watch from R+1; compacted → resync; then
+//! stream events in batches, each batch one PostgreSQL transaction together
+//! with the new checkpoint.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Context, Supervised, WeakAddr};
+use eps_core::model::EtcdEvent;
+use eps_core::reconcile::KeyInput;
+use eps_etcd::{WatchItem, WatchSession};
+use eps_store::{ApplyRequest, KeyInputs};
+use tokio::sync::mpsc;
+
+use crate::SyncContext;
+use crate::recovery::{CompactionRecovery, Resync, ResyncReason};
+use crate::shell::{ActorError, Progress, Shell};
+use crate::telemetry;
+
+pub struct EtcdWatcher {
+    ctx: Arc<SyncContext>,
+    recovery: WeakAddr<CompactionRecovery>,
+    shell: Shell,
+}
+
+impl EtcdWatcher {
+    pub fn new(
+        ctx: Arc<SyncContext>,
+        recovery: WeakAddr<CompactionRecovery>,
+        alive: mpsc::Sender<()>,
+    ) -> Self {
+        let stall = Duration::from_millis(ctx.config.sync.watch_stall_timeout_ms);
+        let shell = Shell::new(
+            "etcd_watcher",
+            ctx.kill.clone(),
+            ctx.board.clone(),
+            ctx.config.backoff(),
+            alive,
+        )
+        // A snapshot of a big keyspace reports progress per page; the
+        // stream reports at least every progress interval.
+        .with_watchdog(stall * 4);
+        EtcdWatcher {
+            ctx,
+            recovery,
+            shell,
+        }
+    }
+}
+
+impl Actor for EtcdWatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let body = run(
+            self.ctx.clone(),
+            self.recovery.clone(),
+            self.shell.progress.clone(),
+        );
+        self.shell.spawn_loop(ctx, body);
+    }
+}
+
+impl Supervised for EtcdWatcher {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.shell.restarting();
+    }
+}
+
+async fn resync(
+    recovery: &WeakAddr<CompactionRecovery>,
+    reason: ResyncReason,
+) -> Result<i64, ActorError> {
+    let addr = recovery
+        .upgrade()
+        .ok_or_else(|| ActorError::Internal("compaction recovery actor is gone".into()))?;
+    addr.send(Resync { reason }).await?
+}
+
+async fn run(
+    ctx: Arc<SyncContext>,
+    recovery: WeakAddr<CompactionRecovery>,
+    progress: Arc<Progress>,
+) -> Result<(), ActorError> {
+    let mut checkpoint = ctx.store.state().await?.applied_revision;
+    let current = ctx.etcd.current_revision().await?;
+    if checkpoint == 0 {
+        checkpoint = resync(&recovery, ResyncReason::Initial).await?;
+    } else if checkpoint > current {
+        tracing::error!(
+            checkpoint,
+            etcd_revision = current,
+            "etcd's revision is behind the checkpoint (etcd restored or replaced?): resyncing"
+        );
+        checkpoint = resync(
+            &recovery,
+            ResyncReason::RevisionWentBack {
+                checkpoint,
+                etcd_revision: current,
+            },
+        )
+        .await?;
+    } else if checkpoint < current && ctx.etcd.is_compacted(checkpoint + 1).await? {
+        checkpoint = resync(
+            &recovery,
+            ResyncReason::Compacted {
+                checkpoint,
+                compact_revision: None,
+            },
+        )
+        .await?;
+    }
+    ctx.applied.send_replace(checkpoint);
+    metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
+    loop {
+        progress.tick();
+        match stream(&ctx, &progress, &mut checkpoint).await? {
+            StreamEnd::Compacted { compact_revision } => {
+                tracing::warn!(
+                    checkpoint,
+                    compact_revision,
+                    "watch revision compacted, resyncing"
+                );
+                checkpoint = resync(
+                    &recovery,
+                    ResyncReason::Compacted {
+                        checkpoint,
+                        compact_revision: Some(compact_revision),
+                    },
+                )
+                .await?;
+                ctx.applied.send_replace(checkpoint);
+            }
+        }
+    }
+}
+
+enum StreamEnd {
+    Compacted { compact_revision: i64 },
+}
+
+/// Reads the watch in a task so the next batch arrives while this one
+/// commits; aborted when dropped.
+struct Reader(tokio::task::JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams from `checkpoint + 1` until the watch's revision is compacted;
+/// errors end the incarnation (the actor restarts from the checkpoint).
+async fn stream(
+    ctx: &Arc<SyncContext>,
+    progress: &Progress,
+    checkpoint: &mut i64,
+) -> Result<StreamEnd, ActorError> {
+    let sync = &ctx.config.sync;
+    let (start, end) = ctx.mappings.covering_range();
+    let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), *checkpoint + 1).await?;
+    let (mut requester, mut items) = session.split();
+    let (tx, mut rx) = mpsc::channel::<Result<WatchItem, eps_etcd::EtcdError>>(256);
+    let _reader = Reader(tokio::spawn(async move {
+        loop {
+            let item = items.next().await.transpose();
+            let stop = !matches!(
+                item,
+                Some(Ok(WatchItem::Events(_) | WatchItem::Progress(_)))
+            );
+            let item = item.unwrap_or_else(|| {
+                Err(eps_etcd::EtcdError::Unavailable(
+                    "watch stream closed".into(),
+                ))
+            });
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    }));
+
+    let progress_interval = Duration::from_millis(sync.progress_interval_ms);
+    let stall_timeout = Duration::from_millis(sync.watch_stall_timeout_ms);
+    let linger = Duration::from_millis(sync.batch_linger_ms);
+    let max_events = sync.batch_size;
+    let max_bytes = 32 * 1024 * 1024;
+    let mut last_heard = Instant::now();
+
+    loop {
+        // Wait for the first item of the next batch.
+        let first = match tokio::time::timeout(progress_interval, rx.recv()).await {
+            Ok(item) => item,
+            Err(_) => {
+                if last_heard.elapsed() > stall_timeout {
+                    return Err(ActorError::Stalled(format!(
+                        "watch silent for {:?} despite progress requests",
+                        last_heard.elapsed()
+                    )));
+                }
+                // Idle: ask etcd to confirm how far we are.
+                requester.request_progress().await?;
+                progress.tick();
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        progress.tick();
+        let mut batch = Batch::default();
+        let mut compacted = match first {
+            None => return Err(ActorError::Internal("watch reader ended".into())),
+            Some(item) => batch.add(item?),
+        };
+        // Take what else has arrived (and, with a linger, what arrives soon).
+        let linger_until = Instant::now() + linger;
+        while compacted.is_none() && batch.events.len() < max_events && batch.bytes < max_bytes {
+            let next = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::error::TryRecvError::Empty)
+                    if !linger.is_zero() && Instant::now() < linger_until =>
+                {
+                    tokio::time::timeout_at(linger_until.into(), rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(_) => None,
+            };
+            let Some(item) = next else { break };
+            compacted = batch.add(item?);
+        }
+        apply(ctx, &batch, checkpoint).await?;
+        if let Some(compact_revision) = compacted {
+            return Ok(StreamEnd::Compacted { compact_revision });
+        }
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    events: Vec<EtcdEvent>,
+    bytes: usize,
+    progress: Option<i64>,
+    observed_at: Option<Instant>,
+}
+
+impl Batch {
+    /// Adds an item; returns the compact revision if the watch was
+    /// compacted.
+    fn add(&mut self, item: WatchItem) -> Option<i64> {
+        match item {
+            WatchItem::Events(events) => {
+                self.observed_at.get_or_insert_with(Instant::now);
+                self.bytes += events.iter().map(EtcdEvent::size_bytes).sum::<usize>();
+                self.events.extend(events);
+                None
+            }
+            WatchItem::Progress(revision) => {
+                self.progress = Some(self.progress.map_or(revision, |p| p.max(revision)));
+                None
+            }
+            WatchItem::Compacted { compact_revision } => Some(compact_revision),
+        }
+    }
+
+    /// The checkpoint after this batch: its last event, or a later progress
+    /// notification (which promises every earlier event was delivered).
+    fn checkpoint(&self) -> Option<i64> {
+        let last_event = self.events.last().map(|e| e.revision);
+        match (last_event, self.progress) {
+            (Some(e), Some(p)) => Some(e.max(p)),
+            (e, p) => e.or(p),
+        }
+    }
+}
+
+/// Groups events by key (first-appearance order, revision order within a
+/// key), leaving out keys no mapping covers.
+fn group_by_key(ctx: &SyncContext, events: &[EtcdEvent]) -> Vec<KeyInputs> {
+    let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+    let mut keys: Vec<KeyInputs> = Vec::new();
+    for event in events {
+        if ctx.mappings.find(&event.key).is_none() {
+            continue;
+        }
+        let slot = *index.entry(event.key.as_slice()).or_insert_with(|| {
+            keys.push(KeyInputs {
+                key: event.key.clone(),
+                inputs: Vec::new(),
+            });
+            keys.len() - 1
+        });
+        keys[slot].inputs.push(KeyInput::Event(event.clone()));
+    }
+    keys
+}
+
+async fn apply(
+    ctx: &Arc<SyncContext>,
+    batch: &Batch,
+    checkpoint: &mut i64,
+) -> Result<(), ActorError> {
+    let Some(new_checkpoint) = batch.checkpoint() else {
+        return Ok(());
+    };
+    if new_checkpoint <= *checkpoint && batch.events.is_empty() {
+        return Ok(());
+    }
+    let keys = group_by_key(ctx, &batch.events);
+    let started = Instant::now();
+    if keys.is_empty() {
+        ctx.store
+            .advance_checkpoint(&ctx.fence, new_checkpoint)
+            .await?;
+    } else {
+        let request = ApplyRequest {
+            fence: &ctx.fence,
+            checkpoint: Some(new_checkpoint),
+            observed_at: batch.observed_at.unwrap_or(started),
+            trace_id: None,
+            keys: &keys,
+            record_history: true,
+        };
+        let report = ctx.store.apply(&request).await?;
+        for event in &batch.events {
+            if ctx.mappings.find(&event.key).is_some() {
+                metrics::counter!(telemetry::CHANGES_TOTAL, "direction" => telemetry::ETCD_TO_PG, "op" => event.op.as_str()).increment(1);
+            }
+        }
+        for conflict in &report.conflicts {
+            let winner = conflict.winner.map_or("pending", |w| w.as_str());
+            metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
+            tracing::info!(conflict_id = conflict.id, table = %conflict.table, policy = conflict.policy, winner, "conflict");
+        }
+        metrics::histogram!(telemetry::BATCH_SIZE, "direction" => telemetry::ETCD_TO_PG)
+            .record(batch.events.len() as f64);
+        if let Some(observed) = batch.observed_at {
+            metrics::histogram!(telemetry::APPLY_LATENCY_SECONDS, "direction" => telemetry::ETCD_TO_PG)
+                .record(observed.elapsed().as_secs_f64());
+        }
+        tracing::debug!(
+            events = batch.events.len(),
+            checkpoint = new_checkpoint,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch applied"
+        );
+    }
+    *checkpoint = new_checkpoint.max(*checkpoint);
+    ctx.applied.send_replace(*checkpoint);
+    metrics::gauge!(telemetry::APPLIED_REVISION).set(*checkpoint as f64);
+    Ok(())
+}

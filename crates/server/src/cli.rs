@@ -1,0 +1,107 @@
+//! The command line (SPEC 4).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Keeps etcd and PostgreSQL in sync, both ways.
+#[derive(Debug, Parser)]
+#[command(name = "etcd-pg-sync", version, about)]
+pub struct Cli {
+    /// TOML configuration file; every key can be overridden by an
+    /// ETCD_PG_SYNC__SECTION__KEY environment variable.
+    #[arg(long, global = true, env = "ETCD_PG_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a replica: migrate, campaign, sync while leader, serve HTTP.
+    Run {
+        /// Do not apply the schema at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply the PostgreSQL schema and exit.
+    Migrate,
+    /// Validate and print the effective configuration (secrets redacted).
+    CheckConfig,
+    /// Leader, term, applied revision, lag, outbox depth, conflicts, dead letters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare etcd and PostgreSQL at one etcd revision.
+    Verify {
+        /// Only keys under this prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Fix differences by each mapping's policy, through the fenced paths.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// The conflicts ledger.
+    Conflicts {
+        #[command(subcommand)]
+        command: ConflictsCommand,
+    },
+    /// The dead-letter list.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
+    /// Rebuild an empty etcd (or one prefix) from the PostgreSQL mirror.
+    RestoreEtcd {
+        /// Only keys under this prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCommand {
+    /// List conflicts, newest first.
+    List {
+        /// Include resolved conflicts.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Apply one side of a conflict to both stores.
+    Resolve {
+        id: i64,
+        #[arg(long, value_enum)]
+        take: TakeSide,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TakeSide {
+    Etcd,
+    Pg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, newest first.
+    List {
+        /// Include those already retried.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead letters back into the outbox.
+    Retry {
+        /// Dead-letter ids.
+        ids: Vec<i64>,
+        /// Retry every dead letter not retried yet.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}

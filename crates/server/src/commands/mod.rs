@@ -1,0 +1,18 @@
+//! One module per command group.
+
+mod ops;
+mod run;
+
+use std::process::ExitCode;
+
+use eps_core::Config;
+
+use crate::cli::Command;
+
+pub fn dispatch(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Run { no_migrate } => run::run(config, no_migrate),
+        Command::CheckConfig => ops::check_config(&config),
+        other => ops::run_blocking(other, config),
+    }
+}

@@ -1,0 +1,249 @@
+//! Operator commands that run once and exit.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use eps_core::Config;
+use eps_core::keys::display_key;
+use eps_core::policy::Side;
+use eps_etcd::EtcdClient;
+use eps_store::{Store, ledger};
+
+use crate::cli::{Command, ConflictsCommand, DeadLettersCommand, TakeSide};
+
+pub fn check_config(config: &Config) -> ExitCode {
+    print!("{}", config.to_redacted_toml());
+    ExitCode::SUCCESS
+}
+
+/// Runs a one-shot command on a small runtime and maps its result to an
+/// exit code (errors printed with their context).
+pub fn run_blocking(command: Command, config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(command, config)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&config).await.context("opening PostgreSQL")?;
+    match command {
+        Command::Migrate => {
+            let report = store.migrate().await.context("applying migrations")?;
+            if report.applied.is_empty() {
+                println!("schema {} is up to date", store.schema());
+            } else {
+                println!("applied migrations: {}", report.applied.join(", "));
+            }
+            println!("mirror tables: {}", report.mirror_tables.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status(&config, &store, json).await,
+        Command::Conflicts { command } => conflicts(&store, command).await,
+        Command::DeadLetters { command } => dead_letters(&store, command).await,
+        Command::Verify { .. } => {
+            anyhow::bail!("`verify` is not built yet")
+        }
+        Command::RestoreEtcd { .. } => {
+            anyhow::bail!("`restore-etcd` is not built yet")
+        }
+        Command::Run { .. } | Command::CheckConfig => unreachable!("dispatched elsewhere"),
+    }
+}
+
+async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<ExitCode> {
+    let state = store.state().await.context("reading sync_state")?;
+    let counts = store.counts().await.context("counting the ledgers")?;
+    let etcd = EtcdClient::connect(&config.etcd)
+        .await
+        .context("connecting to etcd")?;
+    let etcd_revision = etcd
+        .current_revision()
+        .await
+        .context("reading etcd's revision")?;
+    let prefix = eps_cluster::election_prefix(&config.cluster.name);
+    let leader = etcd
+        .oldest_under(&prefix, None)
+        .await
+        .context("reading the election")?;
+    let leader_node = leader
+        .as_ref()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    let document = serde_json::json!({
+        "cluster": config.cluster.name,
+        "leader": leader_node,
+        "term": state.term,
+        "leader_in_postgres": state.leader_node,
+        "applied_revision": state.applied_revision,
+        "etcd_revision": etcd_revision,
+        "lag_revisions": (etcd_revision - state.applied_revision).max(0),
+        "outbox_pending": counts.outbox_pending,
+        "conflicts_pending": counts.conflicts_pending,
+        "dead_letters": counts.dead_letters,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!("cluster:           {}", config.cluster.name);
+        println!(
+            "leader:            {}",
+            leader_node.as_deref().unwrap_or("(none)")
+        );
+        println!("term:              {}", state.term);
+        println!("applied revision:  {}", state.applied_revision);
+        println!("etcd revision:     {etcd_revision}");
+        println!(
+            "lag (revisions):   {}",
+            (etcd_revision - state.applied_revision).max(0)
+        );
+        println!("outbox pending:    {}", counts.outbox_pending);
+        println!("conflicts pending: {}", counts.conflicts_pending);
+        println!("dead letters:      {}", counts.dead_letters);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_value(value: Option<&[u8]>) -> String {
+    match value {
+        None => "(deleted)".into(),
+        Some(v) if v.len() > 60 => format!("{}… ({} bytes)", display_key(&v[..60]), v.len()),
+        Some(v) => display_key(v),
+    }
+}
+
+async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<ExitCode> {
+    let mut conn = store
+        .pool()
+        .get()
+        .await
+        .context("connecting to PostgreSQL")?;
+    match command {
+        ConflictsCommand::List { all, limit } => {
+            let rows = ledger::list_conflicts(&mut conn, !all, limit).await?;
+            if rows.is_empty() {
+                println!("no {}conflicts", if all { "" } else { "pending " });
+            }
+            for c in rows {
+                println!(
+                    "#{id} {status} table={table} key={key} policy={policy} winner={winner}\n    etcd: {ev} (revision {er}, seen {eo})\n    pg:   {pv} (based on revision {pr}, written {pc}){req}",
+                    id = c.id,
+                    status = c.status,
+                    table = c.mirror_table,
+                    key = display_key(&c.key),
+                    policy = c.policy,
+                    winner = c.winner.as_deref().unwrap_or("-"),
+                    ev = show_value(c.etcd_value.as_deref()),
+                    er = c.etcd_revision,
+                    eo = c.etcd_observed_at.to_rfc3339(),
+                    pv = show_value(c.pg_value.as_deref()),
+                    pr = c.pg_revision,
+                    pc = c.pg_changed_at.to_rfc3339(),
+                    req = c
+                        .requested_take
+                        .map(|t| format!("\n    requested: take {t}"))
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictsCommand::Resolve { id, take } => {
+            let side = match take {
+                TakeSide::Etcd => Side::Etcd,
+                TakeSide::Pg => Side::Pg,
+            };
+            let before = ledger::conflict(&mut conn, id)
+                .await?
+                .with_context(|| format!("no conflict #{id}"))?;
+            if !ledger::request_resolution(&mut conn, store.schema(), id, side).await? {
+                anyhow::bail!("no conflict #{id}");
+            }
+            println!(
+                "requested: take {} for conflict #{id}; waiting for the leader…",
+                side.as_str()
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let row = ledger::conflict(&mut conn, id)
+                    .await?
+                    .with_context(|| format!("conflict #{id} vanished"))?;
+                if row.requested_take.is_none()
+                    && (row.resolved_at != before.resolved_at || row.status != before.status)
+                {
+                    println!(
+                        "conflict #{id} resolved: {} wins",
+                        row.winner.as_deref().unwrap_or("?")
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "error: the request is recorded but no leader carried it out within 30 s: is a replica running?"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
+    let mut conn = store
+        .pool()
+        .get()
+        .await
+        .context("connecting to PostgreSQL")?;
+    match command {
+        DeadLettersCommand::List { all, limit } => {
+            let rows = ledger::list_dead_letters(&mut conn, all, limit).await?;
+            if rows.is_empty() {
+                println!("no dead letters");
+            }
+            for d in rows {
+                println!(
+                    "#{id} {direction} {kind} table={table} key={key} op={op} value={value} attempts={attempts} at {at}{retried}\n    reason: {reason}",
+                    id = d.id,
+                    direction = d.direction,
+                    kind = d.kind,
+                    table = d.mirror_table.as_deref().unwrap_or("-"),
+                    key = display_key(&d.key),
+                    op = d.op,
+                    value = show_value(d.value.as_deref()),
+                    attempts = d.attempts,
+                    at = d.created_at.to_rfc3339(),
+                    retried = d
+                        .retried_at
+                        .map(|t| format!(" (retried {})", t.to_rfc3339()))
+                        .unwrap_or_default(),
+                    reason = d.reason,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLettersCommand::Retry { ids, all } => {
+            if ids.is_empty() && !all {
+                eprintln!("error: name dead-letter ids or pass --all");
+                return Ok(ExitCode::from(crate::EXIT_CONFIG));
+            }
+            let selection = if all { None } else { Some(ids.as_slice()) };
+            let count = ledger::retry_dead_letters(&mut conn, store.schema(), selection).await?;
+            println!("{count} dead letter(s) put back into the outbox");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
