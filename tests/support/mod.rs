@@ -185,3 +185,106 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, Stri
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
 }
+
+/// One change as etcd's own event log has it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LoggedChange {
+    pub revision: i64,
+    pub key: Vec<u8>,
+    pub op: String,
+    pub value: Option<Vec<u8>>,
+}
+
+/// etcd's event log of every key accepted by `keep`, from revision 1 to
+/// `until` (watch from revision 1: valid before any compaction).
+pub async fn etcd_event_log(world: &World, until: i64, keep: impl Fn(&[u8]) -> bool) -> anyhow::Result<Vec<LoggedChange>> {
+    if until <= 1 {
+        return Ok(Vec::new());
+    }
+    let mut client = world.etcd_client().await?;
+    // Every revision after 1 changed at least one key, so the log reaches
+    // `until` exactly.
+    let options = etcd_client::WatchOptions::new().with_all_keys().with_start_revision(1);
+    let mut stream = client.watch(vec![0u8], Some(options)).await?;
+    let mut log = Vec::new();
+    let mut last = 0;
+    while last < until {
+        let Some(response) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?? else {
+            anyhow::bail!("watch ended");
+        };
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            last = last.max(kv.mod_revision());
+            if !keep(kv.key()) || kv.mod_revision() > until {
+                continue;
+            }
+            let delete = event.event_type() == etcd_client::EventType::Delete;
+            log.push(LoggedChange {
+                revision: kv.mod_revision(),
+                key: kv.key().to_vec(),
+                op: if delete { "delete".into() } else { "put".into() },
+                value: (!delete).then(|| kv.value().to_vec()),
+            });
+        }
+    }
+    log.sort();
+    Ok(log)
+}
+
+/// The history table as the same kind of list.
+pub async fn history_log(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<LoggedChange>> {
+    let rows = pg
+        .query("SELECT revision, key, op, value FROM etcd_sync.history ORDER BY revision, key", &[])
+        .await?;
+    let mut log: Vec<LoggedChange> = rows
+        .iter()
+        .map(|r| LoggedChange {
+            revision: r.get(0),
+            key: r.get(1),
+            op: r.get(2),
+            value: r.get(3),
+        })
+        .collect();
+    log.sort();
+    Ok(log)
+}
+
+/// The current etcd revision.
+pub async fn etcd_revision(world: &World) -> anyhow::Result<i64> {
+    world.etcd.revision().await
+}
+
+/// Waits until the checkpoint reaches `revision`.
+pub async fn wait_applied(world: &World, revision: i64, timeout: Duration) -> anyhow::Result<()> {
+    let pg = world.pg().await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let applied = count(&pg, "SELECT applied_revision FROM etcd_sync.sync_state").await.unwrap_or(0);
+        if applied >= revision {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("applied revision {applied} did not reach {revision} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts that history holds exactly etcd's event log for the kept keys:
+/// every change once, nothing else.
+pub async fn assert_history_is_etcd_log(world: &World, keep: impl Fn(&[u8]) -> bool) -> anyhow::Result<usize> {
+    let until = etcd_revision(world).await?;
+    wait_applied(world, until, Duration::from_secs(20)).await?;
+    let expected = etcd_event_log(world, until, keep).await?;
+    let actual = history_log(&world.pg().await?).await?;
+    if expected != actual {
+        let missing: Vec<_> = expected.iter().filter(|c| !actual.contains(c)).take(5).collect();
+        let extra: Vec<_> = actual.iter().filter(|c| !expected.contains(c)).take(5).collect();
+        anyhow::bail!(
+            "history differs from etcd's log: {} expected, {} recorded; missing {missing:?}; extra {extra:?}",
+            expected.len(),
+            actual.len()
+        );
+    }
+    Ok(expected.len())
+}
