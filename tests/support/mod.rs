@@ -288,3 +288,97 @@ pub async fn assert_history_is_etcd_log(world: &World, keep: impl Fn(&[u8]) -> b
     }
     Ok(expected.len())
 }
+
+/// A seeded random etcd workload: puts, deletes, multi-key txns and leased
+/// keys over `prefixes`, from `clients` concurrent clients, `ops` in all.
+pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients: usize, seed: u64) -> anyhow::Result<()> {
+    let endpoint = world.etcd.endpoint();
+    let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
+    let mut tasks = Vec::new();
+    for client_index in 0..clients {
+        let endpoint = endpoint.clone();
+        let prefixes = prefixes.clone();
+        let share = ops / clients + usize::from(client_index < ops % clients);
+        tasks.push(tokio::spawn(async move {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(client_index as u64));
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            let key = |rng: &mut rand::rngs::StdRng| {
+                let prefix = &prefixes[rng.random_range(0..prefixes.len())];
+                format!("{prefix}k{:03}", rng.random_range(0..100))
+            };
+            for op in 0..share {
+                let roll = rng.random_range(0..100);
+                let value = format!("v{client_index}-{op}-{}", rng.random::<u32>());
+                let result = if roll < 55 {
+                    client.put(key(&mut rng), value, None).await.map(|_| ())
+                } else if roll < 75 {
+                    client.delete(key(&mut rng), None).await.map(|_| ())
+                } else if roll < 95 {
+                    let mut keys: Vec<String> = (0..rng.random_range(2..5)).map(|_| key(&mut rng)).collect();
+                    keys.sort();
+                    keys.dedup();
+                    let txn_ops: Vec<etcd_client::TxnOp> = keys
+                        .into_iter()
+                        .map(|k| {
+                            if rng.random_bool(0.7) {
+                                etcd_client::TxnOp::put(k, value.clone(), None)
+                            } else {
+                                etcd_client::TxnOp::delete(k, None)
+                            }
+                        })
+                        .collect();
+                    client.txn(etcd_client::Txn::new().and_then(txn_ops)).await.map(|_| ())
+                } else {
+                    match client.lease_grant(1, None).await {
+                        Ok(lease) => client
+                            .put(key(&mut rng), value, Some(etcd_client::PutOptions::new().with_lease(lease.id())))
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    }
+                };
+                if let Err(error) = result {
+                    anyhow::bail!("client {client_index} op {op}: {error}");
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Puts to etcd at a steady pace until stopped, retrying through outages;
+/// returns how many puts were acknowledged.
+pub fn background_writer(endpoint: String, prefix: &'static str, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        let mut client = None;
+        let mut i = 0u64;
+        while !stop.is_cancelled() {
+            if client.is_none() {
+                client = tokio::time::timeout(Duration::from_secs(1), etcd_client::Client::connect([endpoint.clone()], None))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+            if let Some(c) = client.as_mut() {
+                let put = tokio::time::timeout(Duration::from_secs(1), c.put(format!("{prefix}w{:03}", i % 200), format!("value-{i}"), None)).await;
+                match put {
+                    Ok(Ok(_)) => {
+                        acknowledged += 1;
+                        i += 1;
+                    }
+                    _ => client = None,
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        acknowledged
+    })
+}
