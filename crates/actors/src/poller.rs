@@ -318,13 +318,14 @@ fn validate(ctx: &SyncContext, candidate: &Candidate) -> Result<(), (DeadLetterK
             "etcd does not accept an empty key".into(),
         ));
     }
-    let size = request_bytes(row);
     let limit = ctx.config.etcd.max_request_bytes;
-    if size > limit {
+    if request_bytes(row) > limit {
         return Err((
             DeadLetterKind::TooLarge,
             format!(
-                "key and value take {size} bytes, over etcd's request limit of {limit} bytes (etcd.max_request_bytes)"
+                "value of {} bytes with a key of {} bytes exceeds etcd's request limit of {limit} bytes (etcd.max_request_bytes)",
+                row.value.as_ref().map_or(0, Vec::len),
+                row.key.len()
             ),
         ));
     }

@@ -242,6 +242,31 @@ impl Service {
         }
     }
 
+    /// Changes the environment of the next (re)start.
+    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(value) => {
+                self.config.env.insert(name.to_owned(), value.to_owned());
+            }
+            None => {
+                self.config.env.remove(name);
+            }
+        }
+    }
+
+    /// Waits for the process to exit by itself (a crash), at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status() {
+                self.child = None;
+                return Ok(status);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{} still running after {timeout:?}", self.node_id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts the same replica again (same config, same HTTP port).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();

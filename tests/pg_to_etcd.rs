@@ -1,0 +1,287 @@
+//! PostgreSQL → etcd (SPEC 3.3, 3.4): the outbox, LISTEN/NOTIFY and
+//! polling, fenced compare-and-swap, no echo, durability across a crash
+//! between the etcd write and the PostgreSQL commit, dead letters.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const MAPPINGS: &str = r#"
+[[mappings]]
+prefix = "/a/"
+table = "kv_a"
+
+[[mappings]]
+prefix = "/c/"
+table = "kv_c"
+direction = "etcd-to-pg"
+"#;
+
+fn under_a(key: &[u8]) -> bool {
+    key.starts_with(b"/a/")
+}
+
+#[tokio::test]
+async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let started = Instant::now();
+    let mut sessions = Vec::new();
+    for session in 0..6u64 {
+        let db = world.db.clone();
+        sessions.push(tokio::spawn(async move {
+            use rand::{Rng, SeedableRng};
+            let pg = db.client().await?;
+            pg.batch_execute("SET search_path TO etcd_sync").await?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(session);
+            let mut statements = 0usize;
+            let mut changes = 0usize;
+            while changes < 10_000 / 6 {
+                let k = rng.random_range(0..300);
+                let roll = rng.random_range(0..100);
+                let value = format!("s{session}-{changes}");
+                changes += if roll < 35 {
+                    pg.execute(
+                        "INSERT INTO kv_a (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&format!("/a/k{k:03}").into_bytes(), &value.into_bytes()],
+                    )
+                    .await? as usize
+                } else if roll < 55 {
+                    pg.execute("UPDATE kv_a_text SET value = $2 WHERE key = $1", &[&format!("/a/k{k:03}"), &value]).await? as usize
+                } else if roll < 70 {
+                    pg.execute("DELETE FROM kv_a WHERE key = $1", &[&format!("/a/k{k:03}").into_bytes()]).await? as usize
+                } else if roll < 85 {
+                    // One statement, many rows.
+                    pg.execute(
+                        "INSERT INTO kv_a (key, value) SELECT convert_to('/a/m' || lpad(g::text, 3, '0'), 'UTF8'), $1::bytea FROM generate_series($2::int, $2::int + 24) g \
+                         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&value.into_bytes(), &(k as i32)],
+                    )
+                    .await? as usize
+                } else {
+                    pg.execute(
+                        "INSERT INTO kv_a_text (key, value) VALUES ($1, $2)",
+                        &[&format!("/a/t{session}-{changes}"), &value],
+                    )
+                    .await? as usize
+                };
+                statements += 1;
+            }
+            anyhow::Ok((statements, changes))
+        }));
+    }
+    let mut total = 0;
+    for session in sessions {
+        total += session.await??.1;
+    }
+    let wrote = started.elapsed();
+    let quiet = Instant::now();
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(30)).await?;
+    println!("{total} row changes from SQL in {wrote:?}, converged {:?} after the last commit", quiet.elapsed());
+    let pg = world.pg().await?;
+    assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0);
+    assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
+    assert_eq!(count(&pg, "SELECT count(*) FROM dead_letters").await?, 0);
+    // Every etcd change came from PostgreSQL, and is in the history once:
+    // no echo went back into PostgreSQL as a new change.
+    let changes = assert_history_is_etcd_log(&world, under_a).await?;
+    assert_eq!(count(&pg, "SELECT count(*) FROM history WHERE origin <> 'pg'").await?, 0);
+    assert!(changes >= total / 2, "{changes} etcd changes for {total} row changes");
+    Ok(())
+}
+
+#[tokio::test]
+async fn successive_changes_to_one_key_are_never_coalesced() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    let keys = 10;
+    let rounds = 30;
+    for round in 0..rounds {
+        for k in 0..keys {
+            if round == 0 {
+                pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'start')", &[&format!("/a/hot{k}")]).await?;
+            }
+            pg.execute("UPDATE kv_a_text SET value = $2 WHERE key = $1", &[&format!("/a/hot{k}"), &format!("round {round}")]).await?;
+        }
+    }
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let until = etcd_revision(&world).await?;
+    let log = etcd_event_log(&world, until, under_a).await?;
+    let mut per_key: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
+    for change in log {
+        per_key
+            .entry(change.key)
+            .or_default()
+            .push(String::from_utf8(change.value.unwrap_or_default())?);
+    }
+    for k in 0..keys {
+        let values = &per_key[format!("/a/hot{k}").as_bytes()];
+        let expected: Vec<String> = std::iter::once("start".to_string())
+            .chain((0..rounds).map(|r| format!("round {r}")))
+            .collect();
+        assert_eq!(values, &expected, "etcd saw every change of /a/hot{k}, in order");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn notify_wakes_the_poller_and_polling_covers_lost_notifications() -> anyhow::Result<()> {
+    // NOTIFY: with a 10 s poll interval, a change still arrives at once.
+    let mut world = World::new(MAPPINGS).await?;
+    world.env.insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "10000".into());
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the listener connects
+    let pg = world.pg().await?;
+    let mut etcd = world.etcd_client().await?;
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let key = format!("/a/notify{i}");
+        let sent = Instant::now();
+        pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'x')", &[&key]).await?;
+        loop {
+            if !etcd.get(key.clone(), None).await?.kvs().is_empty() {
+                break;
+            }
+            anyhow::ensure!(sent.elapsed() < Duration::from_secs(5), "{key} not in etcd after 5 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    println!("commit → readable in etcd via NOTIFY: p50 {:?}, max {:?}", latencies[10], latencies[19]);
+    assert!(latencies[19] < Duration::from_secs(5), "NOTIFY path, not the 10 s poll");
+    drop(service);
+
+    // Polling only: notifications disabled, the poll interval carries it.
+    let mut world = World::new(MAPPINGS).await?;
+    world.env.insert("ETCD_PG_SYNC__SYNC__LISTEN_NOTIFY".into(), "false".into());
+    world.env.insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "300".into());
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    pg.execute("INSERT INTO kv_a_text (key, value) VALUES ('/a/polled', 'x')", &[]).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut config = world.config("n1");
+    config.env.insert("ETCD_PG_SYNC_FAILPOINT".into(), "crash-after-etcd-commit".into());
+    let mut service = eps_harness::Service::start(config, "n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    pg.batch_execute(
+        "INSERT INTO kv_a (key, value) SELECT convert_to('/a/crash' || g, 'UTF8'), convert_to('v' || g, 'UTF8') FROM generate_series(1, 50) g; \
+         UPDATE kv_a SET value = 'second' WHERE key = '/a/crash1';",
+    )
+    .await?;
+    // The failpoint aborts the process right after etcd committed.
+    let exit = service.wait_exit(Duration::from_secs(10)).await?;
+    assert!(!exit.success(), "the failpoint crashed the replica");
+    let mut etcd = world.etcd_client().await?;
+    let in_etcd = etcd
+        .get("/a/crash", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .await?
+        .count();
+    assert!(in_etcd > 0, "the crash came after etcd's commit");
+    assert!(count(&pg, "SELECT count(*) FROM outbox").await? > 0, "and before the rows were consumed");
+
+    service.set_env("ETCD_PG_SYNC_FAILPOINT", None);
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
+    // Each change reached etcd exactly once, and the history has it once.
+    let changes = assert_history_is_etcd_log(&world, under_a).await?;
+    assert_eq!(changes, 51, "50 inserts and one update");
+    assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
+    Ok(())
+}
+
+async fn wait_outbox_empty(world: &World, timeout: Duration) -> anyhow::Result<()> {
+    let pg = world.pg().await?;
+    let deadline = Instant::now() + timeout;
+    while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "outbox not drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    let too_large = vec![7u8; 2 * 1024 * 1024];
+    pg.execute("INSERT INTO kv_a (key, value) VALUES ('/a/huge', $1)", &[&too_large]).await?;
+    pg.execute("INSERT INTO kv_a (key, value) VALUES ('/z/outside', 'x')", &[]).await?;
+    pg.execute("INSERT INTO kv_c (key, value) VALUES ('/c/read-only', 'x')", &[]).await?;
+    for i in 0..20 {
+        pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'fine')", &[&format!("/a/fine{i}")]).await?;
+    }
+    pg.execute("UPDATE kv_a SET value = 'small again' WHERE key = '/a/huge'", &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pg, "SELECT count(*) FROM dead_letters").await? < 3 {
+        anyhow::ensure!(Instant::now() < deadline, "dead letters missing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = pg.query("SELECT kind, reason, key FROM dead_letters ORDER BY id", &[]).await?;
+    let kinds: Vec<(String, String, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert!(kinds.iter().any(|(k, r, key)| k == "too-large" && r.contains("value of 2097152 bytes") && key == b"/a/huge"), "{kinds:?}");
+    assert!(kinds.iter().any(|(k, r, _)| k == "unmapped" && r.contains("outside the prefix")), "{kinds:?}");
+    assert!(kinds.iter().any(|(k, r, _)| k == "read-only-mapping" && r.contains("etcd-to-pg")), "{kinds:?}");
+    // The changes behind them keep flowing, including the next change of
+    // the key whose value was too large.
+    let mut etcd = world.etcd_client().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let huge = etcd.get("/a/huge", None).await?;
+        let fine = etcd.get("/a/fine", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?;
+        if fine.count() == 20 && huge.kvs().first().is_some_and(|kv| kv.value() == b"small again") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "other changes did not flow");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(etcd.get("/z/outside", None).await?.kvs().is_empty());
+    assert!(etcd.get("/c/read-only", None).await?.kvs().is_empty());
+    let events = count(&pg, "SELECT count(*) FROM sync_events WHERE kind = 'dead-letter'").await?;
+    assert_eq!(events, 3);
+    // The CLI lists them with their reasons.
+    let url = world.db.url();
+    let (code, stdout, stderr) = run_cli(&["dead-letters", "list"], &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("too-large") && stdout.contains("read-only-mapping"), "{stdout}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn deletes_propagate_and_updates_that_change_nothing_do_not() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/keep", "same", None).await?;
+    etcd.put("/a/drop", "x", None).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
+    let before = etcd_revision(&world).await?;
+    let pg = world.pg().await?;
+    pg.execute("UPDATE kv_a SET value = value", &[]).await?;
+    pg.execute("UPDATE kv_a_text SET value = 'same' WHERE key = '/a/keep'", &[]).await?;
+    pg.execute("DELETE FROM kv_a WHERE key = '/a/drop'", &[]).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
+    assert_eq!(etcd_revision(&world).await?, before + 1, "only the delete reached etcd");
+    assert_history_is_etcd_log(&world, under_a).await?;
+    Ok(())
+}
