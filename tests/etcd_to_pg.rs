@@ -45,13 +45,35 @@ async fn ten_thousand_changes_converge_and_history_is_etcds_log() -> anyhow::Res
     let quiet = Instant::now();
     // SPEC 3.1: converged within 2 s of the writes stopping.
     converge_all(&world, Duration::from_secs(2)).await?;
-    println!("10,000 ops written in {wrote:?}, converged {:?} after the last write", quiet.elapsed());
+    println!(
+        "10,000 ops written in {wrote:?}, converged {:?} after the last write",
+        quiet.elapsed()
+    );
     let changes = assert_history_is_etcd_log(&world, mapped).await?;
     println!("history holds etcd's {changes} changes exactly once");
     let pg = world.pg().await?;
-    assert_eq!(count(&pg, "SELECT count(*) FROM history WHERE substring(key FROM 1 FOR 3) = '/x/'").await?, 0, "unmapped keys stay out");
-    assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0, "the service's writes do not echo");
-    assert_eq!(count(&pg, "SELECT count(*) FROM history WHERE origin NOT IN ('etcd', 'snapshot')").await?, 0);
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM history WHERE substring(key FROM 1 FOR 3) = '/x/'"
+        )
+        .await?,
+        0,
+        "unmapped keys stay out"
+    );
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM outbox").await?,
+        0,
+        "the service's writes do not echo"
+    );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM history WHERE origin NOT IN ('etcd', 'snapshot')"
+        )
+        .await?,
+        0
+    );
     let lease_deletes = count(&pg, "SELECT count(*) FROM history WHERE op = 'delete'").await?;
     assert!(lease_deletes > 0);
     Ok(())
@@ -60,21 +82,35 @@ async fn ten_thousand_changes_converge_and_history_is_etcds_log() -> anyhow::Res
 #[tokio::test]
 async fn initial_snapshot_copies_the_keyspace_page_by_page() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
-    world.env.insert("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE".into(), "100".into());
+    world.env.insert(
+        "ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE".into(),
+        "100".into(),
+    );
     let mut etcd = world.etcd_client().await?;
     for i in 0..2_500 {
         let prefix = ["/a/", "/b/", "/c/", "/x/"][i % 4];
-        etcd.put(format!("{prefix}{i:05}"), format!("value {i}"), None).await?;
+        etcd.put(format!("{prefix}{i:05}"), format!("value {i}"), None)
+            .await?;
     }
     etcd.delete("/a/00000", None).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     converge_all(&world, Duration::from_secs(20)).await?;
     let pg = world.pg().await?;
-    let snapshot_rows = count(&pg, "SELECT count(*) FROM history WHERE origin = 'snapshot'").await?;
-    assert_eq!(snapshot_rows, 1_874, "one history row per key present at the snapshot");
+    let snapshot_rows = count(
+        &pg,
+        "SELECT count(*) FROM history WHERE origin = 'snapshot'",
+    )
+    .await?;
+    assert_eq!(
+        snapshot_rows, 1_874,
+        "one history row per key present at the snapshot"
+    );
     let event = pg
-        .query_one("SELECT detail::text FROM sync_events WHERE kind = 'snapshot'", &[])
+        .query_one(
+            "SELECT detail::text FROM sync_events WHERE kind = 'snapshot'",
+            &[],
+        )
         .await?;
     let detail: serde_json::Value = serde_json::from_str(event.get(0))?;
     assert_eq!(detail["counts"]["upserts"], 1_874);
@@ -92,12 +128,21 @@ async fn binary_keys_and_large_values_round_trip_exactly() -> anyhow::Result<()>
     let mut etcd = world.etcd_client().await?;
     let large: Vec<u8> = (0..1_500 * 1024).map(|i| (i % 251) as u8).collect();
     let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
-        (b"/a/nul\x00inside".to_vec(), b"value\x00with\x00nuls".to_vec()),
-        (b"/a/\xff\xfe not utf-8".to_vec(), vec![0xc3, 0x28, 0xa0, 0xa1]),
+        (
+            b"/a/nul\x00inside".to_vec(),
+            b"value\x00with\x00nuls".to_vec(),
+        ),
+        (
+            b"/a/\xff\xfe not utf-8".to_vec(),
+            vec![0xc3, 0x28, 0xa0, 0xa1],
+        ),
         (b"/a/empty-value".to_vec(), Vec::new()),
         (b"/b/'; DROP TABLE kv_b; --".to_vec(), b"robert".to_vec()),
         (b"/b/large".to_vec(), large.clone()),
-        ("/b/ünïcödé ✓".as_bytes().to_vec(), "välüe ✓".as_bytes().to_vec()),
+        (
+            "/b/ünïcödé ✓".as_bytes().to_vec(),
+            "välüe ✓".as_bytes().to_vec(),
+        ),
     ];
     for (key, value) in &cases {
         etcd.put(key.clone(), value.clone(), None).await?;
@@ -105,11 +150,21 @@ async fn binary_keys_and_large_values_round_trip_exactly() -> anyhow::Result<()>
     converge_all(&world, Duration::from_secs(10)).await?;
     let pg = world.pg().await?;
     for (key, value) in &cases {
-        let table = if key.starts_with(b"/a/") { "kv_a" } else { "kv_b" };
-        let row = pg.query_one(&format!("SELECT value FROM {table} WHERE key = $1"), &[key]).await?;
+        let table = if key.starts_with(b"/a/") {
+            "kv_a"
+        } else {
+            "kv_b"
+        };
+        let row = pg
+            .query_one(&format!("SELECT value FROM {table} WHERE key = $1"), &[key])
+            .await?;
         assert_eq!(&row.get::<_, Vec<u8>>(0), value, "key {key:?}");
     }
-    let tables = count(&pg, "SELECT count(*) FROM pg_tables WHERE schemaname = 'etcd_sync' AND tablename = 'kv_b'").await?;
+    let tables = count(
+        &pg,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'etcd_sync' AND tablename = 'kv_b'",
+    )
+    .await?;
     assert_eq!(tables, 1, "a key that looks like SQL is only data");
     assert_history_is_etcd_log(&world, mapped).await?;
     Ok(())
@@ -213,15 +268,21 @@ async fn etcd_partition_stops_the_leader_and_healing_resumes() -> anyhow::Result
     // traffic: the watch stalls, the lease runs out, the pipeline stops;
     // once healed, it leads again and catches up.
     let mut world = World::new(MAPPINGS).await?;
-    let proxy = eps_harness::Proxy::start(format!("127.0.0.1:{}", world.etcd.client_port()).parse()?).await?;
+    let proxy =
+        eps_harness::Proxy::start(format!("127.0.0.1:{}", world.etcd.client_port()).parse()?)
+            .await?;
     let real_endpoint = world.etcd.endpoint();
-    world.env.insert("ETCD_PG_SYNC__ETCD__ENDPOINTS".into(), format!("http://127.0.0.1:{}", proxy.port()));
+    world.env.insert(
+        "ETCD_PG_SYNC__ETCD__ENDPOINTS".into(),
+        format!("http://127.0.0.1:{}", proxy.port()),
+    );
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     proxy.set(eps_harness::FaultMode::Blackhole);
     let mut etcd = etcd_client::Client::connect([real_endpoint], None).await?;
     for i in 0..50 {
-        etcd.put(format!("/a/during-partition-{i}"), "x", None).await?;
+        etcd.put(format!("/a/during-partition-{i}"), "x", None)
+            .await?;
     }
     // Lease TTL is 3 s in tests: the leader must notice and step down.
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -29,13 +29,22 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::R
         ],
     )?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("name = \"from-env\""), "env overrides the file:\n{stdout}");
+    assert!(
+        stdout.contains("name = \"from-env\""),
+        "env overrides the file:\n{stdout}"
+    );
     assert!(stdout.contains("table = \"kv_app\""));
     for secret in ["file-secret", "url-secret", "env-secret"] {
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} leaked:\n{stdout}{stderr}");
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked:\n{stdout}{stderr}"
+        );
     }
     // The config file can also come from ETCD_PG_SYNC_CONFIG.
-    let (code, stdout, _) = run_cli(&["check-config"], &[("ETCD_PG_SYNC_CONFIG", config.to_str().unwrap())])?;
+    let (code, stdout, _) = run_cli(
+        &["check-config"],
+        &[("ETCD_PG_SYNC_CONFIG", config.to_str().unwrap())],
+    )?;
     assert_eq!(code, 0);
     assert!(stdout.contains("name = \"from-file\""));
     Ok(())
@@ -45,12 +54,36 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::R
 fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\n[[mappings]]\nprefix = \"/a/b/\"\ntable = \"b\"\n", &[], "mappings[1].prefix"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\npolicy = \"coin-flip\"\n", &[], "mappings[0].policy"),
-        ("[[mappings]]\nprefix = \"/a/\"\ntable = \"a; DROP TABLE x\"\n", &[], "mappings[0].table"),
-        ("", &[("ETCD_PG_SYNC__POSTGRES__URL", "not a url")], "postgres.url"),
-        ("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "localhost:2379")], "etcd.endpoints[0]"),
-        ("[cluster]\nlease_ttl_secs = \"long\"\n", &[], "lease_ttl_secs"),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\n[[mappings]]\nprefix = \"/a/b/\"\ntable = \"b\"\n",
+            &[],
+            "mappings[1].prefix",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\npolicy = \"coin-flip\"\n",
+            &[],
+            "mappings[0].policy",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a; DROP TABLE x\"\n",
+            &[],
+            "mappings[0].table",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__POSTGRES__URL", "not a url")],
+            "postgres.url",
+        ),
+        (
+            "",
+            &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "localhost:2379")],
+            "etcd.endpoints[0]",
+        ),
+        (
+            "[cluster]\nlease_ttl_secs = \"long\"\n",
+            &[],
+            "lease_ttl_secs",
+        ),
     ];
     for (i, (content, env, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -58,7 +91,10 @@ fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
         for command in ["check-config", "run", "migrate"] {
             let (code, _, stderr) = run_cli(&[command, "--config", path.to_str().unwrap()], env)?;
             assert_eq!(code, 2, "{command} with {content:?} {env:?}: {stderr}");
-            assert!(stderr.contains(key), "{command}: expected {key} in {stderr:?}");
+            assert!(
+                stderr.contains(key),
+                "{command}: expected {key} in {stderr:?}"
+            );
         }
     }
     Ok(())
@@ -89,10 +125,21 @@ async fn run_becomes_ready_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let status = status(&service).await?;
     for field in [
-        "node_id", "role", "term", "applied_revision", "etcd_revision", "lag_revisions",
-        "outbox_pending", "conflicts_pending", "dead_letters", "last_error",
+        "node_id",
+        "role",
+        "term",
+        "applied_revision",
+        "etcd_revision",
+        "lag_revisions",
+        "outbox_pending",
+        "conflicts_pending",
+        "dead_letters",
+        "last_error",
     ] {
-        assert!(status.get(field).is_some(), "/status lacks {field}: {status}");
+        assert!(
+            status.get(field).is_some(),
+            "/status lacks {field}: {status}"
+        );
     }
     assert_eq!(status["node_id"], "n1");
     assert!(status["term"].as_i64().unwrap() > 0);

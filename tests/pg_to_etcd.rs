@@ -81,7 +81,10 @@ async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Resu
     let wrote = started.elapsed();
     let quiet = Instant::now();
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(30)).await?;
-    println!("{total} row changes from SQL in {wrote:?}, converged {:?} after the last commit", quiet.elapsed());
+    println!(
+        "{total} row changes from SQL in {wrote:?}, converged {:?} after the last commit",
+        quiet.elapsed()
+    );
     let pg = world.pg().await?;
     assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0);
     assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
@@ -89,8 +92,14 @@ async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Resu
     // Every etcd change came from PostgreSQL, and is in the history once:
     // no echo went back into PostgreSQL as a new change.
     let changes = assert_history_is_etcd_log(&world, under_a).await?;
-    assert_eq!(count(&pg, "SELECT count(*) FROM history WHERE origin <> 'pg'").await?, 0);
-    assert!(changes >= total / 2, "{changes} etcd changes for {total} row changes");
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM history WHERE origin <> 'pg'").await?,
+        0
+    );
+    assert!(
+        changes >= total / 2,
+        "{changes} etcd changes for {total} row changes"
+    );
     Ok(())
 }
 
@@ -105,9 +114,17 @@ async fn successive_changes_to_one_key_are_never_coalesced() -> anyhow::Result<(
     for round in 0..rounds {
         for k in 0..keys {
             if round == 0 {
-                pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'start')", &[&format!("/a/hot{k}")]).await?;
+                pg.execute(
+                    "INSERT INTO kv_a_text (key, value) VALUES ($1, 'start')",
+                    &[&format!("/a/hot{k}")],
+                )
+                .await?;
             }
-            pg.execute("UPDATE kv_a_text SET value = $2 WHERE key = $1", &[&format!("/a/hot{k}"), &format!("round {round}")]).await?;
+            pg.execute(
+                "UPDATE kv_a_text SET value = $2 WHERE key = $1",
+                &[&format!("/a/hot{k}"), &format!("round {round}")],
+            )
+            .await?;
         }
     }
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
@@ -125,7 +142,10 @@ async fn successive_changes_to_one_key_are_never_coalesced() -> anyhow::Result<(
         let expected: Vec<String> = std::iter::once("start".to_string())
             .chain((0..rounds).map(|r| format!("round {r}")))
             .collect();
-        assert_eq!(values, &expected, "etcd saw every change of /a/hot{k}, in order");
+        assert_eq!(
+            values, &expected,
+            "etcd saw every change of /a/hot{k}, in order"
+        );
     }
     Ok(())
 }
@@ -134,7 +154,10 @@ async fn successive_changes_to_one_key_are_never_coalesced() -> anyhow::Result<(
 async fn notify_wakes_the_poller_and_polling_covers_lost_notifications() -> anyhow::Result<()> {
     // NOTIFY: with a 10 s poll interval, a change still arrives at once.
     let mut world = World::new(MAPPINGS).await?;
-    world.env.insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "10000".into());
+    world.env.insert(
+        "ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(),
+        "10000".into(),
+    );
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the listener connects
@@ -144,38 +167,63 @@ async fn notify_wakes_the_poller_and_polling_covers_lost_notifications() -> anyh
     for i in 0..20 {
         let key = format!("/a/notify{i}");
         let sent = Instant::now();
-        pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'x')", &[&key]).await?;
+        pg.execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ($1, 'x')",
+            &[&key],
+        )
+        .await?;
         loop {
             if !etcd.get(key.clone(), None).await?.kvs().is_empty() {
                 break;
             }
-            anyhow::ensure!(sent.elapsed() < Duration::from_secs(5), "{key} not in etcd after 5 s");
+            anyhow::ensure!(
+                sent.elapsed() < Duration::from_secs(5),
+                "{key} not in etcd after 5 s"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         latencies.push(sent.elapsed());
     }
     latencies.sort();
-    println!("commit → readable in etcd via NOTIFY: p50 {:?}, max {:?}", latencies[10], latencies[19]);
-    assert!(latencies[19] < Duration::from_secs(5), "NOTIFY path, not the 10 s poll");
+    println!(
+        "commit → readable in etcd via NOTIFY: p50 {:?}, max {:?}",
+        latencies[10], latencies[19]
+    );
+    assert!(
+        latencies[19] < Duration::from_secs(5),
+        "NOTIFY path, not the 10 s poll"
+    );
     drop(service);
 
     // Polling only: notifications disabled, the poll interval carries it.
     let mut world = World::new(MAPPINGS).await?;
-    world.env.insert("ETCD_PG_SYNC__SYNC__LISTEN_NOTIFY".into(), "false".into());
-    world.env.insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "300".into());
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__LISTEN_NOTIFY".into(), "false".into());
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "300".into());
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let pg = world.pg().await?;
-    pg.execute("INSERT INTO kv_a_text (key, value) VALUES ('/a/polled', 'x')", &[]).await?;
+    pg.execute(
+        "INSERT INTO kv_a_text (key, value) VALUES ('/a/polled', 'x')",
+        &[],
+    )
+    .await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
     Ok(())
 }
 
 #[tokio::test]
-async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_nothing()
+-> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;
     let mut config = world.config("n1");
-    config.env.insert("ETCD_PG_SYNC_FAILPOINT".into(), "crash-after-etcd-commit".into());
+    config.env.insert(
+        "ETCD_PG_SYNC_FAILPOINT".into(),
+        "crash-after-etcd-commit".into(),
+    );
     let mut service = eps_harness::Service::start(config, "n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let pg = world.pg().await?;
@@ -189,11 +237,21 @@ async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_not
     assert!(!exit.success(), "the failpoint crashed the replica");
     let mut etcd = world.etcd_client().await?;
     let in_etcd = etcd
-        .get("/a/crash", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+        .get(
+            "/a/crash",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
         .await?
         .count();
     assert!(in_etcd > 0, "the crash came after etcd's commit");
-    assert!(count(&pg, "SELECT count(*) FROM outbox").await? > 0, "and before the rows were consumed");
+    assert!(
+        count(&pg, "SELECT count(*) FROM outbox").await? > 0,
+        "and before the rows were consumed"
+    );
 
     service.set_env("ETCD_PG_SYNC_FAILPOINT", None);
     service.restart()?;
@@ -224,31 +282,88 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let pg = world.pg().await?;
     let too_large = vec![7u8; 2 * 1024 * 1024];
-    pg.execute("INSERT INTO kv_a (key, value) VALUES ('/a/huge', $1)", &[&too_large]).await?;
-    pg.execute("INSERT INTO kv_a (key, value) VALUES ('/z/outside', 'x')", &[]).await?;
-    pg.execute("INSERT INTO kv_c (key, value) VALUES ('/c/read-only', 'x')", &[]).await?;
+    pg.execute(
+        "INSERT INTO kv_a (key, value) VALUES ('/a/huge', $1)",
+        &[&too_large],
+    )
+    .await?;
+    pg.execute(
+        "INSERT INTO kv_a (key, value) VALUES ('/z/outside', 'x')",
+        &[],
+    )
+    .await?;
+    pg.execute(
+        "INSERT INTO kv_c (key, value) VALUES ('/c/read-only', 'x')",
+        &[],
+    )
+    .await?;
     for i in 0..20 {
-        pg.execute("INSERT INTO kv_a_text (key, value) VALUES ($1, 'fine')", &[&format!("/a/fine{i}")]).await?;
+        pg.execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ($1, 'fine')",
+            &[&format!("/a/fine{i}")],
+        )
+        .await?;
     }
-    pg.execute("UPDATE kv_a SET value = 'small again' WHERE key = '/a/huge'", &[]).await?;
+    pg.execute(
+        "UPDATE kv_a SET value = 'small again' WHERE key = '/a/huge'",
+        &[],
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while count(&pg, "SELECT count(*) FROM dead_letters").await? < 3 {
         anyhow::ensure!(Instant::now() < deadline, "dead letters missing");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rows = pg.query("SELECT kind, reason, key FROM dead_letters ORDER BY id", &[]).await?;
-    let kinds: Vec<(String, String, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-    assert!(kinds.iter().any(|(k, r, key)| k == "too-large" && r.contains("value of 2097152 bytes") && key == b"/a/huge"), "{kinds:?}");
-    assert!(kinds.iter().any(|(k, r, _)| k == "unmapped" && r.contains("outside the prefix")), "{kinds:?}");
-    assert!(kinds.iter().any(|(k, r, _)| k == "read-only-mapping" && r.contains("etcd-to-pg")), "{kinds:?}");
+    let rows = pg
+        .query(
+            "SELECT kind, reason, key FROM dead_letters ORDER BY id",
+            &[],
+        )
+        .await?;
+    let kinds: Vec<(String, String, Vec<u8>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        kinds.iter().any(|(k, r, key)| k == "too-large"
+            && r.contains("value of 2097152 bytes")
+            && key == b"/a/huge"),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, r, _)| k == "unmapped" && r.contains("outside the prefix")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, r, _)| k == "read-only-mapping" && r.contains("etcd-to-pg")),
+        "{kinds:?}"
+    );
     // The changes behind them keep flowing, including the next change of
     // the key whose value was too large.
     let mut etcd = world.etcd_client().await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let huge = etcd.get("/a/huge", None).await?;
-        let fine = etcd.get("/a/fine", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?;
-        if fine.count() == 20 && huge.kvs().first().is_some_and(|kv| kv.value() == b"small again") {
+        let fine = etcd
+            .get(
+                "/a/fine",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await?;
+        if fine.count() == 20
+            && huge
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == b"small again")
+        {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "other changes did not flow");
@@ -256,13 +371,23 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
     }
     assert!(etcd.get("/z/outside", None).await?.kvs().is_empty());
     assert!(etcd.get("/c/read-only", None).await?.kvs().is_empty());
-    let events = count(&pg, "SELECT count(*) FROM sync_events WHERE kind = 'dead-letter'").await?;
+    let events = count(
+        &pg,
+        "SELECT count(*) FROM sync_events WHERE kind = 'dead-letter'",
+    )
+    .await?;
     assert_eq!(events, 3);
     // The CLI lists them with their reasons.
     let url = world.db.url();
-    let (code, stdout, stderr) = run_cli(&["dead-letters", "list"], &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())])?;
+    let (code, stdout, stderr) = run_cli(
+        &["dead-letters", "list"],
+        &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())],
+    )?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("too-large") && stdout.contains("read-only-mapping"), "{stdout}");
+    assert!(
+        stdout.contains("too-large") && stdout.contains("read-only-mapping"),
+        "{stdout}"
+    );
     Ok(())
 }
 
@@ -278,10 +403,19 @@ async fn deletes_propagate_and_updates_that_change_nothing_do_not() -> anyhow::R
     let before = etcd_revision(&world).await?;
     let pg = world.pg().await?;
     pg.execute("UPDATE kv_a SET value = value", &[]).await?;
-    pg.execute("UPDATE kv_a_text SET value = 'same' WHERE key = '/a/keep'", &[]).await?;
-    pg.execute("DELETE FROM kv_a WHERE key = '/a/drop'", &[]).await?;
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'same' WHERE key = '/a/keep'",
+        &[],
+    )
+    .await?;
+    pg.execute("DELETE FROM kv_a WHERE key = '/a/drop'", &[])
+        .await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
-    assert_eq!(etcd_revision(&world).await?, before + 1, "only the delete reached etcd");
+    assert_eq!(
+        etcd_revision(&world).await?,
+        before + 1,
+        "only the delete reached etcd"
+    );
     assert_history_is_etcd_log(&world, under_a).await?;
     Ok(())
 }

@@ -74,6 +74,9 @@ CREATE TABLE conflicts (
     etcd_revision    bigint NOT NULL,
     etcd_observed_at timestamptz NOT NULL,
     pg_value         bytea,          -- NULL: deleted in PostgreSQL
+    -- Earlier local changes of the key dropped with it (oldest first; NULL
+    -- entries: deletes), so no acknowledged write vanishes unrecorded.
+    pg_superseded    bytea[] NOT NULL DEFAULT '{}',
     pg_revision      bigint NOT NULL, -- the etcd revision the PostgreSQL change was based on
     pg_changed_at    timestamptz NOT NULL,
     policy           text NOT NULL,

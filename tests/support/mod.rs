@@ -197,19 +197,27 @@ pub struct LoggedChange {
 
 /// etcd's event log of every key accepted by `keep`, from revision 1 to
 /// `until` (watch from revision 1: valid before any compaction).
-pub async fn etcd_event_log(world: &World, until: i64, keep: impl Fn(&[u8]) -> bool) -> anyhow::Result<Vec<LoggedChange>> {
+pub async fn etcd_event_log(
+    world: &World,
+    until: i64,
+    keep: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<Vec<LoggedChange>> {
     if until <= 1 {
         return Ok(Vec::new());
     }
     let mut client = world.etcd_client().await?;
     // Every revision after 1 changed at least one key, so the log reaches
     // `until` exactly.
-    let options = etcd_client::WatchOptions::new().with_all_keys().with_start_revision(1);
+    let options = etcd_client::WatchOptions::new()
+        .with_all_keys()
+        .with_start_revision(1);
     let mut stream = client.watch(vec![0u8], Some(options)).await?;
     let mut log = Vec::new();
     let mut last = 0;
     while last < until {
-        let Some(response) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?? else {
+        let Some(response) =
+            tokio::time::timeout(Duration::from_secs(10), stream.message()).await??
+        else {
             anyhow::bail!("watch ended");
         };
         for event in response.events() {
@@ -222,7 +230,11 @@ pub async fn etcd_event_log(world: &World, until: i64, keep: impl Fn(&[u8]) -> b
             log.push(LoggedChange {
                 revision: kv.mod_revision(),
                 key: kv.key().to_vec(),
-                op: if delete { "delete".into() } else { "put".into() },
+                op: if delete {
+                    "delete".into()
+                } else {
+                    "put".into()
+                },
                 value: (!delete).then(|| kv.value().to_vec()),
             });
         }
@@ -234,7 +246,10 @@ pub async fn etcd_event_log(world: &World, until: i64, keep: impl Fn(&[u8]) -> b
 /// The history table as the same kind of list.
 pub async fn history_log(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<LoggedChange>> {
     let rows = pg
-        .query("SELECT revision, key, op, value FROM etcd_sync.history ORDER BY revision, key", &[])
+        .query(
+            "SELECT revision, key, op, value FROM etcd_sync.history ORDER BY revision, key",
+            &[],
+        )
         .await?;
     let mut log: Vec<LoggedChange> = rows
         .iter()
@@ -259,7 +274,9 @@ pub async fn wait_applied(world: &World, revision: i64, timeout: Duration) -> an
     let pg = world.pg().await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let applied = count(&pg, "SELECT applied_revision FROM etcd_sync.sync_state").await.unwrap_or(0);
+        let applied = count(&pg, "SELECT applied_revision FROM etcd_sync.sync_state")
+            .await
+            .unwrap_or(0);
         if applied >= revision {
             return Ok(());
         }
@@ -272,14 +289,25 @@ pub async fn wait_applied(world: &World, revision: i64, timeout: Duration) -> an
 
 /// Asserts that history holds exactly etcd's event log for the kept keys:
 /// every change once, nothing else.
-pub async fn assert_history_is_etcd_log(world: &World, keep: impl Fn(&[u8]) -> bool) -> anyhow::Result<usize> {
+pub async fn assert_history_is_etcd_log(
+    world: &World,
+    keep: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<usize> {
     let until = etcd_revision(world).await?;
     wait_applied(world, until, Duration::from_secs(20)).await?;
     let expected = etcd_event_log(world, until, keep).await?;
     let actual = history_log(&world.pg().await?).await?;
     if expected != actual {
-        let missing: Vec<_> = expected.iter().filter(|c| !actual.contains(c)).take(5).collect();
-        let extra: Vec<_> = actual.iter().filter(|c| !expected.contains(c)).take(5).collect();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|c| !actual.contains(c))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = actual
+            .iter()
+            .filter(|c| !expected.contains(c))
+            .take(5)
+            .collect();
         anyhow::bail!(
             "history differs from etcd's log: {} expected, {} recorded; missing {missing:?}; extra {extra:?}",
             expected.len(),
@@ -291,7 +319,13 @@ pub async fn assert_history_is_etcd_log(world: &World, keep: impl Fn(&[u8]) -> b
 
 /// A seeded random etcd workload: puts, deletes, multi-key txns and leased
 /// keys over `prefixes`, from `clients` concurrent clients, `ops` in all.
-pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients: usize, seed: u64) -> anyhow::Result<()> {
+pub async fn etcd_workload(
+    world: &World,
+    prefixes: &[&str],
+    ops: usize,
+    clients: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let endpoint = world.etcd.endpoint();
     let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
     let mut tasks = Vec::new();
@@ -301,7 +335,10 @@ pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients
         let share = ops / clients + usize::from(client_index < ops % clients);
         tasks.push(tokio::spawn(async move {
             use rand::{Rng, SeedableRng};
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(client_index as u64));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                seed.wrapping_mul(1_000_003)
+                    .wrapping_add(client_index as u64),
+            );
             let mut client = etcd_client::Client::connect([endpoint], None).await?;
             let key = |rng: &mut rand::rngs::StdRng| {
                 let prefix = &prefixes[rng.random_range(0..prefixes.len())];
@@ -315,7 +352,8 @@ pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients
                 } else if roll < 75 {
                     client.delete(key(&mut rng), None).await.map(|_| ())
                 } else if roll < 95 {
-                    let mut keys: Vec<String> = (0..rng.random_range(2..5)).map(|_| key(&mut rng)).collect();
+                    let mut keys: Vec<String> =
+                        (0..rng.random_range(2..5)).map(|_| key(&mut rng)).collect();
                     keys.sort();
                     keys.dedup();
                     let txn_ops: Vec<etcd_client::TxnOp> = keys
@@ -328,11 +366,18 @@ pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients
                             }
                         })
                         .collect();
-                    client.txn(etcd_client::Txn::new().and_then(txn_ops)).await.map(|_| ())
+                    client
+                        .txn(etcd_client::Txn::new().and_then(txn_ops))
+                        .await
+                        .map(|_| ())
                 } else {
                     match client.lease_grant(1, None).await {
                         Ok(lease) => client
-                            .put(key(&mut rng), value, Some(etcd_client::PutOptions::new().with_lease(lease.id())))
+                            .put(
+                                key(&mut rng),
+                                value,
+                                Some(etcd_client::PutOptions::new().with_lease(lease.id())),
+                            )
                             .await
                             .map(|_| ()),
                         Err(e) => Err(e),
@@ -353,20 +398,35 @@ pub async fn etcd_workload(world: &World, prefixes: &[&str], ops: usize, clients
 
 /// Puts to etcd at a steady pace until stopped, retrying through outages;
 /// returns how many puts were acknowledged.
-pub fn background_writer(endpoint: String, prefix: &'static str, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<u64> {
+pub fn background_writer(
+    endpoint: String,
+    prefix: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut acknowledged = 0u64;
         let mut client = None;
         let mut i = 0u64;
         while !stop.is_cancelled() {
             if client.is_none() {
-                client = tokio::time::timeout(Duration::from_secs(1), etcd_client::Client::connect([endpoint.clone()], None))
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
+                client = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    etcd_client::Client::connect([endpoint.clone()], None),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok);
             }
             if let Some(c) = client.as_mut() {
-                let put = tokio::time::timeout(Duration::from_secs(1), c.put(format!("{prefix}w{:03}", i % 200), format!("value-{i}"), None)).await;
+                let put = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    c.put(
+                        format!("{prefix}w{:03}", i % 200),
+                        format!("value-{i}"),
+                        None,
+                    ),
+                )
+                .await;
                 match put {
                     Ok(Ok(_)) => {
                         acknowledged += 1;

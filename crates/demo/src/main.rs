@@ -29,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let mut replicas = Vec::new();
     for node in ["node-a", "node-b", "node-c"] {
         let mut config = ServiceConfig::new(&binary, &etcd.endpoint(), &db.url(), node, MAPPINGS);
-        config.toml = config.toml.replace("log_format = \"json\"", "log_format = \"pretty\"");
+        config.toml = config
+            .toml
+            .replace("log_format = \"json\"", "log_format = \"pretty\"");
         replicas.push(Service::start(config, node).await?);
     }
     let leader = wait_for_leader(&replicas).await?;
@@ -38,7 +40,12 @@ async fn main() -> anyhow::Result<()> {
     println!("\nwriting /demo/from-etcd/* in etcd and /demo/from-pg/* in PostgreSQL…");
     let mut kv = etcd.client().await?;
     for i in 1..=3 {
-        kv.put(format!("/demo/from-etcd/{i}"), format!("etcd value {i}"), None).await?;
+        kv.put(
+            format!("/demo/from-etcd/{i}"),
+            format!("etcd value {i}"),
+            None,
+        )
+        .await?;
     }
     let pg = db.client().await?;
     for i in 1..=3 {
@@ -55,24 +62,44 @@ async fn main() -> anyhow::Result<()> {
         .get("/demo/", Some(etcd_client::GetOptions::new().with_prefix()))
         .await?;
     for entry in listing.kvs() {
-        println!("  {} = {}", String::from_utf8_lossy(entry.key()), String::from_utf8_lossy(entry.value()));
+        println!(
+            "  {} = {}",
+            String::from_utf8_lossy(entry.key()),
+            String::from_utf8_lossy(entry.value())
+        );
     }
     println!("\nPostgreSQL (SELECT key, value, origin FROM etcd_sync.kv_text ORDER BY key):");
     for row in pg
-        .query("SELECT key, value, origin FROM etcd_sync.kv_text ORDER BY key", &[])
+        .query(
+            "SELECT key, value, origin FROM etcd_sync.kv_text ORDER BY key",
+            &[],
+        )
         .await?
     {
         let key: Option<String> = row.get(0);
         let value: Option<String> = row.get(1);
         let origin: String = row.get(2);
-        println!("  {} = {}   (last written in {origin})", key.unwrap_or_default(), value.unwrap_or_default());
+        println!(
+            "  {} = {}   (last written in {origin})",
+            key.unwrap_or_default(),
+            value.unwrap_or_default()
+        );
     }
 
     println!("\nTry it yourself while this runs:");
-    println!("  etcdctl --endpoints {} put /demo/hello world", etcd.endpoint());
-    println!("  psql -h 127.0.0.1 -p {} -U postgres {} -c \"UPDATE etcd_sync.kv_text SET value = 'changed' WHERE key = '/demo/hello'\"", db.port, db.name);
+    println!(
+        "  etcdctl --endpoints {} put /demo/hello world",
+        etcd.endpoint()
+    );
+    println!(
+        "  psql -h 127.0.0.1 -p {} -U postgres {} -c \"UPDATE etcd_sync.kv_text SET value = 'changed' WHERE key = '/demo/hello'\"",
+        db.port, db.name
+    );
     for replica in &replicas {
-        println!("  curl http://{}/status   # {}", replica.http, replica.node_id);
+        println!(
+            "  curl http://{}/status   # {}",
+            replica.http, replica.node_id
+        );
     }
     println!("\nCtrl-C stops the replicas, etcd and PostgreSQL and removes their files.");
     tokio::signal::ctrl_c().await?;

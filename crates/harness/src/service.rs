@@ -262,7 +262,11 @@ impl Service {
                 self.child = None;
                 return Ok(status);
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{} still running after {timeout:?}", self.node_id);
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} still running after {timeout:?}",
+                self.node_id
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -15,10 +15,17 @@ async fn proxy_cuts_blackholes_and_restores_etcd_traffic() -> anyhow::Result<()>
 
     proxy.set(FaultMode::Cut);
     let cut = tokio::time::timeout(Duration::from_secs(5), client.put("k", "x", None)).await;
-    assert!(matches!(cut, Ok(Err(_))), "a cut connection fails fast: {cut:?}");
+    assert!(
+        matches!(cut, Ok(Err(_))),
+        "a cut connection fails fast: {cut:?}"
+    );
 
     proxy.set(FaultMode::Blackhole);
-    let mut fresh = tokio::time::timeout(Duration::from_secs(3), etcd_client::Client::connect([endpoint.clone()], None)).await;
+    let mut fresh = tokio::time::timeout(
+        Duration::from_secs(3),
+        etcd_client::Client::connect([endpoint.clone()], None),
+    )
+    .await;
     if let Ok(Ok(c)) = fresh.as_mut() {
         let hung = tokio::time::timeout(Duration::from_millis(500), c.put("k", "y", None)).await;
         assert!(hung.is_err(), "a black hole answers nothing");
@@ -27,7 +34,12 @@ async fn proxy_cuts_blackholes_and_restores_etcd_traffic() -> anyhow::Result<()>
     proxy.set(FaultMode::Pass);
     let mut restored = None;
     for _ in 0..50 {
-        if let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), etcd_client::Client::connect([endpoint.clone()], None)).await {
+        if let Ok(Ok(mut c)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            etcd_client::Client::connect([endpoint.clone()], None),
+        )
+        .await
+        {
             if c.put("k", "after", None).await.is_ok() {
                 restored = Some(c);
                 break;
@@ -48,9 +60,17 @@ async fn proxy_cuts_postgres_connections() -> anyhow::Result<()> {
     let client = eps_harness::postgres::connect(&db.url_via(proxy.port())).await?;
     client.simple_query("SELECT 1").await?;
     proxy.set(FaultMode::Cut);
-    let result = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
-    assert!(matches!(result, Ok(Err(_))), "query over a cut connection fails: {result:?}");
-    assert!(eps_harness::postgres::connect(&db.url_via(proxy.port())).await.is_err());
+    let result =
+        tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
+    assert!(
+        matches!(result, Ok(Err(_))),
+        "query over a cut connection fails: {result:?}"
+    );
+    assert!(
+        eps_harness::postgres::connect(&db.url_via(proxy.port()))
+            .await
+            .is_err()
+    );
     proxy.set(FaultMode::Pass);
     let client = eps_harness::postgres::connect(&db.url_via(proxy.port())).await?;
     client.simple_query("SELECT 1").await?;

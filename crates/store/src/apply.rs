@@ -452,10 +452,11 @@ async fn insert_conflict(
     };
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
-             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id) \
+             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
+             pg_superseded) \
          VALUES ($1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
-             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14) \
+             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at \
@@ -475,6 +476,7 @@ async fn insert_conflict(
     .bind::<Text, _>(&request.fence.node)
     .bind::<BigInt, _>(request.fence.term)
     .bind::<Nullable<Text>, _>(request.trace_id)
+    .bind::<Array<Nullable<Bytea>>, _>(&conflict.pg_superseded)
     .load(conn)
     .await?;
     rows.into_iter()

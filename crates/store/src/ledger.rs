@@ -145,6 +145,16 @@ pub async fn execute_resolution(
         let pending = conflict.status == "pending";
         match (pending, take) {
             (true, Side::Etcd) => {
+                // The parked changes (and those queued behind them) lose.
+                diesel::sql_query(
+                    "UPDATE conflicts SET pg_superseded = pg_superseded || COALESCE((SELECT array_agg(value ORDER BY id) \
+                         FROM outbox WHERE mirror_table = $2 AND key = $3), '{}') WHERE id = $1",
+                )
+                .bind::<BigInt, _>(conflict.id)
+                .bind::<Text, _>(&conflict.mirror_table)
+                .bind::<Bytea, _>(&conflict.key)
+                .execute(conn)
+                .await?;
                 diesel::sql_query("DELETE FROM outbox WHERE mirror_table = $1 AND key = $2")
                     .bind::<Text, _>(&conflict.mirror_table)
                     .bind::<Bytea, _>(&conflict.key)

@@ -110,6 +110,8 @@ pub struct ConflictEntry {
     pub etcd: EtcdSide,
     /// The local state that conflicted: the last pending change's value.
     pub pg_value: Option<Vec<u8>>,
+    /// The values of the earlier pending changes of the key, oldest first.
+    pub pg_superseded: Vec<Option<Vec<u8>>>,
     pub pg_base_revision: i64,
     pub pg_changed_at_us: i64,
     pub policy: Policy,
@@ -279,6 +281,10 @@ impl Planner {
         let mut entry = ConflictEntry {
             etcd: self.etcd_side(input),
             pg_value: last.value.clone(),
+            pg_superseded: self.pending[..self.pending.len() - 1]
+                .iter()
+                .map(|p| p.value.clone())
+                .collect(),
             pg_base_revision: first.base_revision,
             pg_changed_at_us: last.changed_at_us,
             policy: self.ctx.policy,

@@ -184,6 +184,11 @@ fn etcd_wins_drops_every_local_change_and_records_the_loser() {
     let conflict = &plan.conflicts[0];
     assert_eq!(conflict.winner, Some(Side::Etcd));
     assert_eq!(conflict.pg_value.as_deref(), Some(&b"l2"[..]));
+    assert_eq!(
+        conflict.pg_superseded,
+        vec![Some(b"l1".to_vec())],
+        "the earlier local change is recorded too"
+    );
     assert_eq!(conflict.pg_changed_at_us, 600);
     assert_eq!(conflict.etcd.value.as_deref(), Some(&b"remote"[..]));
     assert_eq!(conflict.etcd.revision, 7);

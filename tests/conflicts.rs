@@ -1,0 +1,472 @@
+//! Conflicts, retries and dead letters (SPEC 2, 3.3, 3.7, 3.8).
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn mappings(policy: &str) -> String {
+    format!("[[mappings]]\nprefix = \"/a/\"\ntable = \"kv_a\"\npolicy = \"{policy}\"\n")
+}
+
+fn under_a(key: &[u8]) -> bool {
+    key.starts_with(b"/a/")
+}
+
+#[derive(Debug)]
+struct Conflict {
+    id: i64,
+    key: Vec<u8>,
+    etcd_value: Option<Vec<u8>>,
+    etcd_revision: i64,
+    pg_value: Option<Vec<u8>>,
+    pg_superseded: Vec<Option<Vec<u8>>>,
+    winner: Option<String>,
+    status: String,
+    pg_newer: bool,
+}
+
+async fn conflicts(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<Conflict>> {
+    let rows = pg
+        .query(
+            "SELECT id, key, etcd_value, etcd_revision, pg_value, winner, status, pg_changed_at > etcd_observed_at, pg_superseded \
+             FROM etcd_sync.conflicts ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Conflict {
+            id: r.get(0),
+            key: r.get(1),
+            etcd_value: r.get(2),
+            etcd_revision: r.get(3),
+            pg_value: r.get(4),
+            winner: r.get(5),
+            status: r.get(6),
+            pg_newer: r.get(7),
+            pg_superseded: r.get(8),
+        })
+        .collect())
+}
+
+/// Keys changed on both sides while the replica is stopped: one conflict
+/// each, settled by the policy when it comes back.
+async fn conflicts_while_stopped(
+    policy: &str,
+    keys: usize,
+) -> anyhow::Result<(World, eps_harness::Service)> {
+    let world = World::new(&mappings(policy)).await?;
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..keys {
+        etcd.put(format!("/a/k{i:03}"), "agreed", None).await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let pg = world.pg().await?;
+    for i in 0..keys {
+        pg.execute(
+            "UPDATE kv_a_text SET value = $2 WHERE key = $1",
+            &[&format!("/a/k{i:03}"), &format!("pg {i}")],
+        )
+        .await?;
+        etcd.put(format!("/a/k{i:03}"), format!("etcd {i}"), None)
+            .await?;
+    }
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    Ok((world, service))
+}
+
+#[tokio::test]
+async fn etcd_wins_keeps_etcds_value_and_records_the_loser() -> anyhow::Result<()> {
+    let (world, _service) = conflicts_while_stopped("etcd-wins", 50).await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    for i in 0..50 {
+        assert_eq!(
+            state[format!("/a/k{i:03}").as_bytes()],
+            format!("etcd {i}").into_bytes()
+        );
+    }
+    let pg = world.pg().await?;
+    let found = conflicts(&pg).await?;
+    assert_eq!(
+        found.len(),
+        50,
+        "one conflict per key changed on both sides"
+    );
+    for c in &found {
+        assert_eq!(c.winner.as_deref(), Some("etcd"));
+        assert_eq!(c.status, "resolved");
+        let i: usize = String::from_utf8_lossy(&c.key[4..]).parse()?;
+        assert_eq!(
+            c.pg_value.as_deref(),
+            Some(format!("pg {i}").as_bytes()),
+            "the loser is kept"
+        );
+    }
+    assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0);
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM sync_events WHERE kind = 'conflict'"
+        )
+        .await?,
+        50
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pg_wins_overwrites_etcd_and_records_the_loser() -> anyhow::Result<()> {
+    let (world, _service) = conflicts_while_stopped("pg-wins", 50).await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    for i in 0..50 {
+        assert_eq!(
+            state[format!("/a/k{i:03}").as_bytes()],
+            format!("pg {i}").into_bytes()
+        );
+    }
+    let pg = world.pg().await?;
+    let found = conflicts(&pg).await?;
+    assert_eq!(found.len(), 50);
+    for c in &found {
+        assert_eq!(c.winner.as_deref(), Some("pg"));
+        let i: usize = String::from_utf8_lossy(&c.key[4..]).parse()?;
+        assert_eq!(
+            c.etcd_value.as_deref(),
+            Some(format!("etcd {i}").as_bytes())
+        );
+    }
+    assert_history_is_etcd_log(&world, under_a).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_leaves_both_sides_until_an_operator_resolves() -> anyhow::Result<()> {
+    let (world, _service) = conflicts_while_stopped("manual", 3).await?;
+    let pg = world.pg().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(
+        &pg,
+        "SELECT count(*) FROM conflicts WHERE status = 'pending'",
+    )
+    .await?
+        < 3
+    {
+        anyhow::ensure!(Instant::now() < deadline, "conflicts not parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both sides untouched.
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..3 {
+        let key = format!("/a/k{i:03}");
+        assert_eq!(
+            etcd.get(key.clone(), None).await?.kvs()[0].value(),
+            format!("etcd {i}").as_bytes()
+        );
+        let row = pg
+            .query_one("SELECT value FROM kv_a_text WHERE key = $1", &[&key])
+            .await?;
+        assert_eq!(row.get::<_, String>(0), format!("pg {i}"));
+    }
+    // A later local change stays behind the parked one.
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'pg 0 again' WHERE key = '/a/k000'",
+        &[],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(etcd.get("/a/k000", None).await?.kvs()[0].value(), b"etcd 0");
+
+    let url = world.db.url();
+    let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
+    let (code, stdout, _) = run_cli(&["conflicts", "list"], &env)?;
+    assert_eq!(code, 0);
+    assert_eq!(stdout.matches("pending").count(), 3, "{stdout}");
+    let found = conflicts(&pg).await?;
+    let id_of = |key: &str| {
+        found
+            .iter()
+            .find(|c| c.key == key.as_bytes())
+            .map(|c| c.id.to_string())
+            .unwrap()
+    };
+
+    let (code, stdout, stderr) = run_cli(
+        &["conflicts", "resolve", &id_of("/a/k000"), "--take", "pg"],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, _, stderr) = run_cli(
+        &["conflicts", "resolve", &id_of("/a/k001"), "--take", "etcd"],
+        &env,
+    )?;
+    assert_eq!(code, 0, "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let k0 = etcd.get("/a/k000", None).await?;
+        let k1: String = pg
+            .query_one("SELECT value FROM kv_a_text WHERE key = '/a/k001'", &[])
+            .await?
+            .get(0);
+        if k0.kvs()[0].value() == b"pg 0 again" && k1 == "etcd 1" {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "resolutions not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The third stays parked; the others converge.
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM conflicts WHERE status = 'pending'"
+        )
+        .await?,
+        1
+    );
+    let mut etcd_state = etcd_snapshot(&mut etcd, b"/a/").await?;
+    let mut pg_state = pg_snapshot(&pg, "kv_a", b"/a/").await?;
+    etcd_state.remove(b"/a/k002".as_slice());
+    pg_state.remove(b"/a/k002".as_slice());
+    assert_eq!(etcd_state, pg_state);
+    assert!(count(&pg, "SELECT count(*) FROM sync_events WHERE kind = 'resolution' AND detail->>'by' = 'operator'").await? == 2);
+    Ok(())
+}
+
+/// Both sides write the same keys at nearly the same time, many times.
+async fn race(policy: &str) -> anyhow::Result<()> {
+    let world = World::new(&mappings(policy)).await?;
+    let keys = 60;
+    let rounds = 5;
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..keys {
+        etcd.put(format!("/a/r{i:02}"), "init", None).await?;
+    }
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    let mut written: Vec<(String, String)> = Vec::new();
+    for round in 0..rounds {
+        let mut tasks = Vec::new();
+        for i in 0..keys {
+            let key = format!("/a/r{i:02}");
+            let (etcd_value, pg_value) = (format!("etcd {round} {i}"), format!("pg {round} {i}"));
+            written.push((key.clone(), etcd_value.clone()));
+            written.push((key.clone(), pg_value.clone()));
+            let endpoint = world.etcd.endpoint();
+            let db = world.db.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut etcd = etcd_client::Client::connect([endpoint], None).await?;
+                let pg = db.client().await?;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&key, &pg_value];
+                let (a, b) = tokio::join!(
+                    etcd.put(key.clone(), etcd_value, None),
+                    pg.execute(
+                        "UPDATE etcd_sync.kv_a_text SET value = $2 WHERE key = $1",
+                        &params
+                    )
+                );
+                a?;
+                b?;
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let pg = world.pg().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "outbox not drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = conflicts(&pg).await?;
+    println!(
+        "{policy}: {} conflicts out of {} concurrent pairs",
+        found.len(),
+        keys * rounds
+    );
+    assert!(
+        !found.is_empty(),
+        "simultaneous writes on both sides conflict"
+    );
+    let mut seen = HashSet::new();
+    for c in &found {
+        assert!(
+            seen.insert((c.key.clone(), c.etcd_revision)),
+            "one conflict row per divergence: {c:?}"
+        );
+        assert_eq!(c.status, "resolved");
+        let expected = match policy {
+            "etcd-wins" => "etcd",
+            "pg-wins" => "pg",
+            _ if c.pg_newer => "pg",
+            _ => "etcd",
+        };
+        assert_eq!(c.winner.as_deref(), Some(expected), "{c:?}");
+    }
+    // Nothing vanished: every written value is the final one, in etcd's
+    // history, or a conflict's loser.
+    let history: HashSet<(Vec<u8>, Vec<u8>)> = pg
+        .query(
+            "SELECT key, value FROM history WHERE value IS NOT NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let losers: HashSet<(Vec<u8>, Vec<u8>)> = found
+        .iter()
+        .flat_map(|c| {
+            [c.etcd_value.clone(), c.pg_value.clone()]
+                .into_iter()
+                .chain(c.pg_superseded.iter().cloned())
+                .flatten()
+                .map(|v| (c.key.clone(), v))
+        })
+        .collect();
+    for (key, value) in &written {
+        let pair = (key.clone().into_bytes(), value.clone().into_bytes());
+        assert!(
+            state.get(&pair.0) == Some(&pair.1)
+                || history.contains(&pair)
+                || losers.contains(&pair),
+            "{key} = {value} vanished"
+        );
+    }
+    // No flip-flop: a loser never reaches etcd after the winner.
+    let until = etcd_revision(&world).await?;
+    let log = etcd_event_log(&world, until, under_a).await?;
+    let mut by_key: BTreeMap<Vec<u8>, Vec<(i64, Option<Vec<u8>>)>> = BTreeMap::new();
+    for change in log {
+        by_key
+            .entry(change.key)
+            .or_default()
+            .push((change.revision, change.value));
+    }
+    for c in &found {
+        let loser = match c.winner.as_deref() {
+            Some("etcd") => &c.pg_value,
+            _ => &c.etcd_value,
+        };
+        let late = by_key[&c.key]
+            .iter()
+            .any(|(rev, v)| *rev > c.etcd_revision && v == loser);
+        assert!(
+            !late,
+            "conflict {} loser reached etcd after the decision",
+            c.id
+        );
+    }
+    assert_history_is_etcd_log(&world, under_a).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn racing_writes_under_etcd_wins() -> anyhow::Result<()> {
+    race("etcd-wins").await
+}
+
+#[tokio::test]
+async fn racing_writes_under_pg_wins() -> anyhow::Result<()> {
+    race("pg-wins").await
+}
+
+#[tokio::test]
+async fn racing_writes_under_newest_wins() -> anyhow::Result<()> {
+    race("newest-wins").await
+}
+
+#[tokio::test]
+async fn a_value_etcd_rejects_is_dead_lettered_while_other_keys_flow() -> anyhow::Result<()> {
+    // etcd accepts smaller requests than the service is configured for:
+    // etcd itself refuses the value.
+    let etcd = eps_harness::Etcd::start_with(eps_harness::etcd::EtcdOptions {
+        extra_args: vec!["--max-request-bytes".into(), "65536".into()],
+        ..Default::default()
+    })
+    .await?;
+    let mut world = World::new(&mappings("newest-wins")).await?;
+    world.etcd = etcd;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    for i in 0..30 {
+        let value = if i == 10 {
+            vec![1u8; 200_000]
+        } else {
+            format!("ok {i}").into_bytes()
+        };
+        pg.execute(
+            "INSERT INTO kv_a (key, value) VALUES ($1, $2)",
+            &[&format!("/a/v{i:02}").into_bytes(), &value],
+        )
+        .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let dead = count(
+            &pg,
+            "SELECT count(*) FROM dead_letters WHERE kind = 'too-large'",
+        )
+        .await?;
+        let mut etcd = world.etcd_client().await?;
+        let flowed = etcd
+            .get(
+                "/a/v",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
+            )
+            .await?
+            .count();
+        if dead == 1 && flowed == 29 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "dead={dead} flowed={flowed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason: String = pg
+        .query_one("SELECT reason FROM dead_letters", &[])
+        .await?
+        .get(0);
+    assert!(reason.contains("too large"), "{reason}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_etcd_outage_longer_than_the_backoff_cap_loses_nothing() -> anyhow::Result<()> {
+    // retry.max_ms is 500 in tests; the outage lasts 3 s.
+    let mut world = World::new(&mappings("newest-wins")).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    world.etcd.stop();
+    for i in 0..100 {
+        pg.execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ($1, 'written during the outage')",
+            &[&format!("/a/o{i:03}")],
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    world.etcd.restart().await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(30)).await?;
+    assert_eq!(state.len(), 100);
+    assert_eq!(count(&pg, "SELECT count(*) FROM dead_letters").await?, 0);
+    assert_history_is_etcd_log(&world, under_a).await?;
+    Ok(())
+}
