@@ -65,6 +65,7 @@ async fn conflicts_while_stopped(
     }
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     service.terminate(Duration::from_secs(10)).await?;
 
@@ -251,6 +252,7 @@ async fn race(policy: &str) -> anyhow::Result<()> {
     }
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     let mut written: Vec<(String, String)> = Vec::new();
     for round in 0..rounds {
@@ -401,6 +403,7 @@ async fn a_value_etcd_rejects_is_dead_lettered_while_other_keys_flow() -> anyhow
     world.etcd = etcd;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     for i in 0..30 {
         let value = if i == 10 {
@@ -453,6 +456,7 @@ async fn an_etcd_outage_longer_than_the_backoff_cap_loses_nothing() -> anyhow::R
     let mut world = World::new(&mappings("newest-wins")).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     world.etcd.stop();
     for i in 0..100 {

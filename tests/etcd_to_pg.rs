@@ -39,6 +39,7 @@ async fn ten_thousand_changes_converge_and_history_is_etcds_log() -> anyhow::Res
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let started = Instant::now();
     etcd_workload(&world, &["/a/", "/b/", "/c/", "/x/"], 10_000, 8, 1).await?;
     let wrote = started.elapsed();
@@ -95,6 +96,7 @@ async fn initial_snapshot_copies_the_keyspace_page_by_page() -> anyhow::Result<(
     etcd.delete("/a/00000", None).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     converge_all(&world, Duration::from_secs(20)).await?;
     let pg = world.pg().await?;
     let snapshot_rows = count(
@@ -125,6 +127,7 @@ async fn binary_keys_and_large_values_round_trip_exactly() -> anyhow::Result<()>
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let mut etcd = world.etcd_client().await?;
     let large: Vec<u8> = (0..1_500 * 1024).map(|i| (i % 251) as u8).collect();
     let cases: Vec<(Vec<u8>, Vec<u8>)> = vec![
@@ -175,6 +178,7 @@ async fn an_idle_watch_advances_the_checkpoint() -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let mut etcd = world.etcd_client().await?;
     etcd.put("/a/one", "1", None).await?;
     for i in 0..20 {
@@ -192,6 +196,7 @@ async fn a_killed_service_resumes_without_gap_or_duplicate() -> anyhow::Result<(
     let world = World::new(MAPPINGS).await?;
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let stop = CancellationToken::new();
     let writers: Vec<_> = ["/a/", "/b/"]
         .into_iter()
@@ -228,6 +233,7 @@ async fn etcd_restart_mid_stream_pauses_and_resumes() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let stop = CancellationToken::new();
     let writer = background_writer(world.etcd.endpoint(), "/a/", stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -248,6 +254,7 @@ async fn postgres_restart_mid_stream_pauses_and_resumes() -> anyhow::Result<()> 
     world.db = postgres.create_database().await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let stop = CancellationToken::new();
     let writer = background_writer(world.etcd.endpoint(), "/b/", stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -278,6 +285,7 @@ async fn etcd_partition_stops_the_leader_and_healing_resumes() -> anyhow::Result
     );
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     proxy.set(eps_harness::FaultMode::Blackhole);
     let mut etcd = etcd_client::Client::connect([real_endpoint], None).await?;
     for i in 0..50 {

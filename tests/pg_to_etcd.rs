@@ -29,6 +29,7 @@ async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Resu
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let started = Instant::now();
     let mut sessions = Vec::new();
     for session in 0..6u64 {
@@ -108,6 +109,7 @@ async fn successive_changes_to_one_key_are_never_coalesced() -> anyhow::Result<(
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     let keys = 10;
     let rounds = 30;
@@ -160,6 +162,7 @@ async fn notify_wakes_the_poller_and_polling_covers_lost_notifications() -> anyh
     );
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // the listener connects
     let pg = world.pg().await?;
     let mut etcd = world.etcd_client().await?;
@@ -205,6 +208,7 @@ async fn notify_wakes_the_poller_and_polling_covers_lost_notifications() -> anyh
         .insert("ETCD_PG_SYNC__SYNC__POLL_INTERVAL_MS".into(), "300".into());
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     pg.execute(
         "INSERT INTO kv_a_text (key, value) VALUES ('/a/polled', 'x')",
@@ -226,6 +230,7 @@ async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_not
     );
     let mut service = eps_harness::Service::start(config, "n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     pg.batch_execute(
         "INSERT INTO kv_a (key, value) SELECT convert_to('/a/crash' || g, 'UTF8'), convert_to('v' || g, 'UTF8') FROM generate_series(1, 50) g; \
@@ -280,6 +285,7 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     let too_large = vec![7u8; 2 * 1024 * 1024];
     pg.execute(
@@ -396,6 +402,7 @@ async fn deletes_propagate_and_updates_that_change_nothing_do_not() -> anyhow::R
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
     let mut etcd = world.etcd_client().await?;
     etcd.put("/a/keep", "same", None).await?;
     etcd.put("/a/drop", "x", None).await?;

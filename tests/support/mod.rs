@@ -287,6 +287,14 @@ pub async fn wait_applied(world: &World, revision: i64, timeout: Duration) -> an
     }
 }
 
+/// Waits until the leader has taken its initial snapshot and applied
+/// everything up to now (tests comparing with etcd's whole log start
+/// writing after this: changes before the snapshot are not history).
+pub async fn wait_synced(world: &World) -> anyhow::Result<()> {
+    let head = etcd_revision(world).await?;
+    wait_applied(world, head, Duration::from_secs(20)).await
+}
+
 /// Asserts that history holds exactly etcd's event log for the kept keys:
 /// every change once, nothing else.
 pub async fn assert_history_is_etcd_log(
@@ -296,7 +304,10 @@ pub async fn assert_history_is_etcd_log(
     let until = etcd_revision(world).await?;
     wait_applied(world, until, Duration::from_secs(20)).await?;
     let expected = etcd_event_log(world, until, keep).await?;
-    let actual = history_log(&world.pg().await?).await?;
+    // Leases of the workload may still expire after `until`: compare the
+    // revisions both sides have seen.
+    let mut actual = history_log(&world.pg().await?).await?;
+    actual.retain(|change| change.revision <= until);
     if expected != actual {
         let missing: Vec<_> = expected
             .iter()
@@ -308,8 +319,36 @@ pub async fn assert_history_is_etcd_log(
             .filter(|c| !expected.contains(c))
             .take(5)
             .collect();
+        let pg = world.pg().await?;
+        let mut details = Vec::new();
+        for change in &extra {
+            let row = pg
+                .query_one(
+                    "SELECT origin, term, recorded_at::text FROM history WHERE key = $1 AND revision = $2",
+                    &[&change.key, &change.revision],
+                )
+                .await?;
+            details.push(format!(
+                "{:?}@{} {}: origin {} term {} at {}",
+                String::from_utf8_lossy(&change.key),
+                change.revision,
+                change.op,
+                row.get::<_, String>(0),
+                row.get::<_, i64>(1),
+                row.get::<_, String>(2)
+            ));
+        }
+        let events: Vec<String> = pg
+            .query(
+                "SELECT kind || ' ' || detail::text FROM sync_events ORDER BY id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         anyhow::bail!(
-            "history differs from etcd's log: {} expected, {} recorded; missing {missing:?}; extra {extra:?}",
+            "history differs from etcd's log: {} expected, {} recorded; missing {missing:?}; extra {details:?}; events {events:?}",
             expected.len(),
             actual.len()
         );
