@@ -481,3 +481,43 @@ pub fn background_writer(
         acknowledged
     })
 }
+
+/// Upserts rows into a mirror table at a steady pace until stopped,
+/// retrying through outages; returns how many commits were acknowledged.
+pub fn background_pg_writer(
+    db: TestDatabase,
+    table: &'static str,
+    prefix: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut i = 0u64;
+        while !stop.is_cancelled() {
+            if client.is_none() {
+                client = db.client().await.ok();
+            }
+            if let Some(c) = client.as_ref() {
+                let sql = format!(
+                    "INSERT INTO etcd_sync.{table} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                );
+                let key = format!("{prefix}p{:03}", i % 200).into_bytes();
+                let value = format!("pg-{i}").into_bytes();
+                match tokio::time::timeout(Duration::from_secs(2), c.execute(&sql, &[&key, &value]))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        acknowledged += 1;
+                        i += 1;
+                    }
+                    _ => client = None,
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        acknowledged
+    })
+}

@@ -23,6 +23,30 @@ pub type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 pub struct Connector {
     config: Arc<tokio_postgres::Config>,
     schema: Ident,
+    session: SessionLimits,
+}
+
+/// Limits every service session runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// A transaction left open this long is aborted by PostgreSQL: a frozen
+    /// leader (SIGSTOP, VM pause) must not hold the `sync_state` row lock —
+    /// and with it the next leader's term claim — beyond its lease.
+    pub idle_in_transaction: Duration,
+    /// A statement waiting this long for a lock fails (and is retried)
+    /// instead of hanging behind a user's long transaction.
+    pub lock_wait: Duration,
+}
+
+impl SessionLimits {
+    /// Half the lease TTL (at least 1 s): a frozen leader's transaction is
+    /// gone before its lease expires and a successor is elected.
+    pub fn for_lease_ttl(lease_ttl: Duration) -> Self {
+        SessionLimits {
+            idle_in_transaction: (lease_ttl / 2).max(Duration::from_secs(1)),
+            lock_wait: Duration::from_secs(10),
+        }
+    }
 }
 
 impl std::fmt::Debug for Connector {
@@ -34,7 +58,7 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    pub fn new(settings: &PostgresConfig) -> Result<Self, StoreError> {
+    pub fn new(settings: &PostgresConfig, session: SessionLimits) -> Result<Self, StoreError> {
         let schema = Ident::parse(&settings.schema)
             .map_err(|e| StoreError::Invalid(format!("postgres.schema: {e}")))?;
         let mut config: tokio_postgres::Config = settings
@@ -54,6 +78,7 @@ impl Connector {
         Ok(Self {
             config: Arc::new(config),
             schema,
+            session,
         })
     }
 
@@ -71,7 +96,12 @@ impl Connector {
         let mut connection =
             AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
         connection
-            .batch_execute(&format!("SET search_path TO {}", self.schema.quoted()))
+            .batch_execute(&format!(
+                "SET search_path TO {}; SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {}",
+                self.schema.quoted(),
+                self.session.idle_in_transaction.as_millis(),
+                self.session.lock_wait.as_millis()
+            ))
             .await
             .map_err(ConnectionError::CouldntSetupConfiguration)?;
         Ok(connection)

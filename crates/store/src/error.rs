@@ -58,6 +58,8 @@ impl From<diesel::result::Error> for StoreError {
                     "the database system is",
                     "canceling statement due to",
                     "connection to server",
+                    "lock timeout",
+                    "idle-in-transaction timeout",
                 ]
                 .iter()
                 .any(|needle| message.contains(needle));

@@ -43,7 +43,10 @@ impl Store {
     /// Builds the pool; connections open lazily (the first query tells
     /// whether PostgreSQL is reachable).
     pub async fn new(config: &Config) -> Result<Store, StoreError> {
-        let connector = Connector::new(&config.postgres)?;
+        let limits = connect::SessionLimits::for_lease_ttl(Duration::from_secs(
+            config.cluster.lease_ttl_secs,
+        ));
+        let connector = Connector::new(&config.postgres, limits)?;
         let pool = connector
             .pool(
                 config.postgres.pool_size,
