@@ -87,6 +87,7 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         keys: &keys,
         // The watcher has recorded etcd's changes of this key already.
         record_history: false,
+        repair_at: None,
     };
     let report = ctx.store.apply(&request).await?;
     for conflict in &report.conflicts {

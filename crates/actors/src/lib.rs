@@ -10,11 +10,13 @@
 //! durable state (STYLE 3, DEPENDENCIES pitfall 1).
 
 pub mod arbiter;
+pub mod diff;
 pub mod poller;
 pub mod recovery;
 pub mod retrier;
 pub mod shell;
 pub mod telemetry;
+pub mod verify;
 pub mod watcher;
 
 use std::sync::Arc;

@@ -9,7 +9,6 @@
 //! The history marks what it learns this way `snapshot` or `resync`: the
 //! revisions in between are unknown and are not invented.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,16 +17,13 @@ use eps_core::mapping::Mapping;
 use eps_core::model::{KeyValue, Origin};
 use eps_core::reconcile::KeyInput;
 use eps_etcd::EtcdError;
-use eps_store::mirror::MirrorRow;
 use eps_store::{ApplyRequest, KeyInputs};
 use tokio::sync::mpsc;
 
 use crate::SyncContext;
+use crate::diff::{DiffCursor, DiffError, PAGE_BYTES};
 use crate::shell::{ActorError, Progress, Shell};
 use crate::telemetry;
-
-/// Target bytes per page and per apply chunk (values can be 1.5 MiB each).
-const PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncReason {
@@ -72,12 +68,9 @@ impl Actor for CompactionRecovery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Message-driven: the loop only keeps the term's lifecycle.
-        let kill = self.ctx.kill.clone();
-        self.shell.spawn_loop(ctx, async move {
-            kill.cancelled().await;
-            Ok(())
-        });
+        // Resyncs come as messages; the loop runs anti-entropy when enabled.
+        let body = anti_entropy(self.ctx.clone());
+        self.shell.spawn_loop(ctx, body);
     }
 }
 
@@ -94,6 +87,42 @@ impl Handler<Resync> for CompactionRecovery {
         let ctx = self.ctx.clone();
         let progress = self.shell.progress.clone();
         AtomicResponse::new(Box::pin(resync(ctx, msg.reason, progress).into_actor(self)))
+    }
+}
+
+/// Compares etcd with the mirror every `sync.anti_entropy_interval_secs`
+/// and repairs drift by policy (off when 0).
+async fn anti_entropy(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
+    let interval = ctx.config.sync.anti_entropy_interval_secs;
+    if interval == 0 {
+        ctx.kill.cancelled().await;
+        return Ok(());
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(interval)).await;
+        let options = crate::verify::VerifyOptions {
+            prefix: None,
+            repair: true,
+            page_size: ctx.config.sync.snapshot_page_size,
+            settle: std::time::Duration::from_secs(2),
+        };
+        let report = crate::verify::verify(&ctx.etcd, &ctx.store, &ctx.mappings, Some(&ctx.fence), &options, |mapping, difference, outcome| {
+            tracing::warn!(table = %mapping.table, key = %eps_core::keys::display_key(&difference.key), kind = difference.kind(), ?outcome, "drift");
+        }, |_| {})
+        .await?;
+        metrics::gauge!(telemetry::DRIFTED_KEYS).set(report.differences() as f64);
+        let detail = serde_json::json!({"source": "anti-entropy", "report": report});
+        ctx.store
+            .record_event(&ctx.fence, "verify", None, &detail)
+            .await?;
+        if report.differences() > 0 {
+            tracing::warn!(
+                differences = report.differences(),
+                repaired = report.repaired,
+                "anti-entropy found drift"
+            );
+            ctx.wake_poller.notify_one();
+        }
     }
 }
 
@@ -177,13 +206,8 @@ async fn resync_once(
     Ok(revision)
 }
 
-/// Page size that keeps a page near [`PAGE_BYTES`] given the average entry
-/// size seen so far.
-fn adaptive_limit(max: usize, avg_bytes: usize) -> usize {
-    (PAGE_BYTES / avg_bytes.max(1)).clamp(1, max)
-}
-
-/// Merge-joins etcd (at `revision`) and the mirror over one mapping's range.
+/// Feeds every difference between etcd at `revision` and the mirror over
+/// one mapping's range to the apply transaction, a chunk at a time.
 async fn walk(
     ctx: &Arc<SyncContext>,
     mapping: &Mapping,
@@ -193,100 +217,39 @@ async fn walk(
     counts: &mut Counts,
 ) -> Result<(), ActorError> {
     let page_size = ctx.config.sync.snapshot_page_size;
-    let start = mapping.prefix.clone();
-    let end = mapping.range_end();
-    let mut etcd_buf: VecDeque<KeyValue> = VecDeque::new();
-    let mut etcd_next: Option<Vec<u8>> = Some(start.clone());
-    let mut pg_buf: VecDeque<MirrorRow> = VecDeque::new();
-    let mut pg_after: Option<Vec<u8>> = None;
-    let mut pg_done = false;
-    let mut avg_bytes = 256usize;
+    let mut cursor = DiffCursor::new(&ctx.etcd, &ctx.store, mapping, revision, page_size, None);
     let mut chunk: Vec<KeyInputs> = Vec::new();
     let mut chunk_bytes = 0usize;
     let observed_at = Instant::now();
-
-    loop {
-        // Refill until there is a key or etcd's range is exhausted (a page
-        // may hold only the service's own keys, filtered out).
-        while etcd_buf.is_empty() {
-            let Some(from) = etcd_next.take() else { break };
-            {
-                let limit = adaptive_limit(page_size, avg_bytes);
-                let page = ctx
-                    .etcd
-                    .range_page(&from, end.as_deref(), revision, limit)
-                    .await?;
-                if let Some(last) = page.kvs.last() {
-                    if page.more {
-                        etcd_next = Some(eps_core::keys::successor(&last.key));
-                    }
-                }
-                let bytes: usize = page
-                    .kvs
-                    .iter()
-                    .map(|kv| kv.key.len() + kv.value.len())
-                    .sum();
-                if !page.kvs.is_empty() {
-                    avg_bytes = (bytes / page.kvs.len()).max(1);
-                }
-                counts.keys_scanned += page.kvs.len() as u64;
-                metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(page.kvs.len() as u64);
-                etcd_buf.extend(page.kvs.into_iter().filter(|kv| mapping.contains(&kv.key)));
-                progress.tick();
-            }
-        }
-        if pg_buf.is_empty() && !pg_done {
-            let limit = adaptive_limit(page_size, avg_bytes);
-            let rows = ctx
-                .store
-                .mirror_page(
-                    &mapping.table,
-                    &start,
-                    end.as_deref(),
-                    pg_after.as_deref(),
-                    limit,
-                )
-                .await?;
-            pg_done = rows.len() < limit;
-            pg_after = rows.last().map(|r| r.key.clone());
-            pg_buf.extend(rows);
-        }
-        let input = match (etcd_buf.front(), pg_buf.front()) {
-            (None, None) => break,
-            (Some(_), None) => etcd_buf.pop_front().map(|kv| present(kv, revision, origin)),
-            (None, Some(_)) => pg_buf
-                .pop_front()
-                .map(|row| absent(row.key, revision, origin)),
-            (Some(kv), Some(row)) => match kv.key.cmp(&row.key) {
-                std::cmp::Ordering::Less => {
-                    etcd_buf.pop_front().map(|kv| present(kv, revision, origin))
-                }
-                std::cmp::Ordering::Greater => pg_buf
-                    .pop_front()
-                    .map(|row| absent(row.key, revision, origin)),
-                std::cmp::Ordering::Equal => {
-                    let same = kv.meta.mod_revision == row.mod_revision && kv.value == row.value;
-                    let row = pg_buf.pop_front();
-                    let kv = etcd_buf.pop_front();
-                    match (same, kv, row) {
-                        (false, Some(kv), Some(_)) => Some(present(kv, revision, origin)),
-                        _ => None,
-                    }
-                }
-            },
+    let mut scanned = 0u64;
+    while let Some(difference) = cursor.next().await.map_err(from_diff)? {
+        counts.differences += 1;
+        let input = match difference.etcd {
+            Some(kv) => present(kv, revision, origin),
+            None => absent(difference.key, revision, origin),
         };
-        if let Some(input) = input {
-            counts.differences += 1;
-            chunk_bytes += input.key.len() + input_bytes(&input.inputs);
-            chunk.push(input);
-        }
+        chunk_bytes += input.key.len() + input_bytes(&input.inputs);
+        chunk.push(input);
         if chunk.len() >= page_size || chunk_bytes >= PAGE_BYTES {
             flush(ctx, &mut chunk, observed_at, counts).await?;
             chunk_bytes = 0;
+        }
+        if cursor.etcd_keys > scanned {
+            metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
+            scanned = cursor.etcd_keys;
             progress.tick();
         }
     }
+    metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
+    counts.keys_scanned += cursor.etcd_keys;
     flush(ctx, &mut chunk, observed_at, counts).await
+}
+
+fn from_diff(error: DiffError) -> ActorError {
+    match error {
+        DiffError::Etcd(e) => e.into(),
+        DiffError::Store(e) => e.into(),
+    }
 }
 
 fn present(kv: KeyValue, revision: i64, origin: Origin) -> KeyInputs {
@@ -340,6 +303,7 @@ async fn flush(
         trace_id: None,
         keys: chunk,
         record_history: true,
+        repair_at: None,
     };
     let report = ctx.store.apply(&request).await?;
     counts.upserts += report.mirror_upserts as u64;

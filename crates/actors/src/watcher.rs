@@ -320,6 +320,7 @@ async fn apply(
             trace_id: None,
             keys: &keys,
             record_history: true,
+            repair_at: None,
         };
         let report = ctx.store.apply(&request).await?;
         for event in &batch.events {

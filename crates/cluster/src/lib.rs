@@ -192,7 +192,12 @@ impl Node {
             if lost.is_cancelled() || shutdown.is_cancelled() {
                 return Ok(());
             }
-            match self.store.claim_term(term, &cluster.node_id).await {
+            let etcd_revision = self.etcd.current_revision().await?;
+            match self
+                .store
+                .claim_term(term, &cluster.node_id, etcd_revision)
+                .await
+            {
                 Ok(true) => break,
                 Ok(false) => return Err(ClusterError::StaleTerm { term }),
                 Err(error) if eps_core::Classify::retryable(&error) => {

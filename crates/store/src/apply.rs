@@ -42,6 +42,10 @@ pub struct ApplyRequest<'a> {
     /// False when the inputs are states the history already holds (the
     /// arbiter re-reading a key the watcher has applied).
     pub record_history: bool,
+    /// A repair at revision R (`verify --repair`): the mirror row is set to
+    /// etcd's state unless it changed after R, even when it claims to be
+    /// at etcd's revision already (a row altered behind the service's back).
+    pub repair_at: Option<i64>,
 }
 
 /// What an apply transaction did.
@@ -202,7 +206,7 @@ async fn apply_table(
     insert_history(conn, &plans, request)
         .await
         .map(|n| report.history_rows += n)?;
-    write_mirror(conn, &table, &plans, report).await?;
+    write_mirror(conn, &table, &plans, request.repair_at, report).await?;
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, request, report).await?;
     Ok(())
@@ -257,8 +261,12 @@ async fn write_mirror(
     conn: &mut AsyncPgConnection,
     table: &str,
     plans: &[(&[u8], KeyPlan)],
+    repair_at: Option<i64>,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
+    // Normally a row moves only forward in etcd's revisions; a repair at R
+    // (-1: none) may rewrite any row not changed after R.
+    let repair_revision = repair_at.unwrap_or(-1);
     let mut upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
     let mut deletes: Vec<(&[u8], i64)> = Vec::new();
     let mut metas: Vec<(&[u8], Option<i64>, &KeyMeta)> = Vec::new();
@@ -298,7 +306,7 @@ async fn write_mirror(
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
                  mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
                  updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
-             WHERE t.mod_revision < EXCLUDED.mod_revision"
+             WHERE CASE WHEN $8 < 0 THEN t.mod_revision < EXCLUDED.mod_revision ELSE t.mod_revision <= $8 END"
         ))
         .bind::<Array<Bytea>, _>(&keys)
         .bind::<Array<Bytea>, _>(&values)
@@ -307,6 +315,7 @@ async fn write_mirror(
         .bind::<Array<BigInt>, _>(&version)
         .bind::<Array<BigInt>, _>(&lease)
         .bind::<Array<Text>, _>(&origin)
+        .bind::<BigInt, _>(repair_revision)
         .execute(conn)
         .await?;
     }
@@ -315,10 +324,12 @@ async fn write_mirror(
         let revisions: Vec<i64> = deletes.iter().map(|d| d.1).collect();
         report.mirror_deletes += diesel::sql_query(format!(
             "DELETE FROM {table} AS t USING unnest($1::bytea[], $2::int8[]) AS u(key, revision) \
-             WHERE t.key = u.key AND t.mod_revision < u.revision"
+             WHERE t.key = u.key \
+               AND CASE WHEN $3 < 0 THEN t.mod_revision < u.revision ELSE t.mod_revision <= $3 END"
         ))
         .bind::<Array<Bytea>, _>(&keys)
         .bind::<Array<BigInt>, _>(&revisions)
+        .bind::<BigInt, _>(repair_revision)
         .execute(conn)
         .await?;
     }

@@ -256,6 +256,106 @@ async fn set_mirror_meta(
     Ok(())
 }
 
+/// Makes `value` (`None`: delete) the key's new state on the PostgreSQL
+/// side, to be applied to etcd by the leader's poller (a `verify --repair`
+/// where PostgreSQL is right). Fenced by the current term.
+pub async fn enqueue_change(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    fence: &Fence,
+    table: &Ident,
+    key: &[u8],
+    value: Option<&[u8]>,
+    etcd_now: Option<&KeyValue>,
+) -> Result<(), StoreError> {
+    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        diesel::sql_query(format!(
+            "SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE"
+        ))
+        .bind::<Bytea, _>(key)
+        .execute(conn)
+        .await?;
+        requeue_as_local_change(conn, &qualified, table.as_str(), key, value, etcd_now).await
+    })
+    .await
+}
+
+/// After `restore-etcd` wrote `keys` to a fresh etcd at `revision`: the
+/// mirror rows take the new revisions (the old ones belong to the lost
+/// cluster), and changes still queued for those keys are consumed — the
+/// restored value already is the newest local state. Returns how many
+/// queued changes were consumed.
+pub async fn mark_restored(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    fence: &Fence,
+    table: &Ident,
+    keys: &[&[u8]],
+    revision: i64,
+) -> Result<usize, StoreError> {
+    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        diesel::sql_query(format!(
+            "UPDATE {qualified} SET create_revision = $2, mod_revision = $2, version = 1, lease = 0 WHERE key = ANY($1)"
+        ))
+        .bind::<Array<Bytea>, _>(keys)
+        .bind::<BigInt, _>(revision)
+        .execute(conn)
+        .await?;
+        let consumed = diesel::sql_query("DELETE FROM outbox WHERE mirror_table = $1 AND key = ANY($2)")
+            .bind::<Text, _>(table.as_str())
+            .bind::<Array<Bytea>, _>(keys)
+            .execute(conn)
+            .await?;
+        Ok(consumed)
+    })
+    .await
+}
+
+/// True when the key has changes on their way to etcd.
+pub async fn has_pending(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    key: &[u8],
+) -> Result<bool, StoreError> {
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        exists: bool,
+    }
+    let rows: Vec<Exists> = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $1 AND key = $2) AS exists",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Bytea, _>(key)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().next().is_some_and(|r| r.exists))
+}
+
+/// When the service recorded a revision of a key, if it did.
+pub async fn recorded_at(
+    conn: &mut AsyncPgConnection,
+    key: &[u8],
+    revision: i64,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+    #[derive(QueryableByName)]
+    struct At {
+        #[diesel(sql_type = Timestamptz)]
+        recorded_at: chrono::DateTime<chrono::Utc>,
+    }
+    let rows: Vec<At> =
+        diesel::sql_query("SELECT recorded_at FROM history WHERE key = $1 AND revision = $2")
+            .bind::<Bytea, _>(key)
+            .bind::<BigInt, _>(revision)
+            .load(conn)
+            .await?;
+    Ok(rows.into_iter().next().map(|r| r.recorded_at))
+}
+
 /// Writes `value` (`None`: delete) to the mirror and the outbox as if a user
 /// had written it on top of etcd's current state.
 async fn requeue_as_local_change(

@@ -98,9 +98,14 @@ impl Store {
         state::read(&mut conn).await
     }
 
-    pub async fn claim_term(&self, term: i64, node: &str) -> Result<bool, StoreError> {
+    pub async fn claim_term(
+        &self,
+        term: i64,
+        node: &str,
+        etcd_revision: i64,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
-        state::claim_term(&mut conn, term, node).await
+        state::claim_term(&mut conn, term, node, etcd_revision).await
     }
 
     /// One apply transaction (see [`apply`]).
@@ -227,6 +232,79 @@ impl Store {
             etcd_now,
         )
         .await
+    }
+
+    pub async fn enqueue_change(
+        &self,
+        fence: &Fence,
+        table: &Ident,
+        key: &[u8],
+        value: Option<&[u8]>,
+        etcd_now: Option<&eps_core::model::KeyValue>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::enqueue_change(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            table,
+            key,
+            value,
+            etcd_now,
+        )
+        .await
+    }
+
+    pub async fn mark_restored(
+        &self,
+        fence: &Fence,
+        table: &Ident,
+        keys: &[&[u8]],
+        revision: i64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::mark_restored(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            table,
+            keys,
+            revision,
+        )
+        .await
+    }
+
+    /// Rows in a mirror table (for progress).
+    pub async fn mirror_rows(&self, table: &Ident) -> Result<i64, StoreError> {
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<Count> = diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM {}.{}",
+            self.schema().quoted(),
+            table.quoted()
+        ))
+        .load(&mut conn)
+        .await?;
+        Ok(rows.into_iter().next().map_or(0, |c| c.n))
+    }
+
+    pub async fn has_pending(&self, table: &str, key: &[u8]) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::has_pending(&mut conn, table, key).await
+    }
+
+    pub async fn recorded_at(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::recorded_at(&mut conn, key, revision).await
     }
 
     pub async fn counts(&self) -> Result<ledger::Counts, StoreError> {

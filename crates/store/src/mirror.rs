@@ -15,6 +15,11 @@ pub struct MirrorRow {
     pub value: Vec<u8>,
     #[diesel(sql_type = BigInt)]
     pub mod_revision: i64,
+    /// `etcd` or `pg`: which side wrote the row last.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub origin: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Rows of `table` with `start <= key < end` (no end: unbounded) and
@@ -29,7 +34,7 @@ pub async fn page(
     limit: usize,
 ) -> Result<Vec<MirrorRow>, StoreError> {
     let rows = diesel::sql_query(format!(
-        "SELECT key, value, mod_revision FROM {}.{} \
+        "SELECT key, value, mod_revision, origin, updated_at FROM {}.{} \
          WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) AND ($3::bytea IS NULL OR key > $3) \
          ORDER BY key LIMIT $4",
         schema.quoted(),

@@ -45,15 +45,25 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
 /// Makes `term` the current one if it is newer than the stored term. Waits
 /// for the old leader's open transactions (they hold the row lock); returns
 /// false when a newer term is already stored.
+///
+/// A stored term above `etcd_revision` (etcd's current revision) cannot come
+/// from this etcd — terms are create revisions — but from one that was
+/// replaced (restored from backup, rebuilt with `restore-etcd`); it is
+/// superseded too. Its leaders cannot write here: the equality check fails.
 pub async fn claim_term(
     conn: &mut AsyncPgConnection,
     term: i64,
     node: &str,
+    etcd_revision: i64,
 ) -> Result<bool, StoreError> {
+    use diesel::BoolExpressionMethods;
+    let superseded = sync_state::term
+        .lt(term)
+        .or(sync_state::term.gt(etcd_revision));
     let updated = diesel::update(
         sync_state::table
             .filter(sync_state::id.eq(1))
-            .filter(sync_state::term.lt(term)),
+            .filter(superseded),
     )
     .set((
         sync_state::term.eq(term),

@@ -244,7 +244,7 @@ async fn the_text_view_reads_and_writes_utf8_data() -> anyhow::Result<()> {
 async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::Result<()> {
     let (store, db) = store_with("").await?;
     store.migrate().await?;
-    assert!(store.claim_term(5, "n1").await?);
+    assert!(store.claim_term(5, "n1", 100).await?);
     let fence = Fence {
         term: 5,
         node: "n1".into(),
@@ -271,6 +271,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             trace_id: Some("t1"),
             keys: &keys,
             record_history: true,
+            repair_at: None,
         })
         .await?;
     assert_eq!(report.history_rows, 3);
@@ -308,13 +309,14 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             trace_id: None,
             keys: &keys,
             record_history: true,
+            repair_at: None,
         })
         .await?;
     assert_eq!(report.history_rows, 0);
     assert_eq!(report.mirror_upserts, 0);
 
     // A deposed leader's transaction is refused and writes nothing.
-    assert!(store.claim_term(6, "n2").await?);
+    assert!(store.claim_term(6, "n2", 100).await?);
     let stale = ApplyRequest {
         fence: &fence,
         checkpoint: Some(12),
@@ -325,6 +327,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             inputs: vec![put("c", b"x", 12, None)],
         }],
         record_history: true,
+        repair_at: None,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}
@@ -335,6 +338,13 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         0
     );
     assert_eq!(store.state().await?.applied_revision, 11);
-    assert!(!store.claim_term(6, "n3").await?, "a term is claimed once");
+    assert!(
+        !store.claim_term(6, "n3", 100).await?,
+        "a term is claimed once"
+    );
+    assert!(
+        store.claim_term(3, "n4", 4).await?,
+        "a term from a replaced etcd (above its revision) is superseded"
+    );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod ops;
+mod repair;
 mod run;
 
 use std::process::ExitCode;

@@ -56,11 +56,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Status { json } => status(&config, &store, json).await,
         Command::Conflicts { command } => conflicts(&store, command).await,
         Command::DeadLetters { command } => dead_letters(&store, command).await,
-        Command::Verify { .. } => {
-            anyhow::bail!("`verify` is not built yet")
+        Command::Verify { prefix, repair } => {
+            super::repair::run_verify(&config, &store, prefix, repair).await
         }
-        Command::RestoreEtcd { .. } => {
-            anyhow::bail!("`restore-etcd` is not built yet")
+        Command::RestoreEtcd { prefix } => {
+            super::repair::run_restore(&config, &store, prefix).await
         }
         Command::Run { .. } | Command::CheckConfig => unreachable!("dispatched elsewhere"),
     }

@@ -1,0 +1,197 @@
+//! Walks etcd (at one revision) and a mirror table side by side in key
+//! order, page by page, yielding the keys where they differ. Used by the
+//! resync (snapshot, compaction recovery), `verify` and anti-entropy.
+//! Memory is bounded by one page of each side.
+
+use std::collections::VecDeque;
+
+use eps_core::mapping::Mapping;
+use eps_core::model::KeyValue;
+use eps_etcd::{EtcdClient, EtcdError};
+use eps_store::mirror::MirrorRow;
+use eps_store::{Store, StoreError};
+
+/// Target bytes per page (values can be 1.5 MiB each).
+pub const PAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// One key where etcd (at the walk's revision) and the mirror differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub key: Vec<u8>,
+    pub etcd: Option<KeyValue>,
+    pub pg: Option<MirrorRow>,
+}
+
+impl Difference {
+    pub fn kind(&self) -> &'static str {
+        match (&self.etcd, &self.pg) {
+            (Some(_), None) => "missing-in-pg",
+            (None, Some(_)) => "missing-in-etcd",
+            _ => "different-value",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Page size that keeps a page near [`PAGE_BYTES`] given the average entry
+/// size seen so far.
+fn adaptive_limit(max: usize, avg_bytes: usize) -> usize {
+    (PAGE_BYTES / avg_bytes.max(1)).clamp(1, max)
+}
+
+pub struct DiffCursor<'a> {
+    etcd: &'a EtcdClient,
+    store: &'a Store,
+    mapping: &'a Mapping,
+    revision: i64,
+    page_size: usize,
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    etcd_buf: VecDeque<KeyValue>,
+    etcd_next: Option<Vec<u8>>,
+    pg_buf: VecDeque<MirrorRow>,
+    pg_after: Option<Vec<u8>>,
+    pg_done: bool,
+    avg_bytes: usize,
+    /// Keys seen in etcd so far.
+    pub etcd_keys: u64,
+    /// Rows seen in the mirror so far.
+    pub pg_rows: u64,
+}
+
+impl<'a> DiffCursor<'a> {
+    /// Walks `mapping` (optionally only keys under `within`) at `revision`.
+    pub fn new(
+        etcd: &'a EtcdClient,
+        store: &'a Store,
+        mapping: &'a Mapping,
+        revision: i64,
+        page_size: usize,
+        within: Option<&[u8]>,
+    ) -> Self {
+        let (start, end) = match within {
+            Some(prefix) if prefix.starts_with(&mapping.prefix) => {
+                (prefix.to_vec(), eps_core::keys::prefix_end(prefix))
+            }
+            _ => (mapping.prefix.clone(), mapping.range_end()),
+        };
+        DiffCursor {
+            etcd,
+            store,
+            mapping,
+            revision,
+            page_size,
+            etcd_next: Some(start.clone()),
+            start,
+            end,
+            etcd_buf: VecDeque::new(),
+            pg_buf: VecDeque::new(),
+            pg_after: None,
+            pg_done: false,
+            avg_bytes: 256,
+            etcd_keys: 0,
+            pg_rows: 0,
+        }
+    }
+
+    /// The next difference, or `None` when both sides are exhausted.
+    pub async fn next(&mut self) -> Result<Option<Difference>, DiffError> {
+        loop {
+            self.refill().await?;
+            let (etcd_key, pg_key) = (
+                self.etcd_buf.front().map(|kv| &kv.key),
+                self.pg_buf.front().map(|r| &r.key),
+            );
+            let order = match (etcd_key, pg_key) {
+                (None, None) => return Ok(None),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(a), Some(b)) => a.cmp(b),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let kv = self.etcd_buf.pop_front().expect("front checked");
+                    return Ok(Some(Difference {
+                        key: kv.key.clone(),
+                        etcd: Some(kv),
+                        pg: None,
+                    }));
+                }
+                std::cmp::Ordering::Greater => {
+                    let row = self.pg_buf.pop_front().expect("front checked");
+                    return Ok(Some(Difference {
+                        key: row.key.clone(),
+                        etcd: None,
+                        pg: Some(row),
+                    }));
+                }
+                std::cmp::Ordering::Equal => {
+                    let kv = self.etcd_buf.pop_front().expect("front checked");
+                    let row = self.pg_buf.pop_front().expect("front checked");
+                    if kv.meta.mod_revision != row.mod_revision || kv.value != row.value {
+                        return Ok(Some(Difference {
+                            key: kv.key.clone(),
+                            etcd: Some(kv),
+                            pg: Some(row),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refill(&mut self) -> Result<(), DiffError> {
+        // Until there is a key or etcd's range is exhausted (a page may hold
+        // only the service's own keys, filtered out).
+        while self.etcd_buf.is_empty() {
+            let Some(from) = self.etcd_next.take() else {
+                break;
+            };
+            let limit = adaptive_limit(self.page_size, self.avg_bytes);
+            let page = self
+                .etcd
+                .range_page(&from, self.end.as_deref(), self.revision, limit)
+                .await?;
+            if let Some(last) = page.kvs.last() {
+                if page.more {
+                    self.etcd_next = Some(eps_core::keys::successor(&last.key));
+                }
+                let bytes: usize = page
+                    .kvs
+                    .iter()
+                    .map(|kv| kv.key.len() + kv.value.len())
+                    .sum();
+                self.avg_bytes = (bytes / page.kvs.len()).max(1);
+            }
+            self.etcd_keys += page.kvs.len() as u64;
+            let mapping = self.mapping;
+            self.etcd_buf
+                .extend(page.kvs.into_iter().filter(|kv| mapping.contains(&kv.key)));
+        }
+        if self.pg_buf.is_empty() && !self.pg_done {
+            let limit = adaptive_limit(self.page_size, self.avg_bytes);
+            let rows = self
+                .store
+                .mirror_page(
+                    &self.mapping.table,
+                    &self.start,
+                    self.end.as_deref(),
+                    self.pg_after.as_deref(),
+                    limit,
+                )
+                .await?;
+            self.pg_done = rows.len() < limit;
+            self.pg_after = rows.last().map(|r| r.key.clone());
+            self.pg_rows += rows.len() as u64;
+            self.pg_buf.extend(rows);
+        }
+        Ok(())
+    }
+}

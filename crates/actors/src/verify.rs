@@ -1,0 +1,258 @@
+//! Drift verification (`verify [--prefix P] [--repair]`, and anti-entropy
+//! inside the leader): compares etcd at one revision with the mirror, key by
+//! key, page by page, and optionally repairs each difference by the
+//! mapping's policy through the fenced paths.
+
+use std::time::{Duration, Instant};
+
+use eps_core::mapping::{Direction, Mapping, MappingSet, Policy};
+use eps_core::model::Origin;
+use eps_core::policy::Side;
+use eps_core::reconcile::KeyInput;
+use eps_etcd::EtcdClient;
+use eps_store::{ApplyRequest, Fence, KeyInputs, Store};
+use serde::Serialize;
+
+use crate::diff::{DiffCursor, DiffError, Difference};
+use crate::shell::ActorError;
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Only keys under this prefix.
+    pub prefix: Option<Vec<u8>>,
+    /// Fix differences (needs a fence).
+    pub repair: bool,
+    pub page_size: usize,
+    /// How long to wait for the leader's checkpoint to reach the verify
+    /// revision, so lag is not reported as drift.
+    pub settle: Duration,
+}
+
+/// What happened to one difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Reported only.
+    Found,
+    /// The mirror was set to etcd's state.
+    RepairedFromEtcd,
+    /// PostgreSQL's state was queued for etcd.
+    RepairedFromPg,
+    /// `manual` mapping: an operator decides.
+    NeedsOperator,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub revision: i64,
+    pub etcd_keys: u64,
+    pub pg_rows: u64,
+    pub missing_in_pg: u64,
+    pub missing_in_etcd: u64,
+    pub different_values: u64,
+    /// Differences explained by changes in flight (outbox rows, rows
+    /// changed after the verify revision): not drift.
+    pub in_flight: u64,
+    pub repaired: u64,
+    pub needs_operator: u64,
+    pub duration_ms: u64,
+}
+
+impl VerifyReport {
+    pub fn differences(&self) -> u64 {
+        self.missing_in_pg + self.missing_in_etcd + self.different_values
+    }
+}
+
+/// Runs a verification; `on_difference` sees each drifted key.
+pub async fn verify(
+    etcd: &EtcdClient,
+    store: &Store,
+    mappings: &MappingSet,
+    fence: Option<&Fence>,
+    options: &VerifyOptions,
+    mut on_difference: impl FnMut(&Mapping, &Difference, Outcome),
+    mut on_progress: impl FnMut(u64),
+) -> Result<VerifyReport, ActorError> {
+    let started = Instant::now();
+    let revision = etcd.current_revision().await?;
+    // Give a running leader the chance to apply everything up to `revision`.
+    let deadline = Instant::now() + options.settle;
+    while store.state().await?.applied_revision < revision && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut report = VerifyReport {
+        revision,
+        ..VerifyReport::default()
+    };
+    let wanted = |m: &Mapping| match &options.prefix {
+        None => true,
+        Some(p) => p.starts_with(&m.prefix) || m.prefix.starts_with(p),
+    };
+    for mapping in mappings.iter().filter(|m| wanted(m)) {
+        let within = options
+            .prefix
+            .as_deref()
+            .filter(|p| p.starts_with(&mapping.prefix));
+        let mut cursor = DiffCursor::new(
+            etcd,
+            store,
+            mapping,
+            revision,
+            options.page_size.max(1),
+            within,
+        );
+        // A narrower prefix than the mapping's: keys outside it are not ours.
+        let in_scope = |key: &[u8]| options.prefix.as_deref().is_none_or(|p| key.starts_with(p));
+        while let Some(difference) = cursor.next().await.map_err(from_diff)? {
+            on_progress(cursor.etcd_keys);
+            if !in_scope(&difference.key) {
+                continue;
+            }
+            if store
+                .has_pending(mapping.table.as_str(), &difference.key)
+                .await?
+                || difference
+                    .pg
+                    .as_ref()
+                    .is_some_and(|row| row.mod_revision > revision)
+            {
+                report.in_flight += 1;
+                continue;
+            }
+            match difference.kind() {
+                "missing-in-pg" => report.missing_in_pg += 1,
+                "missing-in-etcd" => report.missing_in_etcd += 1,
+                _ => report.different_values += 1,
+            }
+            let outcome = match (options.repair, fence) {
+                (true, Some(fence)) => {
+                    repair(etcd, store, fence, mapping, &difference, revision).await?
+                }
+                _ => Outcome::Found,
+            };
+            match outcome {
+                Outcome::RepairedFromEtcd | Outcome::RepairedFromPg => report.repaired += 1,
+                Outcome::NeedsOperator => report.needs_operator += 1,
+                Outcome::Found => {}
+            }
+            on_difference(mapping, &difference, outcome);
+        }
+        on_progress(cursor.etcd_keys);
+        report.etcd_keys += cursor.etcd_keys;
+        report.pg_rows += cursor.pg_rows;
+    }
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Which side's state a repair keeps, by the mapping's policy. For
+/// `newest-wins`, PostgreSQL wins only when its row was written there after
+/// the service last saw etcd's side change (or etcd's side is unknown to it
+/// and the row was written in PostgreSQL).
+async fn repair_side(
+    store: &Store,
+    mapping: &Mapping,
+    difference: &Difference,
+) -> Result<Option<Side>, ActorError> {
+    Ok(match mapping.policy {
+        Policy::EtcdWins => Some(Side::Etcd),
+        Policy::PgWins => Some(Side::Pg),
+        Policy::Manual => None,
+        Policy::NewestWins => {
+            let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
+                return Ok(Some(Side::Etcd));
+            };
+            let etcd_seen_at = match &difference.etcd {
+                Some(kv) => store.recorded_at(&kv.key, kv.meta.mod_revision).await?,
+                None => None,
+            };
+            match etcd_seen_at {
+                Some(seen) if seen >= row.updated_at => Some(Side::Etcd),
+                Some(_) => Some(Side::Pg),
+                None if difference.etcd.is_some() => Some(Side::Etcd),
+                None => Some(Side::Pg),
+            }
+        }
+    })
+}
+
+async fn repair(
+    etcd: &EtcdClient,
+    store: &Store,
+    fence: &Fence,
+    mapping: &Mapping,
+    difference: &Difference,
+    revision: i64,
+) -> Result<Outcome, ActorError> {
+    // A one-way mapping repairs towards its target; `both` by policy.
+    let side = match mapping.direction {
+        Direction::EtcdToPg => Side::Etcd,
+        Direction::PgToEtcd => Side::Pg,
+        Direction::Both => match repair_side(store, mapping, difference).await? {
+            Some(side) => side,
+            None => return Ok(Outcome::NeedsOperator),
+        },
+    };
+    match side {
+        Side::Etcd => repair_from_etcd(store, fence, difference, revision).await,
+        Side::Pg => repair_from_pg(etcd, store, fence, mapping, difference).await,
+    }
+}
+
+async fn repair_from_etcd(
+    store: &Store,
+    fence: &Fence,
+    difference: &Difference,
+    revision: i64,
+) -> Result<Outcome, ActorError> {
+    let keys = [KeyInputs {
+        key: difference.key.clone(),
+        inputs: vec![KeyInput::Observed {
+            state: difference.etcd.clone(),
+            revision,
+            origin: Origin::Resync,
+        }],
+    }];
+    let request = ApplyRequest {
+        fence,
+        checkpoint: None,
+        observed_at: Instant::now(),
+        trace_id: None,
+        keys: &keys,
+        record_history: true,
+        repair_at: Some(revision),
+    };
+    store.apply(&request).await?;
+    Ok(Outcome::RepairedFromEtcd)
+}
+
+async fn repair_from_pg(
+    etcd: &EtcdClient,
+    store: &Store,
+    fence: &Fence,
+    mapping: &Mapping,
+    difference: &Difference,
+) -> Result<Outcome, ActorError> {
+    // Based on etcd's current state: the poller's compare-and-swap applies
+    // it only if etcd has not moved since.
+    let (etcd_now, _) = etcd.get(&difference.key).await?;
+    let value = difference.pg.as_ref().map(|row| row.value.as_slice());
+    store
+        .enqueue_change(
+            fence,
+            &mapping.table,
+            &difference.key,
+            value,
+            etcd_now.as_ref(),
+        )
+        .await?;
+    Ok(Outcome::RepairedFromPg)
+}
+
+fn from_diff(error: DiffError) -> ActorError {
+    match error {
+        DiffError::Etcd(e) => e.into(),
+        DiffError::Store(e) => e.into(),
+    }
+}

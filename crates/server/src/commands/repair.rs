@@ -1,0 +1,312 @@
+//! `verify` and `restore-etcd`: long operations over the whole keyspace,
+//! with a progress bar on a terminal (periodic lines otherwise).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use eps_actors::verify::{Outcome, VerifyOptions, verify};
+use eps_core::Config;
+use eps_core::keys::display_key;
+use eps_etcd::txn::compare_and_swap;
+use eps_etcd::{CasOutcome, CasWrite, EtcdClient};
+use eps_store::{Fence, Store};
+
+/// Progress for humans: a bar on a terminal, a line every 5 s otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    what: &'static str,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: Option<u64>) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = match total {
+                Some(total) => indicatif::ProgressBar::new(total),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let template = match total {
+                Some(_) => "{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})",
+                None => "{spinner} {msg}: {pos} ({per_sec})",
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(what);
+            bar
+        });
+        Progress {
+            bar,
+            what,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn set(&mut self, position: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(position),
+            None if self.last_line.elapsed() > Duration::from_secs(5) => {
+                eprintln!("{}: {position} keys so far", self.what);
+                self.last_line = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The fence for a command: the current term (commands do not lead; their
+/// writes are serialized with a term change like the leader's).
+async fn command_fence(store: &Store, config: &Config, what: &str) -> anyhow::Result<Fence> {
+    let state = store.state().await.context("reading sync_state")?;
+    Ok(Fence {
+        term: state.term,
+        node: format!("{what}@{}", config.cluster.node_id),
+    })
+}
+
+fn show(value: Option<&[u8]>) -> String {
+    match value {
+        None => "(absent)".into(),
+        Some(v) if v.len() > 40 => format!("{}… ({} bytes)", display_key(&v[..40]), v.len()),
+        Some(v) => display_key(v),
+    }
+}
+
+pub async fn run_verify(
+    config: &Config,
+    store: &Store,
+    prefix: Option<String>,
+    repair: bool,
+) -> anyhow::Result<ExitCode> {
+    let etcd = EtcdClient::connect(&config.etcd)
+        .await
+        .context("connecting to etcd")?;
+    let mappings = config.validated_mappings()?;
+    let fence = command_fence(store, config, "verify").await?;
+    let options = VerifyOptions {
+        prefix: prefix.map(String::into_bytes),
+        repair,
+        page_size: config.sync.snapshot_page_size,
+        settle: Duration::from_secs(5),
+    };
+    let mut progress = Progress::new("verifying", None);
+    let mut lines = Vec::new();
+    let report = verify(
+        &etcd,
+        store,
+        &mappings,
+        Some(&fence),
+        &options,
+        |mapping, difference, outcome| {
+            let etcd_side = difference
+                .etcd
+                .as_ref()
+                .map(|kv| format!("{} @{}", show(Some(&kv.value)), kv.meta.mod_revision))
+                .unwrap_or_else(|| show(None));
+            let pg_side = difference
+                .pg
+                .as_ref()
+                .map(|row| format!("{} @{}", show(Some(&row.value)), row.mod_revision))
+                .unwrap_or_else(|| show(None));
+            let outcome = match outcome {
+                Outcome::Found => String::new(),
+                Outcome::RepairedFromEtcd => " → repaired: PostgreSQL takes etcd's value".into(),
+                Outcome::RepairedFromPg => " → repaired: etcd takes PostgreSQL's value".into(),
+                Outcome::NeedsOperator => " → not repaired: manual policy".into(),
+            };
+            lines.push(format!(
+                "{kind:<16} table={table} key={key}  etcd: {etcd_side}  pg: {pg_side}{outcome}",
+                kind = difference.kind(),
+                table = mapping.table,
+                key = display_key(&difference.key),
+            ));
+        },
+        |keys| progress.set(keys),
+    )
+    .await?;
+    progress.finish();
+    for line in &lines {
+        println!("{line}");
+    }
+    println!(
+        "compared {} etcd keys and {} PostgreSQL rows at etcd revision {}: {} difference(s) ({} missing in PostgreSQL, {} missing in etcd, {} different values), {} in flight{}",
+        report.etcd_keys,
+        report.pg_rows,
+        report.revision,
+        report.differences(),
+        report.missing_in_pg,
+        report.missing_in_etcd,
+        report.different_values,
+        report.in_flight,
+        if repair {
+            format!(", {} repaired", report.repaired)
+        } else {
+            String::new()
+        }
+    );
+    let detail = serde_json::json!({"source": "command", "repair": repair, "report": report});
+    if let Err(error) = store.record_event(&fence, "verify", None, &detail).await {
+        eprintln!("warning: cannot record the verify run: {error}");
+    }
+    let clean = report.differences() == 0 || (repair && report.repaired == report.differences());
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn run_restore(
+    config: &Config,
+    store: &Store,
+    prefix: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let etcd = EtcdClient::connect(&config.etcd)
+        .await
+        .context("connecting to etcd")?;
+    let election = eps_cluster::election_prefix(&config.cluster.name);
+    if let Some(leader) = etcd.oldest_under(&election, None).await? {
+        anyhow::bail!(
+            "replica {} is running against this etcd: stop every replica before restore-etcd",
+            String::from_utf8_lossy(&leader.value)
+        );
+    }
+    let prefix = prefix.map(String::into_bytes);
+    let mappings = config.validated_mappings()?;
+    let selected: Vec<_> = mappings
+        .iter()
+        .filter(|m| {
+            prefix
+                .as_ref()
+                .is_none_or(|p| p.starts_with(&m.prefix) || m.prefix.starts_with(p))
+        })
+        .collect();
+    anyhow::ensure!(!selected.is_empty(), "no mapping covers the prefix");
+    // Only an empty etcd (range) is rebuilt: nothing there may be overwritten.
+    for mapping in &selected {
+        let (start, end) = range(mapping, prefix.as_deref());
+        let page = etcd.range_page(&start, end.as_deref(), 0, 1).await?;
+        anyhow::ensure!(
+            page.kvs.is_empty(),
+            "etcd is not empty under {:?}: restore-etcd only rebuilds an empty etcd (or prefix)",
+            String::from_utf8_lossy(&start)
+        );
+    }
+    let fence = command_fence(store, config, "restore-etcd").await?;
+    let mut total = 0u64;
+    for mapping in &selected {
+        total += store.mirror_rows(&mapping.table).await? as u64;
+    }
+    let mut progress = Progress::new("restoring", Some(total));
+    let started = Instant::now();
+    let (mut restored, mut consumed, mut txns) = (0u64, 0usize, 0u64);
+    let max_ops = config.etcd.max_txn_ops;
+    let max_bytes = config.etcd.max_request_bytes.saturating_sub(64 * 1024);
+    for mapping in &selected {
+        let (start, end) = range(mapping, prefix.as_deref());
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = store
+                .mirror_page(
+                    &mapping.table,
+                    &start,
+                    end.as_deref(),
+                    after.as_deref(),
+                    config.sync.snapshot_page_size,
+                )
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = Some(last.key.clone());
+            let mut batch: Vec<&eps_store::mirror::MirrorRow> = Vec::new();
+            let mut bytes = 0usize;
+            for row in rows.iter().filter(|r| mapping.contains(&r.key)) {
+                let size = 2 * row.key.len() + row.value.len() + 64;
+                if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
+                    consumed += write_batch(&etcd, store, &fence, mapping, &batch).await?;
+                    restored += batch.len() as u64;
+                    txns += 1;
+                    progress.set(restored);
+                    batch.clear();
+                    bytes = 0;
+                }
+                bytes += size;
+                batch.push(row);
+            }
+            if !batch.is_empty() {
+                consumed += write_batch(&etcd, store, &fence, mapping, &batch).await?;
+                restored += batch.len() as u64;
+                txns += 1;
+                progress.set(restored);
+            }
+            if rows.len() < config.sync.snapshot_page_size {
+                break;
+            }
+        }
+    }
+    progress.finish();
+    // Sync continues from here: the new etcd's history starts now.
+    let head = etcd.current_revision().await?;
+    store.set_checkpoint(&fence, head).await?;
+    let detail = serde_json::json!({
+        "keys": restored, "txns": txns, "queued_changes_consumed": consumed,
+        "checkpoint": head, "duration_ms": started.elapsed().as_millis() as u64,
+    });
+    store
+        .record_event(&fence, "restore-etcd", None, &detail)
+        .await?;
+    println!(
+        "restored {restored} keys into etcd in {txns} txns ({:.1} s); sync resumes from revision {head}",
+        started.elapsed().as_secs_f64()
+    );
+    if consumed > 0 {
+        println!("{consumed} queued PostgreSQL change(s) were already part of the restored values");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
+    match prefix {
+        Some(p) if p.starts_with(&mapping.prefix) => (p.to_vec(), eps_core::keys::prefix_end(p)),
+        _ => (mapping.prefix.clone(), mapping.range_end()),
+    }
+}
+
+/// One txn of puts that each require the key to be absent, then the
+/// mirror rows take the new revision.
+async fn write_batch(
+    etcd: &EtcdClient,
+    store: &Store,
+    fence: &Fence,
+    mapping: &eps_core::Mapping,
+    rows: &[&eps_store::mirror::MirrorRow],
+) -> anyhow::Result<usize> {
+    let writes: Vec<CasWrite> = rows
+        .iter()
+        .map(|row| CasWrite {
+            key: row.key.clone(),
+            value: Some(row.value.clone()),
+            expect_mod_revision: 0,
+        })
+        .collect();
+    let revision = match compare_and_swap(etcd, None, &writes).await? {
+        CasOutcome::Applied { revision, .. } => revision,
+        CasOutcome::Conflicts { conflicts, .. } => anyhow::bail!(
+            "{} key(s) appeared in etcd during the restore (first: {}): stopping",
+            conflicts.len(),
+            display_key(&writes[conflicts[0].0].key)
+        ),
+        CasOutcome::Fenced => unreachable!("no leader fence used"),
+    };
+    let keys: Vec<&[u8]> = rows.iter().map(|r| r.key.as_slice()).collect();
+    Ok(store
+        .mark_restored(fence, &mapping.table, &keys, revision)
+        .await?)
+}

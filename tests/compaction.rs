@@ -1,0 +1,403 @@
+//! Compaction recovery (SPEC 3.5), drift verification and repair, restore
+//! of a lost etcd from the mirror, and time travel with `value_at`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use eps_harness::{Etcd, FaultMode, Proxy, Service};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const MAPPINGS: &str = r#"
+[[mappings]]
+prefix = "/a/"
+table = "kv_a"
+policy = "etcd-wins"
+
+[[mappings]]
+prefix = "/b/"
+table = "kv_b"
+policy = "pg-wins"
+"#;
+
+async fn event_details(
+    pg: &tokio_postgres::Client,
+    kind: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let rows = pg
+        .query(
+            "SELECT detail::text FROM etcd_sync.sync_events WHERE kind = $1 ORDER BY id",
+            &[&kind],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok(serde_json::from_str(r.get(0))?))
+        .collect()
+}
+
+async fn converge_both(world: &World) -> anyhow::Result<()> {
+    wait_converged(world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    wait_converged(world, "kv_b", b"/b/", Duration::from_secs(20)).await?;
+    Ok(())
+}
+
+fn cli_env(world: &World) -> Vec<(&'static str, String)> {
+    vec![
+        ("ETCD_PG_SYNC__POSTGRES__URL", world.db.url()),
+        ("ETCD_PG_SYNC__ETCD__ENDPOINTS", world.etcd.endpoint()),
+        ("ETCD_PG_SYNC__CLUSTER__NAME", "test".into()),
+    ]
+}
+
+fn cli(world: &World, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let env = cli_env(world);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut with_mappings = vec!["--config".to_string()];
+    let dir = std::env::temp_dir().join(format!("eps-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("mappings.toml");
+    std::fs::write(&path, MAPPINGS)?;
+    with_mappings.push(path.display().to_string());
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(with_mappings.iter().map(String::as_str));
+    run_cli(&all, &env)
+}
+
+#[tokio::test]
+async fn compaction_while_stopped_resyncs_and_keeps_pending_pg_changes() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..50 {
+        etcd.put(format!("/a/k{i:02}"), format!("v{i}"), None)
+            .await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    converge_both(&world).await?;
+    let pg = world.pg().await?;
+    let checkpoint_before = count(&pg, "SELECT applied_revision FROM sync_state").await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    for i in 0..20 {
+        etcd.put(format!("/a/k{i:02}"), format!("changed {i}"), None)
+            .await?;
+    }
+    for i in 20..30 {
+        etcd.delete(format!("/a/k{i:02}"), None).await?;
+    }
+    for i in 50..60 {
+        etcd.put(format!("/a/k{i:02}"), format!("new {i}"), None)
+            .await?;
+    }
+    // Local changes while the service is away: one on a key etcd did not
+    // touch, one on a key etcd changed too.
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'local only' WHERE key = '/a/k40'",
+        &[],
+    )
+    .await?;
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'local too' WHERE key = '/a/k00'",
+        &[],
+    )
+    .await?;
+    let head = etcd_revision(&world).await?;
+    world.etcd.compact(head).await?;
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    assert_eq!(
+        state[b"/a/k40".as_slice()],
+        b"local only",
+        "the pending local change reached etcd"
+    );
+    assert_eq!(state[b"/a/k00".as_slice()], b"changed 0", "etcd-wins");
+    assert!(!state.contains_key(b"/a/k25".as_slice()));
+    assert_eq!(state[b"/a/k55".as_slice()], b"new 55");
+    let recoveries = event_details(&pg, "compaction-recovery").await?;
+    assert_eq!(recoveries.len(), 1, "{recoveries:?}");
+    assert_eq!(recoveries[0]["gap_from"], checkpoint_before);
+    assert!(recoveries[0]["gap_to"].as_i64().unwrap() >= head);
+    assert_eq!(recoveries[0]["counts"]["conflicts"], 1);
+    let conflict = pg
+        .query_one("SELECT key, pg_value, winner FROM conflicts", &[])
+        .await?;
+    assert_eq!(conflict.get::<_, Vec<u8>>(0), b"/a/k00");
+    assert_eq!(
+        conflict.get::<_, Option<Vec<u8>>>(1).as_deref(),
+        Some(&b"local too"[..]),
+        "the loser is kept"
+    );
+    // The gap is marked as a resync: revisions in between are unknown.
+    let resync_rows = count(&pg, "SELECT count(*) FROM history WHERE origin = 'resync'").await?;
+    assert_eq!(resync_rows, 40, "20 changed, 10 deleted, 10 new");
+    let tombstones = count(
+        &pg,
+        "SELECT count(*) FROM history WHERE origin = 'resync' AND op = 'delete'",
+    )
+    .await?;
+    assert_eq!(tombstones, 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn compaction_while_the_watcher_lags_under_load() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", world.db.port).parse()?).await?;
+    world.env.insert(
+        "ETCD_PG_SYNC__POSTGRES__URL".into(),
+        world.db.url_via(proxy.port()),
+    );
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    let stop = CancellationToken::new();
+    let writer = background_writer(world.etcd.endpoint(), "/a/", stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The service cannot reach PostgreSQL: the watcher falls behind.
+    proxy.set(FaultMode::Blackhole);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pg = world.pg().await?;
+    pg.execute(
+        "INSERT INTO kv_b_text (key, value) VALUES ('/b/during-lag', 'x')",
+        &[],
+    )
+    .await?;
+    let head = etcd_revision(&world).await?;
+    world.etcd.compact(head).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(FaultMode::Pass);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    assert!(writer.await? > 0);
+    converge_both(&world).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while event_details(&pg, "compaction-recovery").await?.is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "no compaction recovery recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut etcd = world.etcd_client().await?;
+    assert_eq!(
+        etcd.get("/b/during-lag", None).await?.kvs()[0].value(),
+        b"x"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..10 {
+        etcd.put(format!("/a/k{i}"), format!("v{i}"), None).await?;
+        etcd.put(format!("/b/k{i}"), format!("v{i}"), None).await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    converge_both(&world).await?;
+    let (code, stdout, stderr) = cli(&world, &["verify"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("0 difference(s)"), "{stdout}");
+    service.terminate(Duration::from_secs(10)).await?;
+
+    // Behind the service's back (the trigger-skipping flag, as a careless
+    // script might use it) and in etcd while the service is stopped.
+    let pg = world.pg().await?;
+    pg.batch_execute(
+        "BEGIN; SET LOCAL etcd_sync.applying = 'on'; \
+         UPDATE kv_a SET value = 'tampered' WHERE key = '/a/k1'; \
+         DELETE FROM kv_a WHERE key = '/a/k2'; \
+         UPDATE kv_b SET value = 'pg is right' WHERE key = '/b/k3'; COMMIT;",
+    )
+    .await?;
+    etcd.put("/a/added-while-stopped", "new", None).await?;
+
+    let (code, stdout, _) = cli(&world, &["verify"])?;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("different-value") && stdout.contains("/a/k1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("missing-in-pg") && stdout.contains("/a/k2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("missing-in-pg") && stdout.contains("/a/added-while-stopped"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("/b/k3"), "{stdout}");
+    assert!(stdout.contains("4 difference(s)"), "{stdout}");
+    let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"])?;
+    assert_eq!(code, 1);
+    assert!(
+        stdout.contains("1 difference(s)") && !stdout.contains("/a/k1"),
+        "{stdout}"
+    );
+
+    let (code, stdout, stderr) = cli(&world, &["verify", "--repair"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("4 repaired"), "{stdout}");
+    // etcd-wins repaired PostgreSQL; pg-wins queued PostgreSQL's value for
+    // etcd, which the leader applies when it runs.
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/b/k3".as_slice()], b"pg is right");
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/a/k1".as_slice()], b"v1");
+    let (code, stdout, _) = cli(&world, &["verify"])?;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(event_details(&pg, "verify").await?.len() >= 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn anti_entropy_repairs_drift_inside_the_leader() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    world.env.insert(
+        "ETCD_PG_SYNC__SYNC__ANTI_ENTROPY_INTERVAL_SECS".into(),
+        "1".into(),
+    );
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/x", "right", None).await?;
+    converge_both(&world).await?;
+    let pg = world.pg().await?;
+    pg.batch_execute("BEGIN; SET LOCAL etcd_sync.applying = 'on'; UPDATE kv_a SET value = 'drifted' WHERE key = '/a/x'; COMMIT;")
+        .await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
+    assert_eq!(state[b"/a/x".as_slice()], b"right");
+    let runs = event_details(&pg, "verify").await?;
+    assert!(
+        runs.iter().any(|r| r["report"]["repaired"] == 1),
+        "{runs:?}"
+    );
+    let (_, metrics) = service.get("/metrics").await?;
+    assert!(
+        metrics.contains("etcd_pg_sync_drifted_keys"),
+        "drift metric exported"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    let large = vec![9u8; 1_000_000];
+    etcd.put(b"/a/binary\x00\xff".to_vec(), vec![0u8, 1, 2, 255], None)
+        .await?;
+    etcd.put("/a/large", large.clone(), None).await?;
+    for i in 0..300 {
+        etcd.put(format!("/b/k{i:03}"), format!("v{i}"), None)
+            .await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    converge_both(&world).await?;
+    let original_a = etcd_snapshot(&mut etcd, b"/a/").await?;
+    let original_b = etcd_snapshot(&mut etcd, b"/b/").await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    // etcd is lost; a new, empty one takes its place.
+    world.etcd = Etcd::start().await?;
+    let (code, stdout, stderr) = cli(&world, &["restore-etcd"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("restored 302 keys"), "{stdout}");
+    let mut fresh = world.etcd_client().await?;
+    assert_eq!(
+        etcd_snapshot(&mut fresh, b"/a/").await?,
+        original_a,
+        "byte for byte"
+    );
+    assert_eq!(etcd_snapshot(&mut fresh, b"/b/").await?, original_b);
+    let (code, _, stderr) = cli(&world, &["restore-etcd"])?;
+    assert_eq!(code, 1, "a second restore refuses a non-empty etcd");
+    assert!(stderr.contains("not empty"), "{stderr}");
+
+    // Sync continues as normal against the new etcd, both ways.
+    let service = Service::start(world.config("n1"), "n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    fresh.put("/a/after-restore", "from etcd", None).await?;
+    let pg = world.pg().await?;
+    pg.execute(
+        "UPDATE kv_b_text SET value = 'from pg' WHERE key = '/b/k007'",
+        &[],
+    )
+    .await?;
+    let state = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/b/k007".as_slice()], b"from pg");
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM conflicts").await?,
+        0,
+        "restored metadata is the new etcd's"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn value_at_answers_for_revisions_etcd_has_compacted() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let mut etcd = world.etcd_client().await?;
+    let r1 = etcd
+        .put("/a/doc", "first", None)
+        .await?
+        .header()
+        .unwrap()
+        .revision();
+    let r2 = etcd
+        .put("/a/doc", "second", None)
+        .await?
+        .header()
+        .unwrap()
+        .revision();
+    let r3 = etcd
+        .delete("/a/doc", None)
+        .await?
+        .header()
+        .unwrap()
+        .revision();
+    let r4 = etcd
+        .put("/a/doc", "third", None)
+        .await?
+        .header()
+        .unwrap()
+        .revision();
+    wait_applied(&world, r4, Duration::from_secs(10)).await?;
+    world.etcd.compact(r4).await?;
+    assert!(
+        etcd.get(
+            "/a/doc",
+            Some(etcd_client::GetOptions::new().with_revision(r1))
+        )
+        .await
+        .is_err(),
+        "etcd forgot r1"
+    );
+    let pg = world.pg().await?;
+    let at = |revision: i64| {
+        let pg = &pg;
+        async move {
+            let row = pg
+                .query_one(
+                    "SELECT convert_from(value_at('/a/doc', $1), 'UTF8')",
+                    &[&revision],
+                )
+                .await?;
+            anyhow::Ok(row.get::<_, Option<String>>(0))
+        }
+    };
+    assert_eq!(at(r1 - 1).await?, None);
+    assert_eq!(at(r1).await?.as_deref(), Some("first"));
+    assert_eq!(at(r2).await?.as_deref(), Some("second"));
+    assert_eq!(at(r3).await?, None, "deleted at r3");
+    assert_eq!(at(r4).await?.as_deref(), Some("third"));
+    Ok(())
+}
