@@ -111,7 +111,7 @@ async fn etcd_wins_keeps_etcds_value_and_records_the_loser() -> anyhow::Result<(
             "the loser is kept"
         );
     }
-    assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0);
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
     assert_eq!(
         count(
             &pg,
