@@ -525,9 +525,9 @@ pub fn background_pg_writer(
 /// Waits until every outbox row is consumed.
 pub async fn wait_outbox_empty(world: &World, timeout: Duration) -> anyhow::Result<()> {
     let pg = world.pg().await?;
-    let deadline = Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
-        anyhow::ensure!(Instant::now() < deadline, "outbox not drained");
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "outbox not drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
