@@ -272,7 +272,6 @@ async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_not
     Ok(())
 }
 
-
 #[tokio::test]
 async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;

@@ -88,6 +88,8 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         // The watcher has recorded etcd's changes of this key already.
         record_history: false,
         repair_at: None,
+        echo_traces: None,
+        audit_batch: false,
     };
     let report = ctx.store.apply(&request).await?;
     for conflict in &report.conflicts {

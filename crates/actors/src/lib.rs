@@ -16,6 +16,7 @@ pub mod recovery;
 pub mod retrier;
 pub mod shell;
 pub mod telemetry;
+pub mod tracing_ids;
 pub mod verify;
 pub mod watcher;
 
@@ -54,6 +55,8 @@ pub struct SyncContext {
     pub applied: watch::Sender<i64>,
     /// Wakes the poller (new work released by the arbiter or retrier).
     pub wake_poller: Notify,
+    /// Trace contexts of the poller's txns, joined by the watcher's echo.
+    pub echo_traces: tracing_ids::EchoTraces,
     pub board: Arc<StatusBoard>,
 }
 
@@ -77,6 +80,7 @@ impl SyncContext {
             kill: CancellationToken::new(),
             applied: watch::channel(0).0,
             wake_poller: Notify::new(),
+            echo_traces: tracing_ids::EchoTraces::default(),
             board,
         })
     }

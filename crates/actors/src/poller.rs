@@ -23,12 +23,14 @@ use eps_etcd::{CasOutcome, CasWrite, EtcdError};
 use eps_store::notify::Notifications;
 use eps_store::{DeadLetterKind, OutboxRow};
 use tokio::sync::{Notify, mpsc};
+use tracing::Instrument;
 
 use crate::SyncContext;
 use crate::arbiter::{ConflictArbiter, ResolveStale};
 use crate::retrier::{ChangeFailed, Retrier, RetryDecision};
 use crate::shell::{ActorError, Progress, Shell};
 use crate::telemetry;
+use crate::tracing_ids;
 
 pub struct PgPoller {
     ctx: Arc<SyncContext>,
@@ -430,7 +432,23 @@ async fn send(
                 expect_mod_revision: c.expected,
             })
             .collect();
-        match compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes).await {
+        let span =
+            tracing::info_span!("pg_to_etcd.txn", changes = txn.len(), term = ctx.fence.term);
+        // Registered before sending: the echo may beat the response.
+        let traced = tracing_ids::span_context(&span).map(|context| {
+            ctx.echo_traces
+                .register(writes.iter().map(|w| w.key.as_slice()), context)
+        });
+        let outcome = compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes)
+            .instrument(span.clone())
+            .await;
+        if let Some(txn_id) = traced {
+            if !matches!(outcome, Ok(CasOutcome::Applied { .. })) {
+                ctx.echo_traces
+                    .unregister(txn_id, writes.iter().map(|w| w.key.as_slice()));
+            }
+        }
+        match outcome {
             Ok(CasOutcome::Applied {
                 revision,
                 noop_deletes,

@@ -68,8 +68,8 @@ impl Actor for CompactionRecovery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Resyncs come as messages; the loop runs anti-entropy when enabled.
-        let body = anti_entropy(self.ctx.clone());
+        // Resyncs come as messages; the loop runs the leader's housekeeping.
+        let body = maintenance(self.ctx.clone());
         self.shell.spawn_loop(ctx, body);
     }
 }
@@ -90,40 +90,92 @@ impl Handler<Resync> for CompactionRecovery {
     }
 }
 
-/// Compares etcd with the mirror every `sync.anti_entropy_interval_secs`
-/// and repairs drift by policy (off when 0).
-async fn anti_entropy(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
-    let interval = ctx.config.sync.anti_entropy_interval_secs;
-    if interval == 0 {
-        ctx.kill.cancelled().await;
-        return Ok(());
-    }
+/// The leader's housekeeping: retention of the audit trail and history
+/// (hourly) and anti-entropy every `sync.anti_entropy_interval_secs` (off
+/// when 0).
+async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
+    use std::time::Duration;
+    let verify_every = match ctx.config.sync.anti_entropy_interval_secs {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    };
+    let retention_every = Duration::from_secs(3600);
+    let mut next_verify = verify_every.map(|every| Instant::now() + every);
+    let mut next_retention = Instant::now() + Duration::from_secs(60);
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(interval)).await;
-        let options = crate::verify::VerifyOptions {
-            prefix: None,
-            repair: true,
-            page_size: ctx.config.sync.snapshot_page_size,
-            settle: std::time::Duration::from_secs(2),
-        };
-        let report = crate::verify::verify(&ctx.etcd, &ctx.store, &ctx.mappings, Some(&ctx.fence), &options, |mapping, difference, outcome| {
-            tracing::warn!(table = %mapping.table, key = %eps_core::keys::display_key(&difference.key), kind = difference.kind(), ?outcome, "drift");
-        }, |_| {})
-        .await?;
-        metrics::gauge!(telemetry::DRIFTED_KEYS).set(report.differences() as f64);
-        let detail = serde_json::json!({"source": "anti-entropy", "report": report});
-        ctx.store
-            .record_event(&ctx.fence, "verify", None, &detail)
-            .await?;
-        if report.differences() > 0 {
-            tracing::warn!(
-                differences = report.differences(),
-                repaired = report.repaired,
-                "anti-entropy found drift"
-            );
-            ctx.wake_poller.notify_one();
+        let wake = next_verify.map_or(next_retention, |v| v.min(next_retention));
+        tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() >= next_retention {
+            retention(&ctx).await?;
+            next_retention = Instant::now() + retention_every;
+        }
+        if let (Some(at), Some(every)) = (next_verify, verify_every) {
+            if Instant::now() >= at {
+                anti_entropy(&ctx).await?;
+                next_verify = Some(Instant::now() + every);
+            }
         }
     }
+}
+
+async fn retention(ctx: &SyncContext) -> Result<(), ActorError> {
+    let sync = &ctx.config.sync;
+    let (events, history) = ctx
+        .store
+        .purge(
+            &ctx.fence,
+            sync.events_retention_days,
+            sync.history_retention_days,
+        )
+        .await?;
+    if events + history > 0 {
+        tracing::info!(
+            events,
+            history,
+            "retention removed old audit events and history rows"
+        );
+        let detail = serde_json::json!({"events": events, "history_rows": history});
+        ctx.store
+            .record_event(&ctx.fence, "retention", None, &detail)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Compares etcd with the mirror and repairs drift by policy.
+async fn anti_entropy(ctx: &SyncContext) -> Result<(), ActorError> {
+    let options = crate::verify::VerifyOptions {
+        prefix: None,
+        repair: true,
+        page_size: ctx.config.sync.snapshot_page_size,
+        settle: std::time::Duration::from_secs(2),
+    };
+    let report = crate::verify::verify(
+        &ctx.etcd,
+        &ctx.store,
+        &ctx.mappings,
+        Some(&ctx.fence),
+        &options,
+        |mapping, difference, outcome| {
+            tracing::warn!(table = %mapping.table, key = %eps_core::keys::display_key(&difference.key), kind = difference.kind(), ?outcome, "drift");
+        },
+        |_| {},
+    )
+    .await?;
+    metrics::gauge!(telemetry::DRIFTED_KEYS).set(report.differences() as f64);
+    let detail = serde_json::json!({"source": "anti-entropy", "report": report});
+    ctx.store
+        .record_event(&ctx.fence, "verify", None, &detail)
+        .await?;
+    if report.differences() > 0 {
+        tracing::warn!(
+            differences = report.differences(),
+            repaired = report.repaired,
+            "anti-entropy found drift"
+        );
+        ctx.wake_poller.notify_one();
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -222,7 +274,12 @@ async fn walk(
     let mut chunk_bytes = 0usize;
     let observed_at = Instant::now();
     let mut scanned = 0u64;
+    let mut last_log = Instant::now();
     while let Some(difference) = cursor.next().await.map_err(from_diff)? {
+        if last_log.elapsed() > std::time::Duration::from_secs(5) {
+            tracing::info!(table = %mapping.table, keys = cursor.etcd_keys, differences = counts.differences, "resync progress");
+            last_log = Instant::now();
+        }
         counts.differences += 1;
         let input = match difference.etcd {
             Some(kv) => present(kv, revision, origin),
@@ -304,6 +361,8 @@ async fn flush(
         keys: chunk,
         record_history: true,
         repair_at: None,
+        echo_traces: None,
+        audit_batch: false,
     };
     let report = ctx.store.apply(&request).await?;
     counts.upserts += report.mirror_upserts as u64;

@@ -295,6 +295,8 @@ impl Shell {
                 }
                 Err(error) => {
                     let retryable = error.retryable();
+                    let kind = if error.connection_level() { "connection" } else { "actor" };
+                    metrics::counter!(crate::telemetry::RETRIES_TOTAL, "kind" => kind).increment(1);
                     tracing::warn!(actor = name, %error, retryable, "actor failed, restarting with backoff");
                     board.record_error(name, &error.to_string());
                 }

@@ -88,6 +88,59 @@ pub fn describe() {
     describe_gauge!(UP, "1 when the store answers, by store");
 }
 
+/// Registers every series with its known label values at zero, so
+/// dashboards and alerts see them before the first event.
+pub fn init(policies: impl IntoIterator<Item = &'static str>) {
+    for direction in [ETCD_TO_PG, PG_TO_ETCD] {
+        for op in ["put", "delete"] {
+            metrics::counter!(CHANGES_TOTAL, "direction" => direction, "op" => op).increment(0);
+        }
+        let _ = metrics::histogram!(APPLY_LATENCY_SECONDS, "direction" => direction);
+        let _ = metrics::histogram!(BATCH_SIZE, "direction" => direction);
+    }
+    for policy in policies {
+        for winner in ["etcd", "pg", "pending"] {
+            metrics::counter!(CONFLICTS_TOTAL, "policy" => policy, "winner" => winner).increment(0);
+        }
+    }
+    for kind in ["change", "connection", "actor"] {
+        metrics::counter!(RETRIES_TOTAL, "kind" => kind).increment(0);
+    }
+    for kind in [
+        "too-large",
+        "unmapped",
+        "read-only-mapping",
+        "invalid",
+        "retries-exhausted",
+    ] {
+        metrics::counter!(DEAD_LETTERS_TOTAL, "kind" => kind).increment(0);
+    }
+    for actor in [
+        "etcd_watcher",
+        "pg_poller",
+        "conflict_arbiter",
+        "retrier",
+        "compaction_recovery",
+    ] {
+        metrics::counter!(ACTOR_RESTARTS, "actor" => actor).increment(0);
+    }
+    metrics::counter!(COMPACTION_RECOVERIES_TOTAL).increment(0);
+    metrics::counter!(LEADER_CHANGES_TOTAL).increment(0);
+    metrics::counter!(SNAPSHOT_KEYS_TOTAL).increment(0);
+    metrics::gauge!(IS_LEADER).set(0.0);
+    for gauge in [
+        APPLIED_REVISION,
+        OUTBOX_DEPTH,
+        DEAD_LETTERS,
+        CONFLICTS_PENDING,
+        WATCH_LAG_REVISIONS,
+        WATCH_LAG_SECONDS,
+        DRIFTED_KEYS,
+    ] {
+        metrics::gauge!(gauge).set(0.0);
+    }
+}
+
 /// Direction label values.
 pub const ETCD_TO_PG: &str = "etcd_to_pg";
 pub const PG_TO_ETCD: &str = "pg_to_etcd";

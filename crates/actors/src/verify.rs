@@ -222,6 +222,8 @@ async fn repair_from_etcd(
         keys: &keys,
         record_history: true,
         repair_at: Some(revision),
+        echo_traces: None,
+        audit_batch: false,
     };
     store.apply(&request).await?;
     Ok(Outcome::RepairedFromEtcd)

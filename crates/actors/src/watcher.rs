@@ -3,6 +3,7 @@
 //! stream events in batches, each batch one PostgreSQL transaction together
 //! with the new checkpoint.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,12 +12,16 @@ use eps_core::model::EtcdEvent;
 use eps_core::reconcile::KeyInput;
 use eps_etcd::{WatchItem, WatchSession};
 use eps_store::{ApplyRequest, KeyInputs};
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::SyncContext;
 use crate::recovery::{CompactionRecovery, Resync, ResyncReason};
 use crate::shell::{ActorError, Progress, Shell};
 use crate::telemetry;
+use crate::tracing_ids;
 
 pub struct EtcdWatcher {
     ctx: Arc<SyncContext>,
@@ -308,6 +313,19 @@ async fn apply(
     }
     let keys = group_by_key(ctx, &batch.events);
     let started = Instant::now();
+    let span = tracing::info_span!(
+        "etcd_to_pg.batch",
+        events = batch.events.len(),
+        from_revision = batch.events.first().map(|e| e.revision),
+        to_revision = new_checkpoint,
+        term = ctx.fence.term,
+    );
+    let trace_id = tracing_ids::trace_id(&span);
+    // Echoes of the poller's txns in this batch carry the txn's trace id,
+    // and their recognition joins that trace.
+    let echo_traces: HashMap<Vec<u8>, String> = ctx
+        .echo_traces
+        .trace_ids(keys.iter().map(|k| k.key.as_slice()));
     if keys.is_empty() {
         ctx.store
             .advance_checkpoint(&ctx.fence, new_checkpoint)
@@ -317,12 +335,22 @@ async fn apply(
             fence: &ctx.fence,
             checkpoint: Some(new_checkpoint),
             observed_at: batch.observed_at.unwrap_or(started),
-            trace_id: None,
+            trace_id: trace_id.as_deref(),
             keys: &keys,
             record_history: true,
             repair_at: None,
+            echo_traces: Some(&echo_traces),
+            audit_batch: true,
         };
-        let report = ctx.store.apply(&request).await?;
+        let report = ctx.store.apply(&request).instrument(span.clone()).await?;
+        for key in &report.echoed_keys {
+            if let Some(context) = ctx.echo_traces.consume(key) {
+                let echo =
+                    tracing::info_span!("pg_to_etcd.echo_recognized", checkpoint = new_checkpoint);
+                let _ = echo
+                    .set_parent(opentelemetry::Context::new().with_remote_span_context(context));
+            }
+        }
         for event in &batch.events {
             if ctx.mappings.find(&event.key).is_some() {
                 metrics::counter!(telemetry::CHANGES_TOTAL, "direction" => telemetry::ETCD_TO_PG, "op" => event.op.as_str()).increment(1);

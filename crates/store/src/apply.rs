@@ -46,6 +46,28 @@ pub struct ApplyRequest<'a> {
     /// etcd's state unless it changed after R, even when it claims to be
     /// at etcd's revision already (a row altered behind the service's back).
     pub repair_at: Option<i64>,
+    /// Per key, the trace of the poller's txn whose echo may be in this
+    /// batch: echoes' history rows carry it instead of `trace_id`.
+    pub echo_traces: Option<&'a HashMap<Vec<u8>, String>>,
+    /// Record a `batch-applied` audit event in the same transaction.
+    pub audit_batch: bool,
+}
+
+impl<'a> ApplyRequest<'a> {
+    /// A request with the defaults of the watcher's stream.
+    pub fn new(fence: &'a Fence, keys: &'a [KeyInputs], observed_at: Instant) -> Self {
+        ApplyRequest {
+            fence,
+            checkpoint: None,
+            observed_at,
+            trace_id: None,
+            keys,
+            record_history: true,
+            repair_at: None,
+            echo_traces: None,
+            audit_batch: false,
+        }
+    }
 }
 
 /// What an apply transaction did.
@@ -56,6 +78,8 @@ pub struct ApplyReport {
     pub mirror_upserts: usize,
     pub mirror_deletes: usize,
     pub echoes: usize,
+    /// The keys whose pending change came back as an echo (once per echo).
+    pub echoed_keys: Vec<Vec<u8>>,
     pub conflicts: Vec<ConflictSummary>,
 }
 
@@ -131,6 +155,9 @@ pub async fn apply(
                 &mut report,
             )
             .await?;
+        }
+        if request.audit_batch {
+            record_batch(conn, request, &report).await?;
         }
         Ok(report)
     })
@@ -234,11 +261,21 @@ async fn insert_history(
     let versions: Vec<i64> = rows.iter().map(|(_, h)| h.meta.version).collect();
     let leases: Vec<i64> = rows.iter().map(|(_, h)| h.meta.lease).collect();
     let origins: Vec<&str> = rows.iter().map(|(_, h)| h.origin.as_str()).collect();
+    let traces: Vec<Option<&str>> = rows
+        .iter()
+        .map(|(key, h)| {
+            let echo_trace = match h.origin {
+                eps_core::model::Origin::Pg => request.echo_traces.and_then(|t| t.get(*key)),
+                _ => None,
+            };
+            echo_trace.map(String::as_str).or(request.trace_id)
+        })
+        .collect();
     let inserted = diesel::sql_query(
         "INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, lease, origin, term, trace_id) \
-         SELECT u.key, u.revision, u.op, u.value, u.prev_value, u.create_revision, u.version, u.lease, u.origin, $10, $11 \
-         FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[], $9::text[]) \
-              AS u(key, revision, op, value, prev_value, create_revision, version, lease, origin) \
+         SELECT u.key, u.revision, u.op, u.value, u.prev_value, u.create_revision, u.version, u.lease, u.origin, $10, u.trace_id \
+         FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $11::text[]) \
+              AS u(key, revision, op, value, prev_value, create_revision, version, lease, origin, trace_id) \
          ON CONFLICT (key, revision) DO NOTHING",
     )
     .bind::<Array<Bytea>, _>(&keys)
@@ -251,7 +288,7 @@ async fn insert_history(
     .bind::<Array<BigInt>, _>(&leases)
     .bind::<Array<Text>, _>(&origins)
     .bind::<BigInt, _>(request.fence.term)
-    .bind::<Nullable<Text>, _>(request.trace_id)
+    .bind::<Array<Nullable<Text>>, _>(&traces)
     .execute(conn)
     .await?;
     Ok(inserted)
@@ -378,6 +415,15 @@ async fn update_outbox(
         })
         .sum();
     report.echoes += echoes;
+    for (key, plan) in plans {
+        for _ in plan
+            .history
+            .iter()
+            .filter(|h| h.origin == eps_core::model::Origin::Pg)
+        {
+            report.echoed_keys.push(key.to_vec());
+        }
+    }
     if !consumed.is_empty() {
         diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind::<Array<BigInt>, _>(&consumed)
@@ -513,4 +559,39 @@ async fn refresh_conflict(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The `batch-applied` audit event: what one apply transaction covered.
+async fn record_batch(
+    conn: &mut AsyncPgConnection,
+    request: &ApplyRequest<'_>,
+    report: &ApplyReport,
+) -> Result<(), StoreError> {
+    let revisions = request
+        .keys
+        .iter()
+        .flat_map(|k| k.inputs.iter())
+        .filter_map(|i| match i {
+            KeyInput::Event(e) => Some(e.revision),
+            KeyInput::Observed { .. } => None,
+        });
+    let detail = serde_json::json!({
+        "from_revision": revisions.clone().min(),
+        "to_revision": request.checkpoint.or(revisions.max()),
+        "changes": report.inputs,
+        "from_etcd": report.inputs.saturating_sub(report.echoes),
+        "from_pg_confirmed": report.echoes,
+        "conflicts": report.conflicts.len(),
+        "mirror_upserts": report.mirror_upserts,
+        "mirror_deletes": report.mirror_deletes,
+        "duration_ms": request.observed_at.elapsed().as_millis() as u64,
+    });
+    crate::events::record(
+        conn,
+        request.fence,
+        "batch-applied",
+        request.trace_id,
+        &detail,
+    )
+    .await
 }

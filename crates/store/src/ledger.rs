@@ -532,3 +532,59 @@ pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> 
     .await?;
     Ok(rows.into_iter().next().unwrap_or_default())
 }
+
+/// Deletes audit events older than `events_days` and history rows older
+/// than `history_days` (keeping the newest row of every key), a chunk per
+/// transaction. 0 days keeps everything. Returns (events, history rows).
+pub async fn purge(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    events_days: u32,
+    history_days: u32,
+) -> Result<(usize, usize), StoreError> {
+    const CHUNK: i64 = 10_000;
+    let mut events = 0;
+    while events_days > 0 {
+        let deleted = conn
+            .transaction::<_, StoreError, _>(async |conn| {
+                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+                Ok(diesel::sql_query(
+                    "DELETE FROM sync_events WHERE id IN (SELECT id FROM sync_events \
+                     WHERE at < now() - make_interval(days => $1) LIMIT $2)",
+                )
+                .bind::<diesel::sql_types::Integer, _>(events_days as i32)
+                .bind::<BigInt, _>(CHUNK)
+                .execute(conn)
+                .await?)
+            })
+            .await?;
+        events += deleted;
+        if (deleted as i64) < CHUNK {
+            break;
+        }
+    }
+    let mut history = 0;
+    while history_days > 0 {
+        let deleted = conn
+            .transaction::<_, StoreError, _>(async |conn| {
+                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+                Ok(diesel::sql_query(
+                    "DELETE FROM history WHERE (key, revision) IN ( \
+                         SELECT h.key, h.revision FROM history h \
+                         WHERE h.recorded_at < now() - make_interval(days => $1) \
+                           AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key AND n.revision > h.revision) \
+                         LIMIT $2)",
+                )
+                .bind::<diesel::sql_types::Integer, _>(history_days as i32)
+                .bind::<BigInt, _>(CHUNK)
+                .execute(conn)
+                .await?)
+            })
+            .await?;
+        history += deleted;
+        if (deleted as i64) < CHUNK {
+            break;
+        }
+    }
+    Ok((events, history))
+}

@@ -307,6 +307,17 @@ impl Store {
         ledger::recorded_at(&mut conn, key, revision).await
     }
 
+    /// Retention (see [`ledger::purge`]).
+    pub async fn purge(
+        &self,
+        fence: &Fence,
+        events_days: u32,
+        history_days: u32,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::purge(&mut conn, fence, events_days, history_days).await
+    }
+
     pub async fn counts(&self) -> Result<ledger::Counts, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::counts(&mut conn).await

@@ -272,6 +272,8 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             keys: &keys,
             record_history: true,
             repair_at: None,
+            echo_traces: None,
+            audit_batch: false,
         })
         .await?;
     assert_eq!(report.history_rows, 3);
@@ -310,6 +312,8 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             keys: &keys,
             record_history: true,
             repair_at: None,
+            echo_traces: None,
+            audit_batch: false,
         })
         .await?;
     assert_eq!(report.history_rows, 0);
@@ -328,6 +332,8 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         }],
         record_history: true,
         repair_at: None,
+        echo_traces: None,
+        audit_batch: false,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}

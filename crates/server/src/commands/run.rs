@@ -22,10 +22,6 @@ use crate::http::AppState;
 use crate::monitor::{self, Health};
 
 pub fn run(config: Config, no_migrate: bool) -> ExitCode {
-    if let Err(error) = crate::logging::init(&config.telemetry) {
-        eprintln!("error: {error:#}");
-        return ExitCode::from(crate::EXIT_CONFIG);
-    }
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -36,7 +32,6 @@ pub fn run(config: Config, no_migrate: bool) -> ExitCode {
     match system.block_on(serve(Arc::new(config), no_migrate)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "exiting");
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
@@ -76,6 +71,16 @@ where
 }
 
 async fn serve(config: Arc<Config>, no_migrate: bool) -> anyhow::Result<()> {
+    let telemetry = crate::logging::init(&config)?;
+    let result = serve_logged(config, no_migrate).await;
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "exiting");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn serve_logged(config: Arc<Config>, no_migrate: bool) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
 
@@ -88,6 +93,14 @@ async fn serve(config: Arc<Config>, no_migrate: bool) -> anyhow::Result<()> {
         )?
         .install_recorder()?;
     telemetry::describe();
+    telemetry::init(
+        config
+            .validated_mappings()?
+            .iter()
+            .map(|m| m.policy.as_str())
+            .collect::<Vec<_>>(),
+    );
+    metrics::gauge!(telemetry::PG_POOL_MAX).set(config.postgres.pool_size as f64);
 
     let store = Store::new(&config).await?;
     let board = Arc::new(StatusBoard::default());
