@@ -588,3 +588,20 @@ pub async fn purge(
     }
     Ok((events, history))
 }
+
+/// Audit events of the last hour, counted by kind.
+pub async fn recent_events(conn: &mut AsyncPgConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    #[derive(QueryableByName)]
+    struct KindCount {
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let rows: Vec<KindCount> = diesel::sql_query(
+        "SELECT kind, count(*) AS n FROM sync_events WHERE at > now() - interval '1 hour' GROUP BY kind ORDER BY kind",
+    )
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kind, r.n)).collect())
+}
