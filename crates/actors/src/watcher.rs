@@ -106,7 +106,12 @@ async fn run(
             },
         )
         .await?;
-    } else if checkpoint < current && ctx.etcd.is_compacted(checkpoint + 1).await? {
+    } else if checkpoint < current
+        && ctx
+            .etcd
+            .is_compacted(&ctx.leader.key, checkpoint + 1)
+            .await?
+    {
         checkpoint = resync(
             &recovery,
             ResyncReason::Compacted {

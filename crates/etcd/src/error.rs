@@ -21,6 +21,10 @@ pub enum EtcdError {
     /// Authentication failed or the user lacks permission.
     #[error("etcd denied the request: {0}")]
     PermissionDenied(String),
+    /// The TLS handshake failed: untrusted server certificate, client
+    /// certificate missing, expired or refused.
+    #[error("etcd TLS handshake failed: {0}")]
+    Tls(String),
     /// Malformed request (empty key, too many ops, ...).
     #[error("etcd rejected the request: {0}")]
     Invalid(String),
@@ -37,6 +41,7 @@ impl Classify for EtcdError {
             EtcdError::Compacted { .. }
             | EtcdError::TooLarge(_)
             | EtcdError::PermissionDenied(_)
+            | EtcdError::Tls(_)
             | EtcdError::Invalid(_) => false,
         }
     }
@@ -51,7 +56,7 @@ impl From<etcd_client::Error> for EtcdError {
         use etcd_client::Error as E;
         match error {
             E::GRpcStatus(status) => from_status(&status),
-            E::TransportError(e) => EtcdError::Unavailable(e.to_string()),
+            E::TransportError(e) => transport(&e),
             E::IoError(e) => EtcdError::Unavailable(e.to_string()),
             E::InvalidArgs(m) => EtcdError::Invalid(m),
             E::WatchError(m) => EtcdError::Unavailable(format!("watch: {m}")),
@@ -64,9 +69,50 @@ impl From<etcd_client::Error> for EtcdError {
     }
 }
 
+/// The whole error chain as one line (tonic hides the cause).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A handshake failure names a certificate, TLS or an alert.
+fn is_tls(text: &str) -> bool {
+    [
+        "certificate",
+        "Certificate",
+        "tls",
+        "TLS",
+        "handshake",
+        "alert",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+fn transport(error: &tonic::transport::Error) -> EtcdError {
+    let text = chain(error);
+    if is_tls(&text) {
+        EtcdError::Tls(text)
+    } else {
+        EtcdError::Unavailable(text)
+    }
+}
+
 fn from_status(status: &tonic::Status) -> EtcdError {
     use tonic_code::*;
-    let message = status.message().to_owned();
+    let message = match std::error::Error::source(status) {
+        Some(cause) => format!("{}: {}", status.message(), chain(cause)),
+        None => status.message().to_owned(),
+    };
+    if is_tls(&message) && !message.contains("etcdserver") {
+        return EtcdError::Tls(message);
+    }
     match i32::from(status.code()) {
         UNAVAILABLE | CANCELLED => EtcdError::Unavailable(message),
         DEADLINE_EXCEEDED => EtcdError::Other {

@@ -81,11 +81,15 @@ impl EtcdClient {
         let kv = client
             .kv_client()
             .max_decoding_message_size(MAX_DECODING_BYTES);
-        Ok(Self {
+        let connected = Self {
             client,
             kv,
             request_timeout,
-        })
+        };
+        // Channels connect lazily: ask once so that a refused certificate
+        // or password shows here, with its reason.
+        connected.current_revision().await?;
+        Ok(connected)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -110,13 +114,13 @@ impl EtcdClient {
         Ok(status.header().map_or(0, |h| h.revision()))
     }
 
-    /// The revision below which etcd has compacted history, if it tells.
-    /// etcd 3.4 does not report it directly; a read at revision 1 fails with
-    /// the compact revision in its error when history was compacted.
-    pub async fn is_compacted(&self, revision: i64) -> Result<bool, EtcdError> {
+    /// True when `revision` has been compacted away. etcd 3.4 does not
+    /// report its compact revision directly: a read of `key` (any key the
+    /// service may read) at that revision fails when it was compacted.
+    pub async fn is_compacted(&self, key: &[u8], revision: i64) -> Result<bool, EtcdError> {
         let mut kv = self.kv.clone();
         let probe = kv.get(
-            vec![0u8],
+            range_start(key),
             Some(GetOptions::new().with_revision(revision).with_count_only()),
         );
         match self.timed(probe).await {

@@ -20,7 +20,7 @@ pub mod proxy;
 pub mod service;
 
 pub use etcd::Etcd;
-pub use postgres::{Postgres, TestDatabase};
+pub use postgres::{Postgres, PostgresOptions, TestDatabase};
 pub use proxy::{FaultMode, Proxy};
 pub use service::{Service, ServiceConfig};
 

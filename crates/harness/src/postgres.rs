@@ -19,6 +19,17 @@ pub struct Postgres {
     child: std::sync::Mutex<Option<Child>>,
 }
 
+/// How a dedicated server is set up.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresOptions {
+    /// `-c name=value` settings.
+    pub settings: Vec<(String, String)>,
+    /// Replaces `pg_hba.conf` (the default trusts everything).
+    pub hba: Option<String>,
+    /// Files written into the data directory, mode 0600.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 /// A fresh database on a server, for one test.
 #[derive(Debug, Clone)]
 pub struct TestDatabase {
@@ -174,6 +185,21 @@ impl Postgres {
 
     /// A dedicated server with extra `-c name=value` settings.
     pub async fn start_with(extra_settings: Vec<(String, String)>) -> anyhow::Result<Postgres> {
+        Self::start_custom(PostgresOptions {
+            settings: extra_settings,
+            ..PostgresOptions::default()
+        })
+        .await
+    }
+
+    /// A dedicated server with settings, its own `pg_hba.conf` and files in
+    /// its data directory (TLS certificates and keys).
+    pub async fn start_custom(options: PostgresOptions) -> anyhow::Result<Postgres> {
+        let PostgresOptions {
+            settings: extra_settings,
+            hba,
+            files,
+        } = options;
         let bin = pg_bindir()?;
         let template = template_dir(&bin)?;
         let dir = crate::scratch_dir("pg")?;
@@ -186,6 +212,15 @@ impl Postgres {
             .status()
             .context("copying the initdb template")?;
         anyhow::ensure!(status.success(), "copying the initdb template failed");
+        if let Some(hba) = hba {
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
+        }
+        for (name, contents) in files {
+            let path = data.join(&name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            chown_to_server_user(&path)?;
+        }
         let postgres = Postgres {
             port: free_port()?,
             dir,

@@ -9,7 +9,7 @@ use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
-use eps_core::config::{PostgresConfig, SslMode};
+use eps_core::config::PostgresConfig;
 use eps_core::ident::Ident;
 use futures_util::FutureExt;
 
@@ -24,6 +24,7 @@ pub struct Connector {
     config: Arc<tokio_postgres::Config>,
     schema: Ident,
     session: SessionLimits,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 /// Limits every service session runs with.
@@ -70,15 +71,16 @@ impl Connector {
         }
         config.application_name("etcd-pg-sync");
         config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
-        if settings.tls.mode != SslMode::Disable {
-            return Err(StoreError::Invalid(
-                "postgres.tls.mode: TLS to PostgreSQL is not built yet; use \"disable\"".into(),
-            ));
-        }
+        let tls = crate::tls::make_tls(&settings.tls)?;
+        config.ssl_mode(match tls {
+            Some(_) => tokio_postgres::config::SslMode::Require,
+            None => tokio_postgres::config::SslMode::Disable,
+        });
         Ok(Self {
             config: Arc::new(config),
             schema,
             session,
+            tls,
         })
     }
 
@@ -87,14 +89,22 @@ impl Connector {
     }
 
     /// Opens a connection and points its `search_path` at the schema.
-    pub async fn connect(&self) -> Result<AsyncPgConnection, ConnectionError> {
-        let (client, conn) = self
-            .config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-        let mut connection =
-            AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
+    pub async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
+        let mut connection = match &self.tls {
+            None => {
+                let (client, conn) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(classify)?;
+                AsyncPgConnection::try_from_client_and_connection(client, conn).await
+            }
+            Some(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await.map_err(classify)?;
+                AsyncPgConnection::try_from_client_and_connection(client, conn).await
+            }
+        }
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         connection
             .batch_execute(&format!(
                 "SET search_path TO {}; SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {}",
@@ -102,8 +112,7 @@ impl Connector {
                 self.session.idle_in_transaction.as_millis(),
                 self.session.lock_wait.as_millis()
             ))
-            .await
-            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            .await?;
         Ok(connection)
     }
 
@@ -113,7 +122,13 @@ impl Connector {
         let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
         manager_config.custom_setup = Box::new(move |_url| {
             let connector = connector.clone();
-            async move { connector.connect().await }.boxed()
+            async move {
+                connector
+                    .connect()
+                    .await
+                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))
+            }
+            .boxed()
         });
         manager_config.recycling_method = RecyclingMethod::Fast;
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
@@ -128,5 +143,37 @@ impl Connector {
             .test_on_check_out(false)
             .build_unchecked(manager);
         Ok(pool)
+    }
+}
+
+/// Connection failures: refused credentials and failed TLS handshakes are
+/// permanent (retrying cannot help and would hammer the server); the rest
+/// (refused, reset, timed out, server starting) is retried.
+fn classify(error: tokio_postgres::Error) -> StoreError {
+    use tokio_postgres::error::SqlState;
+    if let Some(db) = error.as_db_error() {
+        let message = format!("{}: {}", db.severity(), db.message());
+        return match *db.code() {
+            SqlState::INVALID_PASSWORD
+            | SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            | SqlState::INSUFFICIENT_PRIVILEGE
+            | SqlState::INVALID_CATALOG_NAME => StoreError::Auth(message),
+            _ => StoreError::Unavailable(message),
+        };
+    }
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let tls = ["certificate", "tls", "TLS", "handshake", "alert"]
+        .iter()
+        .any(|needle| chain.contains(needle));
+    if tls {
+        StoreError::Tls(chain)
+    } else {
+        StoreError::Unavailable(chain)
     }
 }

@@ -14,6 +14,14 @@ pub enum StoreError {
     /// A statement failed.
     #[error("postgres error: {message}")]
     Query { message: String, retryable: bool },
+    /// PostgreSQL refused the credentials (password, certificate, role,
+    /// database): fixing needs an operator.
+    #[error("postgres refused the connection: {0}")]
+    Auth(String),
+    /// The TLS handshake failed (untrusted or expired certificate, none
+    /// presented, server without TLS).
+    #[error("postgres TLS handshake failed: {0}")]
+    Tls(String),
     /// Migrations could not be applied.
     #[error("migration failed: {0}")]
     Migration(String),
@@ -27,7 +35,11 @@ impl Classify for StoreError {
         match self {
             StoreError::Unavailable(_) => true,
             StoreError::Query { retryable, .. } => *retryable,
-            StoreError::Fenced { .. } | StoreError::Migration(_) | StoreError::Invalid(_) => false,
+            StoreError::Fenced { .. }
+            | StoreError::Auth(_)
+            | StoreError::Tls(_)
+            | StoreError::Migration(_)
+            | StoreError::Invalid(_) => false,
         }
     }
 

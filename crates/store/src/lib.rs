@@ -17,6 +17,7 @@ pub mod notify;
 pub mod outbox;
 pub mod schema;
 pub mod state;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -83,6 +84,13 @@ impl Store {
     pub async fn migrate(&self) -> Result<migrate::MigrationReport, StoreError> {
         let tables: Vec<Ident> = self.mappings.iter().map(|m| m.table.clone()).collect();
         migrate::migrate(&self.connector, &tables).await
+    }
+
+    /// Opens one connection outside the pool: the typed error tells a
+    /// refused password or certificate (permanent) from an unreachable
+    /// server (retryable).
+    pub async fn check_connection(&self) -> Result<(), StoreError> {
+        self.connector.connect().await.map(|_| ())
     }
 
     /// True when a connection can be had and answers.

@@ -25,10 +25,7 @@ pub async fn migrate(
     tables: &[Ident],
 ) -> Result<MigrationReport, StoreError> {
     let schema = connector.schema().clone();
-    let mut conn = connector
-        .connect()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut conn = connector.connect().await?;
     let lock_key = format!("etcd-pg-sync migrate {schema}");
     diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))")
         .bind::<diesel::sql_types::Text, _>(&lock_key)

@@ -16,10 +16,7 @@ pub struct Notifications {
 impl Notifications {
     /// Opens a connection and listens on `<schema>_<suffix>`.
     pub async fn listen(connector: &Connector, suffix: &str) -> Result<Self, StoreError> {
-        let mut conn = connector
-            .connect()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut conn = connector.connect().await?;
         let channel = format!("\"{}_{}\"", connector.schema(), suffix.replace('"', ""));
         diesel::sql_query(format!("LISTEN {channel}"))
             .execute(&mut conn)

@@ -96,9 +96,21 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
         "conflicts_pending": counts.conflicts_pending,
         "dead_letters": counts.dead_letters,
     });
-    let recent = ledger::recent_events(&mut *store.pool().get().await.context("connecting to PostgreSQL")?).await?;
+    let recent = ledger::recent_events(
+        &mut *store
+            .pool()
+            .get()
+            .await
+            .context("connecting to PostgreSQL")?,
+    )
+    .await?;
     let mut document = document;
-    document["events_last_hour"] = serde_json::json!(recent.iter().map(|(k, n)| (k.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>());
+    document["events_last_hour"] = serde_json::json!(
+        recent
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    );
     if json {
         println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
@@ -117,8 +129,18 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
         println!("outbox pending:    {}", counts.outbox_pending);
         println!("conflicts pending: {}", counts.conflicts_pending);
         println!("dead letters:      {}", counts.dead_letters);
-        let summary: Vec<String> = recent.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
-        println!("last hour:         {}", if summary.is_empty() { "no events".into() } else { summary.join(", ") });
+        let summary: Vec<String> = recent
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        println!(
+            "last hour:         {}",
+            if summary.is_empty() {
+                "no events".into()
+            } else {
+                summary.join(", ")
+            }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

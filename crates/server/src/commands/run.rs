@@ -154,6 +154,16 @@ async fn start_and_lead(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let monitor_store = store.clone();
+    // Wrong credentials or certificates fail here, once, with the reason;
+    // an unreachable server is waited for.
+    if until_ready("connecting to PostgreSQL", &config, &shutdown, || {
+        store.check_connection()
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(());
+    }
     if !no_migrate {
         let report = until_ready("migration", &config, &shutdown, || store.migrate()).await?;
         match report {
