@@ -169,8 +169,10 @@ END
 $$;
 
 -- Every user change becomes outbox rows and a NOTIFY on `<schema>_outbox`.
+-- SECURITY DEFINER: writers need privileges on the mirror table only, not
+-- on the service's outbox.
 CREATE FUNCTION mirror_after_write() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     IF current_setting('etcd_sync.applying', true) = 'on' THEN
         RETURN NULL;

@@ -190,6 +190,131 @@ async fn user_updates_keep_the_etcd_metadata_as_base() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_role_with_only_mirror_table_grants_can_write() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let admin = db.client().await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE app_writer_{db} LOGIN; \
+             GRANT USAGE ON SCHEMA etcd_sync TO app_writer_{db}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON etcd_sync.kv, etcd_sync.kv_text TO app_writer_{db};",
+            db = db.name
+        ))
+        .await?;
+    let writer = eps_harness::postgres::connect(
+        &db.url()
+            .replace("postgres@", &format!("app_writer_{}@", db.name)),
+    )
+    .await?;
+    writer
+        .execute(
+            "INSERT INTO etcd_sync.kv_text (key, value) VALUES ('/w', 'by a writer')",
+            &[],
+        )
+        .await?;
+    writer
+        .execute(
+            "UPDATE etcd_sync.kv SET value = 'again' WHERE key = '/w'",
+            &[],
+        )
+        .await?;
+    assert!(
+        writer
+            .query("SELECT * FROM etcd_sync.outbox", &[])
+            .await
+            .is_err(),
+        "the writer cannot read the outbox"
+    );
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM etcd_sync.outbox").await,
+        2
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_keys_and_values_round_trip_through_apply() -> anyhow::Result<()> {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let client = db.client().await?;
+    let fence = Fence {
+        term: 1,
+        node: "n1".into(),
+    };
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: 48,
+        ..RunnerConfig::default()
+    });
+    let revision = std::sync::atomic::AtomicI64::new(1);
+    let strategy = proptest::collection::vec(
+        (
+            proptest::collection::vec(any::<u8>(), 1..40),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        ),
+        1..20,
+    );
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        runner.run(&strategy, |pairs| {
+            handle.block_on(async {
+                let mut keys = Vec::new();
+                // One input per key, as the watcher groups them.
+                let expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+                    pairs.into_iter().collect();
+                for (key, value) in expected.clone() {
+                    let r = revision.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    keys.push(KeyInputs {
+                        key: key.clone(),
+                        inputs: vec![KeyInput::Event(EtcdEvent {
+                            op: Op::Put,
+                            key,
+                            revision: r,
+                            value,
+                            meta: KeyMeta {
+                                create_revision: r,
+                                mod_revision: r,
+                                version: 1,
+                                lease: 0,
+                            },
+                            prev: None,
+                        })],
+                    });
+                }
+                let request = ApplyRequest {
+                    fence: &fence,
+                    checkpoint: None,
+                    observed_at: Instant::now(),
+                    trace_id: None,
+                    keys: &keys,
+                    record_history: true,
+                    repair_at: None,
+                    echo_traces: None,
+                    audit_batch: false,
+                };
+                store
+                    .apply(&request)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for (key, value) in &expected {
+                    let row = client
+                        .query_one("SELECT value FROM etcd_sync.kv WHERE key = $1", &[key])
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(&row.get::<_, Vec<u8>>(0), value);
+                }
+                Ok(())
+            })
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_text_view_reads_and_writes_utf8_data() -> anyhow::Result<()> {
     let (store, db) = store_with("").await?;
     store.migrate().await?;

@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use super::*;
+use crate::mapping::Mapping;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -294,4 +295,66 @@ fn redact_url_hides_only_the_password() {
         redact_url("postgres://u:p@[bad/db"),
         "postgres://<redacted>"
     );
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const KEYS: &[&str] = &[
+        "ETCD_PG_SYNC__CLUSTER__NAME",
+        "ETCD_PG_SYNC__CLUSTER__LEASE_TTL_SECS",
+        "ETCD_PG_SYNC__ETCD__ENDPOINTS",
+        "ETCD_PG_SYNC__ETCD__MAX_TXN_OPS",
+        "ETCD_PG_SYNC__POSTGRES__URL",
+        "ETCD_PG_SYNC__POSTGRES__SCHEMA",
+        "ETCD_PG_SYNC__POSTGRES__POOL_SIZE",
+        "ETCD_PG_SYNC__SYNC__BATCH_SIZE",
+        "ETCD_PG_SYNC__RETRY__MULTIPLIER",
+        "ETCD_PG_SYNC__HTTP__LISTEN",
+        "ETCD_PG_SYNC__TELEMETRY__LOG_FORMAT",
+        "ETCD_PG_SYNC__NOT__A_KEY",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any environment is either a valid configuration or an error that
+        /// names what is wrong; never a panic.
+        #[test]
+        fn arbitrary_environment_values_never_panic(values in proptest::collection::vec((0..KEYS.len(), ".{0,40}"), 0..6)) {
+            let env: HashMap<String, String> = values.into_iter().map(|(k, v)| (KEYS[k].to_string(), v)).collect();
+            match Config::load(None, &env) {
+                Ok(config) => prop_assert!(config.validate().is_ok()),
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+        /// Arbitrary file contents likewise.
+        #[test]
+        fn arbitrary_toml_never_panics(content in "(\\[[a-z.\\[\\]]{0,12}\\]\\n|[a-z_]{1,12} = (\"[^\"\\\\]{0,10}\"|[0-9]{1,6}|true|\\[\\])\\n){0,8}") {
+            let f = file(&content);
+            let _ = Config::load(Some(f.path()), &HashMap::new());
+        }
+
+        /// Mapping prefixes: validation never accepts overlapping ones.
+        #[test]
+        fn accepted_mappings_never_overlap(prefixes in proptest::collection::vec("[/ab]{0,4}", 1..5)) {
+            let mut toml = String::new();
+            for (i, prefix) in prefixes.iter().enumerate() {
+                toml.push_str(&format!("[[mappings]]\nprefix = \"{prefix}\"\ntable = \"t{i}\"\n"));
+            }
+            let f = file(&toml);
+            if let Ok(config) = Config::load(Some(f.path()), &HashMap::new()) {
+                let set = config.validated_mappings().unwrap();
+                let all: Vec<&Mapping> = set.iter().collect();
+                for (i, a) in all.iter().enumerate() {
+                    for b in &all[i + 1..] {
+                        prop_assert!(!crate::mapping::prefixes_overlap(&a.prefix, &b.prefix));
+                    }
+                }
+            }
+        }
+    }
 }
