@@ -305,6 +305,14 @@ async fn the_audit_trail_records_every_kind_of_event() -> anyhow::Result<()> {
     )
     .await?;
     wait_converged(&world, "kv_o", b"/o/b", Duration::from_secs(10)).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pg, "SELECT count(*) FROM dead_letters").await? == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the oversize value was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     service.terminate(Duration::from_secs(10)).await?;
     // A conflict, settled by etcd-wins, and a compaction gap.
     pg.execute("UPDATE kv_o_text SET value = 'pg' WHERE key = '/o/a'", &[])

@@ -1,0 +1,203 @@
+//! `eps-bench`: measures etcd-pg-sync against raw etcd and PostgreSQL on
+//! the same stores, in the same run (the machine is shared and noisy:
+//! compare ratios, not absolute figures). Prints one JSON object per
+//! scenario on stdout and writes `bench/RESULTS.md`.
+//!
+//! `cargo run --release -p eps-bench -- all [--quick] [--large]`
+
+mod probe;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "eps-bench",
+    about = "etcd-pg-sync benchmarks against raw baselines"
+)]
+struct Args {
+    /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup, pg-to-etcd,
+    /// latency-1k, snapshot, failover, vs-make-mirror.
+    scenario: String,
+    /// Small sizes: every scenario in a few minutes on 2 cores.
+    #[arg(long)]
+    quick: bool,
+    /// Include the 1,000,000-key snapshot.
+    #[arg(long)]
+    large: bool,
+    /// Where to write the Markdown table (default bench/RESULTS.md).
+    #[arg(long)]
+    results: Option<PathBuf>,
+}
+
+/// Sizes for a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub quick: bool,
+    pub large: bool,
+    pub live_secs: u64,
+    pub live_clients: usize,
+    pub catchup_changes: usize,
+    pub pg_writes: usize,
+    pub latency_secs: u64,
+    pub snapshot_keys: [usize; 2],
+}
+
+impl Sizes {
+    fn new(quick: bool, large: bool) -> Sizes {
+        if quick {
+            Sizes {
+                quick,
+                large,
+                live_secs: 5,
+                live_clients: 32,
+                catchup_changes: 20_000,
+                pg_writes: 10_000,
+                latency_secs: 5,
+                snapshot_keys: [10_000, 50_000],
+            }
+        } else {
+            Sizes {
+                quick,
+                large,
+                live_secs: 15,
+                live_clients: 64,
+                catchup_changes: 100_000,
+                pg_writes: 50_000,
+                latency_secs: 20,
+                snapshot_keys: [20_000, 100_000],
+            }
+        }
+    }
+}
+
+/// One scenario's result, as printed and tabulated.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub parameters: serde_json::Value,
+    pub figures: serde_json::Value,
+    pub baseline: serde_json::Value,
+    pub ratio: Option<f64>,
+    pub goal: String,
+    /// One line for the Markdown table.
+    #[serde(skip)]
+    pub summary: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sizes = Sizes::new(args.quick, args.large);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let binary = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("etcd-pg-sync"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!("build the service first: cargo build --release -p etcd-pg-sync")
+        })?;
+    let names: Vec<&str> = match args.scenario.as_str() {
+        "all" => scenarios::ALL.to_vec(),
+        one => vec![one],
+    };
+    let mut outcomes = Vec::new();
+    for name in names {
+        eprintln!("== {name}");
+        let outcome = runtime.block_on(tokio::time::timeout(
+            Duration::from_secs(1800),
+            scenarios::run(name, &binary, sizes),
+        ));
+        match outcome {
+            Ok(Ok(outcome)) => {
+                println!("{}", serde_json::to_string(&outcome)?);
+                outcomes.push(outcome);
+            }
+            Ok(Err(error)) => eprintln!("{name} failed: {error:#}"),
+            Err(_) => eprintln!("{name} timed out"),
+        }
+    }
+    let path = args
+        .results
+        .unwrap_or_else(|| PathBuf::from("bench/RESULTS.md"));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, markdown(&outcomes, sizes))?;
+    eprintln!("results written to {}", path.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!("{cores} cores, {memory_gib:.0} GiB")
+}
+
+fn markdown(outcomes: &[Outcome], sizes: Sizes) -> String {
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut text = format!(
+        "# Benchmark results\n\nRun {date} on {} ({} sizes), etcd {} and PostgreSQL with default durability, the service in release mode, all on the same machine.\n\
+         Each figure has its baseline measured on the same stores in the same run; compare the ratios, not the absolute figures (the machine is shared and noisy).\n\
+         Produced by `cargo run --release -p eps-bench -- all{}` (`just bench`; `just bench-quick` for the quick sizes).\n\n\
+         | scenario | result | baseline | ratio | goal |\n| --- | --- | --- | --- | --- |\n",
+        machine(),
+        if sizes.quick { "quick" } else { "full" },
+        etcd_version(),
+        if sizes.quick { " --quick" } else { "" },
+    );
+    for outcome in outcomes {
+        text.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            outcome.scenario,
+            outcome.summary,
+            summarize_baseline(&outcome.baseline),
+            outcome.ratio.map_or("—".into(), |r| format!("{r:.2}")),
+            outcome.goal
+        ));
+    }
+    text.push_str("\nThe JSON objects printed by the run carry every figure and parameter.\n");
+    text
+}
+
+fn summarize_baseline(baseline: &serde_json::Value) -> String {
+    baseline
+        .get("summary")
+        .and_then(|s| s.as_str())
+        .unwrap_or("—")
+        .to_owned()
+}
+
+fn etcd_version() -> String {
+    std::process::Command::new(std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.replace("etcd Version: ", ""))
+        })
+        .unwrap_or_default()
+}

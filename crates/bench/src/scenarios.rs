@@ -1,0 +1,868 @@
+//! The scenarios (issue "Benchmark"): each returns its figures and the raw
+//! baseline measured on the same stores.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use eps_harness::{Etcd, Postgres, PostgresOptions, Service, ServiceConfig, TestDatabase};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::probe::{self, Samples};
+use crate::{Outcome, Sizes};
+
+pub const ALL: &[&str] = &[
+    "etcd-to-pg-live",
+    "etcd-to-pg-catchup",
+    "pg-to-etcd",
+    "latency-1k",
+    "snapshot",
+    "failover",
+    "vs-make-mirror",
+];
+
+pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    match name {
+        "etcd-to-pg-live" => live(binary, sizes).await,
+        "etcd-to-pg-catchup" => catchup(binary, sizes).await,
+        "pg-to-etcd" => pg_to_etcd(binary, sizes).await,
+        "latency-1k" => latency(binary, sizes).await,
+        "snapshot" => snapshot(binary, sizes).await,
+        "failover" => failover(binary, sizes).await,
+        "vs-make-mirror" => vs_make_mirror(binary, sizes).await,
+        other => anyhow::bail!("unknown scenario {other:?}; one of {ALL:?} or all"),
+    }
+}
+
+const MAPPING: &str = "\n[[mappings]]\nprefix = \"/bench/\"\ntable = \"kv_bench\"\n";
+
+/// etcd and a PostgreSQL with default durability (fsync and synchronous
+/// commit on, unlike the test harness's default).
+struct Stores {
+    etcd: Etcd,
+    _pg: Postgres,
+    db: TestDatabase,
+}
+
+async fn stores() -> anyhow::Result<Stores> {
+    let etcd = Etcd::start().await?;
+    let pg = Postgres::start_custom(PostgresOptions {
+        settings: vec![
+            ("fsync".into(), "on".into()),
+            ("synchronous_commit".into(), "on".into()),
+            ("full_page_writes".into(), "on".into()),
+        ],
+        ..PostgresOptions::default()
+    })
+    .await?;
+    let db = pg.create_database().await?;
+    Ok(Stores { etcd, _pg: pg, db })
+}
+
+fn config(binary: &Path, stores: &Stores, node: &str, env: &[(&str, &str)]) -> ServiceConfig {
+    let mut config = ServiceConfig::new(
+        binary,
+        &stores.etcd.endpoint(),
+        &stores.db.url(),
+        node,
+        MAPPING,
+    );
+    config.toml = config
+        .toml
+        .replace("log_level = \"info\"", "log_level = \"warn\"");
+    for (k, v) in env {
+        config.env.insert((*k).into(), (*v).into());
+    }
+    config
+}
+
+async fn pg(stores: &Stores) -> anyhow::Result<tokio_postgres::Client> {
+    eps_harness::postgres::connect(&stores.db.url()).await
+}
+
+async fn applied(pg: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(pg
+        .query_one("SELECT applied_revision FROM etcd_sync.sync_state", &[])
+        .await?
+        .get(0))
+}
+
+async fn wait_leader(service: &Service) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        if let Ok(body) = service.status().await {
+            if body.contains("\"role\":\"leader\"") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("no leader\n{}", service.log_tail(20))
+}
+
+/// Waits until the checkpoint reaches `revision`; returns the wait.
+async fn wait_applied(
+    pg: &tokio_postgres::Client,
+    revision: i64,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    while applied(pg).await? < revision {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "checkpoint did not reach {revision} in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// Current and peak resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `clients` tasks putting as fast as etcd accepts for `duration`; returns
+/// acknowledged puts.
+async fn put_load(
+    endpoint: &str,
+    prefix: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let acked = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (endpoint, prefix, acked) = (endpoint.to_owned(), prefix.to_owned(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            let value = vec![b'x'; 64];
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                client
+                    .put(
+                        format!("{prefix}c{c:02}/{:04}", i % 1000),
+                        value.clone(),
+                        None,
+                    )
+                    .await?;
+                acked.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(acked.load(Ordering::Relaxed))
+}
+
+async fn live(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    wait_applied(&pg, stores.etcd.revision().await?, Duration::from_secs(30)).await?;
+    probe::install_visibility_trigger(&pg, "kv_bench", "/bench/probe/").await?;
+    let (_listener, seen) = probe::listen_visible(&stores.db.url()).await?;
+    let stop = CancellationToken::new();
+    let markers = probe::etcd_markers(
+        stores.etcd.endpoint(),
+        "/bench/probe/",
+        Duration::from_millis(20),
+        stop.clone(),
+    );
+    let duration = Duration::from_secs(sizes.live_secs);
+    let started = Instant::now();
+    let puts = put_load(
+        &stores.etcd.endpoint(),
+        "/bench/live/",
+        sizes.live_clients,
+        duration,
+    )
+    .await?;
+    let wrote = started.elapsed();
+    stop.cancel();
+    let acked = markers.await??;
+    let head = stores.etcd.revision().await?;
+    let lag_revisions = head - applied(&pg).await?;
+    let catch_up = wait_applied(&pg, head, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let latency = probe::latencies(&acked, &seen.lock().unwrap_or_else(|p| p.into_inner()));
+    let etcd_rate = puts as f64 / wrote.as_secs_f64();
+    let mirror_rate = puts as f64 / (wrote + catch_up).as_secs_f64();
+    let ratio = mirror_rate / etcd_rate;
+    Ok(Outcome {
+        scenario: "etcd-to-pg-live".into(),
+        parameters: json!({"clients": sizes.live_clients, "seconds": sizes.live_secs}),
+        figures: json!({
+            "etcd_puts": puts, "mirror_rate_per_s": mirror_rate, "lag_revisions_at_end": lag_revisions,
+            "catch_up_after_load_ms": catch_up.as_millis() as u64, "put_ack_to_row_visible": latency.summary(),
+        }),
+        baseline: json!({"etcd_put_rate_per_s": etcd_rate, "summary": format!("etcd {etcd_rate:.0} puts/s")}),
+        ratio: Some(ratio),
+        goal: "≥ 1.0".into(),
+        summary: format!(
+            "mirror {mirror_rate:.0} changes/s; lag at end {lag_revisions} rev, caught up {:.2} s later; put→row p50 {:.1} ms p99 {:.1} ms",
+            catch_up.as_secs_f64(),
+            latency.quantile(0.5).unwrap_or(f64::NAN) * 1e3,
+            latency.quantile(0.99).unwrap_or(f64::NAN) * 1e3
+        ),
+    })
+}
+
+async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let stores = stores().await?;
+    let mut service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    let from = stores.etcd.revision().await?;
+    wait_applied(&pg, from, Duration::from_secs(30)).await?;
+    service.terminate(Duration::from_secs(15)).await?;
+    // N single-key revisions while the service is down.
+    let per_client = sizes.catchup_changes / 16;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let endpoint = stores.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for i in 0..per_client {
+                client
+                    .put(
+                        format!("/bench/catchup/c{c:02}/{i:06}"),
+                        vec![b'v'; 64],
+                        None,
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let head = stores.etcd.revision().await?;
+    let changes = (head - from) as f64;
+
+    // Baseline: the same watch stream, one multi-row INSERT per response.
+    pg.batch_execute(
+        "CREATE TABLE baseline_rows (key bytea PRIMARY KEY, value bytea, revision bigint)",
+    )
+    .await?;
+    let baseline_started = Instant::now();
+    let mut client = stores.etcd.client().await?;
+    let options = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from + 1)
+        .with_prev_key();
+    let mut stream = client.watch("/bench/", Some(options)).await?;
+    let mut last = from;
+    while last < head {
+        let Some(response) = stream.message().await? else {
+            anyhow::bail!("watch ended")
+        };
+        if response.events().is_empty() {
+            continue;
+        }
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut values: Vec<Vec<u8>> = Vec::new();
+        let mut revisions: Vec<i64> = Vec::new();
+        let mut latest: HashMap<Vec<u8>, usize> = HashMap::new();
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            last = last.max(kv.mod_revision());
+            match latest.get(kv.key()) {
+                Some(i) => {
+                    values[*i] = kv.value().to_vec();
+                    revisions[*i] = kv.mod_revision();
+                }
+                None => {
+                    latest.insert(kv.key().to_vec(), keys.len());
+                    keys.push(kv.key().to_vec());
+                    values.push(kv.value().to_vec());
+                    revisions.push(kv.mod_revision());
+                }
+            }
+        }
+        pg.execute(
+            "INSERT INTO baseline_rows SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[]) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision",
+            &[&keys, &values, &revisions],
+        )
+        .await?;
+    }
+    let baseline_rate = changes / baseline_started.elapsed().as_secs_f64();
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(60)).await?;
+    wait_leader(&service).await?;
+    let started = Instant::now();
+    wait_applied(&pg, head, Duration::from_secs(600)).await?;
+    let rate = changes / started.elapsed().as_secs_f64();
+    Ok(Outcome {
+        scenario: "etcd-to-pg-catchup".into(),
+        parameters: json!({"changes": changes, "writers": 16}),
+        figures: json!({"catch_up_rate_per_s": rate, "seconds": started.elapsed().as_secs_f64()}),
+        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
+        ratio: Some(rate / baseline_rate),
+        goal: "≥ 1.0".into(),
+        summary: format!(
+            "{rate:.0} changes/s ({changes:.0} changes in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        ),
+    })
+}
+
+/// Commits `n` single-row inserts from 8 sessions; returns when committed.
+async fn sql_writes(db: &TestDatabase, prefix: &str, n: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let (db, prefix) = (db.clone(), prefix.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let client = db.client().await?;
+            let insert = client
+                .prepare("INSERT INTO etcd_sync.kv_bench (key, value) VALUES ($1, $2)")
+                .await?;
+            for i in (s..n).step_by(8) {
+                client
+                    .execute(
+                        &insert,
+                        &[&format!("{prefix}{i:07}").into_bytes(), &vec![b'p'; 64]],
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+async fn etcd_count(etcd: &Etcd, prefix: &str) -> anyhow::Result<i64> {
+    let mut client = etcd.client().await?;
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    Ok(client.get(prefix, Some(options)).await?.count())
+}
+
+async fn pg_to_etcd_rate(
+    binary: &Path,
+    sizes: Sizes,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(f64, f64)> {
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", env), "n1").await?;
+    wait_leader(&service).await?;
+    let n = sizes.pg_writes;
+    let started = Instant::now();
+    sql_writes(&stores.db, "/bench/pg/", n).await?;
+    let committed = started.elapsed();
+    while etcd_count(&stores.etcd, "/bench/pg/").await? < n as i64 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all SQL writes reached etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    // Baseline: the same puts straight to etcd, 8 in flight.
+    let baseline_started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let endpoint = stores.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for i in (s..n).step_by(8) {
+                client
+                    .put(format!("/bench/raw/{i:07}"), vec![b'p'; 64], None)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let baseline = n as f64 / baseline_started.elapsed().as_secs_f64();
+    eprintln!(
+        "pg-to-etcd: {n} commits in {committed:?}, all in etcd after {:?}",
+        started.elapsed()
+    );
+    Ok((rate, baseline))
+}
+
+async fn pg_to_etcd(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let (batched, baseline) = pg_to_etcd_rate(binary, sizes, &[]).await?;
+    // Batching off: one key per etcd txn.
+    let (unbatched, _) =
+        pg_to_etcd_rate(binary, sizes, &[("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "2")]).await?;
+    Ok(Outcome {
+        scenario: "pg-to-etcd".into(),
+        parameters: json!({"writes": sizes.pg_writes, "sessions": 8}),
+        figures: json!({"rate_per_s": batched, "rate_without_batching_per_s": unbatched}),
+        baseline: json!({"direct_puts_8_in_flight_per_s": baseline, "summary": format!("direct puts {baseline:.0}/s")}),
+        ratio: Some(batched / baseline),
+        goal: "≥ 1.0".into(),
+        summary: format!("{batched:.0} changes/s (one key per txn: {unbatched:.0}/s)"),
+    })
+}
+
+async fn latency(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    wait_applied(&pg, stores.etcd.revision().await?, Duration::from_secs(30)).await?;
+    probe::install_visibility_trigger(&pg, "kv_bench", "/bench/lat-e/").await?;
+    let (_listener, seen_pg) = probe::listen_visible(&stores.db.url()).await?;
+    // pg → etcd: a watch on etcd notes when each row's value arrives.
+    let seen_etcd: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut watch_client = stores.etcd.client().await?;
+    let mut watch = watch_client
+        .watch(
+            "/bench/lat-p/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await?;
+    let sink = seen_etcd.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(response)) = watch.message().await {
+            for event in response.events() {
+                if let Some(kv) = event.kv() {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        Instant::now(),
+                    );
+                }
+            }
+        }
+    });
+    let duration = Duration::from_secs(sizes.latency_secs);
+    let deadline = Instant::now() + duration;
+    let mut etcd_tasks = Vec::new();
+    let mut pg_tasks = Vec::new();
+    // 4 writers per side at 250 changes/s each: 1,000/s per direction.
+    for w in 0..4 {
+        let endpoint = stores.etcd.endpoint();
+        etcd_tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            let mut acked = HashMap::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let key = format!("/bench/lat-e/{w}/{i:06}");
+                client.put(key.clone(), "e", None).await?;
+                acked.insert(key, Instant::now());
+                i += 1;
+            }
+            anyhow::Ok(acked)
+        }));
+        let db = stores.db.clone();
+        pg_tasks.push(tokio::spawn(async move {
+            let client = db.client().await?;
+            let insert = client
+                .prepare("INSERT INTO etcd_sync.kv_bench (key, value) VALUES ($1, 'p')")
+                .await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            let mut committed = HashMap::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let key = format!("/bench/lat-p/{w}/{i:06}");
+                client
+                    .execute(&insert, &[&key.clone().into_bytes()])
+                    .await?;
+                committed.insert(key, Instant::now());
+                i += 1;
+            }
+            anyhow::Ok(committed)
+        }));
+    }
+    let mut etcd_acked = HashMap::new();
+    for task in etcd_tasks {
+        etcd_acked.extend(task.await??);
+    }
+    let mut pg_committed = HashMap::new();
+    for task in pg_tasks {
+        pg_committed.extend(task.await??);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    watcher.abort();
+    let to_pg = probe::latencies(
+        &etcd_acked,
+        &seen_pg.lock().unwrap_or_else(|p| p.into_inner()),
+    );
+    let to_etcd = probe::latencies(
+        &pg_committed,
+        &seen_etcd.lock().unwrap_or_else(|p| p.into_inner()),
+    );
+    let rate = etcd_acked.len() as f64 / duration.as_secs_f64();
+    let p99 = |s: &Samples| s.quantile(0.99).unwrap_or(f64::NAN) * 1e3;
+    Ok(Outcome {
+        scenario: "latency-1k".into(),
+        parameters: json!({"seconds": sizes.latency_secs, "target_rate_per_direction": 1000, "etcd_rate_achieved": rate, "pg_rate_achieved": pg_committed.len() as f64 / duration.as_secs_f64()}),
+        figures: json!({"etcd_to_pg": to_pg.summary(), "pg_to_etcd": to_etcd.summary(), "lost_samples": (etcd_acked.len() - to_pg.0.len()) + (pg_committed.len() - to_etcd.0.len())}),
+        baseline: json!({"summary": "goal: p99 < 100 ms"}),
+        ratio: None,
+        goal: "p99 < 100 ms".into(),
+        summary: format!(
+            "etcd→pg p50 {:.1} / p99 {:.1} / max {:.1} ms; pg→etcd p50 {:.1} / p99 {:.1} / max {:.1} ms",
+            to_pg.quantile(0.5).unwrap_or(f64::NAN) * 1e3,
+            p99(&to_pg),
+            to_pg.max().unwrap_or(f64::NAN) * 1e3,
+            to_etcd.quantile(0.5).unwrap_or(f64::NAN) * 1e3,
+            p99(&to_etcd),
+            to_etcd.max().unwrap_or(f64::NAN) * 1e3
+        ),
+    })
+}
+
+/// Loads `keys` keys (txns of 100 puts, 4 in flight).
+async fn preload(etcd: &Etcd, prefix: &str, keys: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (endpoint, prefix) = (etcd.endpoint(), prefix.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for chunk in (t * 100..keys).step_by(400) {
+                let ops: Vec<etcd_client::TxnOp> = (chunk..(chunk + 100).min(keys))
+                    .map(|i| {
+                        etcd_client::TxnOp::put(format!("{prefix}{i:08}"), vec![b's'; 100], None)
+                    })
+                    .collect();
+                client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+async fn snapshot_once(binary: &Path, keys: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let stores = stores().await?;
+    preload(&stores.etcd, "/bench/snap/", keys).await?;
+    // Baseline: paginated range reads of the same keys at one revision.
+    let client = eps_etcd_shim::connect(&stores.etcd).await?;
+    let started = Instant::now();
+    let mut read = 0usize;
+    let mut next = b"/bench/".to_vec();
+    let mut revision = 0;
+    loop {
+        let page = client
+            .range_page(&next, Some(b"/bench0"), revision, 1000)
+            .await?;
+        revision = page.0;
+        read += page.1.len();
+        match page.1.last() {
+            Some(last) if page.2 => {
+                next = last.clone();
+                next.push(0);
+            }
+            _ => break,
+        }
+    }
+    anyhow::ensure!(read == keys, "read {read} of {keys}");
+    let baseline = keys as f64 / started.elapsed().as_secs_f64();
+    let pg = pg(&stores).await?;
+    let head = stores.etcd.revision().await?;
+    let service = Service::spawn(config(binary, &stores, "n1", &[]), "n1")?;
+    let pid = service.pid().unwrap_or(0);
+    let peak = Arc::new(std::sync::Mutex::new(0.0f64));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let (_, hwm) = rss_mib(pid);
+                {
+                    let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+                    *p = p.max(hwm);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    wait_leader(&service).await?;
+    let started = Instant::now();
+    wait_applied(&pg, head, Duration::from_secs(1800)).await?;
+    let rate = keys as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sampler.abort();
+    let peak = *peak.lock().unwrap_or_else(|e| e.into_inner());
+    Ok((rate, baseline, peak))
+}
+
+/// Range reads without the service (the bench has no eps-etcd dependency).
+mod eps_etcd_shim {
+    pub struct Reader(etcd_client::Client);
+
+    pub async fn connect(etcd: &eps_harness::Etcd) -> anyhow::Result<Reader> {
+        Ok(Reader(etcd.client().await?))
+    }
+
+    impl Reader {
+        /// (revision, keys, more)
+        pub async fn range_page(
+            &self,
+            from: &[u8],
+            end: Option<&[u8]>,
+            revision: i64,
+            limit: i64,
+        ) -> anyhow::Result<(i64, Vec<Vec<u8>>, bool)> {
+            let mut client = self.0.clone();
+            let mut options = etcd_client::GetOptions::new()
+                .with_limit(limit)
+                .with_revision(revision);
+            if let Some(end) = end {
+                options = options.with_range(end.to_vec());
+            }
+            let response = client.get(from.to_vec(), Some(options)).await?;
+            let keys = response.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+            Ok((
+                response.header().map_or(0, |h| h.revision()),
+                keys,
+                response.more(),
+            ))
+        }
+    }
+}
+
+async fn snapshot(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let mut runs = Vec::new();
+    let mut keysets: Vec<usize> = sizes.snapshot_keys.to_vec();
+    if sizes.large {
+        keysets.push(1_000_000);
+    }
+    for keys in &keysets {
+        let (rate, baseline, peak) = snapshot_once(binary, *keys).await?;
+        eprintln!(
+            "snapshot of {keys} keys: {rate:.0} keys/s (range reads {baseline:.0}/s), peak RSS {peak:.1} MiB"
+        );
+        runs.push(json!({"keys": keys, "keys_per_s": rate, "range_read_keys_per_s": baseline, "peak_rss_mib": peak}));
+    }
+    let first = &runs[0];
+    let last = &runs[runs.len() - 1];
+    let rss_growth = last["peak_rss_mib"].as_f64().unwrap_or(0.0)
+        / first["peak_rss_mib"].as_f64().unwrap_or(1.0);
+    let rate = last["keys_per_s"].as_f64().unwrap_or(0.0);
+    let baseline = last["range_read_keys_per_s"].as_f64().unwrap_or(1.0);
+    Ok(Outcome {
+        scenario: "snapshot".into(),
+        parameters: json!({"keysets": keysets, "value_bytes": 100}),
+        figures: json!({"runs": runs, "peak_rss_growth_largest_over_smallest": rss_growth}),
+        baseline: json!({"summary": format!("range reads {baseline:.0} keys/s")}),
+        ratio: Some(rate / baseline),
+        goal: "RSS flat in keyspace size".into(),
+        summary: format!(
+            "{rate:.0} keys/s at {} keys; peak RSS {:.0} MiB at {} keys vs {:.0} MiB at {} keys (×{rss_growth:.2})",
+            last["keys"],
+            last["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            last["keys"],
+            first["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            first["keys"]
+        ),
+    })
+}
+
+async fn failover(binary: &Path, _sizes: Sizes) -> anyhow::Result<Outcome> {
+    let stores = stores().await?;
+    let ttl = "3";
+    let env = [("ETCD_PG_SYNC__CLUSTER__LEASE_TTL_SECS", ttl)];
+    let mut replicas = Vec::new();
+    for node in ["n1", "n2", "n3"] {
+        replicas.push(Service::start(config(binary, &stores, node, &env), node).await?);
+    }
+    let mut leader = None;
+    for _ in 0..400 {
+        for (i, r) in replicas.iter().enumerate() {
+            if r.status()
+                .await
+                .is_ok_and(|s| s.contains("\"role\":\"leader\""))
+            {
+                leader = Some(i);
+            }
+        }
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = leader.ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let pg = pg(&stores).await?;
+    wait_applied(&pg, stores.etcd.revision().await?, Duration::from_secs(30)).await?;
+    let stop = CancellationToken::new();
+    let load = {
+        let (endpoint, stop) = (stores.etcd.endpoint(), stop.clone());
+        tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                client
+                    .put(format!("/bench/failover/{:04}", i % 1000), "v", None)
+                    .await?;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old_term: i64 = pg
+        .query_one("SELECT term FROM etcd_sync.sync_state", &[])
+        .await?
+        .get(0);
+    let killed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    replicas[leader].kill();
+    let started = Instant::now();
+    let first_change = loop {
+        let row = pg
+            .query_opt(
+                "SELECT extract(epoch FROM min(recorded_at))::float8 FROM etcd_sync.history WHERE term > $1 HAVING count(*) > 0",
+                &[&old_term],
+            )
+            .await?;
+        if let Some(row) = row {
+            break row.get::<_, f64>(0);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "no new leader applied anything"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.cancel();
+    load.await??;
+    let failover = first_change - killed;
+    Ok(Outcome {
+        scenario: "failover".into(),
+        parameters: json!({"replicas": 3, "lease_ttl_secs": 3, "load_puts_per_s": 500}),
+        figures: json!({"kill_to_first_change_s": failover}),
+        baseline: json!({"summary": "lease TTL 3 s (+2 s allowed)"}),
+        ratio: Some(failover / 3.0),
+        goal: "≤ TTL + 2 s".into(),
+        summary: format!(
+            "leader SIGKILLed → first change applied by the new leader in {failover:.2} s"
+        ),
+    })
+}
+
+async fn vs_make_mirror(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let duration = Duration::from_secs(sizes.live_secs);
+    // etcd-pg-sync.
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    wait_applied(&pg, stores.etcd.revision().await?, Duration::from_secs(30)).await?;
+    let started = Instant::now();
+    let ours_puts = put_load(
+        &stores.etcd.endpoint(),
+        "/bench/m/",
+        sizes.live_clients,
+        duration,
+    )
+    .await?;
+    let ours_load = started.elapsed();
+    let head = stores.etcd.revision().await?;
+    let ours_catch_up = wait_applied(&pg, head, Duration::from_secs(600)).await?;
+    let ours_rate = ours_puts as f64 / (ours_load + ours_catch_up).as_secs_f64();
+    drop(service);
+
+    // etcdctl make-mirror into a second etcd.
+    let source = Etcd::start().await?;
+    let destination = Etcd::start().await?;
+    let etcdctl = std::env::var("ETCDCTL_BIN").unwrap_or_else(|_| "etcdctl".into());
+    let mut mirror = tokio::process::Command::new(etcdctl)
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &source.endpoint(),
+            "make-mirror",
+            "--prefix",
+            "/bench/",
+            &destination.endpoint(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("etcdctl make-mirror (install Debian's etcd-client): {e}"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let theirs_puts = put_load(
+        &source.endpoint(),
+        "/bench/m/",
+        sizes.live_clients,
+        duration,
+    )
+    .await?;
+    let theirs_load = started.elapsed();
+    let mut source_client = source.client().await?;
+    let mut dest_client = destination.client().await?;
+    let options = || etcd_client::GetOptions::new().with_prefix();
+    let expected: HashMap<Vec<u8>, Vec<u8>> = source_client
+        .get("/bench/m/", Some(options()))
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    let catch_up_started = Instant::now();
+    let theirs_catch_up = loop {
+        let got: HashMap<Vec<u8>, Vec<u8>> = dest_client
+            .get("/bench/m/", Some(options()))
+            .await?
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+            .collect();
+        if got == expected {
+            break Some(catch_up_started.elapsed());
+        }
+        if catch_up_started.elapsed() > Duration::from_secs(300) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = mirror.kill().await;
+    let theirs_rate = match theirs_catch_up {
+        Some(catch_up) => theirs_puts as f64 / (theirs_load + catch_up).as_secs_f64(),
+        None => theirs_puts as f64 / (theirs_load + Duration::from_secs(300)).as_secs_f64(),
+    };
+    Ok(Outcome {
+        scenario: "vs-make-mirror".into(),
+        parameters: json!({"clients": sizes.live_clients, "seconds": sizes.live_secs}),
+        figures: json!({
+            "etcd_pg_sync": {"puts": ours_puts, "mirrored_per_s": ours_rate, "catch_up_after_load_s": ours_catch_up.as_secs_f64()},
+            "make_mirror": {"puts": theirs_puts, "mirrored_per_s": theirs_rate, "catch_up_after_load_s": theirs_catch_up.map(|d| d.as_secs_f64())},
+        }),
+        baseline: json!({"summary": format!("make-mirror {theirs_rate:.0} changes/s, {} after load", theirs_catch_up.map_or("not caught up in 300 s".into(), |d| format!("caught up {:.1} s", d.as_secs_f64())))}),
+        ratio: Some(ours_rate / theirs_rate),
+        goal: "≥ 1.0".into(),
+        summary: format!(
+            "etcd-pg-sync {ours_rate:.0} changes/s, caught up {:.2} s after load (keeps history)",
+            ours_catch_up.as_secs_f64()
+        ),
+    })
+}
