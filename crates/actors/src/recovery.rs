@@ -194,10 +194,17 @@ pub async fn resync(
     reason: ResyncReason,
     progress: Arc<Progress>,
 ) -> Result<i64, ActorError> {
+    // First at the compact revision (everything after it is still in etcd
+    // and comes from the watch); if etcd compacts again during the walk,
+    // at its head.
+    let mut at_compact_revision = true;
     loop {
-        match resync_once(&ctx, reason, &progress).await {
+        match resync_once(&ctx, reason, at_compact_revision, &progress).await {
             Err(ActorError::Etcd(EtcdError::Compacted { .. })) => {
-                tracing::warn!("snapshot revision compacted during the walk, starting over");
+                tracing::warn!(
+                    "snapshot revision compacted during the walk, starting over at etcd's head"
+                );
+                at_compact_revision = false;
                 continue;
             }
             other => return other,
@@ -208,10 +215,19 @@ pub async fn resync(
 async fn resync_once(
     ctx: &Arc<SyncContext>,
     reason: ResyncReason,
+    at_compact_revision: bool,
     progress: &Progress,
 ) -> Result<i64, ActorError> {
     let started = Instant::now();
-    let revision = ctx.etcd.current_revision().await?;
+    // The smallest revision etcd still knows: only what it destroyed
+    // (checkpoint, compact revision] is unknowable.
+    let revision = match reason {
+        ResyncReason::Compacted {
+            compact_revision: Some(compacted),
+            ..
+        } if at_compact_revision => compacted,
+        _ => ctx.etcd.current_revision().await?,
+    };
     let origin = match reason {
         ResyncReason::Initial => Origin::Snapshot,
         _ => Origin::Resync,

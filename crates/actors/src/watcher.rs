@@ -90,6 +90,8 @@ async fn run(
 ) -> Result<(), ActorError> {
     let mut checkpoint = ctx.store.state().await?.applied_revision;
     let current = ctx.etcd.current_revision().await?;
+    // A compacted checkpoint is reported by the watch itself, with the
+    // compact revision the resync starts from.
     if checkpoint == 0 {
         checkpoint = resync(&recovery, ResyncReason::Initial).await?;
     } else if checkpoint > current {
@@ -103,20 +105,6 @@ async fn run(
             ResyncReason::RevisionWentBack {
                 checkpoint,
                 etcd_revision: current,
-            },
-        )
-        .await?;
-    } else if checkpoint < current
-        && ctx
-            .etcd
-            .is_compacted(&ctx.leader.key, checkpoint + 1)
-            .await?
-    {
-        checkpoint = resync(
-            &recovery,
-            ResyncReason::Compacted {
-                checkpoint,
-                compact_revision: None,
             },
         )
         .await?;
