@@ -110,10 +110,11 @@ async fn run(
     let mut state = PollerState::default();
     loop {
         progress.tick();
-        drain(&ctx, &mut state, &arbiter, &retrier, &progress).await?;
+        let drained = drain(&ctx, &mut state, &arbiter, &retrier, &progress).await?;
         let waiting_on_watcher = state.waiting_on_watcher();
+        let notify_helps = drained == Drained::Done;
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = wake.notified(), if notify_helps => {}
             _ = ctx.wake_poller.notified() => {}
             _ = tokio::time::sleep(state.next_wakeup(poll)) => {}
             changed = applied.changed(), if waiting_on_watcher => {
@@ -345,7 +346,7 @@ async fn drain(
     arbiter: &WeakAddr<ConflictArbiter>,
     retrier: &WeakAddr<Retrier>,
     progress: &Progress,
-) -> Result<(), ActorError> {
+) -> Result<Drained, ActorError> {
     // Bounded so one wake-up cannot spin; the next wake-up continues.
     for _round in 0..1_000 {
         let rows = ctx
@@ -356,7 +357,11 @@ async fn drain(
         state.prune(&rows, applied);
         let candidates = state.select(&rows, applied, Instant::now())?;
         if candidates.is_empty() {
-            return Ok(());
+            return Ok(if rows.len() >= ctx.config.sync.outbox_batch_size {
+                Drained::WindowAwaitingEchoes
+            } else {
+                Drained::Done
+            });
         }
         progress.tick();
         metrics::gauge!(telemetry::OUTBOX_DEPTH).set(rows.len() as f64);
@@ -374,11 +379,30 @@ async fn drain(
                 }
             }
         }
-        for chunk in chunks(sendable, ctx) {
-            send(ctx, state, chunk, arbiter, retrier).await?;
+        // Several txns in flight: each holds distinct keys and every key
+        // has one change per round, so they commute.
+        let txns = chunks(sendable, ctx);
+        for group in txns.chunks(TXNS_IN_FLIGHT) {
+            let outcomes =
+                futures_util::future::join_all(group.iter().map(|txn| attempt(ctx, txn))).await;
+            for (txn, outcome) in group.iter().zip(outcomes) {
+                send(ctx, state, txn.clone(), Some(outcome), arbiter, retrier).await?;
+            }
         }
     }
-    Ok(())
+    Ok(Drained::Done)
+}
+
+/// Concurrent etcd txns per round (BASELINES: 4 in flight ≈ 1.5× one).
+const TXNS_IN_FLIGHT: usize = 4;
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    Done,
+    /// The window of oldest rows is full of changes awaiting their echo:
+    /// a NOTIFY cannot make anything sendable, the watcher's progress can.
+    WindowAwaitingEchoes,
 }
 
 /// Splits candidates into txns within etcd's op and size limits.
@@ -409,10 +433,45 @@ fn chunks(candidates: Vec<Candidate>, ctx: &SyncContext) -> Vec<Vec<Candidate>> 
     out
 }
 
+/// One fenced compare-and-swap txn for `txn` (distinct keys), traced.
+async fn attempt(ctx: &Arc<SyncContext>, txn: &[Candidate]) -> Result<CasOutcome, EtcdError> {
+    let writes: Vec<CasWrite> = txn
+        .iter()
+        .map(|c| CasWrite {
+            key: c.row.key.clone(),
+            value: match c.op {
+                Op::Put => Some(c.row.value.clone().unwrap_or_default()),
+                Op::Delete => None,
+            },
+            expect_mod_revision: c.expected,
+        })
+        .collect();
+    let span = tracing::info_span!("pg_to_etcd.txn", changes = txn.len(), term = ctx.fence.term);
+    // Registered before sending: the echo may beat the response.
+    let traced = tracing_ids::span_context(&span).map(|context| {
+        ctx.echo_traces
+            .register(writes.iter().map(|w| w.key.as_slice()), context)
+    });
+    let outcome = compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes)
+        .instrument(span)
+        .await;
+    if let Some(txn_id) = traced {
+        if !matches!(outcome, Ok(CasOutcome::Applied { .. })) {
+            ctx.echo_traces
+                .unregister(txn_id, writes.iter().map(|w| w.key.as_slice()));
+        }
+    }
+    outcome
+}
+
+/// Settles a txn: `first_outcome` is the result of its first attempt when
+/// already sent; conflicts are set aside and the rest retried, a rejected
+/// txn is split until the change etcd refuses is found.
 async fn send(
     ctx: &Arc<SyncContext>,
     state: &mut PollerState,
     chunk: Vec<Candidate>,
+    mut first_outcome: Option<Result<CasOutcome, EtcdError>>,
     arbiter: &WeakAddr<ConflictArbiter>,
     retrier: &WeakAddr<Retrier>,
 ) -> Result<(), ActorError> {
@@ -421,33 +480,10 @@ async fn send(
         if txn.is_empty() {
             continue;
         }
-        let writes: Vec<CasWrite> = txn
-            .iter()
-            .map(|c| CasWrite {
-                key: c.row.key.clone(),
-                value: match c.op {
-                    Op::Put => Some(c.row.value.clone().unwrap_or_default()),
-                    Op::Delete => None,
-                },
-                expect_mod_revision: c.expected,
-            })
-            .collect();
-        let span =
-            tracing::info_span!("pg_to_etcd.txn", changes = txn.len(), term = ctx.fence.term);
-        // Registered before sending: the echo may beat the response.
-        let traced = tracing_ids::span_context(&span).map(|context| {
-            ctx.echo_traces
-                .register(writes.iter().map(|w| w.key.as_slice()), context)
-        });
-        let outcome = compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes)
-            .instrument(span.clone())
-            .await;
-        if let Some(txn_id) = traced {
-            if !matches!(outcome, Ok(CasOutcome::Applied { .. })) {
-                ctx.echo_traces
-                    .unregister(txn_id, writes.iter().map(|w| w.key.as_slice()));
-            }
-        }
+        let outcome = match first_outcome.take() {
+            Some(outcome) => outcome,
+            None => attempt(ctx, &txn).await,
+        };
         match outcome {
             Ok(CasOutcome::Applied {
                 revision,

@@ -108,10 +108,13 @@ fn main() -> anyhow::Result<()> {
     let mut outcomes = Vec::new();
     for name in names {
         eprintln!("== {name}");
-        let outcome = runtime.block_on(tokio::time::timeout(
-            Duration::from_secs(1800),
-            scenarios::run(name, &binary, sizes),
-        ));
+        let outcome = runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(1800),
+                scenarios::run(name, &binary, sizes),
+            )
+            .await
+        });
         match outcome {
             Ok(Ok(outcome)) => {
                 println!("{}", serde_json::to_string(&outcome)?);
