@@ -112,14 +112,14 @@ async fn assert_consistent(world: &World) -> anyhow::Result<()> {
     let log = etcd_event_log(world, until, under_s).await?;
     let mut seen = std::collections::HashSet::new();
     for change in &log {
-        if let Some(value) = &change.value {
-            if value.starts_with(b"pg-") {
-                assert!(
-                    seen.insert((change.key.clone(), value.clone())),
-                    "{:?} written twice",
-                    change
-                );
-            }
+        if let Some(value) = &change.value
+            && value.starts_with(b"pg-")
+        {
+            assert!(
+                seen.insert((change.key.clone(), value.clone())),
+                "{:?} written twice",
+                change
+            );
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
 //! Conflicts, retries and dead letters (SPEC 2, 3.3, 3.7, 3.8).
+#![allow(clippy::type_complexity, clippy::unwrap_used)] // test tables and setup
 
 mod support;
 

@@ -273,10 +273,9 @@ impl Cluster {
             }
             if let Ok(Ok(s)) =
                 tokio::time::timeout(Duration::from_millis(500), status(replica)).await
+                && s["role"] == "leader"
             {
-                if s["role"] == "leader" {
-                    return Some(i);
-                }
+                return Some(i);
             }
         }
         None

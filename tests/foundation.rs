@@ -1,5 +1,6 @@
 //! The foundation: configuration on the command line, migrations through
 //! the binary, and the service's lifecycle.
+#![allow(clippy::type_complexity, clippy::unwrap_used)] // test tables and setup
 
 mod support;
 

@@ -60,7 +60,7 @@ async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Resu
                     pg.execute(
                         "INSERT INTO kv_a (key, value) SELECT convert_to('/a/m' || lpad(g::text, 3, '0'), 'UTF8'), $1::bytea FROM generate_series($2::int, $2::int + 24) g \
                          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                        &[&value.into_bytes(), &(k as i32)],
+                        &[&value.into_bytes(), &{ k }],
                     )
                     .await? as usize
                 } else {

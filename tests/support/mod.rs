@@ -159,10 +159,10 @@ pub async fn wait_leader(services: &[&Service], timeout: Duration) -> anyhow::Re
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         for (i, service) in services.iter().enumerate() {
-            if let Ok(s) = status(service).await {
-                if s["role"] == "leader" {
-                    return Ok(i);
-                }
+            if let Ok(s) = status(service).await
+                && s["role"] == "leader"
+            {
+                return Ok(i);
             }
         }
         if tokio::time::Instant::now() > deadline {

@@ -455,11 +455,11 @@ async fn attempt(ctx: &Arc<SyncContext>, txn: &[Candidate]) -> Result<CasOutcome
     let outcome = compare_and_swap(&ctx.etcd, Some(&ctx.leader), &writes)
         .instrument(span)
         .await;
-    if let Some(txn_id) = traced {
-        if !matches!(outcome, Ok(CasOutcome::Applied { .. })) {
-            ctx.echo_traces
-                .unregister(txn_id, writes.iter().map(|w| w.key.as_slice()));
-        }
+    if let Some(txn_id) = traced
+        && !matches!(outcome, Ok(CasOutcome::Applied { .. }))
+    {
+        ctx.echo_traces
+            .unregister(txn_id, writes.iter().map(|w| w.key.as_slice()));
     }
     outcome
 }

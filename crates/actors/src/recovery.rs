@@ -109,11 +109,11 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
             retention(&ctx).await?;
             next_retention = Instant::now() + retention_every;
         }
-        if let (Some(at), Some(every)) = (next_verify, verify_every) {
-            if Instant::now() >= at {
-                anti_entropy(&ctx).await?;
-                next_verify = Some(Instant::now() + every);
-            }
+        if let (Some(at), Some(every)) = (next_verify, verify_every)
+            && Instant::now() >= at
+        {
+            anti_entropy(&ctx).await?;
+            next_verify = Some(Instant::now() + every);
         }
     }
 }

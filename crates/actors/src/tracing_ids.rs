@@ -27,9 +27,12 @@ pub fn span_context(span: &tracing::Span) -> Option<SpanContext> {
 /// echo can reach the watcher before the txn's response reaches the poller.
 #[derive(Debug, Default)]
 pub struct EchoTraces {
-    inner: Mutex<HashMap<Vec<u8>, VecDeque<(u64, SpanContext)>>>,
+    inner: Mutex<HashMap<Vec<u8>, TxnSpans>>,
     next_txn: AtomicU64,
 }
+
+/// Txn id and span of the txns that wrote one key, oldest first.
+type TxnSpans = VecDeque<(u64, SpanContext)>;
 
 /// Most txns remembered per key (a key whose echoes never come back, e.g.
 /// lost to a compaction, must not grow without bound).

@@ -92,10 +92,10 @@ async fn applied(pg: &tokio_postgres::Client) -> anyhow::Result<i64> {
 
 async fn wait_leader(service: &Service) -> anyhow::Result<()> {
     for _ in 0..600 {
-        if let Ok(body) = service.status().await {
-            if body.contains("\"role\":\"leader\"") {
-                return Ok(());
-            }
+        if let Ok(body) = service.status().await
+            && body.contains("\"role\":\"leader\"")
+        {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

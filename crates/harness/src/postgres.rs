@@ -282,10 +282,10 @@ impl Postgres {
             if self.exited() {
                 anyhow::bail!("postgres exited during start-up\n{}", self.log_tail());
             }
-            if let Ok(client) = connect(&url).await {
-                if client.simple_query("SELECT 1").await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(client) = connect(&url).await
+                && client.simple_query("SELECT 1").await.is_ok()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!("postgres did not become ready\n{}", self.log_tail());

@@ -185,12 +185,11 @@ impl Service {
     }
 
     fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.exit = Some(status);
-                }
-            }
+        if self.exit.is_none()
+            && let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            self.exit = Some(status);
         }
         self.exit
     }

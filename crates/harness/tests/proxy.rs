@@ -39,11 +39,10 @@ async fn proxy_cuts_blackholes_and_restores_etcd_traffic() -> anyhow::Result<()>
             etcd_client::Client::connect([endpoint.clone()], None),
         )
         .await
+            && c.put("k", "after", None).await.is_ok()
         {
-            if c.put("k", "after", None).await.is_ok() {
-                restored = Some(c);
-                break;
-            }
+            restored = Some(c);
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

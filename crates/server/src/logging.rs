@@ -28,10 +28,10 @@ pub struct Telemetry {
 impl Telemetry {
     /// Flushes pending spans (bounded in time) and stops the exporter.
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            if let Err(error) = provider.shutdown_with_timeout(Duration::from_secs(3)) {
-                tracing::debug!(%error, "trace exporter shutdown");
-            }
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown_with_timeout(Duration::from_secs(3))
+        {
+            tracing::debug!(%error, "trace exporter shutdown");
         }
     }
 }

@@ -542,51 +542,57 @@ pub async fn purge(
     events_days: u32,
     history_days: u32,
 ) -> Result<(usize, usize), StoreError> {
-    const CHUNK: i64 = 10_000;
-    let mut events = 0;
-    while events_days > 0 {
-        let deleted = conn
-            .transaction::<_, StoreError, _>(async |conn| {
-                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-                Ok(diesel::sql_query(
-                    "DELETE FROM sync_events WHERE id IN (SELECT id FROM sync_events \
-                     WHERE at < now() - make_interval(days => $1) LIMIT $2)",
-                )
-                .bind::<diesel::sql_types::Integer, _>(events_days as i32)
-                .bind::<BigInt, _>(CHUNK)
-                .execute(conn)
-                .await?)
-            })
-            .await?;
-        events += deleted;
-        if (deleted as i64) < CHUNK {
-            break;
-        }
-    }
-    let mut history = 0;
-    while history_days > 0 {
-        let deleted = conn
-            .transaction::<_, StoreError, _>(async |conn| {
-                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-                Ok(diesel::sql_query(
-                    "DELETE FROM history WHERE (key, revision) IN ( \
-                         SELECT h.key, h.revision FROM history h \
-                         WHERE h.recorded_at < now() - make_interval(days => $1) \
-                           AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key AND n.revision > h.revision) \
-                         LIMIT $2)",
-                )
-                .bind::<diesel::sql_types::Integer, _>(history_days as i32)
-                .bind::<BigInt, _>(CHUNK)
-                .execute(conn)
-                .await?)
-            })
-            .await?;
-        history += deleted;
-        if (deleted as i64) < CHUNK {
-            break;
-        }
-    }
+    let events = purge_older_than(
+        conn,
+        fence,
+        events_days,
+        "DELETE FROM sync_events WHERE id IN (SELECT id FROM sync_events \
+         WHERE at < now() - make_interval(days => $1) LIMIT $2)",
+    )
+    .await?;
+    let history = purge_older_than(
+        conn,
+        fence,
+        history_days,
+        "DELETE FROM history WHERE (key, revision) IN ( \
+             SELECT h.key, h.revision FROM history h \
+             WHERE h.recorded_at < now() - make_interval(days => $1) \
+               AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key AND n.revision > h.revision) \
+             LIMIT $2)",
+    )
+    .await?;
     Ok((events, history))
+}
+
+/// Runs `delete` (parameters: days, chunk size) in fenced transactions
+/// until a chunk comes back short. `days == 0` deletes nothing.
+async fn purge_older_than(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    days: u32,
+    delete: &'static str,
+) -> Result<usize, StoreError> {
+    const CHUNK: i64 = 10_000;
+    if days == 0 {
+        return Ok(0);
+    }
+    let mut total = 0;
+    loop {
+        let deleted = conn
+            .transaction::<_, StoreError, _>(async |conn| {
+                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+                Ok(diesel::sql_query(delete)
+                    .bind::<diesel::sql_types::Integer, _>(days as i32)
+                    .bind::<BigInt, _>(CHUNK)
+                    .execute(conn)
+                    .await?)
+            })
+            .await?;
+        total += deleted;
+        if (deleted as i64) < CHUNK {
+            return Ok(total);
+        }
+    }
 }
 
 /// Audit events of the last hour, counted by kind.

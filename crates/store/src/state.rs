@@ -15,12 +15,13 @@ pub struct SyncState {
 }
 
 pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
-    let row: Option<(
+    type Row = (
         i64,
         Option<String>,
         i64,
         Option<chrono::DateTime<chrono::Utc>>,
-    )> = sync_state::table
+    );
+    let row: Option<Row> = sync_state::table
         .filter(sync_state::id.eq(1))
         .select((
             sync_state::term,

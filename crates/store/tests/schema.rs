@@ -1,5 +1,6 @@
 //! The schema against a real PostgreSQL: migrations, triggers, the text view,
 //! value_at and the fenced apply transaction.
+#![allow(clippy::type_complexity, clippy::unwrap_used)] // test tables and setup
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -107,6 +107,7 @@ fn overlapping_prefixes_name_the_mapping() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table of cases
 fn every_validation_error_names_its_key() {
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
         (
@@ -297,6 +298,7 @@ fn redact_url_hides_only_the_password() {
     );
 }
 
+#[allow(clippy::type_complexity)]
 mod fuzz {
     use proptest::prelude::*;
 
