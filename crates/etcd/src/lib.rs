@@ -114,22 +114,6 @@ impl EtcdClient {
         Ok(status.header().map_or(0, |h| h.revision()))
     }
 
-    /// True when `revision` has been compacted away. etcd 3.4 does not
-    /// report its compact revision directly: a read of `key` (any key the
-    /// service may read) at that revision fails when it was compacted.
-    pub async fn is_compacted(&self, key: &[u8], revision: i64) -> Result<bool, EtcdError> {
-        let mut kv = self.kv.clone();
-        let probe = kv.get(
-            range_start(key),
-            Some(GetOptions::new().with_revision(revision).with_count_only()),
-        );
-        match self.timed(probe).await {
-            Ok(_) => Ok(false),
-            Err(EtcdError::Compacted { .. }) => Ok(true),
-            Err(e) => Err(e),
-        }
-    }
-
     /// One page of `[start, end)` at `revision` (0 = now), in key order.
     pub async fn range_page(
         &self,

@@ -160,7 +160,9 @@ pub async fn execute_resolution(
                     .bind::<Bytea, _>(&conflict.key)
                     .execute(conn)
                     .await?;
-                set_mirror_unconditionally(conn, &qualified, &conflict.key, etcd_now).await?;
+                let value = etcd_now.map(|kv| kv.value.as_slice());
+                let meta = etcd_now.map(|kv| kv.meta).unwrap_or_default();
+                write_mirror_row(conn, &qualified, &conflict.key, value, meta, "etcd").await?;
             }
             (true, Side::Pg) => {
                 diesel::sql_query(
@@ -202,27 +204,32 @@ pub async fn execute_resolution(
     .await
 }
 
-async fn set_mirror_unconditionally(
+/// Makes the key's mirror row `value` (`None`: absent) with `meta`, whatever
+/// the row held; `origin` says which side the value came from.
+async fn write_mirror_row(
     conn: &mut AsyncPgConnection,
     qualified: &str,
     key: &[u8],
-    state: Option<&KeyValue>,
+    value: Option<&[u8]>,
+    meta: eps_core::model::KeyMeta,
+    origin: &str,
 ) -> Result<(), StoreError> {
-    match state {
-        Some(kv) => {
+    match value {
+        Some(value) => {
             diesel::sql_query(format!(
                 "INSERT INTO {qualified} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), 'etcd') \
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7) \
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
                      mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
-                     updated_at = now(), origin = 'etcd'"
+                     updated_at = now(), origin = EXCLUDED.origin"
             ))
             .bind::<Bytea, _>(key)
-            .bind::<Bytea, _>(&kv.value)
-            .bind::<BigInt, _>(kv.meta.create_revision)
-            .bind::<BigInt, _>(kv.meta.mod_revision)
-            .bind::<BigInt, _>(kv.meta.version)
-            .bind::<BigInt, _>(kv.meta.lease)
+            .bind::<Bytea, _>(value)
+            .bind::<BigInt, _>(meta.create_revision)
+            .bind::<BigInt, _>(meta.mod_revision)
+            .bind::<BigInt, _>(meta.version)
+            .bind::<BigInt, _>(meta.lease)
+            .bind::<Text, _>(origin)
             .execute(conn)
             .await?;
         }
@@ -367,31 +374,7 @@ async fn requeue_as_local_change(
     etcd_now: Option<&KeyValue>,
 ) -> Result<(), StoreError> {
     let meta = etcd_now.map(|kv| kv.meta).unwrap_or_default();
-    match value {
-        Some(value) => {
-            diesel::sql_query(format!(
-                "INSERT INTO {qualified} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), 'pg') \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
-                     mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
-                     updated_at = now(), origin = 'pg'"
-            ))
-            .bind::<Bytea, _>(key)
-            .bind::<Bytea, _>(value)
-            .bind::<BigInt, _>(meta.create_revision)
-            .bind::<BigInt, _>(meta.mod_revision)
-            .bind::<BigInt, _>(meta.version)
-            .bind::<BigInt, _>(meta.lease)
-            .execute(conn)
-            .await?;
-        }
-        None => {
-            diesel::sql_query(format!("DELETE FROM {qualified} WHERE key = $1"))
-                .bind::<Bytea, _>(key)
-                .execute(conn)
-                .await?;
-        }
-    }
+    write_mirror_row(conn, qualified, key, value, meta, "pg").await?;
     diesel::sql_query(
         "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
     )

@@ -80,24 +80,6 @@ pub async fn pending(
     Ok(rows)
 }
 
-/// The pending changes of one key, in order.
-pub async fn pending_for_key(
-    conn: &mut AsyncPgConnection,
-    table: &str,
-    key: &[u8],
-) -> Result<Vec<OutboxRow>, StoreError> {
-    let rows = diesel::sql_query(
-        "SELECT id, mirror_table, key, op, value, base_revision, attempts, \
-                (extract(epoch FROM created_at) * 1000000)::int8 AS created_at_us \
-         FROM outbox WHERE mirror_table = $1 AND key = $2 ORDER BY id",
-    )
-    .bind::<Text, _>(table)
-    .bind::<Bytea, _>(key)
-    .load(conn)
-    .await?;
-    Ok(rows)
-}
-
 /// Removes changes that took effect without an etcd event (deleting a key
 /// that was already absent).
 pub async fn consume(
