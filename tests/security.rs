@@ -441,6 +441,28 @@ async fn an_etcd_role_limited_to_the_mapped_prefix_is_enough_and_denied_elsewher
     )
     .await?;
     assert_eq!(retries, 1);
+    // Once the operator grants the permission, retrying the dead letter
+    // delivers the change.
+    root.role_grant_permission(
+        "etcd-pg-sync",
+        etcd_client::Permission::read_write("/app/ro/").with_prefix(),
+    )
+    .await?;
+    let url = db.url();
+    let (code, stdout, stderr) = run_cli(
+        &["dead-letters", "retry", "--all"],
+        &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())],
+    )?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("1 dead letter(s) put back"), "{stdout}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while root.get("/app/ro/refused", None).await?.kvs().is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the retried change did not reach etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Elsewhere the service's user is denied.
     let sync_options = etcd_client::ConnectOptions::new().with_user("sync", "sync-password");
     let mut sync = etcd_client::Client::connect([etcd.endpoint()], Some(sync_options)).await?;
