@@ -352,3 +352,42 @@ async fn all_three_restarted_at_once_elect_one_leader_and_converge() -> anyhow::
     assert_eq!(leaders, 1);
     Ok(())
 }
+
+/// The election keys (one per campaigning replica, named by its lease).
+async fn election_keys(etcd: &mut etcd_client::Client) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut prefix = eps_core::INTERNAL_PREFIX.to_vec();
+    prefix.extend_from_slice(b"test/election/");
+    let response = etcd
+        .get(
+            prefix,
+            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?;
+    Ok(response.kvs().iter().map(|kv| kv.key().to_vec()).collect())
+}
+
+/// A compaction past the revision a standby watches its predecessor from
+/// must not make it campaign again: it keeps its key, lease and place.
+#[tokio::test]
+async fn standbys_keep_their_place_across_a_compaction() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let replicas = three(&world).await?;
+    let leader = leader_of(&replicas).await?;
+    let mut etcd = world.etcd.client().await?;
+    let before = election_keys(&mut etcd).await?;
+    assert_eq!(before.len(), 3, "one election key per replica");
+    for i in 0..20 {
+        etcd.put(format!("/s/c{i}"), "x", None).await?;
+    }
+    world.etcd.compact(world.etcd.revision().await?).await?;
+    // Longer than a standby's periodic refresh, after which it watches its
+    // predecessor again from a compacted revision.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        election_keys(&mut etcd).await?,
+        before,
+        "standbys campaigned again after a compaction"
+    );
+    assert_eq!(leader_of(&replicas).await?, leader);
+    Ok(())
+}

@@ -36,6 +36,8 @@ struct Ack {
     /// `None`: a delete.
     value: Option<Vec<u8>>,
     at: Instant,
+    /// etcd's revision of the write (etcd writes only).
+    revision: Option<i64>,
 }
 
 type Log = Arc<Mutex<Vec<Ack>>>;
@@ -74,21 +76,23 @@ fn etcd_writer(
             let attempt: Result<Vec<Ack>, ()> = async {
                 if roll < 55 {
                     let k = key(rng.random_range(0..KEYS));
-                    timed(c.put(k.clone(), value.clone(), None)).await?;
+                    let put = timed(c.put(k.clone(), value.clone(), None)).await?;
                     Ok(vec![Ack {
                         side: "etcd",
                         key: k,
                         value: Some(value),
                         at: Instant::now(),
+                        revision: put.header().map(|h| h.revision()),
                     }])
                 } else if roll < 70 {
                     let k = key(rng.random_range(0..KEYS));
-                    timed(c.delete(k.clone(), None)).await?;
+                    let deleted = timed(c.delete(k.clone(), None)).await?;
                     Ok(vec![Ack {
                         side: "etcd",
                         key: k,
                         value: None,
                         at: Instant::now(),
+                        revision: deleted.header().map(|h| h.revision()),
                     }])
                 } else if roll < 92 {
                     let mut ks: Vec<Vec<u8>> = (0..rng.random_range(2..5))
@@ -108,8 +112,9 @@ fn etcd_writer(
                             }
                         })
                         .collect();
-                    timed(c.txn(etcd_client::Txn::new().and_then(txn_ops))).await?;
+                    let txn = timed(c.txn(etcd_client::Txn::new().and_then(txn_ops))).await?;
                     let at = Instant::now();
+                    let revision = txn.header().map(|h| h.revision());
                     Ok(ops
                         .into_iter()
                         .map(|(k, put)| Ack {
@@ -117,12 +122,13 @@ fn etcd_writer(
                             key: k,
                             value: put.then(|| value.clone()),
                             at,
+                            revision,
                         })
                         .collect())
                 } else {
                     let lease = timed(c.lease_grant(1, None)).await?;
                     let k = key(rng.random_range(0..KEYS));
-                    timed(c.put(
+                    let put = timed(c.put(
                         k.clone(),
                         value.clone(),
                         Some(etcd_client::PutOptions::new().with_lease(lease.id())),
@@ -133,6 +139,7 @@ fn etcd_writer(
                         key: k,
                         value: Some(value),
                         at: Instant::now(),
+                        revision: put.header().map(|h| h.revision()),
                     }])
                 }
             }
@@ -184,11 +191,11 @@ fn pg_writer(
                         &[&k, &value],
                     ))
                     .await?;
-                    Ok(vec![Ack { side: "pg", key: k, value: Some(value), at: Instant::now() }])
+                    Ok(vec![Ack { side: "pg", key: k, value: Some(value), at: Instant::now(), revision: None }])
                 } else if roll < 70 {
                     let k = key(rng.random_range(0..KEYS));
                     let rows = timed(c.query("DELETE FROM etcd_sync.kv_f WHERE key = $1 RETURNING key", &[&k])).await?;
-                    Ok(rows.iter().map(|r| Ack { side: "pg", key: r.get(0), value: None, at: Instant::now() }).collect())
+                    Ok(rows.iter().map(|r| Ack { side: "pg", key: r.get(0), value: None, at: Instant::now(), revision: None }).collect())
                 } else {
                     let first = rng.random_range(0..KEYS - 5);
                     let keys: Vec<Vec<u8>> = (first..first + rng.random_range(2..6)).map(key).collect();
@@ -199,7 +206,7 @@ fn pg_writer(
                     ))
                     .await?;
                     let at = Instant::now();
-                    Ok(keys.into_iter().map(|k| Ack { side: "pg", key: k, value: Some(value.clone()), at }).collect())
+                    Ok(keys.into_iter().map(|k| Ack { side: "pg", key: k, value: Some(value.clone()), at, revision: None }).collect())
                 }
             }
             .await;
@@ -220,15 +227,45 @@ struct Cluster {
     pg_proxies: Vec<Proxy>,
     paused: HashSet<usize>,
     down: HashSet<usize>,
-    /// Windows in which etcd compacted history the leader had not applied:
-    /// what was overwritten there is unknowable (SPEC 3.5).
-    gaps: Vec<(Instant, Instant)>,
+    /// Compactions of history the leader had not applied: what was
+    /// overwritten there is unknowable (SPEC 3.5).
+    gaps: Vec<Gap>,
+}
+
+/// One compaction ahead of the service's checkpoint.
+struct Gap {
+    /// The checkpoint when etcd compacted (read from PostgreSQL directly).
+    checkpoint: i64,
+    /// The compact revision.
+    compacted: i64,
+    /// When the leader could have started lagging (for PostgreSQL writes,
+    /// whose etcd revision the test does not know) and when the
+    /// compaction was done.
+    from: Instant,
+    to: Instant,
+}
+
+impl Gap {
+    /// An etcd write in the compacted, unapplied revisions, or a
+    /// PostgreSQL write that may have reached etcd there.
+    fn covers(&self, ack: &Ack, etcd_lag_from: Instant) -> bool {
+        match ack.revision {
+            Some(r) => r > self.checkpoint && r <= self.compacted,
+            None => ack.at >= self.from.min(etcd_lag_from) && ack.at <= self.to,
+        }
+    }
 }
 
 impl Cluster {
     async fn start(policy: &str) -> anyhow::Result<Cluster> {
         let etcd = Etcd::start().await?;
-        let postgres = Postgres::start().await?;
+        // Lock waits in the server log help a post-mortem (FAULT_LOG_DIR).
+        let postgres = Postgres::start_with(vec![
+            ("log_lock_waits".into(), "on".into()),
+            ("deadlock_timeout".into(), "500ms".into()),
+            ("log_line_prefix".into(), "%m [%p] %a ".into()),
+        ])
+        .await?;
         let db = postgres.create_database().await?;
         let mut cluster = Cluster {
             etcd,
@@ -258,7 +295,10 @@ impl Cluster {
             let mut config = config;
             config.toml = config
                 .toml
-                .replace("log_level = \"info\"", "log_level = \"warn\"");
+                .replace(
+                "log_level = \"info\"",
+                "log_level = \"warn,eps_cluster=info,eps_actors=info,eps_actors::watcher=debug\"",
+            );
             cluster.replicas.push(Service::start(config, &node).await?);
             cluster.etcd_proxies.push(etcd_proxy);
             cluster.pg_proxies.push(pg_proxy);
@@ -385,13 +425,21 @@ async fn inject(
             let lag_from = Instant::now();
             cluster.pg_proxies[victim].set(FaultMode::Blackhole);
             tokio::time::sleep(hold).await;
+            let checkpoint = count(
+                &cluster.db.client().await?,
+                "SELECT applied_revision FROM etcd_sync.sync_state",
+            )
+            .await?;
             let head = cluster.etcd.revision().await?;
             cluster.etcd.compact(head).await?;
             // The leader lagged from at most a progress interval before the
             // black hole; a failover meanwhile lags for the lease as well.
-            cluster
-                .gaps
-                .push((lag_from - TTL - Duration::from_secs(1), Instant::now()));
+            cluster.gaps.push(Gap {
+                checkpoint,
+                compacted: head,
+                from: lag_from - TTL - Duration::from_secs(1),
+                to: Instant::now(),
+            });
             cluster.pg_proxies[victim].set(FaultMode::Pass);
         }
     }
@@ -450,16 +498,41 @@ async fn run_seed(seed: u64, fault_time: Duration) -> anyhow::Result<String> {
         check(&cluster, &acks, &mut schedule).await
     }
     .await;
+    // FAULT_LOG_DIR keeps the replicas' whole logs for a post-mortem.
+    if let Ok(dir) = std::env::var("FAULT_LOG_DIR") {
+        for (i, replica) in cluster.replicas.iter().enumerate() {
+            let target = std::path::Path::new(&dir).join(format!("n{}.log", i + 1));
+            if let Err(e) = std::fs::copy(replica.log_path(), &target) {
+                eprintln!("could not keep {}: {e}", target.display());
+            }
+        }
+        let target = std::path::Path::new(&dir).join("postgres.log");
+        if let Err(e) = std::fs::copy(cluster.postgres.log_path(), &target) {
+            eprintln!("could not keep {}: {e}", target.display());
+        }
+    }
     match outcome {
         Ok(()) => Ok(schedule),
         Err(error) => {
-            let tails: Vec<String> = cluster.replicas.iter().map(|r| r.log_tail(15)).collect();
+            let tails: Vec<String> = cluster.replicas.iter().map(|r| r.log_tail(80)).collect();
             Err(error.context(format!(
                 "FAULT SUITE FAILED — replay with FAULT_SEED={seed}\n{schedule}\n{}",
                 tails.join("\n")
             )))
         }
     }
+}
+
+/// When the first etcd write after `revision` was acknowledged: the
+/// service lagged at least from then (less the lease, for a failover).
+fn first_ack_after(acks: &[Ack], revision: i64) -> Instant {
+    let first = acks
+        .iter()
+        .filter(|a| a.revision.is_some_and(|r| r > revision))
+        .map(|a| a.at)
+        .min()
+        .unwrap_or_else(Instant::now);
+    first - TTL - Duration::from_secs(1)
 }
 
 /// The consistency checker.
@@ -493,8 +566,43 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
                     )
                 })
                 .collect();
+            let stuck: Vec<String> = pg
+                .query(
+                    "SELECT o.id, convert_from(o.key, 'UTF8'), o.op, o.base_revision, o.attempts, \
+                            coalesce(o.last_error, ''), coalesce(o.conflict_id, 0), \
+                            coalesce(m.mod_revision, 0), o.created_at::text \
+                     FROM etcd_sync.outbox o LEFT JOIN etcd_sync.kv_f m ON m.key = o.key \
+                     ORDER BY o.id LIMIT 10",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    format!(
+                        "#{} {} {} base {} attempts {} error {:?} conflict {} mirror rev {} at {}",
+                        r.get::<_, i64>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, i64>(3),
+                        r.get::<_, i32>(4),
+                        r.get::<_, String>(5),
+                        r.get::<_, i64>(6),
+                        r.get::<_, i64>(7),
+                        r.get::<_, String>(8),
+                    )
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for replica in &cluster.replicas {
+                statuses.push(
+                    status(replica)
+                        .await
+                        .map_or_else(|e| e.to_string(), |s| s.to_string()),
+                );
+            }
             anyhow::bail!(
-                "no quiescence: outbox {outbox}, applied {applied} of {head}, differing keys {differ:?}"
+                "no quiescence: outbox {outbox}, applied {applied} of {head}, differing keys {differ:?}\n\
+                 outbox: {stuck:#?}\nstatus: {statuses:#?}"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -546,7 +654,7 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
         if cluster
             .gaps
             .iter()
-            .any(|(from, to)| ack.at >= *from && ack.at <= *to)
+            .any(|gap| gap.covers(ack, first_ack_after(acks, gap.checkpoint)))
         {
             excused += 1;
             continue;
@@ -575,8 +683,14 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let per_term: Vec<String> = pg
+            .query("SELECT term, count(*), min(revision), max(revision), min(recorded_at)::text, max(recorded_at)::text FROM etcd_sync.history GROUP BY term ORDER BY term", &[])
+            .await?
+            .iter()
+            .map(|r| format!("term {}: {} rows, revisions {}..{}, {} .. {}", r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, String>(4), r.get::<_, String>(5)))
+            .collect();
         anyhow::bail!(
-            "{} acknowledged writes vanished, e.g. {:?}\nhistory of {}: {rows:#?}\nevents: {events:#?}",
+            "{} acknowledged writes vanished, e.g. {:?}\nhistory by term: {per_term:#?}\nhistory of {}: {rows:#?}\nevents: {events:#?}",
             vanished.len(),
             &vanished[..vanished.len().min(5)],
             String::from_utf8_lossy(first)

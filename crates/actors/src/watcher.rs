@@ -157,7 +157,9 @@ async fn stream(
 ) -> Result<StreamEnd, ActorError> {
     let sync = &ctx.config.sync;
     let (start, end) = ctx.mappings.covering_range();
+    tracing::debug!(from_revision = *checkpoint + 1, "watch starting");
     let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), *checkpoint + 1).await?;
+    tracing::debug!("watch started");
     let (mut requester, mut items) = session.split();
     let (tx, mut rx) = mpsc::channel::<Result<WatchItem, eps_etcd::EtcdError>>(256);
     let _reader = Reader(tokio::spawn(async move {
@@ -352,7 +354,7 @@ async fn apply(
         for conflict in &report.conflicts {
             let winner = conflict.winner.map_or("pending", |w| w.as_str());
             metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
-            tracing::info!(conflict_id = conflict.id, table = %conflict.table, policy = conflict.policy, winner, "conflict");
+            tracing::debug!(conflict_id = conflict.id, table = %conflict.table, policy = conflict.policy, winner, "conflict");
         }
         metrics::histogram!(telemetry::BATCH_SIZE, "direction" => telemetry::ETCD_TO_PG)
             .record(batch.events.len() as f64);

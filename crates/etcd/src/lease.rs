@@ -93,27 +93,35 @@ impl EtcdClient {
 
     /// Waits until `key` is deleted (or is absent at `after_revision`).
     pub async fn wait_deleted(&self, key: &[u8], after_revision: i64) -> Result<(), EtcdError> {
-        let mut watch = self.raw().watch_client();
-        let options = WatchOptions::new().with_start_revision(after_revision + 1);
-        let mut stream = self.timed(watch.watch(key.to_vec(), Some(options))).await?;
+        let mut start = after_revision + 1;
         loop {
-            let Some(response) = stream.message().await? else {
-                return Err(EtcdError::Unavailable("watch closed".into()));
-            };
-            if response.canceled() {
-                // Compacted past our revision: look at the key directly.
-                let (state, _) = self.get(key).await?;
-                return match state {
-                    None => Ok(()),
-                    Some(_) => Err(EtcdError::Unavailable("watch canceled".into())),
+            let mut watch = self.raw().watch_client();
+            let options = WatchOptions::new().with_start_revision(start);
+            let mut stream = self.timed(watch.watch(key.to_vec(), Some(options))).await?;
+            loop {
+                let Some(response) = stream.message().await? else {
+                    return Err(EtcdError::Unavailable("watch closed".into()));
                 };
-            }
-            if response
-                .events()
-                .iter()
-                .any(|e| e.event_type() == etcd_client::EventType::Delete)
-            {
-                return Ok(());
+                if response.canceled() {
+                    // Compacted past `start`: the history we wanted to watch is
+                    // gone, so look at the key itself. If it still exists, watch
+                    // again from the revision we just read it at; failing here
+                    // instead would make every standby restart its election round
+                    // (new lease, new key) after each compaction.
+                    let (state, revision) = self.get(key).await?;
+                    if state.is_none() {
+                        return Ok(());
+                    }
+                    start = revision + 1;
+                    break;
+                }
+                if response
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == etcd_client::EventType::Delete)
+                {
+                    return Ok(());
+                }
             }
         }
     }

@@ -354,8 +354,13 @@ impl Postgres {
         self.launch().await
     }
 
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         format!(
             "postgres log tail:\n{}",

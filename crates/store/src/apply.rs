@@ -449,6 +449,11 @@ async fn update_outbox(
     Ok(())
 }
 
+/// Records the plans' conflicts: one row each, a `conflict` audit event
+/// each and a `resolution` event for those the policy settled. Settled
+/// conflicts get ids up front and their statements are pipelined, so a
+/// conflict costs server time, not a round trip: a leader catching up on a
+/// busy key after a failover meets one conflict per etcd event.
 async fn record_conflicts(
     conn: &mut AsyncPgConnection,
     mapping: &Mapping,
@@ -456,47 +461,122 @@ async fn record_conflicts(
     request: &ApplyRequest<'_>,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
-    for (key, plan) in plans {
-        for conflict in &plan.conflicts {
-            let id = insert_conflict(conn, mapping, key, conflict, request).await?;
-            if !conflict.parks.is_empty() {
-                diesel::sql_query("UPDATE outbox SET conflict_id = $1 WHERE id = ANY($2)")
-                    .bind::<BigInt, _>(id)
-                    .bind::<Array<BigInt>, _>(&conflict.parks)
-                    .execute(conn)
-                    .await?;
-            }
-            let detail = serde_json::json!({
-                "conflict_id": id,
-                "table": mapping.table.as_str(),
-                "key": eps_core::keys::display_key(key),
-                "policy": mapping.policy.as_str(),
-                "winner": conflict.winner.map(Side::as_str),
-                "etcd_revision": conflict.etcd.revision,
-                "pg_revision": conflict.pg_base_revision,
-            });
-            crate::events::record(conn, request.fence, "conflict", request.trace_id, &detail)
-                .await?;
-            if conflict.winner.is_some() {
-                crate::events::record(conn, request.fence, "resolution", request.trace_id, &detail)
-                    .await?;
-            }
-            report.conflicts.push(ConflictSummary {
-                id,
-                table: mapping.table.to_string(),
-                policy: mapping.policy.as_str(),
-                winner: conflict.winner,
-            });
-        }
-        for (conflict_id, side) in &plan.refreshed_conflicts {
-            refresh_conflict(conn, *conflict_id, side).await?;
+    let conflicts: Vec<(&[u8], &ConflictEntry)> = plans
+        .iter()
+        .flat_map(|(key, plan)| plan.conflicts.iter().map(move |c| (*key, c)))
+        .collect();
+    let refreshed: Vec<(i64, &EtcdSide)> = plans
+        .iter()
+        .flat_map(|(_, plan)| {
+            plan.refreshed_conflicts
+                .iter()
+                .map(|(id, side)| (*id, side))
+        })
+        .collect();
+    if conflicts.is_empty() && refreshed.is_empty() {
+        return Ok(());
+    }
+    let conn: &AsyncPgConnection = conn;
+    let settled = conflicts.iter().filter(|(_, c)| c.winner.is_some()).count();
+    let mut fresh_ids = allocate_conflict_ids(conn, settled).await?.into_iter();
+    let mut ids = Vec::with_capacity(conflicts.len());
+    let mut inserts = Vec::with_capacity(settled);
+    for (key, conflict) in &conflicts {
+        if conflict.winner.is_some() {
+            let id = fresh_ids
+                .next()
+                .ok_or_else(|| StoreError::Invalid("too few conflict ids allocated".into()))?;
+            inserts.push(insert_conflict(
+                conn,
+                Some(id),
+                mapping,
+                key,
+                conflict,
+                request,
+            ));
+            ids.push(id);
+        } else {
+            // A pending conflict may merge into the key's pending one: its
+            // id comes back from the upsert.
+            ids.push(insert_conflict(conn, None, mapping, key, conflict, request).await?);
         }
     }
+    futures_util::future::try_join_all(inserts).await?;
+
+    let mut park_ids = Vec::new();
+    let mut park_conflicts = Vec::new();
+    let mut events = Vec::with_capacity(conflicts.len() * 2);
+    for ((key, conflict), id) in conflicts.iter().zip(&ids) {
+        park_ids.extend(conflict.parks.iter().copied());
+        park_conflicts.extend(conflict.parks.iter().map(|_| *id));
+        let detail = serde_json::json!({
+            "conflict_id": id,
+            "table": mapping.table.as_str(),
+            "key": eps_core::keys::display_key(key),
+            "policy": mapping.policy.as_str(),
+            "winner": conflict.winner.map(Side::as_str),
+            "etcd_revision": conflict.etcd.revision,
+            "pg_revision": conflict.pg_base_revision,
+        });
+        if conflict.winner.is_some() {
+            events.push(("conflict", detail.clone()));
+            events.push(("resolution", detail));
+        } else {
+            events.push(("conflict", detail));
+        }
+        report.conflicts.push(ConflictSummary {
+            id: *id,
+            table: mapping.table.to_string(),
+            policy: mapping.policy.as_str(),
+            winner: conflict.winner,
+        });
+    }
+    let parks = async {
+        if !park_ids.is_empty() {
+            diesel::sql_query(
+                "UPDATE outbox AS o SET conflict_id = u.conflict_id \
+                 FROM unnest($1::int8[], $2::int8[]) AS u(id, conflict_id) WHERE o.id = u.id",
+            )
+            .bind::<Array<BigInt>, _>(&park_ids)
+            .bind::<Array<BigInt>, _>(&park_conflicts)
+            .execute(&mut &*conn)
+            .await?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    let refreshes = futures_util::future::try_join_all(
+        refreshed
+            .iter()
+            .map(|(id, side)| refresh_conflict(conn, *id, side)),
+    );
+    let audit = crate::events::record_many(conn, request.fence, request.trace_id, &events);
+    futures_util::try_join!(parks, refreshes, audit)?;
     Ok(())
 }
 
+/// `count` fresh ids from the conflicts' sequence, in one round trip.
+async fn allocate_conflict_ids(
+    conn: &AsyncPgConnection,
+    count: usize,
+) -> Result<Vec<i64>, StoreError> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<IdRow> = diesel::sql_query(
+        "SELECT nextval(pg_get_serial_sequence('conflicts', 'id')) AS id FROM generate_series(1, $1)",
+    )
+    .bind::<BigInt, _>(count as i64)
+    .load(&mut &*conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+/// Inserts one conflict row with `id` (a settled conflict) or, for a pending
+/// one, a fresh id unless the key already has a pending conflict, which
+/// then takes the newer etcd side. Returns the row's id.
 async fn insert_conflict(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
+    id: Option<i64>,
     mapping: &Mapping,
     key: &[u8],
     conflict: &ConflictEntry,
@@ -508,10 +588,11 @@ async fn insert_conflict(
         "pending"
     };
     let rows: Vec<IdRow> = diesel::sql_query(
-        "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
+        "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
              pg_superseded) \
-         VALUES ($1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
+         VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
+             $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
              CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
@@ -534,7 +615,8 @@ async fn insert_conflict(
     .bind::<BigInt, _>(request.fence.term)
     .bind::<Nullable<Text>, _>(request.trace_id)
     .bind::<Array<Nullable<Bytea>>, _>(&conflict.pg_superseded)
-    .load(conn)
+    .bind::<Nullable<BigInt>, _>(id)
+    .load(&mut &*conn)
     .await?;
     rows.into_iter()
         .next()
@@ -543,7 +625,7 @@ async fn insert_conflict(
 }
 
 async fn refresh_conflict(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     id: i64,
     side: &EtcdSide,
 ) -> Result<(), StoreError> {
@@ -556,7 +638,7 @@ async fn refresh_conflict(
     .bind::<Nullable<Bytea>, _>(side.value.as_deref())
     .bind::<BigInt, _>(side.revision)
     .bind::<BigInt, _>(side.observed_at_us)
-    .execute(conn)
+    .execute(&mut &*conn)
     .await?;
     Ok(())
 }

@@ -27,3 +27,33 @@ pub async fn record(
         .await?;
     Ok(())
 }
+
+/// Appends many audit events in one statement per 10,000 (bind limit).
+/// Takes the connection shared so the insert can be pipelined with the
+/// caller's other statements.
+pub async fn record_many(
+    conn: &AsyncPgConnection,
+    fence: &Fence,
+    trace_id: Option<&str>,
+    events: &[(&str, serde_json::Value)],
+) -> Result<(), StoreError> {
+    for chunk in events.chunks(10_000) {
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(kind, detail)| {
+                (
+                    sync_events::kind.eq(*kind),
+                    sync_events::node.eq(&fence.node),
+                    sync_events::term.eq(fence.term),
+                    sync_events::trace_id.eq(trace_id),
+                    sync_events::detail.eq(detail),
+                )
+            })
+            .collect();
+        diesel::insert_into(sync_events::table)
+            .values(rows)
+            .execute(&mut &*conn)
+            .await?;
+    }
+    Ok(())
+}
