@@ -360,7 +360,11 @@ async fn election_keys(etcd: &mut etcd_client::Client) -> anyhow::Result<Vec<Vec
     let response = etcd
         .get(
             prefix,
-            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
         )
         .await?;
     Ok(response.kvs().iter().map(|kv| kv.key().to_vec()).collect())

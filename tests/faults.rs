@@ -293,9 +293,7 @@ impl Cluster {
                 &mapping,
             );
             let mut config = config;
-            config.toml = config
-                .toml
-                .replace(
+            config.toml = config.toml.replace(
                 "log_level = \"info\"",
                 "log_level = \"warn,eps_cluster=info,eps_actors=info,eps_actors::watcher=debug\"",
             );

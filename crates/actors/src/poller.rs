@@ -174,6 +174,9 @@ struct Chain {
     /// Bases our writes superseded: a queued row based on one of them is in
     /// fact based on `last_revision`.
     superseded: Vec<i64>,
+    /// Revision of the txn of our last write: once the watcher has applied
+    /// it, every echo of the chain has been seen.
+    echo_revision: i64,
 }
 
 /// A key whose compare failed: it waits until the watcher has applied
@@ -214,17 +217,29 @@ impl PollerState {
             .max(Duration::from_millis(1))
     }
 
-    /// Forgets chains whose rows the watcher has consumed.
+    /// Forgets chains the watcher is past. `applied` must have been read
+    /// before `rows`: the transaction that applied an echo consumed its row.
     fn prune(&mut self, rows: &[OutboxRow], applied: i64) {
         let mut oldest_present: HashMap<KeyId, i64> = HashMap::new();
         for row in rows {
             oldest_present.entry(key_id(row)).or_insert(row.id);
         }
         self.chains.retain(|key, chain| {
-            let sent_row_present = oldest_present
-                .get(key)
-                .is_some_and(|id| *id <= chain.last_id);
-            sent_row_present || applied < chain.last_revision
+            if applied < chain.echo_revision {
+                return true;
+            }
+            // A sent row outliving its echo was not recognized (it should
+            // not happen); waiting for it would stall the key forever, so
+            // the row goes the way of a failed compare instead.
+            if let Some(id) = oldest_present.get(key).filter(|id| **id <= chain.last_id) {
+                tracing::warn!(
+                    outbox_id = *id,
+                    echo_revision = chain.echo_revision,
+                    applied,
+                    "a change applied to etcd outlived its echo; settling it again"
+                );
+            }
+            false
         });
         let present: HashSet<i64> = rows.iter().map(|r| r.id).collect();
         self.retry_at.retain(|id, _| present.contains(id));
@@ -276,7 +291,9 @@ impl PollerState {
             last_id: 0,
             last_revision: 0,
             superseded: Vec::new(),
+            echo_revision: 0,
         });
+        chain.echo_revision = chain.echo_revision.max(revision);
         chain.superseded.push(candidate.row.base_revision);
         chain.superseded.push(candidate.expected);
         chain.last_id = candidate.row.id;
@@ -349,11 +366,11 @@ async fn drain(
 ) -> Result<Drained, ActorError> {
     // Bounded so one wake-up cannot spin; the next wake-up continues.
     for _round in 0..1_000 {
+        let applied = *ctx.applied.borrow();
         let rows = ctx
             .store
             .pending_outbox(ctx.config.sync.outbox_batch_size)
             .await?;
-        let applied = *ctx.applied.borrow();
         state.prune(&rows, applied);
         let candidates = state.select(&rows, applied, Instant::now())?;
         if candidates.is_empty() {
@@ -647,4 +664,79 @@ async fn on_compare_failed(
             key: candidate.row.key.clone(),
         })
         .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, key: &str, base_revision: i64) -> OutboxRow {
+        OutboxRow {
+            id,
+            mirror_table: "kv".into(),
+            key: key.as_bytes().to_vec(),
+            op: "put".into(),
+            value: Some(b"v".to_vec()),
+            base_revision,
+            attempts: 0,
+            created_at_us: 0,
+        }
+    }
+
+    fn sent(state: &mut PollerState, rows: &[OutboxRow], revision: i64) {
+        let candidates = state.select(rows, 0, Instant::now()).unwrap();
+        for candidate in &candidates {
+            state.record_applied(candidate, revision);
+        }
+    }
+
+    #[test]
+    fn a_sent_change_waits_for_its_echo() {
+        let mut state = PollerState::default();
+        let rows = [row(1, "/a", 5), row(2, "/a", 5)];
+        sent(&mut state, &rows[..1], 10);
+        state.prune(&rows, 9);
+        let next = state.select(&rows, 9, Instant::now()).unwrap();
+        assert_eq!(next.len(), 1, "the next change of the key may go");
+        assert_eq!(next[0].row.id, 2);
+        assert_eq!(next[0].expected, 10, "based on our own write");
+    }
+
+    #[test]
+    fn a_consumed_echo_ends_the_chain() {
+        let mut state = PollerState::default();
+        let rows = [row(1, "/a", 5)];
+        sent(&mut state, &rows, 10);
+        state.prune(&[], 10);
+        assert!(state.chains.is_empty());
+    }
+
+    #[test]
+    fn a_change_outliving_its_echo_is_settled_again_not_awaited_forever() {
+        let mut state = PollerState::default();
+        let rows = [row(1, "/a", 5)];
+        sent(&mut state, &rows, 10);
+        // The watcher is past revision 10 and the row is still there.
+        state.prune(&rows, 12);
+        assert!(state.chains.is_empty());
+        let again = state.select(&rows, 12, Instant::now()).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].expected, 5,
+            "its compare fails and the key is settled"
+        );
+    }
+
+    #[test]
+    fn deletes_keep_their_chain_until_the_echo_is_applied() {
+        let mut state = PollerState::default();
+        let mut delete = row(1, "/a", 5);
+        delete.op = "delete".into();
+        let rows = [delete, row(2, "/a", 5)];
+        sent(&mut state, &rows[..1], 10);
+        state.prune(&rows, 9);
+        let next = state.select(&rows, 9, Instant::now()).unwrap();
+        assert_eq!(next[0].row.id, 2);
+        assert_eq!(next[0].expected, 0, "after our delete the key is absent");
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::ports::{free_port, is_free};
+use crate::ports::{START_ATTEMPTS, free_port, is_free, is_port_clash};
 use crate::process::{kill_and_wait, signal, spawn_bound};
 
 /// A running (or stopped) etcd member. Killed and removed on drop.
@@ -52,18 +52,24 @@ impl Etcd {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let mut etcd = Etcd {
-            name,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            dir: crate::scratch_dir("etcd")?,
-            extra_args: options.extra_args,
-            https: options.https,
-            connect_options: options.connect_options.unwrap_or_default(),
-            child: None,
-        };
-        etcd.launch().await?;
-        Ok(etcd)
+        let mut attempt = 1;
+        loop {
+            let mut etcd = Etcd {
+                name: name.clone(),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                dir: crate::scratch_dir("etcd")?,
+                extra_args: options.extra_args.clone(),
+                https: options.https,
+                connect_options: options.connect_options.clone().unwrap_or_default(),
+                child: None,
+            };
+            match etcd.launch().await {
+                Ok(()) => return Ok(etcd),
+                Err(error) if attempt < START_ATTEMPTS && is_port_clash(&error) => attempt += 1,
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn scheme(&self) -> &'static str {

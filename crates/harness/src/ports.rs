@@ -24,3 +24,14 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub fn is_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
+
+/// Whether a server failed to start because another process took its port
+/// between our choice and its bind (a client's ephemeral port, say): the
+/// caller retries with fresh ports.
+pub fn is_port_clash(error: &anyhow::Error) -> bool {
+    let text = format!("{error:#}").to_lowercase();
+    text.contains("address already in use") || text.contains("taken by another process")
+}
+
+/// Start-up attempts on fresh ports before a clash is reported.
+pub const START_ATTEMPTS: u32 = 5;

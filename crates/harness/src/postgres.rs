@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::ports::{free_port, is_free};
+use crate::ports::{START_ATTEMPTS, free_port, is_free, is_port_clash};
 use crate::process::{kill_and_wait, signal, spawn_bound};
 
 /// A running (or stopped) PostgreSQL server. Killed and removed on drop.
@@ -221,15 +221,24 @@ impl Postgres {
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             chown_to_server_user(&path)?;
         }
-        let postgres = Postgres {
+        let mut postgres = Postgres {
             port: free_port()?,
             dir,
             bin,
             extra_settings,
             child: std::sync::Mutex::new(None),
         };
-        postgres.launch().await?;
-        Ok(postgres)
+        let mut attempt = 1;
+        loop {
+            match postgres.launch().await {
+                Ok(()) => return Ok(postgres),
+                Err(error) if attempt < START_ATTEMPTS && is_port_clash(&error) => {
+                    attempt += 1;
+                    postgres.port = free_port()?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -246,7 +255,11 @@ impl Postgres {
     }
 
     async fn launch(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(is_free(self.port), "port {} is taken", self.port);
+        anyhow::ensure!(
+            is_free(self.port),
+            "port {} is taken by another process",
+            self.port
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
