@@ -21,6 +21,23 @@ table = "kv_b"
 policy = "pg-wins"
 "#;
 
+/// The audit events of a kind once there is one (they follow the
+/// transactions they describe), or none after `timeout`.
+async fn awaited_event_details(
+    pg: &tokio_postgres::Client,
+    kind: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = event_details(pg, kind).await?;
+        if !events.is_empty() || Instant::now() > deadline {
+            return Ok(events);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn event_details(
     pg: &tokio_postgres::Client,
     kind: &str,
@@ -116,7 +133,8 @@ async fn compaction_while_stopped_resyncs_and_keeps_pending_pg_changes() -> anyh
     assert_eq!(state[b"/a/k00".as_slice()], b"changed 0", "etcd-wins");
     assert!(!state.contains_key(b"/a/k25".as_slice()));
     assert_eq!(state[b"/a/k55".as_slice()], b"new 55");
-    let recoveries = event_details(&pg, "compaction-recovery").await?;
+    let recoveries =
+        awaited_event_details(&pg, "compaction-recovery", Duration::from_secs(10)).await?;
     assert_eq!(recoveries.len(), 1, "{recoveries:?}");
     assert_eq!(recoveries[0]["gap_from"], checkpoint_before);
     assert!(recoveries[0]["gap_to"].as_i64().unwrap() >= head);
@@ -150,6 +168,12 @@ async fn compaction_while_the_watcher_lags_under_load() -> anyhow::Result<()> {
         "ETCD_PG_SYNC__POSTGRES__URL".into(),
         world.db.url_via(proxy.port()),
     );
+    let etcd_proxy =
+        Proxy::start(format!("127.0.0.1:{}", world.etcd.client_port()).parse()?).await?;
+    world.env.insert(
+        "ETCD_PG_SYNC__ETCD__ENDPOINTS".into(),
+        format!("http://127.0.0.1:{}", etcd_proxy.port()),
+    );
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_synced(&world).await?;
@@ -165,9 +189,14 @@ async fn compaction_while_the_watcher_lags_under_load() -> anyhow::Result<()> {
         &[],
     )
     .await?;
+    // Cut the watch as well: a watch that etcd still streams to (its events
+    // buffered in the service) would survive the compaction; a new one must
+    // ask for history that is gone.
+    etcd_proxy.set(FaultMode::Cut);
     let head = etcd_revision(&world).await?;
     world.etcd.compact(head).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    etcd_proxy.set(FaultMode::Pass);
     proxy.set(FaultMode::Pass);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
@@ -271,7 +300,15 @@ async fn anti_entropy_repairs_drift_inside_the_leader() -> anyhow::Result<()> {
         .await?;
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
     assert_eq!(state[b"/a/x".as_slice()], b"right");
-    let runs = event_details(&pg, "verify").await?;
+    // The run's audit event follows the repair's transaction.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let runs = loop {
+        let runs = event_details(&pg, "verify").await?;
+        if runs.iter().any(|r| r["report"]["repaired"] == 1) || Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         runs.iter().any(|r| r["report"]["repaired"] == 1),
         "{runs:?}"

@@ -90,7 +90,17 @@ async fn ten_thousand_sql_writes_converge_in_etcd_without_echo() -> anyhow::Resu
     // The stores match as soon as etcd has the values; the echoes that
     // consume the outbox rows follow within milliseconds.
     wait_outbox_empty(&world, Duration::from_secs(10)).await?;
-    assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
+    let conflicts: Vec<String> = pg
+        .query("SELECT row_to_json(c)::text FROM conflicts c", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        conflicts.is_empty(),
+        "conflicts without etcd writers: {conflicts:#?}\n{}",
+        service.log_tail(40)
+    );
     assert_eq!(count(&pg, "SELECT count(*) FROM dead_letters").await?, 0);
     // Every etcd change came from PostgreSQL, and is in the history once:
     // no echo went back into PostgreSQL as a new change.

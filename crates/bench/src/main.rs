@@ -19,9 +19,14 @@ use clap::Parser;
     about = "etcd-pg-sync benchmarks against raw baselines"
 )]
 struct Args {
-    /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup, pg-to-etcd,
-    /// latency-1k, snapshot, failover, vs-make-mirror.
+    /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup,
+    /// conflict-catchup, pg-to-etcd, latency-1k, snapshot, failover,
+    /// vs-make-mirror.
     scenario: String,
+    /// The service binary to measure (default: `etcd-pg-sync` next to this
+    /// one); another build's binary gives before/after figures.
+    #[arg(long)]
+    service: Option<PathBuf>,
     /// Small sizes: every scenario in a few minutes on 2 cores.
     #[arg(long)]
     quick: bool,
@@ -94,9 +99,15 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let binary = std::env::current_exe()?
-        .parent()
-        .map(|dir| dir.join("etcd-pg-sync"))
+    let binary = args
+        .service
+        .clone()
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()?
+                .parent()
+                .map(|dir| dir.join("etcd-pg-sync"))
+        })
         .filter(|p| p.exists())
         .ok_or_else(|| {
             anyhow::anyhow!("build the service first: cargo build --release -p etcd-pg-sync")

@@ -17,6 +17,7 @@ use crate::{Outcome, Sizes};
 pub const ALL: &[&str] = &[
     "etcd-to-pg-live",
     "etcd-to-pg-catchup",
+    "conflict-catchup",
     "pg-to-etcd",
     "latency-1k",
     "snapshot",
@@ -28,6 +29,7 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
     match name {
         "etcd-to-pg-live" => live(binary, sizes).await,
         "etcd-to-pg-catchup" => catchup(binary, sizes).await,
+        "conflict-catchup" => conflict_catchup(binary, sizes).await,
         "pg-to-etcd" => pg_to_etcd(binary, sizes).await,
         "latency-1k" => latency(binary, sizes).await,
         "snapshot" => snapshot(binary, sizes).await,
@@ -63,12 +65,22 @@ async fn stores() -> anyhow::Result<Stores> {
 }
 
 fn config(binary: &Path, stores: &Stores, node: &str, env: &[(&str, &str)]) -> ServiceConfig {
+    config_with(binary, stores, node, env, MAPPING)
+}
+
+fn config_with(
+    binary: &Path,
+    stores: &Stores,
+    node: &str,
+    env: &[(&str, &str)],
+    mapping: &str,
+) -> ServiceConfig {
     let mut config = ServiceConfig::new(
         binary,
         &stores.etcd.endpoint(),
         &stores.db.url(),
         node,
-        MAPPING,
+        mapping,
     );
     config.toml = config
         .toml
@@ -258,6 +270,117 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
     let changes = (head - from) as f64;
 
     // Baseline: the same watch stream, one multi-row INSERT per response.
+    let baseline_rate = watch_insert_baseline(&stores, &pg, from, head).await?;
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(60)).await?;
+    wait_leader(&service).await?;
+    let started = Instant::now();
+    wait_applied(&pg, head, Duration::from_secs(600)).await?;
+    let rate = changes / started.elapsed().as_secs_f64();
+    Ok(Outcome {
+        scenario: "etcd-to-pg-catchup".into(),
+        parameters: json!({"changes": changes, "writers": 16}),
+        figures: json!({"catch_up_rate_per_s": rate, "seconds": started.elapsed().as_secs_f64()}),
+        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
+        ratio: Some(rate / baseline_rate),
+        goal: "≥ 1.0".into(),
+        summary: format!(
+            "{rate:.0} changes/s ({changes:.0} changes in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        ),
+    })
+}
+
+/// Keys changed on both sides while the service was down, under `pg-wins`:
+/// during catch-up every etcd change of such a key is a conflict (recorded,
+/// audited, settled). Catch-up rate vs. the plain watch + INSERT loop.
+async fn conflict_catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    const KEYS: usize = 1_000;
+    let stores = stores().await?;
+    let mapping = format!("{MAPPING}policy = \"pg-wins\"\n");
+    let mut service =
+        Service::start(config_with(binary, &stores, "n1", &[], &mapping), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    sql_writes(&stores.db, "/bench/both/", KEYS).await?;
+    let started = Instant::now();
+    loop {
+        let outbox: i64 = pg
+            .query_one("SELECT count(*) FROM etcd_sync.outbox", &[])
+            .await?
+            .get(0);
+        if outbox == 0 && etcd_count(&stores.etcd, "/bench/both/").await? == KEYS as i64 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the keys did not reach etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from = stores.etcd.revision().await?;
+    wait_applied(&pg, from, Duration::from_secs(60)).await?;
+    service.terminate(Duration::from_secs(15)).await?;
+
+    // Every key changed once in PostgreSQL and many times in etcd.
+    pg.execute("UPDATE etcd_sync.kv_bench SET value = 'pg-side'", &[])
+        .await?;
+    let per_client = sizes.catchup_changes / 5 / 16;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let endpoint = stores.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for i in 0..per_client {
+                let key = (c * per_client + i) % KEYS;
+                client
+                    .put(format!("/bench/both/{key:07}"), vec![b'e'; 64], None)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let head = stores.etcd.revision().await?;
+    let changes = (head - from) as f64;
+    let baseline_rate = watch_insert_baseline(&stores, &pg, from, head).await?;
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(60)).await?;
+    wait_leader(&service).await?;
+    let started = Instant::now();
+    wait_applied(&pg, head, Duration::from_secs(600)).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = changes / seconds;
+    let conflicts: i64 = pg
+        .query_one("SELECT count(*) FROM etcd_sync.conflicts", &[])
+        .await?
+        .get(0);
+    Ok(Outcome {
+        scenario: "conflict-catchup".into(),
+        parameters: json!({"changes": changes, "keys": KEYS, "policy": "pg-wins", "writers": 16}),
+        figures: json!({"catch_up_rate_per_s": rate, "seconds": seconds, "conflicts": conflicts}),
+        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
+        ratio: Some(rate / baseline_rate),
+        goal: "(none; the baseline records no conflicts)".into(),
+        summary: format!(
+            "{rate:.0} changes/s with {conflicts} conflicts recorded ({changes:.0} changes in {seconds:.1} s)"
+        ),
+    })
+}
+
+/// The raw baseline of a catch-up: a minimal loop reading the watch stream
+/// from `from + 1` to `head` and upserting each response's rows with one
+/// multi-row INSERT. Returns changes per second.
+async fn watch_insert_baseline(
+    stores: &Stores,
+    pg: &tokio_postgres::Client,
+    from: i64,
+    head: i64,
+) -> anyhow::Result<f64> {
     pg.batch_execute(
         "CREATE TABLE baseline_rows (key bytea PRIMARY KEY, value bytea, revision bigint)",
     )
@@ -304,26 +427,7 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
         )
         .await?;
     }
-    let baseline_rate = changes / baseline_started.elapsed().as_secs_f64();
-
-    service.restart()?;
-    service.wait_ready(Duration::from_secs(60)).await?;
-    wait_leader(&service).await?;
-    let started = Instant::now();
-    wait_applied(&pg, head, Duration::from_secs(600)).await?;
-    let rate = changes / started.elapsed().as_secs_f64();
-    Ok(Outcome {
-        scenario: "etcd-to-pg-catchup".into(),
-        parameters: json!({"changes": changes, "writers": 16}),
-        figures: json!({"catch_up_rate_per_s": rate, "seconds": started.elapsed().as_secs_f64()}),
-        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
-        ratio: Some(rate / baseline_rate),
-        goal: "≥ 1.0".into(),
-        summary: format!(
-            "{rate:.0} changes/s ({changes:.0} changes in {:.1} s)",
-            started.elapsed().as_secs_f64()
-        ),
-    })
+    Ok((head - from) as f64 / baseline_started.elapsed().as_secs_f64())
 }
 
 /// Commits `n` single-row inserts from 8 sessions; returns when committed.

@@ -110,6 +110,12 @@ struct PendingRow {
 }
 
 #[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = Bytea)]
+    key: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
 struct IdRow {
     #[diesel(sql_type = BigInt)]
     id: i64,
@@ -180,13 +186,16 @@ async fn apply_table(
 
     // Lock the rows first: a user's concurrent UPDATE of one of them either
     // committed before (its outbox row is visible below) or waits for us
-    // (and then sees our metadata as its base).
-    diesel::sql_query(format!(
-        "SELECT 1 FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE"
+    // (and then sees our metadata as its base). A row absent now cannot be
+    // locked: one a user creates meanwhile is theirs, and the mirror writes
+    // below leave it alone (`locked`).
+    let locked: Vec<KeyRow> = diesel::sql_query(format!(
+        "SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE"
     ))
     .bind::<Array<Bytea>, _>(&key_list)
-    .execute(conn)
+    .load(conn)
     .await?;
+    let locked: std::collections::HashSet<Vec<u8>> = locked.into_iter().map(|r| r.key).collect();
 
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
@@ -233,7 +242,7 @@ async fn apply_table(
     insert_history(conn, &plans, request)
         .await
         .map(|n| report.history_rows += n)?;
-    write_mirror(conn, &table, &plans, request.repair_at, report).await?;
+    write_mirror(conn, &table, &plans, &locked, request.repair_at, report).await?;
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, request, report).await?;
     Ok(())
@@ -294,10 +303,15 @@ async fn insert_history(
     Ok(inserted)
 }
 
+/// Writes the plans' mirror actions. Rows that were absent when the keys
+/// were locked (`locked` holds the present ones) are only ever inserted:
+/// a row a user created since then carries a local change this
+/// transaction has not seen, and is left to the outbox and the compare.
 async fn write_mirror(
     conn: &mut AsyncPgConnection,
     table: &str,
     plans: &[(&[u8], KeyPlan)],
+    locked: &std::collections::HashSet<Vec<u8>>,
     repair_at: Option<i64>,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
@@ -305,9 +319,11 @@ async fn write_mirror(
     // (-1: none) may rewrite any row not changed after R.
     let repair_revision = repair_at.unwrap_or(-1);
     let mut upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
+    let mut inserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
     let mut deletes: Vec<(&[u8], i64)> = Vec::new();
     let mut metas: Vec<(&[u8], Option<i64>, &KeyMeta)> = Vec::new();
     for (key, plan) in plans {
+        let present = locked.contains(*key);
         match &plan.mirror.0 {
             MirrorAction::Leave => {}
             MirrorAction::Set {
@@ -315,17 +331,50 @@ async fn write_mirror(
                 meta,
                 origin,
                 ..
-            } => upserts.push((key, value, meta, origin.row_origin())),
+            } => {
+                let row = (*key, value.as_slice(), meta, origin.row_origin());
+                if present {
+                    upserts.push(row);
+                } else {
+                    inserts.push(row);
+                }
+            }
             MirrorAction::Set {
                 value: None,
                 revision,
                 ..
-            } => deletes.push((key, *revision)),
+            } if present => deletes.push((key, *revision)),
             MirrorAction::Meta {
                 expect_mod_revision,
                 meta,
-            } => metas.push((key, *expect_mod_revision, meta)),
+            } if present => metas.push((key, *expect_mod_revision, meta)),
+            MirrorAction::Set { .. } | MirrorAction::Meta { .. } => {}
         }
+    }
+    if !inserts.is_empty() {
+        let keys: Vec<&[u8]> = inserts.iter().map(|u| u.0).collect();
+        let values: Vec<&[u8]> = inserts.iter().map(|u| u.1).collect();
+        let create: Vec<i64> = inserts.iter().map(|u| u.2.create_revision).collect();
+        let modr: Vec<i64> = inserts.iter().map(|u| u.2.mod_revision).collect();
+        let version: Vec<i64> = inserts.iter().map(|u| u.2.version).collect();
+        let lease: Vec<i64> = inserts.iter().map(|u| u.2.lease).collect();
+        let origin: Vec<&str> = inserts.iter().map(|u| u.3).collect();
+        report.mirror_upserts += diesel::sql_query(format!(
+            "INSERT INTO {table} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+             SELECT u.key, u.value, u.create_revision, u.mod_revision, u.version, u.lease, now(), u.origin \
+             FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[]) \
+                  AS u(key, value, create_revision, mod_revision, version, lease, origin) \
+             ON CONFLICT (key) DO NOTHING"
+        ))
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<Bytea>, _>(&values)
+        .bind::<Array<BigInt>, _>(&create)
+        .bind::<Array<BigInt>, _>(&modr)
+        .bind::<Array<BigInt>, _>(&version)
+        .bind::<Array<BigInt>, _>(&lease)
+        .bind::<Array<Text>, _>(&origin)
+        .execute(conn)
+        .await?;
     }
     if !upserts.is_empty() {
         let keys: Vec<&[u8]> = upserts.iter().map(|u| u.0).collect();

@@ -254,15 +254,24 @@ impl Planner {
             Op::Put => event.revision,
             Op::Delete => 0,
         };
+        // Queued changes up to the next local delete were made on the row
+        // this echo updated: they move onto its revision. Changes after a
+        // local delete were made on a re-created row (base 0, unknown to
+        // etcd) and keep their base, even when the numbers coincide.
         for queued in &mut self.pending {
             if queued.base_revision == event.prev_revision() {
                 queued.base_revision = new_base;
             }
+            if queued.op == Op::Delete {
+                break;
+            }
         }
         if self.pending.is_empty() {
             self.set_mirror_to(input, Origin::Pg);
-        } else if event.op == Op::Put {
+        } else if event.op == Op::Put && self.pending.iter().all(|p| p.op == Op::Put) {
             // The row shows the newest local value; only its metadata moves.
+            // After a queued local delete the row, if any, is a re-created
+            // one: its metadata (not in etcd yet) must stay.
             self.set_meta(Some(event.prev_revision()), event.meta);
         }
     }

@@ -111,6 +111,50 @@ fn echo_of_own_write_is_consumed_without_conflict() {
     assert_eq!(set_value(&plan), Some(Some(&b"local"[..])));
 }
 
+/// Insert, delete, insert again and update in PostgreSQL, the first insert
+/// echoed: the re-created row is not the one etcd has, so neither its
+/// metadata nor the base of its queued update may move (found by the 10k
+/// SQL-writes test: the update's echo was taken for a conflict).
+#[test]
+fn an_echo_does_not_touch_a_row_re_created_after_a_local_delete() {
+    let pending = [
+        pending_put(1, "v1", 0, 500),
+        pending_delete(2, 0, 501),
+        pending_put(3, "v2", 0, 502),
+        pending_put(4, "v3", 0, 503),
+    ];
+    let plan = plan_key(ctx(Policy::NewestWins), &pending, &[put(25, "v1", None)]);
+    assert_eq!(plan.consumed, vec![1]);
+    assert_eq!(
+        plan.rebased,
+        vec![(2, 25)],
+        "only the delete was made on revision 25"
+    );
+    assert!(
+        !matches!(plan.mirror.0, MirrorAction::Meta { .. }),
+        "the re-created row keeps its metadata: {:?}",
+        plan.mirror.0
+    );
+
+    // The poller then deletes at 31, creates at 32 and updates at 37.
+    let pending = [
+        pending_delete(2, 25, 501),
+        pending_put(3, "v2", 0, 502),
+        pending_put(4, "v3", 0, 503),
+    ];
+    let plan = plan_key(
+        ctx(Policy::NewestWins),
+        &pending,
+        &[
+            delete(31, (25, "v1")),
+            put(32, "v2", None),
+            put(37, "v3", Some((32, "v2"))),
+        ],
+    );
+    assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    assert_eq!(plan.consumed, vec![2, 3, 4]);
+}
+
 #[test]
 fn chained_local_changes_are_echoed_one_by_one_and_rebased() {
     // Three local writes on a row at revision 5; the poller applied the first
