@@ -305,6 +305,13 @@ async fn sigterm_on_the_leader_hands_over_at_once() -> anyhow::Result<()> {
     let stopped_at = unix_now();
     let exit = replicas[leader].terminate(Duration::from_secs(15)).await?;
     assert_eq!(exit.code(), Some(0));
+    // The lease is revoked before the process exits, not left to expire.
+    let mut etcd = world.etcd.client().await?;
+    assert_eq!(
+        election_keys(&mut etcd).await?.len(),
+        2,
+        "the resigned leader's election key outlived its process"
+    );
     let (_, first_change_at) =
         first_row_of_next_term(&pg, old_term, Duration::from_secs(10)).await?;
     let handover = first_change_at - stopped_at;
@@ -320,6 +327,14 @@ async fn sigterm_on_the_leader_hands_over_at_once() -> anyhow::Result<()> {
     assert_consistent(&world).await?;
     let resigned = count(&pg, "SELECT count(*) FROM sync_events WHERE kind = 'leadership' AND detail->>'event' = 'resigned'").await?;
     assert_eq!(resigned, 1);
+    // A standby that stops leaves no key behind either.
+    let standby = (0..replicas.len()).find(|&i| i != leader).unwrap_or_default();
+    replicas[standby].terminate(Duration::from_secs(15)).await?;
+    assert_eq!(
+        election_keys(&mut etcd).await?.len(),
+        1,
+        "the stopped standby's election key outlived its process"
+    );
     Ok(())
 }
 

@@ -21,38 +21,6 @@ table = "kv_b"
 policy = "pg-wins"
 "#;
 
-/// The audit events of a kind once there is one (they follow the
-/// transactions they describe), or none after `timeout`.
-async fn awaited_event_details(
-    pg: &tokio_postgres::Client,
-    kind: &str,
-    timeout: Duration,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = event_details(pg, kind).await?;
-        if !events.is_empty() || Instant::now() > deadline {
-            return Ok(events);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn event_details(
-    pg: &tokio_postgres::Client,
-    kind: &str,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    let rows = pg
-        .query(
-            "SELECT detail::text FROM etcd_sync.sync_events WHERE kind = $1 ORDER BY id",
-            &[&kind],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| Ok(serde_json::from_str(r.get(0))?))
-        .collect()
-}
-
 async fn converge_both(world: &World) -> anyhow::Result<()> {
     wait_converged(world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
     wait_converged(world, "kv_b", b"/b/", Duration::from_secs(20)).await?;

@@ -321,6 +321,11 @@ async fn the_audit_trail_records_every_kind_of_event() -> anyhow::Result<()> {
     world.etcd.compact(etcd_revision(&world).await?).await?;
     service.restart()?;
     service.wait_ready(Duration::from_secs(30)).await?;
+    // The resync runs beside the poller, which may settle the conflict on
+    // /o/a first: verify only once the recovery is on record.
+    let recoveries =
+        awaited_event_details(&pg, "compaction-recovery", Duration::from_secs(20)).await?;
+    anyhow::ensure!(!recoveries.is_empty(), "no compaction recovery recorded");
     wait_converged(&world, "kv_o", b"/o/a", Duration::from_secs(10)).await?;
     let env = [
         ("ETCD_PG_SYNC__POSTGRES__URL", world.db.url()),

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eps_harness::{Etcd, Postgres, Service, ServiceConfig, TestDatabase};
 
@@ -531,4 +531,36 @@ pub async fn wait_outbox_empty(world: &World, timeout: Duration) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// The audit events of a kind once there is one (they follow the
+/// transactions they describe), or none after `timeout`.
+pub async fn awaited_event_details(
+    pg: &tokio_postgres::Client,
+    kind: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = event_details(pg, kind).await?;
+        if !events.is_empty() || Instant::now() > deadline {
+            return Ok(events);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn event_details(
+    pg: &tokio_postgres::Client,
+    kind: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let rows = pg
+        .query(
+            "SELECT detail::text FROM etcd_sync.sync_events WHERE kind = $1 ORDER BY id",
+            &[&kind],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok(serde_json::from_str(r.get(0))?))
+        .collect()
 }

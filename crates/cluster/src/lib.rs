@@ -137,13 +137,30 @@ impl Node {
     async fn campaign_and_lead(&self, shutdown: &CancellationToken) -> Result<(), ClusterError> {
         let cluster = &self.config.cluster;
         let ttl = cluster.lease_ttl_secs as i64;
-        let prefix = election_prefix(&cluster.name);
         let lease = self.etcd.grant_lease(ttl).await?;
         let granted_at = Instant::now();
-        let _resign = Resign {
+        let resign = Resign {
             etcd: self.etcd.clone(),
             lease,
+            revoked: false,
         };
+        let outcome = self.stand_and_lead(lease, granted_at, shutdown).await;
+        // Awaited, not left to `Drop`: on shutdown the process exits right
+        // after this, and a lease left behind would hold the election for
+        // a whole TTL.
+        resign.revoke().await;
+        outcome
+    }
+
+    /// One round on `lease`: campaign, stand by, lead, step down.
+    async fn stand_and_lead(
+        &self,
+        lease: i64,
+        granted_at: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClusterError> {
+        let cluster = &self.config.cluster;
+        let prefix = election_prefix(&cluster.name);
         let lost = CancellationToken::new();
         let _keepalive = AbortOnDrop(tokio::spawn(keep_alive(
             self.etcd.clone(),
@@ -253,7 +270,7 @@ impl Node {
                 .record_event(&fence, "leadership", None, &event)
                 .await;
         }
-        // `_resign` revokes the lease: the key goes, a standby takes over.
+        // The caller revokes the lease: the key goes, a standby takes over.
         Ok(())
     }
 }
@@ -263,10 +280,29 @@ impl Node {
 struct Resign {
     etcd: EtcdClient,
     lease: i64,
+    revoked: bool,
+}
+
+impl Resign {
+    /// Revokes now, waiting at most a few seconds (etcd may be unreachable).
+    async fn revoke(mut self) {
+        self.revoked = true;
+        match tokio::time::timeout(Duration::from_secs(3), self.etcd.revoke_lease(self.lease)).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "lease revoke failed; it will expire"),
+            Err(_) => tracing::debug!("lease revoke timed out; it will expire"),
+        }
+    }
 }
 
 impl Drop for Resign {
+    /// A round abandoned mid-way (its future dropped) revokes in the
+    /// background.
     fn drop(&mut self) {
+        if self.revoked {
+            return;
+        }
         let (etcd, lease) = (self.etcd.clone(), self.lease);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
