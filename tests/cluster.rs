@@ -328,7 +328,9 @@ async fn sigterm_on_the_leader_hands_over_at_once() -> anyhow::Result<()> {
     let resigned = count(&pg, "SELECT count(*) FROM sync_events WHERE kind = 'leadership' AND detail->>'event' = 'resigned'").await?;
     assert_eq!(resigned, 1);
     // A standby that stops leaves no key behind either.
-    let standby = (0..replicas.len()).find(|&i| i != leader).unwrap_or_default();
+    let standby = (0..replicas.len())
+        .find(|&i| i != leader)
+        .unwrap_or_default();
     replicas[standby].terminate(Duration::from_secs(15)).await?;
     assert_eq!(
         election_keys(&mut etcd).await?.len(),
