@@ -231,6 +231,10 @@ impl Shell {
 
     /// Called from `Supervised::restarting`.
     pub fn restarting(&mut self) {
+        if self.kill.is_cancelled() {
+            // Not a restart: the term is over and the actor idles out.
+            return;
+        }
         self.restarts += 1;
         // A loop that ran well for a while starts its backoff over.
         if self.started_at.elapsed() > Duration::from_secs(60) {
@@ -251,7 +255,12 @@ impl Shell {
         F: Future<Output = Result<(), ActorError>> + 'static,
     {
         if self.kill.is_cancelled() {
-            ctx.stop();
+            // The term is over. Stay idle: the actor ends once the pipeline
+            // releases its address. Stopping here instead would make the
+            // supervisor restart it at once, synchronously, in a loop that
+            // never yields the thread, so the pipeline could never release
+            // it (a replica fenced by its own actor froze that way).
+            self.board.update(self.name, |s| s.state = "stopped");
             return;
         }
         self.started_at = Instant::now();
@@ -324,4 +333,66 @@ pub fn unix_now_secs() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix::{Supervised, Supervisor};
+
+    /// An actor whose loop finds the term taken over at once.
+    struct FencedAtOnce {
+        shell: Shell,
+    }
+
+    impl Actor for FencedAtOnce {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            self.shell
+                .spawn_loop(ctx, async { Err(ActorError::Fenced) });
+        }
+    }
+
+    impl Supervised for FencedAtOnce {
+        fn restarting(&mut self, _ctx: &mut Context<Self>) {
+            self.shell.restarting();
+        }
+    }
+
+    #[test]
+    fn an_actor_that_ends_its_term_leaves_the_thread_to_the_others() {
+        let (done, finished) = std::sync::mpsc::channel();
+        // Its own thread: a livelocked actix thread must fail the test, not
+        // hang it.
+        std::thread::spawn(move || {
+            actix::System::new().block_on(async move {
+                let kill = CancellationToken::new();
+                let board = Arc::new(StatusBoard::default());
+                let (alive, mut stopped) = tokio::sync::mpsc::channel::<()>(1);
+                let backoff =
+                    Backoff::new(Duration::from_millis(1), 2.0, Duration::from_millis(10));
+                let addr = {
+                    let (kill, board) = (kill.clone(), board.clone());
+                    Supervisor::start(move |_| FencedAtOnce {
+                        shell: Shell::new("fenced", kill, board, backoff, alive),
+                    })
+                };
+                kill.cancelled().await;
+                // Another task on this thread still runs (the pipeline's
+                // stop, in the service)...
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // ...and releasing the address ends the actor.
+                drop(addr);
+                let ended = tokio::time::timeout(Duration::from_secs(5), stopped.recv()).await;
+                let restarts = board.actors()["fenced"].restarts;
+                let _ = done.send((ended.is_ok(), restarts));
+            });
+        });
+        let (ended, restarts) = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the actix thread was livelocked by the supervisor");
+        assert!(ended, "the actor outlived its released address");
+        assert_eq!(restarts, 0, "the end of a term is not a restart");
+    }
 }
