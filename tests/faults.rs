@@ -17,7 +17,7 @@ mod support;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use eps_harness::{Etcd, FaultMode, Postgres, Proxy, Service, ServiceConfig, TestDatabase};
 use rand::rngs::StdRng;
@@ -675,8 +675,10 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             .iter()
             .map(|r| format!("{}:{}:{}:{}:t{}:{}", r.get::<_, i64>(0), r.get::<_, String>(1), r.get::<_, String>(2), r.get::<_, String>(3), r.get::<_, i64>(4), r.get::<_, String>(5)))
             .collect();
+        let first_text = String::from_utf8_lossy(first).into_owned();
         let events: Vec<String> = pg
-            .query("SELECT at::text || ' ' || kind || ' ' || detail::text FROM etcd_sync.sync_events WHERE kind <> 'batch-applied' ORDER BY id", &[])
+            .query("SELECT at::text || ' ' || kind || ' ' || detail::text FROM etcd_sync.sync_events \
+                    WHERE kind <> 'batch-applied' AND coalesce(detail->>'key', $1) = $1 ORDER BY id", &[&first_text])
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -687,11 +689,52 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             .iter()
             .map(|r| format!("term {}: {} rows, revisions {}..{}, {} .. {}", r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, String>(4), r.get::<_, String>(5)))
             .collect();
+        let conflicts: Vec<String> = pg
+            .query(
+                "SELECT format('#%s etcd=%s@%s pg=%s@%s superseded=[%s] changed %s winner=%s %s detected %s by %s t%s', \
+                        id, convert_from(coalesce(etcd_value, ''), 'UTF8'), etcd_revision, \
+                        convert_from(coalesce(pg_value, ''), 'UTF8'), pg_revision, \
+                        array_to_string(ARRAY(SELECT convert_from(coalesce(v, ''), 'UTF8') FROM unnest(pg_superseded) v), ','), \
+                        pg_changed_at, coalesce(winner, '-'), status, detected_at, node, term) \
+                 FROM etcd_sync.conflicts WHERE key = $1 ORDER BY id",
+                &[first],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // The client-side log of the key, in wall-clock time to line up
+        // with PostgreSQL's timestamps.
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
+        let key_acks: Vec<String> = acks
+            .iter()
+            .filter(|a| a.key == *first)
+            .map(|a| {
+                let wall = wall_now - now.duration_since(a.at);
+                let secs = wall
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    % 86_400.0;
+                format!(
+                    "{:02}:{:02}:{:06.3} {} {} rev {:?}",
+                    (secs / 3600.0) as u64,
+                    (secs % 3600.0 / 60.0) as u64,
+                    secs % 60.0,
+                    a.side,
+                    a.value
+                        .as_ref()
+                        .map_or("(delete)".into(), |v| String::from_utf8_lossy(v)
+                            .into_owned()),
+                    a.revision
+                )
+            })
+            .collect();
         anyhow::bail!(
-            "{} acknowledged writes vanished, e.g. {:?}\nhistory by term: {per_term:#?}\nhistory of {}: {rows:#?}\nevents: {events:#?}",
+            "{} acknowledged writes vanished, e.g. {:?}\nhistory by term: {per_term:#?}\nhistory of {first_text}: {rows:#?}\n\
+             acknowledged writes of {first_text} (UTC): {key_acks:#?}\nconflicts of {first_text}: {conflicts:#?}\nevents: {events:#?}",
             vanished.len(),
             &vanished[..vanished.len().min(5)],
-            String::from_utf8_lossy(first)
         );
     }
 
