@@ -314,10 +314,21 @@ impl Planner {
                     Some(_) => input.revision(),
                     None => 0,
                 };
+                // The local changes now go on top of etcd's state: those up
+                // to the first local delete. Changes after it were made on a
+                // re-created row (base 0, absent from etcd once the delete
+                // lands) and keep their base; moving them made the echo of
+                // their own write look like a conflict and sent it twice.
                 for queued in &mut self.pending {
                     queued.base_revision = new_base;
+                    if queued.op == Op::Delete {
+                        break;
+                    }
                 }
-                self.set_meta(None, input.meta());
+                // A re-created row keeps its metadata (not in etcd yet).
+                if self.pending.iter().all(|p| p.op == Op::Put) {
+                    self.set_meta(None, input.meta());
+                }
             }
             Decision::Park => {
                 // The store links these rows to the new conflict's id.

@@ -155,6 +155,53 @@ fn an_echo_does_not_touch_a_row_re_created_after_a_local_delete() {
     assert_eq!(plan.consumed, vec![2, 3, 4]);
 }
 
+/// The fault suite's sequence: a local put, delete and re-create queued;
+/// etcd changes meanwhile and pg wins. Only the changes up to the delete go
+/// onto etcd's revision; the re-created row's changes keep base 0, so the
+/// poller's write of it (compare: absent) is recognized as its echo.
+#[test]
+fn a_pg_win_does_not_rebase_changes_made_after_a_local_delete() {
+    let pending = [
+        pending_put(1, "v1", 40, 500),
+        pending_delete(2, 40, 501),
+        pending_put(3, "v2", 0, 502),
+        pending_put(4, "v3", 0, 503),
+    ];
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[put(48, "e", Some((40, "x")))],
+    );
+    assert_eq!(plan.conflicts.len(), 1);
+    assert_eq!(plan.rebased, vec![(1, 48), (2, 48)]);
+    assert!(
+        !matches!(plan.mirror.0, MirrorAction::Meta { .. }),
+        "the re-created row keeps its metadata: {:?}",
+        plan.mirror.0
+    );
+
+    // The poller puts v1 at 50, deletes at 51, creates v2 at 55, updates
+    // to v3 at 56: all echoes.
+    let pending = [
+        pending_put(1, "v1", 48, 500),
+        pending_delete(2, 48, 501),
+        pending_put(3, "v2", 0, 502),
+        pending_put(4, "v3", 0, 503),
+    ];
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[
+            put(50, "v1", Some((48, "e"))),
+            delete(51, (50, "v1")),
+            put(55, "v2", None),
+            put(56, "v3", Some((55, "v2"))),
+        ],
+    );
+    assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    assert_eq!(plan.consumed, vec![1, 2, 3, 4]);
+}
+
 #[test]
 fn chained_local_changes_are_echoed_one_by_one_and_rebased() {
     // Three local writes on a row at revision 5; the poller applied the first
@@ -249,6 +296,16 @@ fn pg_wins_rebases_local_changes_onto_etcd() {
     assert!(plan.consumed.is_empty());
     assert_eq!(plan.rebased, vec![(1, 7), (2, 7)]);
     assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
+    // The row is gone locally: no metadata to move.
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+
+    let pending = [pending_put(1, "l1", 5, 500), pending_put(2, "l2", 5, 600)];
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[put(7, "remote", Some((5, "old")))],
+    );
+    assert_eq!(plan.rebased, vec![(1, 7), (2, 7)]);
     assert!(matches!(
         plan.mirror.0,
         MirrorAction::Meta {
