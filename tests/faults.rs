@@ -703,6 +703,17 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let dead_letters: Vec<String> = pg
+            .query(
+                "SELECT format('%s %s=%s base %s: %s (%s) at %s by %s t%s', kind, op, \
+                        convert_from(coalesce(value, ''), 'UTF8'), base_revision, reason, attempts, created_at, node, term) \
+                 FROM etcd_sync.dead_letters ORDER BY id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         // The client-side log of the key, in wall-clock time to line up
         // with PostgreSQL's timestamps.
         let (now, wall_now) = (Instant::now(), SystemTime::now());
@@ -732,7 +743,8 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             .collect();
         anyhow::bail!(
             "{} acknowledged writes vanished, e.g. {:?}\nhistory by term: {per_term:#?}\nhistory of {first_text}: {rows:#?}\n\
-             acknowledged writes of {first_text} (UTC): {key_acks:#?}\nconflicts of {first_text}: {conflicts:#?}\nevents: {events:#?}",
+             acknowledged writes of {first_text} (UTC): {key_acks:#?}\nconflicts of {first_text}: {conflicts:#?}\n\
+             dead letters: {dead_letters:#?}\nevents: {events:#?}",
             vanished.len(),
             &vanished[..vanished.len().min(5)],
         );
