@@ -168,7 +168,8 @@ async fn exactly_one_leader_and_standbys_are_ready() -> anyhow::Result<()> {
             ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoint.as_str()),
             ("ETCD_PG_SYNC__CLUSTER__NAME", "test"),
         ],
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(&replicas[leader].node_id), "{stdout}");
     Ok(())

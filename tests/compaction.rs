@@ -35,7 +35,7 @@ fn cli_env(world: &World) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn cli(world: &World, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+async fn cli(world: &World, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     let env = cli_env(world);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut with_mappings = vec!["--config".to_string()];
@@ -46,7 +46,7 @@ fn cli(world: &World, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     with_mappings.push(path.display().to_string());
     let mut all: Vec<&str> = args.to_vec();
     all.extend(with_mappings.iter().map(String::as_str));
-    run_cli(&all, &env)
+    run_cli(&all, &env).await
 }
 
 #[tokio::test]
@@ -194,7 +194,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     converge_both(&world).await?;
-    let (code, stdout, stderr) = cli(&world, &["verify"])?;
+    let (code, stdout, stderr) = cli(&world, &["verify"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("0 difference(s)"), "{stdout}");
     service.terminate(Duration::from_secs(10)).await?;
@@ -211,7 +211,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     .await?;
     etcd.put("/a/added-while-stopped", "new", None).await?;
 
-    let (code, stdout, _) = cli(&world, &["verify"])?;
+    let (code, stdout, _) = cli(&world, &["verify"]).await?;
     assert_eq!(code, 1, "{stdout}");
     assert!(
         stdout.contains("different-value") && stdout.contains("/a/k1"),
@@ -227,14 +227,14 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     );
     assert!(stdout.contains("/b/k3"), "{stdout}");
     assert!(stdout.contains("4 difference(s)"), "{stdout}");
-    let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"])?;
+    let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"]).await?;
     assert_eq!(code, 1);
     assert!(
         stdout.contains("1 difference(s)") && !stdout.contains("/a/k1"),
         "{stdout}"
     );
 
-    let (code, stdout, stderr) = cli(&world, &["verify", "--repair"])?;
+    let (code, stdout, stderr) = cli(&world, &["verify", "--repair"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("4 repaired"), "{stdout}");
     // etcd-wins repaired PostgreSQL; pg-wins queued PostgreSQL's value for
@@ -245,7 +245,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     assert_eq!(state[b"/b/k3".as_slice()], b"pg is right");
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     assert_eq!(state[b"/a/k1".as_slice()], b"v1");
-    let (code, stdout, _) = cli(&world, &["verify"])?;
+    let (code, stdout, _) = cli(&world, &["verify"]).await?;
     assert_eq!(code, 0, "{stdout}");
     assert!(event_details(&pg, "verify").await?.len() >= 4);
     Ok(())
@@ -310,7 +310,7 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
 
     // etcd is lost; a new, empty one takes its place.
     world.etcd = Etcd::start().await?;
-    let (code, stdout, stderr) = cli(&world, &["restore-etcd"])?;
+    let (code, stdout, stderr) = cli(&world, &["restore-etcd"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("restored 302 keys"), "{stdout}");
     let mut fresh = world.etcd_client().await?;
@@ -320,7 +320,7 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
         "byte for byte"
     );
     assert_eq!(etcd_snapshot(&mut fresh, b"/b/").await?, original_b);
-    let (code, _, stderr) = cli(&world, &["restore-etcd"])?;
+    let (code, _, stderr) = cli(&world, &["restore-etcd"]).await?;
     assert_eq!(code, 1, "a second restore refuses a non-empty etcd");
     assert!(stderr.contains("not empty"), "{stderr}");
 

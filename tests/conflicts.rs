@@ -189,7 +189,7 @@ async fn manual_leaves_both_sides_until_an_operator_resolves() -> anyhow::Result
 
     let url = world.db.url();
     let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
-    let (code, stdout, _) = run_cli(&["conflicts", "list"], &env)?;
+    let (code, stdout, _) = run_cli(&["conflicts", "list"], &env).await?;
     assert_eq!(code, 0);
     assert_eq!(stdout.matches("pending").count(), 3, "{stdout}");
     let found = conflicts(&pg).await?;
@@ -204,12 +204,14 @@ async fn manual_leaves_both_sides_until_an_operator_resolves() -> anyhow::Result
     let (code, stdout, stderr) = run_cli(
         &["conflicts", "resolve", &id_of("/a/k000"), "--take", "pg"],
         &env,
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     let (code, _, stderr) = run_cli(
         &["conflicts", "resolve", &id_of("/a/k001"), "--take", "etcd"],
         &env,
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stderr}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -794,7 +794,8 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
             ("ETCD_PG_SYNC__ETCD__ENDPOINTS", &cluster.etcd.endpoint()),
             ("ETCD_PG_SYNC__CLUSTER__NAME", "test"),
         ],
-    )?;
+    )
+    .await?;
     anyhow::ensure!(code == 0, "verify exited {code}: {stdout}{stderr}");
     writeln!(
         schedule,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::*;
 
-#[test]
-fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::Result<()> {
+#[tokio::test]
+async fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let secret = dir.path().join("pg-password");
     std::fs::write(&secret, "file-secret\n")?;
@@ -28,7 +28,8 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::R
             ("ETCD_PG_SYNC__ETCD__USERNAME", "root"),
             ("ETCD_PG_SYNC__ETCD__PASSWORD", "env-secret"),
         ],
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("name = \"from-env\""),
@@ -45,14 +46,15 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::R
     let (code, stdout, _) = run_cli(
         &["check-config"],
         &[("ETCD_PG_SYNC_CONFIG", config.to_str().unwrap())],
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0);
     assert!(stdout.contains("name = \"from-file\""));
     Ok(())
 }
 
-#[test]
-fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
+#[tokio::test]
+async fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
         (
@@ -90,7 +92,8 @@ fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
         let path = dir.path().join(format!("c{i}.toml"));
         std::fs::write(&path, content)?;
         for command in ["check-config", "run", "migrate"] {
-            let (code, _, stderr) = run_cli(&[command, "--config", path.to_str().unwrap()], env)?;
+            let (code, _, stderr) =
+                run_cli(&[command, "--config", path.to_str().unwrap()], env).await?;
             assert_eq!(code, 2, "{command} with {content:?} {env:?}: {stderr}");
             assert!(
                 stderr.contains(key),
@@ -106,10 +109,10 @@ async fn migrate_applies_the_schema_once() -> anyhow::Result<()> {
     let db = eps_harness::Postgres::fresh_database().await?;
     let url = db.url();
     let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
-    let (code, stdout, stderr) = run_cli(&["migrate"], &env)?;
+    let (code, stdout, stderr) = run_cli(&["migrate"], &env).await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("applied migrations"), "{stdout}");
-    let (code, stdout, _) = run_cli(&["migrate"], &env)?;
+    let (code, stdout, _) = run_cli(&["migrate"], &env).await?;
     assert_eq!(code, 0);
     assert!(stdout.contains("up to date"), "{stdout}");
     Ok(())

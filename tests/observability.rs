@@ -337,7 +337,8 @@ async fn the_audit_trail_records_every_kind_of_event() -> anyhow::Result<()> {
     let (code, stdout, stderr) = run_cli(
         &["verify", "--config", config.path().to_str().unwrap()],
         &env,
-    )?;
+    )
+    .await?;
     // The compaction resync made the mirror etcd's again (the rejected value
     // lives on in dead_letters).
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -390,7 +390,8 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
     let (code, stdout, stderr) = run_cli(
         &["dead-letters", "list"],
         &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())],
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("too-large") && stdout.contains("read-only-mapping"),

@@ -452,7 +452,8 @@ async fn an_etcd_role_limited_to_the_mapped_prefix_is_enough_and_denied_elsewher
     let (code, stdout, stderr) = run_cli(
         &["dead-letters", "retry", "--all"],
         &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())],
-    )?;
+    )
+    .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("1 dead letter(s) put back"), "{stdout}");
     let deadline = Instant::now() + Duration::from_secs(15);

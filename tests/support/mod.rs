@@ -173,12 +173,15 @@ pub async fn wait_leader(services: &[&Service], timeout: Duration) -> anyhow::Re
 }
 
 /// Runs the binary with arguments and environment; returns (code, stdout, stderr).
-pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, String, String)> {
-    let output = std::process::Command::new(BIN)
+/// Async, so the test's runtime (and the fault proxies on it) keeps running
+/// while the command waits for the service.
+pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, String, String)> {
+    let output = tokio::process::Command::new(BIN)
         .args(args)
         .env_remove("ETCD_PG_SYNC_CONFIG")
         .envs(env.iter().copied())
-        .output()?;
+        .output()
+        .await?;
     Ok((
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
