@@ -350,6 +350,8 @@ async fn value_at_answers_for_revisions_etcd_has_compacted() -> anyhow::Result<(
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
+    // The snapshot first: changes it covers have no revisions of their own.
+    wait_synced(&world).await?;
     let mut etcd = world.etcd_client().await?;
     let r1 = etcd
         .put("/a/doc", "first", None)

@@ -15,6 +15,10 @@
 //! - `e` is exactly `p1` applied (same op and value, `e`'s previous revision
 //!   equals `p1`'s base): an echo of the service's own write — consume `p1`,
 //!   rebase the changes queued behind it onto `e`, history origin `pg`;
+//! - a resync's state equal to the last pending change: it landed, its echo
+//!   was lost to compaction — consume the changes, history origin `pg`; the
+//!   earlier ones, whose fate is unknown, are recorded in a resolved
+//!   conflict;
 //! - anything else: a conflict, decided by the mapping's policy.
 
 use crate::mapping::{Direction, Policy};
@@ -231,8 +235,16 @@ impl Planner {
             return;
         }
         if agrees_with_final_state(&self.pending, input) {
-            // A resync found etcd already holding the final local state (the
-            // writes landed, their echoes were lost to compaction).
+            // A resync found etcd holding the final local state: the change
+            // landed and its echo was lost to compaction. With several
+            // changes queued, that says nothing about the earlier ones (a
+            // put between two deletes may never have left): the states
+            // agree, so nothing is replayed, but they are recorded as
+            // superseded in a resolved conflict — none vanishes.
+            if self.pending.len() > 1 {
+                let superseded = self.superseded_entry(input);
+                self.plan.conflicts.push(superseded);
+            }
             self.record_history(input, Origin::Pg);
             self.plan
                 .consumed
@@ -344,6 +356,28 @@ impl Planner {
             value: input.final_value().map(<[u8]>::to_vec),
             revision: input.revision(),
             observed_at_us: self.ctx.observed_at_us,
+        }
+    }
+
+    /// The record of local changes dropped because etcd already holds the
+    /// last one's state (decided, not a choice between two states).
+    fn superseded_entry(&self, input: &KeyInput) -> ConflictEntry {
+        let (first, last) = match (self.pending.first(), self.pending.last()) {
+            (Some(first), Some(last)) => (first, last),
+            _ => unreachable!("a superseded entry needs pending changes"),
+        };
+        ConflictEntry {
+            etcd: self.etcd_side(input),
+            pg_value: last.value.clone(),
+            pg_superseded: self.pending[..self.pending.len() - 1]
+                .iter()
+                .map(|p| p.value.clone())
+                .collect(),
+            pg_base_revision: first.base_revision,
+            pg_changed_at_us: last.changed_at_us,
+            policy: self.ctx.policy,
+            winner: Some(Side::Etcd),
+            parks: Vec::new(),
         }
     }
 

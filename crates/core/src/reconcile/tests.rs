@@ -202,6 +202,52 @@ fn a_pg_win_does_not_rebase_changes_made_after_a_local_delete() {
     assert_eq!(plan.consumed, vec![1, 2, 3, 4]);
 }
 
+fn observed_absent(revision: i64) -> KeyInput {
+    KeyInput::Observed {
+        state: None,
+        revision,
+        origin: Origin::Resync,
+    }
+}
+
+/// The fault suite's seed 14: a local delete landed at 30 just before a
+/// compaction at 30; a put and a delete were queued behind it and never
+/// left. The resync sees the key absent, like the final local state: the
+/// states agree, but the put must not vanish unrecorded.
+#[test]
+fn a_resync_agreeing_with_the_last_of_several_changes_records_the_others() {
+    let pending = [
+        pending_delete(1, 20, 500),
+        pending_put(2, "v", 0, 501),
+        pending_delete(3, 0, 502),
+    ];
+    for policy in [
+        Policy::PgWins,
+        Policy::EtcdWins,
+        Policy::NewestWins,
+        Policy::Manual,
+    ] {
+        let plan = plan_key(ctx(policy), &pending, &[observed_absent(30)]);
+        assert_eq!(plan.consumed, vec![1, 2, 3], "{policy:?}");
+        assert_eq!(plan.conflicts.len(), 1, "{policy:?}");
+        let conflict = &plan.conflicts[0];
+        assert_eq!(conflict.pg_superseded, vec![None, Some(b"v".to_vec())]);
+        assert_eq!(conflict.pg_value, None);
+        assert_eq!(conflict.winner, Some(Side::Etcd), "settled, never parked");
+        assert_eq!(plan.history[0].origin, Origin::Pg);
+    }
+
+    // A single change etcd already holds landed: consumed, nothing to record.
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &[pending_delete(1, 20, 500)],
+        &[observed_absent(30)],
+    );
+    assert_eq!(plan.consumed, vec![1]);
+    assert!(plan.conflicts.is_empty());
+    assert_eq!(plan.history[0].origin, Origin::Pg);
+}
+
 #[test]
 fn chained_local_changes_are_echoed_one_by_one_and_rebased() {
     // Three local writes on a row at revision 5; the poller applied the first
@@ -378,7 +424,7 @@ fn manual_parks_and_later_events_refresh_the_same_conflict() {
 }
 
 #[test]
-fn resync_state_equal_to_local_state_consumes_without_conflict() {
+fn resync_state_equal_to_local_state_consumes_and_records_what_it_cannot_vouch_for() {
     let pending = [pending_put(1, "l1", 5, 500), pending_put(2, "l2", 5, 501)];
     let observed = KeyInput::Observed {
         state: Some(KeyValue {
@@ -394,8 +440,19 @@ fn resync_state_equal_to_local_state_consumes_without_conflict() {
         revision: 30,
         origin: Origin::Resync,
     };
-    let plan = plan_key(ctx(Policy::Manual), &pending, &[observed]);
+    let plan = plan_key(
+        ctx(Policy::Manual),
+        &pending,
+        std::slice::from_ref(&observed),
+    );
     assert_eq!(plan.consumed, vec![1, 2]);
+    // l1's fate is unknown (etcd shows only l2): recorded, not parked.
+    assert_eq!(plan.conflicts.len(), 1);
+    assert_eq!(plan.conflicts[0].pg_superseded, vec![Some(b"l1".to_vec())]);
+    assert_eq!(plan.conflicts[0].winner, Some(Side::Etcd));
+
+    let plan = plan_key(ctx(Policy::Manual), &pending[1..], &[observed]);
+    assert_eq!(plan.consumed, vec![2]);
     assert!(plan.conflicts.is_empty());
 }
 
