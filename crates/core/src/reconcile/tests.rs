@@ -537,6 +537,55 @@ fn arb_pending() -> impl Strategy<Value = Vec<PendingChange>> {
     })
 }
 
+/// Local changes as the outbox trigger writes them: on the row's etcd
+/// revision 5 until a local delete, on a re-created row (base 0) after it.
+fn arb_pending_realistic() -> impl Strategy<Value = Vec<PendingChange>> {
+    proptest::collection::vec((proptest::option::of("[a-c]"), 0i64..2_000), 0..5).prop_map(|rows| {
+        let mut base = 5;
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, (value, at))| {
+                let change = match &value {
+                    Some(v) => pending_put(i as i64 + 1, v, base, at),
+                    None => pending_delete(i as i64 + 1, base, at),
+                };
+                if value.is_none() {
+                    base = 0;
+                }
+                change
+            })
+            .collect()
+    })
+}
+
+/// Watch events, then maybe the key's state as a resync or the arbiter
+/// reads it (absent, or a value, at a revision past the events).
+fn arb_inputs_and_observation() -> impl Strategy<Value = Vec<KeyInput>> {
+    (
+        arb_inputs(),
+        proptest::option::of(proptest::option::of("[a-c]")),
+    )
+        .prop_map(|(mut inputs, observed)| {
+            if let Some(state) = observed {
+                inputs.push(KeyInput::Observed {
+                    state: state.map(|value| KeyValue {
+                        key: KEY.to_vec(),
+                        value: value.into_bytes(),
+                        meta: KeyMeta {
+                            create_revision: 2,
+                            mod_revision: 25,
+                            version: 3,
+                            lease: 0,
+                        },
+                    }),
+                    revision: 30,
+                    origin: Origin::Resync,
+                });
+            }
+            inputs
+        })
+}
+
 proptest! {
     #[test]
     fn every_event_gets_exactly_one_history_row(policy in arb_policy(), pending in arb_pending(), inputs in arb_inputs()) {
@@ -560,6 +609,24 @@ proptest! {
         // Rows are consumed in outbox order: a prefix, or all of them.
         let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
         prop_assert_eq!(&plan.consumed[..], &ids[..plan.consumed.len()]);
+    }
+
+    /// SPEC 3.3 at the planner: a consumed local change either came back
+    /// as an echo (a history row of origin `pg` with its op and value) or
+    /// is in a conflict record (`pg_value` or `pg_superseded`).
+    #[test]
+    fn no_local_change_is_consumed_unrecorded(policy in arb_policy(), pending in arb_pending_realistic(), inputs in arb_inputs_and_observation()) {
+        let plan = plan_key(ctx(policy), &pending, &inputs);
+        for id in &plan.consumed {
+            let change = pending.iter().find(|p| p.id == *id).expect("consumed ids are pending ids");
+            let echoed = plan.history.iter().any(|h| {
+                h.origin == Origin::Pg && h.op == change.op && (change.op == Op::Delete || h.value == change.value)
+            });
+            let recorded = plan.conflicts.iter().any(|c| {
+                c.pg_value == change.value || c.pg_superseded.contains(&change.value)
+            });
+            prop_assert!(echoed || recorded, "change {:?} consumed unrecorded: {:?}", change, plan);
+        }
     }
 
     #[test]
