@@ -242,7 +242,10 @@ impl Planner {
             // agree, so nothing is replayed, but they are recorded as
             // superseded in a resolved conflict — none vanishes.
             if self.pending.len() > 1 {
-                let superseded = self.superseded_entry(input);
+                // Decided, not a choice: etcd's state (= the last local one)
+                // stands.
+                let mut superseded = self.conflict_entry(input);
+                superseded.winner = Some(Side::Etcd);
                 self.plan.conflicts.push(superseded);
             }
             self.record_history(input, Origin::Pg);
@@ -290,28 +293,12 @@ impl Planner {
 
     fn conflict(&mut self, input: &KeyInput) {
         self.record_history(input, default_origin(input));
-        let last = self
-            .pending
-            .last()
-            .expect("conflict needs a pending change");
-        let first = self
-            .pending
-            .first()
-            .expect("conflict needs a pending change");
-        let decision = decide(self.ctx.policy, last.changed_at_us, self.ctx.observed_at_us);
-        let mut entry = ConflictEntry {
-            etcd: self.etcd_side(input),
-            pg_value: last.value.clone(),
-            pg_superseded: self.pending[..self.pending.len() - 1]
-                .iter()
-                .map(|p| p.value.clone())
-                .collect(),
-            pg_base_revision: first.base_revision,
-            pg_changed_at_us: last.changed_at_us,
-            policy: self.ctx.policy,
-            winner: None,
-            parks: Vec::new(),
-        };
+        let mut entry = self.conflict_entry(input);
+        let decision = decide(
+            self.ctx.policy,
+            entry.pg_changed_at_us,
+            self.ctx.observed_at_us,
+        );
         match decision {
             Decision::Keep(Side::Etcd) => {
                 entry.winner = Some(Side::Etcd);
@@ -359,12 +346,12 @@ impl Planner {
         }
     }
 
-    /// The record of local changes dropped because etcd already holds the
-    /// last one's state (decided, not a choice between two states).
-    fn superseded_entry(&self, input: &KeyInput) -> ConflictEntry {
+    /// The conflict record of `input` against the pending changes, not
+    /// decided yet (`winner: None`).
+    fn conflict_entry(&self, input: &KeyInput) -> ConflictEntry {
         let (first, last) = match (self.pending.first(), self.pending.last()) {
             (Some(first), Some(last)) => (first, last),
-            _ => unreachable!("a superseded entry needs pending changes"),
+            _ => unreachable!("a conflict needs pending changes"),
         };
         ConflictEntry {
             etcd: self.etcd_side(input),
@@ -376,7 +363,7 @@ impl Planner {
             pg_base_revision: first.base_revision,
             pg_changed_at_us: last.changed_at_us,
             policy: self.ctx.policy,
-            winner: Some(Side::Etcd),
+            winner: None,
             parks: Vec::new(),
         }
     }
