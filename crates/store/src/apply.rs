@@ -351,60 +351,21 @@ async fn write_mirror(
             MirrorAction::Set { .. } | MirrorAction::Meta { .. } => {}
         }
     }
-    if !inserts.is_empty() {
-        let keys: Vec<&[u8]> = inserts.iter().map(|u| u.0).collect();
-        let values: Vec<&[u8]> = inserts.iter().map(|u| u.1).collect();
-        let create: Vec<i64> = inserts.iter().map(|u| u.2.create_revision).collect();
-        let modr: Vec<i64> = inserts.iter().map(|u| u.2.mod_revision).collect();
-        let version: Vec<i64> = inserts.iter().map(|u| u.2.version).collect();
-        let lease: Vec<i64> = inserts.iter().map(|u| u.2.lease).collect();
-        let origin: Vec<&str> = inserts.iter().map(|u| u.3).collect();
-        report.mirror_upserts += diesel::sql_query(format!(
-            "INSERT INTO {table} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
-             SELECT u.key, u.value, u.create_revision, u.mod_revision, u.version, u.lease, now(), u.origin \
-             FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[]) \
-                  AS u(key, value, create_revision, mod_revision, version, lease, origin) \
-             ON CONFLICT (key) DO NOTHING"
-        ))
-        .bind::<Array<Bytea>, _>(&keys)
-        .bind::<Array<Bytea>, _>(&values)
-        .bind::<Array<BigInt>, _>(&create)
-        .bind::<Array<BigInt>, _>(&modr)
-        .bind::<Array<BigInt>, _>(&version)
-        .bind::<Array<BigInt>, _>(&lease)
-        .bind::<Array<Text>, _>(&origin)
-        .execute(conn)
-        .await?;
-    }
-    if !upserts.is_empty() {
-        let keys: Vec<&[u8]> = upserts.iter().map(|u| u.0).collect();
-        let values: Vec<&[u8]> = upserts.iter().map(|u| u.1).collect();
-        let create: Vec<i64> = upserts.iter().map(|u| u.2.create_revision).collect();
-        let modr: Vec<i64> = upserts.iter().map(|u| u.2.mod_revision).collect();
-        let version: Vec<i64> = upserts.iter().map(|u| u.2.version).collect();
-        let lease: Vec<i64> = upserts.iter().map(|u| u.2.lease).collect();
-        let origin: Vec<&str> = upserts.iter().map(|u| u.3).collect();
-        report.mirror_upserts += diesel::sql_query(format!(
-            "INSERT INTO {table} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
-             SELECT u.key, u.value, u.create_revision, u.mod_revision, u.version, u.lease, now(), u.origin \
-             FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[]) \
-                  AS u(key, value, create_revision, mod_revision, version, lease, origin) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
-                 mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
-                 updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
-             WHERE CASE WHEN $8 < 0 THEN t.mod_revision < EXCLUDED.mod_revision ELSE t.mod_revision <= $8 END"
-        ))
-        .bind::<Array<Bytea>, _>(&keys)
-        .bind::<Array<Bytea>, _>(&values)
-        .bind::<Array<BigInt>, _>(&create)
-        .bind::<Array<BigInt>, _>(&modr)
-        .bind::<Array<BigInt>, _>(&version)
-        .bind::<Array<BigInt>, _>(&lease)
-        .bind::<Array<Text>, _>(&origin)
-        .bind::<BigInt, _>(repair_revision)
-        .execute(conn)
-        .await?;
-    }
+    // Rows absent at lock time are only inserted: one a user created
+    // meanwhile is theirs.
+    report.mirror_upserts +=
+        write_rows(conn, table, &inserts, "DO NOTHING", repair_revision).await?;
+    report.mirror_upserts += write_rows(
+        conn,
+        table,
+        &upserts,
+        "DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+             mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+             updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
+         WHERE CASE WHEN $8 < 0 THEN t.mod_revision < EXCLUDED.mod_revision ELSE t.mod_revision <= $8 END",
+        repair_revision,
+    )
+    .await?;
     if !deletes.is_empty() {
         let keys: Vec<&[u8]> = deletes.iter().map(|d| d.0).collect();
         let revisions: Vec<i64> = deletes.iter().map(|d| d.1).collect();
@@ -443,6 +404,44 @@ async fn write_mirror(
         .await?;
     }
     Ok(())
+}
+
+/// Writes mirror rows in one statement; `on_conflict` follows `ON CONFLICT
+/// (key)` and may use `$8`, the repair revision (-1: none).
+async fn write_rows(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    rows: &[(&[u8], &[u8], &KeyMeta, &'static str)],
+    on_conflict: &str,
+    repair_revision: i64,
+) -> Result<usize, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = rows.iter().map(|u| u.0).collect();
+    let values: Vec<&[u8]> = rows.iter().map(|u| u.1).collect();
+    let create: Vec<i64> = rows.iter().map(|u| u.2.create_revision).collect();
+    let modr: Vec<i64> = rows.iter().map(|u| u.2.mod_revision).collect();
+    let version: Vec<i64> = rows.iter().map(|u| u.2.version).collect();
+    let lease: Vec<i64> = rows.iter().map(|u| u.2.lease).collect();
+    let origin: Vec<&str> = rows.iter().map(|u| u.3).collect();
+    Ok(diesel::sql_query(format!(
+        "INSERT INTO {table} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+         SELECT u.key, u.value, u.create_revision, u.mod_revision, u.version, u.lease, now(), u.origin \
+         FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[]) \
+              AS u(key, value, create_revision, mod_revision, version, lease, origin) \
+         ON CONFLICT (key) {on_conflict}"
+    ))
+    .bind::<Array<Bytea>, _>(&keys)
+    .bind::<Array<Bytea>, _>(&values)
+    .bind::<Array<BigInt>, _>(&create)
+    .bind::<Array<BigInt>, _>(&modr)
+    .bind::<Array<BigInt>, _>(&version)
+    .bind::<Array<BigInt>, _>(&lease)
+    .bind::<Array<Text>, _>(&origin)
+    .bind::<BigInt, _>(repair_revision)
+    .execute(conn)
+    .await?)
 }
 
 async fn update_outbox(
