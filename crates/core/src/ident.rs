@@ -17,6 +17,7 @@ pub const RESERVED_TABLES: &[&str] = &[
     "dead_letters",
     "sync_events",
     "sync_state",
+    "mirror_tables",
 ];
 
 /// A validated SQL identifier: lowercase ASCII letters, digits and `_`, not

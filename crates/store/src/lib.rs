@@ -86,6 +86,12 @@ impl Store {
         migrate::migrate(&self.connector, &tables).await
     }
 
+    /// Fails unless this role's writes are recognized as the service's own
+    /// by the schema's triggers (see [`migrate::check_service_role`]).
+    pub async fn check_service_role(&self) -> Result<(), StoreError> {
+        migrate::check_service_role(&self.connector).await
+    }
+
     /// Opens one connection outside the pool: the typed error tells a
     /// refused password or certificate (permanent) from an unreachable
     /// server (retryable).

@@ -1,16 +1,114 @@
-//! Schema migrations: the embedded diesel migrations under `migrations/`,
-//! then one mirror table (with triggers and text view) per mapping.
-//! Serialized across replicas by an advisory lock (STYLE 12).
+//! Schema migrations: the SQL files under `migrations/`, run by diesel's
+//! migration harness, then one mirror table (with triggers and text view)
+//! per mapping. Serialized across replicas by an advisory lock, so three
+//! replicas starting at once migrate once.
+//!
+//! The files may name the service's schema as `@schema@` (quoted identifier)
+//! and `@schema_name@` (bare name, inside string literals): functions that
+//! run with the owner's rights qualify every object they touch, whatever
+//! `search_path` the caller has.
 
+
+use diesel::backend::Backend;
+use diesel::connection::BoxableConnection;
+use diesel::migration::{
+    Migration, MigrationMetadata, MigrationName, MigrationSource, MigrationVersion,
+};
+use diesel::pg::Pg;
+use diesel::sql_types::{Bool, Text};
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use diesel_migrations::MigrationHarness;
 use eps_core::ident::Ident;
 
 use crate::connect::Connector;
 use crate::error::StoreError;
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
+/// One migration: diesel's version (the directory name's date and number
+/// without dashes), its name, and its SQL.
+struct SqlFile {
+    version: &'static str,
+    name: &'static str,
+    up: &'static str,
+}
+
+/// Every migration, oldest first. A new directory under `migrations/` is
+/// added here (a test checks that none is missing).
+const MIGRATIONS: &[SqlFile] = &[
+    SqlFile {
+        version: "20261125000001",
+        name: "2026-11-25-000001_schema",
+        up: include_str!("../../../migrations/2026-11-25-000001_schema/up.sql"),
+    },
+    SqlFile {
+        version: "20261201000001",
+        name: "2026-12-01-000001_privileges",
+        up: include_str!("../../../migrations/2026-12-01-000001_privileges/up.sql"),
+    },
+];
+
+/// The versions of every migration this build knows, oldest first.
+pub fn versions() -> impl Iterator<Item = &'static str> {
+    MIGRATIONS.iter().map(|m| m.version)
+}
+
+/// The migrations with the schema's name substituted.
+struct SchemaMigrations {
+    schema: Ident,
+}
+
+struct SchemaMigration {
+    file: &'static SqlFile,
+    sql: String,
+}
+
+impl MigrationSource<Pg> for SchemaMigrations {
+    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<Pg>>>> {
+        Ok(MIGRATIONS
+            .iter()
+            .map(|file| {
+                let sql = file
+                    .up
+                    .replace("@schema_name@", self.schema.as_str())
+                    .replace("@schema@", &self.schema.quoted());
+                Box::new(SchemaMigration { file, sql }) as Box<dyn Migration<Pg>>
+            })
+            .collect())
+    }
+}
+
+impl<DB: Backend> Migration<DB> for SchemaMigration {
+    fn run(&self, conn: &mut dyn BoxableConnection<DB>) -> diesel::migration::Result<()> {
+        conn.batch_execute(&self.sql)
+            .map_err(|e| format!("migration {}: {e}", self.file.name).into())
+    }
+
+    fn revert(&self, _conn: &mut dyn BoxableConnection<DB>) -> diesel::migration::Result<()> {
+        Err(format!("migration {} cannot be reverted", self.file.name).into())
+    }
+
+    fn metadata(&self) -> &dyn MigrationMetadata {
+        self
+    }
+
+    fn name(&self) -> &dyn MigrationName {
+        self
+    }
+}
+
+impl MigrationMetadata for SchemaMigration {}
+
+impl MigrationName for SchemaMigration {
+    fn version(&self) -> MigrationVersion<'_> {
+        MigrationVersion::from(self.file.version)
+    }
+}
+
+impl std::fmt::Display for SchemaMigration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.file.name)
+    }
+}
 
 /// What `migrate` did.
 #[derive(Debug, Default)]
@@ -25,49 +123,156 @@ pub async fn migrate(
     tables: &[Ident],
 ) -> Result<MigrationReport, StoreError> {
     let schema = connector.schema().clone();
+    // A dedicated connection: the advisory lock is its session's, released
+    // when the connection closes on whichever path leaves this function.
     let mut conn = connector.connect().await?;
-    let lock_key = format!("etcd-pg-sync migrate {schema}");
     diesel::sql_query("SELECT pg_advisory_lock(hashtext($1))")
-        .bind::<diesel::sql_types::Text, _>(&lock_key)
+        .bind::<Text, _>(format!("etcd-pg-sync migrate {schema}"))
         .execute(&mut conn)
         .await?;
+    check_schema_owner(&mut conn, &schema).await?;
+    // `pg_temp` last: the migration's own statements never see a temporary
+    // table in place of one of the service's.
     conn.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema_q}; SET search_path TO {schema_q}",
+        "CREATE SCHEMA IF NOT EXISTS {schema_q}; SET search_path TO {schema_q}, pg_temp",
         schema_q = schema.quoted()
     ))
     .await?;
 
     // diesel's migration harness is synchronous: run it on a blocking thread
-    // through the async connection wrapper (DEPENDENCIES pitfall 2).
-    let (conn, applied) = tokio::task::spawn_blocking(move || {
+    // through the async connection wrapper (`block_in_place` would panic on
+    // the actix system thread).
+    let source = SchemaMigrations {
+        schema: schema.clone(),
+    };
+    let (mut conn, applied) = tokio::task::spawn_blocking(move || {
         let mut wrapper: AsyncConnectionWrapper<AsyncPgConnection> =
             AsyncConnectionWrapper::from(conn);
         let applied = wrapper
-            .run_pending_migrations(MIGRATIONS)
+            .run_pending_migrations(source)
             .map(|versions| versions.iter().map(ToString::to_string).collect::<Vec<_>>())
             .map_err(|e| StoreError::Migration(e.to_string()));
         (wrapper.into_inner(), applied)
     })
     .await
     .map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?;
-    let mut conn = conn;
-    let result = async {
-        let applied = applied?;
-        for table in tables {
-            diesel::sql_query("SELECT ensure_mirror_table($1)")
-                .bind::<diesel::sql_types::Text, _>(table.as_str())
-                .execute(&mut conn)
-                .await?;
-        }
-        Ok(MigrationReport {
-            applied,
-            mirror_tables: tables.iter().map(ToString::to_string).collect(),
-        })
+    let applied = applied?;
+    for table in tables {
+        diesel::sql_query(format!("SELECT {}.ensure_mirror_table($1)", schema.quoted()))
+            .bind::<Text, _>(table.as_str())
+            .execute(&mut conn)
+            .await?;
     }
-    .await;
-    let _ = diesel::sql_query("SELECT pg_advisory_unlock(hashtext($1))")
-        .bind::<diesel::sql_types::Text, _>(&lock_key)
-        .execute(&mut conn)
-        .await;
-    result
+    Ok(MigrationReport {
+        applied,
+        mirror_tables: tables.iter().map(ToString::to_string).collect(),
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct SchemaOwner {
+    /// The schema's owner, if the schema exists.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    owner: Option<String>,
+    #[diesel(sql_type = Bool)]
+    ours: bool,
+    #[diesel(sql_type = Bool)]
+    superuser: bool,
+}
+
+/// Refuses a schema that exists but belongs to a role the migrating role is
+/// not a member of: whoever owns the schema can replace any object in it,
+/// the service's trigger functions included. Warns when the service's
+/// objects would be owned by a superuser (SECURITY.md).
+async fn check_schema_owner(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+) -> Result<(), StoreError> {
+    let found: SchemaOwner = diesel::sql_query(
+        "SELECT n.nspowner::regrole::text AS owner, \
+                coalesce(pg_has_role(current_user, n.nspowner, 'MEMBER'), true) AS ours, \
+                r.rolsuper AS superuser \
+         FROM pg_roles r LEFT JOIN pg_namespace n ON n.nspname = $1 \
+         WHERE r.rolname = current_user",
+    )
+    .bind::<Text, _>(schema.as_str())
+    .get_result(conn)
+    .await?;
+    if !found.ours {
+        return Err(StoreError::Migration(format!(
+            "schema {schema} is owned by {owner}, a role the service's role is not a member of: \
+             whoever owns the schema can replace the service's functions; drop the schema, \
+             or ALTER SCHEMA {schema} OWNER TO the service's role",
+            schema = schema.as_str(),
+            owner = found.owner.as_deref().unwrap_or("another role"),
+        )));
+    }
+    if found.superuser {
+        tracing::warn!(
+            schema = schema.as_str(),
+            "migrating as a superuser: the trigger functions run with their owner's rights; \
+             let a dedicated role own the schema (SECURITY.md)"
+        );
+    }
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct FunctionOwner {
+    #[diesel(sql_type = Text)]
+    owner: String,
+    #[diesel(sql_type = Bool)]
+    ours: bool,
+}
+
+/// Checks that this session's role may mark its writes as the service's:
+/// the trigger functions honour the mark only for members of their owner's
+/// role (the role that ran `migrate`). Any other role's writes would all be
+/// queued back to etcd as user changes (an echo loop), so it refuses to go
+/// on.
+pub async fn check_service_role(connector: &Connector) -> Result<(), StoreError> {
+    let mut conn = connector.connect().await?;
+    let found: Vec<FunctionOwner> = diesel::sql_query(
+        "SELECT p.proowner::regrole::text AS owner, \
+                pg_has_role(session_user, p.proowner, 'MEMBER') AS ours \
+         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = 'mirror_after_write'",
+    )
+    .bind::<Text, _>(connector.schema().as_str())
+    .load(&mut conn)
+    .await?;
+    match found.into_iter().next() {
+        None => Err(StoreError::Migration(format!(
+            "schema {} is not migrated: run `etcd-pg-sync migrate`",
+            connector.schema().as_str()
+        ))),
+        Some(function) if !function.ours => Err(StoreError::Migration(format!(
+            "the schema's trigger functions belong to {owner}, and this role is not a member of \
+             it: its writes would be taken for users' writes; run the service as {owner} (or a \
+             member of it), or run `etcd-pg-sync migrate` as the service's role",
+            owner = function.owner
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    #[test]
+    fn every_migration_directory_is_listed_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .expect("migrations directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(listed, on_disk);
+        for migration in MIGRATIONS {
+            let date_and_number = migration.name.split('_').next().unwrap_or_default();
+            assert_eq!(migration.version, date_and_number.replace('-', ""));
+        }
+    }
 }

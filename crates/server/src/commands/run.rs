@@ -174,6 +174,14 @@ async fn start_and_lead(
             None => return Ok(()),
         }
     }
+    if until_ready("checking the service's role", &config, &shutdown, || {
+        store.check_service_role()
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(());
+    }
     let Some(etcd) = until_ready("connecting to etcd", &config, &shutdown, || {
         EtcdClient::connect(&config.etcd)
     })
