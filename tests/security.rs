@@ -56,9 +56,17 @@ impl Pki {
             key: self.dir.path().join(format!("{name}-key.pem")),
         };
         std::fs::write(&issued.cert, cert.pem())?;
-        std::fs::write(&issued.key, key.serialize_pem())?;
+        write_private(&issued.key, key.serialize_pem().as_bytes())?;
         Ok(issued)
     }
+}
+
+/// A file only its owner may read (the service refuses secrets others can).
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 fn path(p: &Path) -> String {
@@ -98,6 +106,7 @@ async fn postgres_with_tls(pki: &Pki) -> anyhow::Result<Postgres> {
     let hba = "local all all trust\n\
                hostssl all certuser 127.0.0.1/32 cert\n\
                hostssl all scramuser 127.0.0.1/32 scram-sha-256\n\
+               hostssl all cleartextuser 127.0.0.1/32 password\n\
                host all postgres 127.0.0.1/32 trust\n";
     let postgres = Postgres::start_custom(PostgresOptions {
         settings: vec![
@@ -121,7 +130,8 @@ async fn postgres_with_tls(pki: &Pki) -> anyhow::Result<Postgres> {
     ))
     .await?;
     admin
-        .batch_execute("CREATE ROLE certuser LOGIN SUPERUSER; CREATE ROLE scramuser LOGIN SUPERUSER PASSWORD 'right-password';")
+        .batch_execute("CREATE ROLE certuser LOGIN SUPERUSER; CREATE ROLE scramuser LOGIN SUPERUSER PASSWORD 'right-password'; \
+                        CREATE ROLE cleartextuser LOGIN SUPERUSER PASSWORD 'right-password';")
         .await?;
     Ok(postgres)
 }
@@ -291,6 +301,79 @@ async fn missing_or_expired_client_certificates_are_refused_clearly() -> anyhow:
 }
 
 #[tokio::test]
+async fn sslmode_in_the_url_is_honoured_and_never_falls_back_to_plaintext() -> anyhow::Result<()> {
+    let pki = Pki::new("ca")?;
+    let etcd = Etcd::start().await?;
+    // A server without TLS: `sslmode=require` must refuse it, not connect in
+    // plaintext.
+    let plain = Postgres::fresh_database().await?;
+    let url = format!("{}?sslmode=require", plain.url());
+    let logs = expect_startup_failure(config(&etcd, &url, "n1", ""), "n1").await?;
+    assert!(logs.contains("TLS"), "{logs}");
+
+    // A server with TLS: verify-full with the CA from the URL, as libpq
+    // reads it; a password over SCRAM.
+    let postgres = postgres_with_tls(&pki).await?;
+    let db = postgres.create_database().await?;
+    let url = format!(
+        "postgres://scramuser@127.0.0.1:{}/{}?sslmode=verify-full&sslrootcert={}",
+        db.port,
+        db.name,
+        path(&pki.ca())
+    );
+    let mut verified = config(&etcd, &url, "n2", "");
+    verified.env.insert(
+        "ETCD_PG_SYNC__POSTGRES__PASSWORD".into(),
+        "right-password".into(),
+    );
+    let service = Service::start(verified, "n2").await?;
+    wait_leader(&[&service], Duration::from_secs(15)).await?;
+    let pg = db.client().await?;
+    let encrypted: i64 = pg
+        .query_one("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND usename = 'scramuser'", &[])
+        .await?
+        .get(0);
+    assert!(encrypted > 0);
+    let unencrypted: i64 = pg
+        .query_one("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE NOT ssl AND usename = 'scramuser'", &[])
+        .await?
+        .get(0);
+    assert_eq!(unencrypted, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_password_sent_without_verifying_the_server_needs_channel_binding() -> anyhow::Result<()>
+{
+    let pki = Pki::new("ca")?;
+    let postgres = postgres_with_tls(&pki).await?;
+    let db = postgres.create_database().await?;
+    let etcd = Etcd::start().await?;
+    let require = "\n[postgres.tls]\nmode = \"require\"\n";
+    // A server (or an attacker posing as it: `require` does not check the
+    // certificate) that asks for the password in cleartext is refused.
+    let url = format!("postgres://cleartextuser@127.0.0.1:{}/{}", db.port, db.name);
+    let mut cleartext = config(&etcd, &url, "n1", require);
+    cleartext.env.insert(
+        "ETCD_PG_SYNC__POSTGRES__PASSWORD".into(),
+        "right-password".into(),
+    );
+    let logs = expect_startup_failure(cleartext, "n1").await?;
+    assert!(logs.contains("channel binding"), "{logs}");
+    assert!(!logs.contains("right-password"));
+    // SCRAM with channel binding passes.
+    let url = format!("postgres://scramuser@127.0.0.1:{}/{}", db.port, db.name);
+    let mut scram = config(&etcd, &url, "n2", require);
+    scram.env.insert(
+        "ETCD_PG_SYNC__POSTGRES__PASSWORD".into(),
+        "right-password".into(),
+    );
+    let service = Service::start(scram, "n2").await?;
+    wait_leader(&[&service], Duration::from_secs(15)).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn wrong_passwords_are_refused_clearly_and_secrets_stay_hidden() -> anyhow::Result<()> {
     let pki = Pki::new("ca")?;
     let postgres = postgres_with_tls(&pki).await?;
@@ -313,7 +396,7 @@ async fn wrong_passwords_are_refused_clearly_and_secrets_stay_hidden() -> anyhow
 
     // The right password (SCRAM over TLS) from a file works.
     let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("pw"), "right-password\n")?;
+    write_private(&dir.path().join("pw"), b"right-password\n")?;
     let mut right = config(&etcd, &url, "n2", &tls);
     right.env.insert(
         "ETCD_PG_SYNC__POSTGRES__PASSWORD_FILE".into(),

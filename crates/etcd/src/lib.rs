@@ -65,7 +65,12 @@ impl EtcdClient {
                 .as_ref()
                 .map(|p| p.expose())
                 .unwrap_or_default();
-            options = options.with_user(user.clone(), password);
+            // Tokens expire (5 min by default with `--auth-token=jwt`):
+            // re-authenticate on "invalid auth token" instead of failing
+            // every request until a restart.
+            options = options
+                .with_user(user.clone(), password)
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = tls_options(config)? {
             options = options.with_tls(tls);

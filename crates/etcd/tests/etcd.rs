@@ -168,3 +168,46 @@ async fn range_pages_walk_a_prefix_at_one_revision() -> anyhow::Result<()> {
     assert_eq!(all[5].value, vec![5]);
     Ok(())
 }
+
+/// etcd issuing JWT tokens that expire after 2 s (`--auth-token jwt`,
+/// common in production): the client re-authenticates by itself, so a
+/// replica is not locked out with "invalid auth token" after a quiet spell.
+#[tokio::test]
+async fn an_expired_auth_token_is_renewed_without_the_operator() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let keys = tempfile::tempdir()?;
+    let pair = rcgen::KeyPair::generate()?; // ECDSA P-256: etcd's ES256
+    std::fs::write(keys.path().join("jwt.pem"), pair.serialize_pem())?;
+    std::fs::write(keys.path().join("jwt.pub"), pair.public_key_pem())?;
+    let etcd = Etcd::start_with(eps_harness::etcd::EtcdOptions {
+        extra_args: vec![
+            "--auth-token".into(),
+            format!(
+                "jwt,pub-key={},priv-key={},sign-method=ES256,ttl=2s",
+                keys.path().join("jwt.pub").display(),
+                keys.path().join("jwt.pem").display()
+            ),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let mut root = etcd.client().await?;
+    root.user_add("root", "root-pw", None).await?;
+    root.user_grant_role("root", "root").await?;
+    root.auth_enable().await?;
+
+    let config = EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        username: Some("root".into()),
+        password: Some(eps_core::config::Secret::new("root-pw")),
+        ..EtcdConfig::default()
+    };
+    let client = EtcdClient::connect(&config).await?;
+    client.get(b"/k").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client
+        .get(b"/k")
+        .await
+        .map_err(|e| anyhow::anyhow!("after the token expired: {e}"))?;
+    Ok(())
+}

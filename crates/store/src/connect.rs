@@ -64,6 +64,7 @@ impl Connector {
             .map_err(|e| StoreError::Invalid(format!("postgres.schema: {e}")))?;
         let mut config: tokio_postgres::Config = settings
             .url
+            .expose()
             .parse()
             .map_err(|e| StoreError::Invalid(format!("postgres.url: {e}")))?;
         if let Some(password) = &settings.password {
@@ -72,10 +73,16 @@ impl Connector {
         config.application_name("etcd-pg-sync");
         config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
         let tls = crate::tls::make_tls(&settings.tls)?;
+        // The mode's verification lives in the rustls verifier; to the
+        // connection library, TLS is simply required or off (never
+        // `prefer`, which would fall back to plaintext).
         config.ssl_mode(match tls {
             Some(_) => tokio_postgres::config::SslMode::Require,
             None => tokio_postgres::config::SslMode::Disable,
         });
+        if settings.requires_channel_binding() {
+            config.channel_binding(tokio_postgres::config::ChannelBinding::Require);
+        }
         Ok(Self {
             config: Arc::new(config),
             schema,
@@ -167,6 +174,11 @@ fn classify(error: tokio_postgres::Error) -> StoreError {
         chain.push_str(": ");
         chain.push_str(&cause.to_string());
         source = cause.source();
+    }
+    // The server did not authenticate the way the configuration demands
+    // (channel binding): permanent, like a refused password.
+    if chain.contains("authentication error") {
+        return StoreError::Auth(chain);
     }
     let tls = ["certificate", "tls", "TLS", "handshake", "alert"]
         .iter()

@@ -67,6 +67,42 @@ impl Serialize for Secret {
     }
 }
 
+/// A connection URL that may hold a password (in its user info or its
+/// query string): `Debug`, `Display` and serialization show it redacted.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -216,9 +252,12 @@ pub enum SslMode {
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL, `postgres://user@host:port/db`; a password in it is
-    /// redacted in every output.
+    /// redacted in every output. `sslmode`, `sslrootcert`, `sslcert` and
+    /// `sslkey` in its query string mean what they mean to libpq and are
+    /// moved into `[postgres.tls]`; `prefer` and `allow`, which fall back to
+    /// plaintext without telling, are refused.
     #[serde(default = "default_postgres_url")]
-    pub url: String,
+    pub url: SecretUrl,
     /// Password, overriding one in the URL; prefer `password_file`.
     #[serde(default)]
     pub password: Option<Secret>,
@@ -252,8 +291,8 @@ impl Default for PostgresConfig {
     }
 }
 
-fn default_postgres_url() -> String {
-    "postgres://postgres@127.0.0.1:5432/postgres".into()
+fn default_postgres_url() -> SecretUrl {
+    SecretUrl::new("postgres://postgres@127.0.0.1:5432/postgres")
 }
 fn default_schema() -> String {
     "etcd_sync".into()
@@ -489,38 +528,41 @@ impl Config {
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Parse(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            builder = builder.add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Parse(format!("config file {}: {e}", path.display()))
+            })?;
+            check_toml_syntax(path, &text)?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
-        let overrides: HashMap<String, String> = env
+        let prefix = format!("{ENV_PREFIX}__");
+        let endpoints_key = format!("{prefix}ETCD__ENDPOINTS");
+        let (lists, overrides): (HashMap<String, String>, HashMap<String, String>) = env
             .iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .filter(|(k, _)| k.starts_with(&prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
+            .partition(|(k, _)| *k == endpoints_key);
+        let environment = || {
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("etcd.endpoints")
-                .try_parsing(true)
-                .source(Some(overrides)),
-        );
+        };
+        builder = builder
+            // Values stay strings until a setting asks for a number or a
+            // boolean: a password `007` must not become `7`.
+            .add_source(environment().source(Some(overrides)))
+            .add_source(
+                environment()
+                    .list_separator(",")
+                    .with_list_parse_key("etcd.endpoints")
+                    .try_parsing(true)
+                    .source(Some(lists)),
+            );
         let raw = builder
             .build()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e| ConfigError::Parse(describe_load_error(&e)))?;
         let mut config: Config = raw
             .try_deserialize()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(|e| ConfigError::Parse(describe_load_error(&e)))?;
         config.resolve()?;
         config.validate()?;
         Ok(config)
@@ -536,6 +578,15 @@ impl Config {
         }
         if let Some(path) = &self.postgres.password_file {
             self.postgres.password = Some(read_secret_file("postgres.password_file", path)?);
+        }
+        self.postgres.take_tls_from_url()?;
+        for (key, path) in [
+            ("etcd.tls.key_file", &self.etcd.tls.key_file),
+            ("postgres.tls.key_file", &self.postgres.tls.key_file),
+        ] {
+            if let Some(path) = path {
+                check_private_file(key, path)?;
+            }
         }
         Ok(())
     }
@@ -585,6 +636,23 @@ impl Config {
                 ));
             }
         }
+        if etcd.username.is_some() {
+            for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+                if let Ok(url) = url::Url::parse(endpoint)
+                    && url.scheme() == "http"
+                    && !is_loopback(&url)
+                {
+                    return Err(ConfigError::invalid(
+                        format!("etcd.endpoints[{i}]"),
+                        format!(
+                            "{endpoint:?}: with etcd.username set, http:// would send the password \
+                             and the auth token in cleartext; use https:// (with [etcd.tls]), or \
+                             a loopback address"
+                        ),
+                    ));
+                }
+            }
+        }
         if etcd.password.is_some() && etcd.username.is_none() {
             return Err(ConfigError::invalid(
                 "etcd.username",
@@ -613,11 +681,8 @@ impl Config {
         positive("etcd.request_timeout_ms", etcd.request_timeout_ms)?;
 
         let pg = &self.postgres;
-        let url = url::Url::parse(&pg.url).map_err(|e| {
-            ConfigError::invalid(
-                "postgres.url",
-                format!("{}: {e}", self.postgres_url_redacted()),
-            )
+        let url = url::Url::parse(pg.url.expose()).map_err(|e| {
+            ConfigError::invalid("postgres.url", format!("{}: {e}", pg.url.redacted()))
         })?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(ConfigError::invalid(
@@ -784,23 +849,216 @@ impl Config {
 
     /// The PostgreSQL URL with any password replaced, for logs and output.
     pub fn postgres_url_redacted(&self) -> String {
-        redact_url(&self.postgres.url)
+        self.postgres.url.redacted()
     }
 
     /// The effective configuration as TOML, secrets redacted (`check-config`).
     pub fn to_redacted_toml(&self) -> String {
-        let mut shown = self.clone();
-        shown.postgres.url = self.postgres_url_redacted();
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
-/// Replaces the password of a URL (`scheme://user:secret@host`) with a marker.
+impl PostgresConfig {
+    /// True when a password is sent to a server whose certificate is not
+    /// verified (`require`): an active attacker could pose as the server,
+    /// ask for the password in cleartext or weaken SCRAM. SCRAM with channel
+    /// binding ties the exchange to the TLS session, so the service insists
+    /// on it then (unless the URL sets `channel_binding` itself).
+    pub fn requires_channel_binding(&self) -> bool {
+        let Ok(url) = url::Url::parse(self.url.expose()) else {
+            return false;
+        };
+        let password_in_url = url.password().is_some()
+            || url.query_pairs().any(|(name, _)| name == "password");
+        let explicit = url.query_pairs().any(|(name, _)| name == "channel_binding");
+        self.tls.mode == SslMode::Require
+            && (self.password.is_some() || password_in_url)
+            && !explicit
+    }
+
+    /// Moves libpq's TLS parameters from the URL's query string into
+    /// `tls` (the connection library understands only part of them), and
+    /// refuses those that could fall back to plaintext.
+    fn take_tls_from_url(&mut self) -> Result<(), ConfigError> {
+        let key = "postgres.url";
+        let Ok(mut url) = url::Url::parse(self.url.expose()) else {
+            return Ok(()); // reported by validate, redacted
+        };
+        let mut mode = None;
+        let mut kept = Vec::new();
+        let mut files: [(&str, Option<PathBuf>); 3] =
+            [("sslrootcert", None), ("sslcert", None), ("sslkey", None)];
+        for (name, value) in url.query_pairs() {
+            match name.as_ref() {
+                "sslmode" => {
+                    mode = Some(match value.as_ref() {
+                        "disable" => SslMode::Disable,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        "allow" | "prefer" => {
+                            return Err(ConfigError::invalid(
+                                key,
+                                format!(
+                                    "sslmode={value} falls back to plaintext without telling; use \
+                                     sslmode=verify-full (or require), or sslmode=disable to choose \
+                                     plaintext"
+                                ),
+                            ));
+                        }
+                        other => {
+                            return Err(ConfigError::invalid(
+                                key,
+                                format!(
+                                    "unknown sslmode {other:?}, expected disable, require, \
+                                     verify-ca or verify-full"
+                                ),
+                            ));
+                        }
+                    });
+                }
+                "sslrootcert" | "sslcert" | "sslkey" => {
+                    for (file_name, file) in files.iter_mut() {
+                        if *file_name == name.as_ref() {
+                            *file = Some(PathBuf::from(value.as_ref()));
+                        }
+                    }
+                }
+                "sslcrl" | "sslcrldir" | "sslpassword" | "sslsni" | "sslcompression"
+                | "sslcertmode" | "ssl_min_protocol_version" | "ssl_max_protocol_version" => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{name} is not supported; see [postgres.tls] for what is"),
+                    ));
+                }
+                _ => kept.push((name.into_owned(), value.into_owned())),
+            }
+        }
+        let [(_, ca_file), (_, cert_file), (_, key_file)] = files;
+        // libpq: with a root certificate, `require` verifies the chain.
+        let mode = match mode {
+            Some(SslMode::Require) if ca_file.is_some() => Some(SslMode::VerifyCa),
+            other => other,
+        };
+        if let Some(mode) = mode {
+            if self.tls.mode != SslMode::Disable && self.tls.mode != mode {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "sslmode in the URL ({mode:?}) disagrees with postgres.tls.mode ({:?}); \
+                         set one of them",
+                        self.tls.mode
+                    ),
+                ));
+            }
+            self.tls.mode = mode;
+        }
+        for (name, from_url, setting) in [
+            ("sslrootcert", ca_file, &mut self.tls.ca_file),
+            ("sslcert", cert_file, &mut self.tls.cert_file),
+            ("sslkey", key_file, &mut self.tls.key_file),
+        ] {
+            let Some(from_url) = from_url else { continue };
+            if setting.as_ref().is_some_and(|set| *set != from_url) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{name} in the URL disagrees with [postgres.tls]; set one of them"),
+                ));
+            }
+            *setting = Some(from_url);
+        }
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+        self.url = SecretUrl::new(url.to_string());
+        Ok(())
+    }
+}
+
+/// A TOML syntax error, told by position only: the offending line may hold
+/// a password.
+fn check_toml_syntax(path: &Path, text: &str) -> Result<(), ConfigError> {
+    let Err(error) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let position = error
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    Err(ConfigError::Parse(format!(
+        "{}: TOML syntax error{position}: {}",
+        path.display(),
+        error.message()
+    )))
+}
+
+/// A loading error without the offending value, which may be a secret.
+fn describe_load_error(error: &config::ConfigError) -> String {
+    match error {
+        config::ConfigError::Type {
+            key,
+            expected,
+            origin,
+            ..
+        } => {
+            let key = key.as_deref().unwrap_or("a setting");
+            let origin = origin
+                .as_deref()
+                .map(|o| format!(" (from {o})"))
+                .unwrap_or_default();
+            format!("{key}: expected {expected}{origin}")
+        }
+        config::ConfigError::At { error, key, .. } => match key {
+            Some(key) => format!("{key}: {}", describe_load_error(error)),
+            None => describe_load_error(error),
+        },
+        config::ConfigError::FileParse { uri, .. } => format!(
+            "cannot parse {}",
+            uri.as_deref().unwrap_or("the configuration")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// `http://` to this machine only: loopback addresses and `localhost`.
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Replaces the passwords of a URL (`scheme://user:secret@host`,
+/// `?password=secret`) with a marker.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("REDACTED"));
+            }
+            let secret_param = |name: &str| name.contains("password");
+            if url.query_pairs().any(|(name, _)| secret_param(&name)) {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(name, value)| {
+                        let value = if secret_param(&name) {
+                            "REDACTED".to_owned()
+                        } else {
+                            value.into_owned()
+                        };
+                        (name.into_owned(), value)
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
             }
             url.to_string()
         }
@@ -819,10 +1077,46 @@ fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Reads a password file: private to its owner (see [`check_private_file`])
+/// and not empty; a trailing newline is not part of the password.
 fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    check_private_file(key, path)?;
     let content = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))?;
-    Ok(Secret::new(content.trim_end_matches(['\n', '\r'])))
+    let secret = content.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret::new(secret))
+}
+
+/// libpq's rule for private keys, applied to every secret file: nobody but
+/// the owner may read it, except the group of a root-owned file (how
+/// Kubernetes mounts secrets with `fsGroup`). A file that does not exist
+/// is left to whoever reads it.
+fn check_private_file(key: &str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.mode() & 0o777;
+    let world = mode & 0o007 != 0;
+    let group_write = mode & 0o030 != 0;
+    let group_read = mode & 0o040 != 0 && meta.uid() != 0;
+    if world || group_write || group_read {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{} is accessible by others (mode {mode:04o}); `chmod 600` it (or 640 with root \
+                 as owner and the service's group)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn hostname() -> String {

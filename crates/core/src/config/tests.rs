@@ -360,3 +360,196 @@ mod fuzz {
         }
     }
 }
+
+fn secret_file(content: &str, mode: u32) -> tempfile::NamedTempFile {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    f
+}
+
+#[test]
+fn a_password_anywhere_in_the_url_is_never_printed() {
+    let config = load_str(
+        "[postgres]\nurl = \"postgres://app:inline-pass@db:5432/x?password=query-pass&application_name=a\"\n",
+        &[],
+    )
+    .unwrap();
+    let shown = config.to_redacted_toml();
+    let debug = format!("{config:?}");
+    let postgres_debug = format!("{:?}", config.postgres);
+    for secret in ["inline-pass", "query-pass"] {
+        assert!(!shown.contains(secret), "check-config leaks {secret}:\n{shown}");
+        assert!(!debug.contains(secret), "Debug leaks {secret}");
+        assert!(!postgres_debug.contains(secret), "Debug leaks {secret}");
+    }
+    assert!(shown.contains("application_name=a"), "{shown}");
+    // An invalid URL with a password is not echoed in the error either.
+    let error = load_str(
+        "[postgres]\nurl = \"postgres://u:pa ss@[h/db?password=query-pass\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!error.contains("pa ss") && !error.contains("query-pass"), "{error}");
+}
+
+#[test]
+fn toml_syntax_errors_give_the_position_not_the_line() {
+    let error = load_str(
+        "[etcd]\nusername = \"root\"\npassword = \"hunter2-unterminated\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!error.contains("hunter2"), "the error echoes a secret: {error}");
+    assert!(error.contains("line 3"), "{error}");
+}
+
+#[test]
+fn environment_values_are_strings_where_the_setting_is_a_string() {
+    let config = load_str(
+        "",
+        &[
+            ("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://127.0.0.1:2379"),
+            ("ETCD_PG_SYNC__ETCD__USERNAME", "0042"),
+            ("ETCD_PG_SYNC__ETCD__PASSWORD", "007"),
+            ("ETCD_PG_SYNC__POSTGRES__PASSWORD", "1e3"),
+            ("ETCD_PG_SYNC__CLUSTER__NODE_ID", "007"),
+            ("ETCD_PG_SYNC__POSTGRES__POOL_SIZE", "12"),
+            ("ETCD_PG_SYNC__SYNC__LISTEN_NOTIFY", "false"),
+            ("ETCD_PG_SYNC__RETRY__MULTIPLIER", "1.5"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.etcd.password.as_ref().unwrap().expose(), "007");
+    assert_eq!(config.etcd.username.as_deref(), Some("0042"));
+    assert_eq!(config.postgres.password.as_ref().unwrap().expose(), "1e3");
+    assert_eq!(config.cluster.node_id, "007");
+    assert_eq!(config.postgres.pool_size, 12);
+    assert!(!config.sync.listen_notify);
+    assert!((config.retry.multiplier - 1.5).abs() < f64::EPSILON);
+}
+
+#[test]
+fn secret_files_readable_by_others_or_empty_are_refused() {
+    for mode in [0o644, 0o604, 0o660] {
+        let secret = secret_file("pw\n", mode);
+        let error = load_str(
+            &format!("[postgres]\npassword_file = \"{}\"\n", secret.path().display()),
+            &[],
+        );
+        assert_eq!(invalid_key(error), "postgres.password_file", "mode {mode:o}");
+    }
+    let private = secret_file("pw\n", 0o600);
+    let config = load_str(
+        &format!("[postgres]\npassword_file = \"{}\"\n", private.path().display()),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.postgres.password.unwrap().expose(), "pw");
+    let empty = secret_file("\n", 0o600);
+    let error = load_str(
+        &format!(
+            "[etcd]\nusername = \"u\"\npassword_file = \"{}\"\n",
+            empty.path().display()
+        ),
+        &[],
+    );
+    assert_eq!(invalid_key(error), "etcd.password_file");
+    // Private keys follow the same rule.
+    let key = secret_file("-----BEGIN PRIVATE KEY-----\n", 0o644);
+    let error = load_str(
+        &format!(
+            "[etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\n[etcd.tls]\ncert_file = \"/c.pem\"\nkey_file = \"{}\"\n",
+            key.path().display()
+        ),
+        &[],
+    );
+    assert_eq!(invalid_key(error), "etcd.tls.key_file");
+}
+
+#[test]
+fn etcd_credentials_over_plain_http_only_to_loopback() {
+    let with_user = |endpoints: &str| {
+        load_str(
+            "",
+            &[
+                ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoints),
+                ("ETCD_PG_SYNC__ETCD__USERNAME", "sync"),
+                ("ETCD_PG_SYNC__ETCD__PASSWORD", "pw"),
+            ],
+        )
+    };
+    assert_eq!(
+        invalid_key(with_user("https://etcd-0:2379,http://etcd-1.example:2379")),
+        "etcd.endpoints[1]"
+    );
+    for fine in [
+        "http://127.0.0.1:2379",
+        "http://localhost:2379",
+        "http://[::1]:2379",
+        "https://etcd.example:2379",
+    ] {
+        assert!(with_user(fine).is_ok(), "{fine}");
+    }
+    // Without credentials, plain http anywhere is the operator's choice.
+    assert!(
+        load_str("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://etcd.example:2379")]).is_ok()
+    );
+}
+
+#[test]
+fn sslmode_and_certificates_in_the_url_are_honoured_as_libpq_does() {
+    let url = |query: &str| {
+        load_str(
+            &format!("[postgres]\nurl = \"postgres://u@db.example:5432/app?{query}\"\n"),
+            &[],
+        )
+    };
+    let config = url("sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem&application_name=x").unwrap();
+    assert_eq!(config.postgres.tls.mode, SslMode::VerifyFull);
+    assert_eq!(config.postgres.tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+    assert_eq!(config.postgres.tls.cert_file.as_deref(), Some(Path::new("/c.pem")));
+    assert_eq!(config.postgres.tls.key_file.as_deref(), Some(Path::new("/k.pem")));
+    assert_eq!(
+        config.postgres.url.expose(),
+        "postgres://u@db.example:5432/app?application_name=x",
+        "the TLS settings move to [postgres.tls]"
+    );
+    assert_eq!(url("sslmode=require").unwrap().postgres.tls.mode, SslMode::Require);
+    assert_eq!(
+        url("sslmode=require&sslrootcert=/ca.pem").unwrap().postgres.tls.mode,
+        SslMode::VerifyCa,
+        "libpq verifies the CA when a root certificate is given"
+    );
+    assert_eq!(url("sslmode=disable").unwrap().postgres.tls.mode, SslMode::Disable);
+    for silent_fallback in ["sslmode=prefer", "sslmode=allow", "sslmode=bogus", "sslcrl=/x"] {
+        assert_eq!(invalid_key(url(silent_fallback)), "postgres.url", "{silent_fallback}");
+    }
+    assert_eq!(invalid_key(url("sslmode=verify-full")), "postgres.tls.ca_file");
+    // The URL and [postgres.tls] disagreeing is an error, not a guess.
+    let conflict = load_str(
+        "[postgres]\nurl = \"postgres://u@h/db?sslmode=require\"\n[postgres.tls]\nmode = \"verify-full\"\nca_file = \"/ca.pem\"\n",
+        &[],
+    );
+    assert_eq!(invalid_key(conflict), "postgres.url");
+}
+
+#[test]
+fn a_password_without_server_verification_requires_channel_binding() {
+    let config = |url: &str, tls: &str, env: &[(&str, &str)]| {
+        load_str(&format!("[postgres]\nurl = \"{url}\"\n{tls}"), env).unwrap()
+    };
+    let require = "[postgres.tls]\nmode = \"require\"\n";
+    let verify = "[postgres.tls]\nmode = \"verify-full\"\nca_file = \"/ca.pem\"\n";
+    assert!(config("postgres://u:pw@h/db", require, &[]).postgres.requires_channel_binding());
+    assert!(
+        config("postgres://u@h/db", require, &[("ETCD_PG_SYNC__POSTGRES__PASSWORD", "pw")])
+            .postgres
+            .requires_channel_binding()
+    );
+    assert!(!config("postgres://u@h/db", require, &[]).postgres.requires_channel_binding());
+    assert!(!config("postgres://u:pw@h/db", verify, &[]).postgres.requires_channel_binding());
+}
