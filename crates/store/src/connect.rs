@@ -114,7 +114,7 @@ impl Connector {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         connection
             .batch_execute(&format!(
-                "SET search_path TO {}; SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {}",
+                "SET search_path TO {}, pg_temp; SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {}",
                 self.schema.quoted(),
                 self.session.idle_in_transaction.as_millis(),
                 self.session.lock_wait.as_millis()
