@@ -15,10 +15,12 @@
 //! - `e` is exactly `p1` applied (same op and value, `e`'s previous revision
 //!   equals `p1`'s base): an echo of the service's own write — consume `p1`,
 //!   rebase the changes queued behind it onto `e`, history origin `pg`;
-//! - a resync's state equal to the last pending change: it landed, its echo
-//!   was lost to compaction — consume the changes, history origin `pg`; the
-//!   earlier ones, whose fate is unknown, are recorded in a resolved
-//!   conflict;
+//! - a resync's (or the arbiter's) state equal to a pending change `pi`
+//!   (the last such one): `pi` landed and its echo was lost (compaction, a
+//!   leader that died before applying it) — consume `p1..=pi`, history
+//!   origin `pg`; the earlier ones, whose fate is unknown, are recorded in a
+//!   resolved conflict; the changes after `pi` are carried on top of etcd's
+//!   state (never dropped: they are newer than anything etcd has);
 //! - anything else: a conflict, decided by the mapping's policy.
 
 use crate::mapping::{Direction, Policy};
@@ -234,25 +236,8 @@ impl Planner {
             self.consume_echo(input);
             return;
         }
-        if agrees_with_final_state(&self.pending, input) {
-            // A resync found etcd holding the final local state: the change
-            // landed and its echo was lost to compaction. With several
-            // changes queued, that says nothing about the earlier ones (a
-            // put between two deletes may never have left): the states
-            // agree, so nothing is replayed, but they are recorded as
-            // superseded in a resolved conflict — none vanishes.
-            if self.pending.len() > 1 {
-                // Decided, not a choice: etcd's state (= the last local one)
-                // stands.
-                let mut superseded = self.conflict_entry(input);
-                superseded.winner = Some(Side::Etcd);
-                self.plan.conflicts.push(superseded);
-            }
-            self.record_history(input, Origin::Pg);
-            self.plan
-                .consumed
-                .extend(self.pending.drain(..).map(|p| p.id));
-            self.set_mirror_to(input, Origin::Pg);
+        if let Some(agreed) = agreeing_change(&self.pending, input) {
+            self.consume_agreement(input, agreed);
             return;
         }
         self.conflict(input);
@@ -288,6 +273,54 @@ impl Planner {
             // After a queued local delete the row, if any, is a re-created
             // one: its metadata (not in etcd yet) must stay.
             self.set_meta(Some(event.prev_revision()), event.meta);
+        }
+    }
+
+    /// etcd's observed state is the one pending change `agreed` (an index)
+    /// produced: it landed. With changes before it, that says nothing about
+    /// them (a put between two deletes may never have left): the states
+    /// agree, so nothing is replayed, but they are recorded as superseded
+    /// in a resolved conflict — none vanishes. The changes after it were
+    /// written later than anything etcd has and are carried on top of it.
+    fn consume_agreement(&mut self, input: &KeyInput, agreed: usize) {
+        let landed: Vec<PendingChange> = self.pending.drain(..=agreed).collect();
+        let last = &landed[agreed];
+        if agreed > 0 {
+            let mut superseded = self.conflict_entry_for(input, &landed);
+            // Decided, not a choice: etcd's state (= a local one) stands.
+            superseded.winner = Some(Side::Etcd);
+            self.plan.conflicts.push(superseded);
+        }
+        self.record_history(input, Origin::Pg);
+        self.plan.consumed.extend(landed.iter().map(|p| p.id));
+        if self.pending.is_empty() {
+            self.set_mirror_to(input, Origin::Pg);
+            return;
+        }
+        if last.op == Op::Delete {
+            // What follows was written on a re-created row, unknown to etcd
+            // (base 0, as etcd now has no key): nothing moves.
+            return;
+        }
+        // Changes up to the next local delete were made on the row `last`
+        // left, which etcd now holds at its revision.
+        let new_base = input.revision();
+        for queued in &mut self.pending {
+            queued.base_revision = new_base;
+            if queued.op == Op::Delete {
+                break;
+            }
+        }
+        if self.pending.iter().all(|p| p.op == Op::Put) {
+            // The row shows the newest local value; only its metadata moves.
+            // Its mod revision is the base of the first change, or 0 when a
+            // local delete re-created it.
+            let row_revision = if landed.iter().any(|p| p.op == Op::Delete) {
+                0
+            } else {
+                landed[0].base_revision
+            };
+            self.set_meta(Some(row_revision), input.meta());
         }
     }
 
@@ -349,14 +382,19 @@ impl Planner {
     /// The conflict record of `input` against the pending changes, not
     /// decided yet (`winner: None`).
     fn conflict_entry(&self, input: &KeyInput) -> ConflictEntry {
-        let (first, last) = match (self.pending.first(), self.pending.last()) {
+        self.conflict_entry_for(input, &self.pending)
+    }
+
+    /// The conflict record of `input` against `changes` (not empty).
+    fn conflict_entry_for(&self, input: &KeyInput, changes: &[PendingChange]) -> ConflictEntry {
+        let (first, last) = match (changes.first(), changes.last()) {
             (Some(first), Some(last)) => (first, last),
             _ => unreachable!("a conflict needs pending changes"),
         };
         ConflictEntry {
             etcd: self.etcd_side(input),
             pg_value: last.value.clone(),
-            pg_superseded: self.pending[..self.pending.len() - 1]
+            pg_superseded: changes[..changes.len() - 1]
                 .iter()
                 .map(|p| p.value.clone())
                 .collect(),
@@ -467,15 +505,14 @@ fn is_echo(pending: &PendingChange, input: &KeyInput) -> bool {
     }
 }
 
-/// True when a resync's observed state equals the newest local state.
-fn agrees_with_final_state(pending: &[PendingChange], input: &KeyInput) -> bool {
+/// The last pending change whose state a resync's (or the arbiter's)
+/// observation equals, if any.
+fn agreeing_change(pending: &[PendingChange], input: &KeyInput) -> Option<usize> {
     let KeyInput::Observed { state, .. } = input else {
-        return false;
+        return None;
     };
-    let Some(last) = pending.last() else {
-        return false;
-    };
-    state.as_ref().map(|kv| kv.value.as_slice()) == last.value.as_deref()
+    let observed = state.as_ref().map(|kv| kv.value.as_slice());
+    pending.iter().rposition(|p| p.value.as_deref() == observed)
 }
 
 #[cfg(test)]

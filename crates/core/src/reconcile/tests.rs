@@ -456,6 +456,76 @@ fn resync_state_equal_to_local_state_consumes_and_records_what_it_cannot_vouch_f
     assert!(plan.conflicts.is_empty());
 }
 
+fn observed_value(value: &str, mod_revision: i64) -> KeyInput {
+    KeyInput::Observed {
+        state: Some(KeyValue {
+            key: KEY.to_vec(),
+            value: value.as_bytes().to_vec(),
+            meta: KeyMeta {
+                create_revision: 2,
+                mod_revision,
+                version: 4,
+                lease: 0,
+            },
+        }),
+        revision: mod_revision + 10,
+        origin: Origin::Resync,
+    }
+}
+
+/// SQL writes v1, the leader puts it to etcd and dies before its echo is
+/// applied, the user writes v2 during the failover, etcd compacts past the
+/// echo: the resync finds v1, the service's own earlier write. v1 landed;
+/// v2 is still to be sent — under every policy, never dropped for v1.
+#[test]
+fn a_resync_agreeing_with_an_earlier_local_change_keeps_the_later_ones() {
+    let pending = [pending_put(1, "v1", 5, 500), pending_put(2, "v2", 5, 900)];
+    for policy in [
+        Policy::NewestWins,
+        Policy::EtcdWins,
+        Policy::PgWins,
+        Policy::Manual,
+    ] {
+        let plan = plan_key(ctx(policy), &pending, &[observed_value("v1", 20)]);
+        assert_eq!(plan.consumed, vec![1], "{policy:?}");
+        assert_eq!(plan.rebased, vec![(2, 20)], "v2 goes on top of v1's revision");
+        assert!(plan.conflicts.is_empty(), "{policy:?}: {:?}", plan.conflicts);
+        assert_eq!(plan.history[0].origin, Origin::Pg);
+        assert_eq!(
+            plan.mirror.0,
+            MirrorAction::Meta {
+                expect_mod_revision: Some(5),
+                meta: KeyMeta {
+                    create_revision: 2,
+                    mod_revision: 20,
+                    version: 4,
+                    lease: 0
+                }
+            },
+            "the row keeps v2 and moves its base"
+        );
+    }
+    // Three changes, etcd at the second: the first's fate is unknown
+    // (recorded), the third is carried.
+    let pending = [
+        pending_put(1, "v1", 5, 500),
+        pending_put(2, "v2", 5, 600),
+        pending_put(3, "v3", 5, 700),
+    ];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[observed_value("v2", 21)]);
+    assert_eq!(plan.consumed, vec![1, 2]);
+    assert_eq!(plan.rebased, vec![(3, 21)]);
+    assert_eq!(plan.conflicts.len(), 1);
+    assert_eq!(plan.conflicts[0].pg_value.as_deref(), Some(&b"v2"[..]));
+    assert_eq!(plan.conflicts[0].pg_superseded, vec![Some(b"v1".to_vec())]);
+    // A local delete that landed, then a re-insert still to be sent.
+    let pending = [pending_delete(1, 5, 500), pending_put(2, "again", 0, 600)];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[observed_absent(40)]);
+    assert_eq!(plan.consumed, vec![1]);
+    assert!(plan.rebased.is_empty() && plan.conflicts.is_empty());
+    assert_eq!(plan.mirror.0, MirrorAction::Leave);
+}
+
 #[test]
 fn resync_finding_etcd_at_the_local_base_is_not_a_conflict() {
     // A key inserted locally (base 0) is absent in etcd: nothing to reconcile.
@@ -626,6 +696,29 @@ proptest! {
                 c.pg_value == change.value || c.pg_superseded.contains(&change.value)
             });
             prop_assert!(echoed || recorded, "change {:?} consumed unrecorded: {:?}", change, plan);
+        }
+    }
+
+    /// Agreement with a local change (a resync or the arbiter finds etcd
+    /// holding its value) means it landed: it and the ones before it are
+    /// consumed, and nothing written after it is dropped.
+    #[test]
+    fn agreement_with_a_local_change_never_drops_the_later_ones(policy in arb_policy(),
+                                                               pending in arb_pending_realistic(),
+                                                               pick in 0usize..5) {
+        prop_assume!(!pending.is_empty());
+        let agreed = &pending[pick % pending.len()];
+        let observed = match &agreed.value {
+            Some(value) => observed_value(std::str::from_utf8(value).unwrap_or("?"), 25),
+            None => observed_absent(30),
+        };
+        let plan = plan_key(ctx(policy), &pending, &[observed]);
+        let last_match = pending.iter().rposition(|p| p.value == agreed.value).unwrap_or(0);
+        let kept: Vec<i64> = pending[last_match + 1..].iter().map(|p| p.id).collect();
+        let agreed_ids: Vec<i64> = pending[..=last_match].iter().map(|p| p.id).collect();
+        prop_assert_eq!(&plan.consumed, &agreed_ids, "{:?}", plan);
+        for id in kept {
+            prop_assert!(!plan.consumed.contains(&id), "change {} written after the agreed one was dropped: {:?}", id, plan);
         }
     }
 
