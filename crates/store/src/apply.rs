@@ -110,9 +110,12 @@ struct PendingRow {
 }
 
 #[derive(QueryableByName)]
-struct KeyRow {
-    #[diesel(sql_type = Bytea)]
-    key: Vec<u8>,
+struct LockedRows {
+    /// The lock statement's snapshot (`pg_snapshot` as text).
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+    #[diesel(sql_type = Array<Bytea>)]
+    keys: Vec<Vec<u8>>,
 }
 
 #[derive(QueryableByName)]
@@ -188,24 +191,32 @@ async fn apply_table(
     // committed before (its outbox row is visible below) or waits for us
     // (and then sees our metadata as its base). A row absent now cannot be
     // locked: one a user creates meanwhile is theirs, and the mirror writes
-    // below leave it alone (`locked`).
-    let locked: Vec<KeyRow> = diesel::sql_query(format!(
-        "SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE"
+    // below leave it alone (`locked`). So for such a key, only the changes
+    // committed before this statement's snapshot are planned (the ones the
+    // absence reflects); later ones stay in the outbox for the compare.
+    let locked: LockedRows = diesel::sql_query(format!(
+        "WITH locked AS (SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
+         SELECT pg_current_snapshot()::text AS snapshot, \
+                coalesce((SELECT array_agg(key) FROM locked), '{{}}') AS keys"
     ))
     .bind::<Array<Bytea>, _>(&key_list)
-    .load(conn)
+    .get_result(conn)
     .await?;
-    let locked: std::collections::HashSet<Vec<u8>> = locked.into_iter().map(|r| r.key).collect();
-
+    let locked_keys = locked.keys;
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
                 (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id \
-         FROM outbox WHERE mirror_table = $1 AND key = ANY($2) ORDER BY key, id FOR UPDATE",
+         FROM outbox WHERE mirror_table = $1 AND key = ANY($2) \
+           AND (key = ANY($3) OR xact IS NULL OR pg_visible_in_snapshot(xact, $4::pg_snapshot)) \
+         ORDER BY key, id FOR UPDATE",
     )
     .bind::<Text, _>(mapping.table.as_str())
     .bind::<Array<Bytea>, _>(&key_list)
+    .bind::<Array<Bytea>, _>(&locked_keys)
+    .bind::<Text, _>(&locked.snapshot)
     .load(conn)
     .await?;
+    let locked: std::collections::HashSet<Vec<u8>> = locked_keys.into_iter().collect();
     let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
     for row in pending_rows {
         let op = Op::parse(&row.op).ok_or_else(|| {

@@ -45,6 +45,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000001_privileges",
         up: include_str!("../../../migrations/2026-12-01-000001_privileges/up.sql"),
     },
+    SqlFile {
+        version: "20261201000002",
+        name: "2026-12-01-000002_outbox_transactions",
+        up: include_str!("../../../migrations/2026-12-01-000002_outbox_transactions/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

@@ -430,7 +430,11 @@ async fn a_schema_migrated_by_an_older_version_gets_the_same_protection() -> any
         ))
         .await?;
     let report = store_for(&db.url()).await?.migrate().await?;
-    assert_eq!(report.applied, vec!["20261201000001".to_string()]);
+    let after_first: Vec<String> = eps_store::migrate::versions()
+        .skip(1)
+        .map(String::from)
+        .collect();
+    assert_eq!(report.applied, after_first);
     let setup = Setup { db, admin };
     let (role, writer) = app_writer(&setup).await?;
     let _ = writer
