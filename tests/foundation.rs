@@ -12,7 +12,7 @@ use support::*;
 async fn check_config_prints_the_effective_config_with_secrets_redacted() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let secret = dir.path().join("pg-password");
-    std::fs::write(&secret, "file-secret\n")?;
+    write_secret(&secret, b"file-secret\n")?;
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,

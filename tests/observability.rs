@@ -376,7 +376,7 @@ async fn secrets_never_reach_logs_status_or_errors() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     let dir = tempfile::tempdir()?;
     let secret_file = dir.path().join("pg-password");
-    std::fs::write(&secret_file, "file-secret-5309\n")?;
+    write_secret(&secret_file, b"file-secret-5309\n")?;
     // PostgreSQL trusts local connections in the harness, so passwords are
     // accepted and ignored: the point is where they show up.
     let url = world

@@ -56,17 +56,9 @@ impl Pki {
             key: self.dir.path().join(format!("{name}-key.pem")),
         };
         std::fs::write(&issued.cert, cert.pem())?;
-        write_private(&issued.key, key.serialize_pem().as_bytes())?;
+        write_secret(&issued.key, key.serialize_pem().as_bytes())?;
         Ok(issued)
     }
-}
-
-/// A file only its owner may read (the service refuses secrets others can).
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, contents)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
 }
 
 fn path(p: &Path) -> String {
@@ -396,7 +388,7 @@ async fn wrong_passwords_are_refused_clearly_and_secrets_stay_hidden() -> anyhow
 
     // The right password (SCRAM over TLS) from a file works.
     let dir = tempfile::tempdir()?;
-    write_private(&dir.path().join("pw"), b"right-password\n")?;
+    write_secret(&dir.path().join("pw"), b"right-password\n")?;
     let mut right = config(&etcd, &url, "n2", &tls);
     right.env.insert(
         "ETCD_PG_SYNC__POSTGRES__PASSWORD_FILE".into(),

@@ -567,3 +567,12 @@ pub async fn event_details(
         .map(|r| Ok(serde_json::from_str(r.get(0))?))
         .collect()
 }
+
+/// Writes a secret file only its owner may read: the service refuses
+/// secret and key files that other users can read.
+pub fn write_secret(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
