@@ -289,34 +289,59 @@ pub async fn enqueue_change(
     .await
 }
 
-/// After `restore-etcd` wrote `keys` to a fresh etcd at `revision`: the
-/// mirror rows take the new revisions (the old ones belong to the lost
-/// cluster), and changes still queued for those keys are consumed — the
-/// restored value already is the newest local state. Returns how many
-/// queued changes were consumed.
+/// After `restore-etcd` wrote a page of mirror rows (`restored`: key and
+/// the mod revision the row had when read) to a fresh etcd at `revision`:
+/// the rows take the new revision (the old ones belong to the lost
+/// cluster), and the changes the restored values hold — those committed
+/// before the page's `snapshot` — are consumed. A change committed since
+/// was made on the restored value: it stays queued, based on `revision`.
+/// Returns how many queued changes were consumed.
 pub async fn mark_restored(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
     fence: &Fence,
     table: &Ident,
-    keys: &[&[u8]],
+    restored: &[(&[u8], i64)],
     revision: i64,
+    snapshot: &str,
 ) -> Result<usize, StoreError> {
     let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let keys: Vec<&[u8]> = restored.iter().map(|r| r.0).collect();
+    let read_at: Vec<i64> = restored.iter().map(|r| r.1).collect();
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        // Rows deleted and created again since the read are not the
+        // restored ones: their metadata stays.
         diesel::sql_query(format!(
-            "UPDATE {qualified} SET create_revision = $2, mod_revision = $2, version = 1, lease = 0 WHERE key = ANY($1)"
+            "UPDATE {qualified} AS t SET create_revision = $3, mod_revision = $3, version = 1, lease = 0 \
+             FROM unnest($1::bytea[], $2::int8[]) AS u(key, read_at) \
+             WHERE t.key = u.key AND t.mod_revision = u.read_at"
         ))
-        .bind::<Array<Bytea>, _>(keys)
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<BigInt>, _>(&read_at)
         .bind::<BigInt, _>(revision)
         .execute(conn)
         .await?;
-        let consumed = diesel::sql_query("DELETE FROM outbox WHERE mirror_table = $1 AND key = ANY($2)")
-            .bind::<Text, _>(table.as_str())
-            .bind::<Array<Bytea>, _>(keys)
-            .execute(conn)
-            .await?;
+        let consumed = diesel::sql_query(
+            "DELETE FROM outbox WHERE mirror_table = $1 AND key = ANY($2) \
+               AND (xact IS NULL OR pg_visible_in_snapshot(xact, $3::pg_snapshot))",
+        )
+        .bind::<Text, _>(table.as_str())
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Text, _>(snapshot)
+        .execute(conn)
+        .await?;
+        diesel::sql_query(
+            "UPDATE outbox AS o SET base_revision = $4 \
+             FROM unnest($2::bytea[], $3::int8[]) AS u(key, read_at) \
+             WHERE o.mirror_table = $1 AND o.key = u.key AND o.base_revision = u.read_at",
+        )
+        .bind::<Text, _>(table.as_str())
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<BigInt>, _>(&read_at)
+        .bind::<BigInt, _>(revision)
+        .execute(conn)
+        .await?;
         Ok(consumed)
     })
     .await

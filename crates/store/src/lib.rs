@@ -224,6 +224,29 @@ impl Store {
         .await
     }
 
+    /// A page of a mirror table and the snapshot it was read at (see
+    /// [`mirror::page_at_snapshot`]).
+    pub async fn mirror_page_at_snapshot(
+        &self,
+        table: &Ident,
+        start: &[u8],
+        end: Option<&[u8]>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<mirror::SnapshotPage, StoreError> {
+        let mut conn = self.pool.get().await?;
+        mirror::page_at_snapshot(
+            &mut conn,
+            self.connector.schema(),
+            table,
+            start,
+            end,
+            after,
+            limit,
+        )
+        .await
+    }
+
     pub async fn requested_resolutions(&self) -> Result<Vec<ledger::ConflictRow>, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::requested_resolutions(&mut conn).await
@@ -269,12 +292,14 @@ impl Store {
         .await
     }
 
+    /// See [`ledger::mark_restored`].
     pub async fn mark_restored(
         &self,
         fence: &Fence,
         table: &Ident,
-        keys: &[&[u8]],
+        restored: &[(&[u8], i64)],
         revision: i64,
+        snapshot: &str,
     ) -> Result<usize, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::mark_restored(
@@ -282,8 +307,9 @@ impl Store {
             self.connector.schema(),
             fence,
             table,
-            keys,
+            restored,
             revision,
+            snapshot,
         )
         .await
     }

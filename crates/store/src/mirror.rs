@@ -48,3 +48,46 @@ pub async fn page(
     .await?;
     Ok(rows)
 }
+
+/// A page of mirror rows and the snapshot it was read at.
+#[derive(Debug, Clone)]
+pub struct SnapshotPage {
+    pub rows: Vec<MirrorRow>,
+    /// `pg_current_snapshot()` of the read, as text: the outbox rows whose
+    /// transactions it sees (`outbox.xact`) are exactly those the rows
+    /// reflect.
+    pub snapshot: String,
+}
+
+#[derive(QueryableByName)]
+struct SnapshotText {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    snapshot: String,
+}
+
+/// [`page`], together with the snapshot it saw.
+pub async fn page_at_snapshot(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    table: &Ident,
+    start: &[u8],
+    end: Option<&[u8]>,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<SnapshotPage, StoreError> {
+    conn.build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run::<_, StoreError, _>(async |conn| {
+            let snapshot: SnapshotText =
+                diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot")
+                    .get_result(conn)
+                    .await?;
+            let rows = page(conn, schema, table, start, end, after, limit).await?;
+            Ok(SnapshotPage {
+                rows,
+                snapshot: snapshot.snapshot,
+            })
+        })
+        .await
+}

@@ -133,3 +133,57 @@ async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_uns
     );
     Ok(())
 }
+
+/// `restore-etcd` reads a page of mirror rows, writes them to the new etcd
+/// at `revision`, then marks them restored. A user change committed between
+/// the read and the mark is not in etcd: it must stay queued, on top of the
+/// restored revision, instead of being consumed with the restored ones.
+#[tokio::test]
+async fn a_change_committed_during_restore_stays_queued_on_the_restored_revision()
+-> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let fence = Fence {
+        term: 1,
+        node: "restore-etcd@n1".into(),
+    };
+    let admin = db.client().await?;
+    admin
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
+             VALUES ('/a', 'old-cluster', 7, 9, 2, 'etcd'); COMMIT; \
+             UPDATE etcd_sync.kv SET value = 'queued-before' WHERE key = '/a';",
+        )
+        .await?;
+    let table = eps_core::ident::Ident::parse("kv").unwrap();
+    let page = store
+        .mirror_page_at_snapshot(&table, b"", None, None, 100)
+        .await?;
+    assert_eq!(page.rows[0].value, b"queued-before");
+    // ... the page is written to the new etcd at revision 2, and meanwhile:
+    admin
+        .batch_execute("UPDATE etcd_sync.kv SET value = 'during-restore' WHERE key = '/a'")
+        .await?;
+    let restored: Vec<(&[u8], i64)> = page
+        .rows
+        .iter()
+        .map(|r| (r.key.as_slice(), r.mod_revision))
+        .collect();
+    let consumed = store
+        .mark_restored(&fence, &table, &restored, 2, &page.snapshot)
+        .await?;
+    assert_eq!(consumed, 1, "the change the restored value holds");
+    let queued: Vec<(Vec<u8>, i64)> = admin
+        .query("SELECT value, base_revision FROM etcd_sync.outbox ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        queued,
+        vec![(b"during-restore".to_vec(), 2)],
+        "the later change waits for etcd, based on the restored revision"
+    );
+    Ok(())
+}

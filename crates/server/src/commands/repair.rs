@@ -214,8 +214,8 @@ pub async fn run_restore(
         let (start, end) = range(mapping, prefix.as_deref());
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let rows = store
-                .mirror_page(
+            let page = store
+                .mirror_page_at_snapshot(
                     &mapping.table,
                     &start,
                     end.as_deref(),
@@ -223,6 +223,7 @@ pub async fn run_restore(
                     config.sync.snapshot_page_size,
                 )
                 .await?;
+            let rows = &page.rows;
             let Some(last) = rows.last() else { break };
             after = Some(last.key.clone());
             let mut batch: Vec<&eps_store::mirror::MirrorRow> = Vec::new();
@@ -230,7 +231,8 @@ pub async fn run_restore(
             for row in rows.iter().filter(|r| mapping.contains(&r.key)) {
                 let size = 2 * row.key.len() + row.value.len() + 64;
                 if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
-                    consumed += write_batch(&etcd, store, &fence, mapping, &batch).await?;
+                    consumed +=
+                        write_batch(&etcd, store, &fence, mapping, &batch, &page.snapshot).await?;
                     restored += batch.len() as u64;
                     txns += 1;
                     progress.set(restored);
@@ -241,7 +243,8 @@ pub async fn run_restore(
                 batch.push(row);
             }
             if !batch.is_empty() {
-                consumed += write_batch(&etcd, store, &fence, mapping, &batch).await?;
+                consumed +=
+                    write_batch(&etcd, store, &fence, mapping, &batch, &page.snapshot).await?;
                 restored += batch.len() as u64;
                 txns += 1;
                 progress.set(restored);
@@ -280,13 +283,14 @@ fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option
 }
 
 /// One txn of puts that each require the key to be absent, then the
-/// mirror rows take the new revision.
+/// mirror rows take the new revision (rows read at `snapshot`).
 async fn write_batch(
     etcd: &EtcdClient,
     store: &Store,
     fence: &Fence,
     mapping: &eps_core::Mapping,
     rows: &[&eps_store::mirror::MirrorRow],
+    snapshot: &str,
 ) -> anyhow::Result<usize> {
     let writes: Vec<CasWrite> = rows
         .iter()
@@ -305,8 +309,11 @@ async fn write_batch(
         ),
         CasOutcome::Fenced => unreachable!("no leader fence used"),
     };
-    let keys: Vec<&[u8]> = rows.iter().map(|r| r.key.as_slice()).collect();
+    let restored: Vec<(&[u8], i64)> = rows
+        .iter()
+        .map(|r| (r.key.as_slice(), r.mod_revision))
+        .collect();
     Ok(store
-        .mark_restored(fence, &mapping.table, &keys, revision)
+        .mark_restored(fence, &mapping.table, &restored, revision, snapshot)
         .await?)
 }
