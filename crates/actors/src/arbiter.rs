@@ -87,7 +87,7 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         keys: &keys,
         // The watcher has recorded etcd's changes of this key already.
         record_history: false,
-        repair_at: None,
+        repair: None,
         echo_traces: None,
         audit_batch: false,
     };

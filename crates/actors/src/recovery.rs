@@ -376,7 +376,7 @@ async fn flush(
         trace_id: None,
         keys: chunk,
         record_history: true,
-        repair_at: None,
+        repair: None,
         echo_traces: None,
         audit_batch: false,
     };

@@ -3,6 +3,7 @@
 //! key, page by page, and optionally repairs each difference by the
 //! mapping's policy through the fenced paths.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use eps_core::mapping::{Direction, Mapping, MappingSet, Policy};
@@ -10,7 +11,7 @@ use eps_core::model::Origin;
 use eps_core::policy::Side;
 use eps_core::reconcile::KeyInput;
 use eps_etcd::EtcdClient;
-use eps_store::{ApplyRequest, Fence, KeyInputs, Store};
+use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
 use serde::Serialize;
 
 use crate::diff::{DiffCursor, DiffError, Difference};
@@ -40,6 +41,9 @@ pub enum Outcome {
     RepairedFromPg,
     /// `manual` mapping: an operator decides.
     NeedsOperator,
+    /// The key changed while verify ran (a user's write, an etcd change
+    /// applied since): not repaired, the newer change stands.
+    ChangedMeanwhile,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -134,6 +138,7 @@ pub async fn verify(
             match outcome {
                 Outcome::RepairedFromEtcd | Outcome::RepairedFromPg => report.repaired += 1,
                 Outcome::NeedsOperator => report.needs_operator += 1,
+                Outcome::ChangedMeanwhile => report.in_flight += 1,
                 Outcome::Found => {}
             }
             on_difference(mapping, &difference, outcome);
@@ -214,19 +219,18 @@ async fn repair_from_etcd(
             origin: Origin::Resync,
         }],
     }];
-    let request = ApplyRequest {
-        fence,
-        checkpoint: None,
-        observed_at: Instant::now(),
-        trace_id: None,
-        keys: &keys,
-        record_history: true,
-        repair_at: Some(revision),
-        echo_traces: None,
-        audit_batch: false,
-    };
-    store.apply(&request).await?;
-    Ok(Outcome::RepairedFromEtcd)
+    let seen = HashMap::from([(difference.key.clone(), difference.pg.clone())]);
+    let mut request = ApplyRequest::new(fence, &keys, Instant::now());
+    request.repair = Some(Repair {
+        revision,
+        seen: &seen,
+    });
+    let report = store.apply(&request).await?;
+    Ok(if report.repair_skipped.is_empty() {
+        Outcome::RepairedFromEtcd
+    } else {
+        Outcome::ChangedMeanwhile
+    })
 }
 
 async fn repair_from_pg(
@@ -240,16 +244,21 @@ async fn repair_from_pg(
     // it only if etcd has not moved since.
     let (etcd_now, _) = etcd.get(&difference.key).await?;
     let value = difference.pg.as_ref().map(|row| row.value.as_slice());
-    store
+    let queued = store
         .enqueue_change(
             fence,
             &mapping.table,
             &difference.key,
             value,
             etcd_now.as_ref(),
+            difference.pg.as_ref(),
         )
         .await?;
-    Ok(Outcome::RepairedFromPg)
+    Ok(if queued {
+        Outcome::RepairedFromPg
+    } else {
+        Outcome::ChangedMeanwhile
+    })
 }
 
 fn from_diff(error: DiffError) -> ActorError {

@@ -333,7 +333,7 @@ async fn apply(
             trace_id: trace_id.as_deref(),
             keys: &keys,
             record_history: true,
-            repair_at: None,
+            repair: None,
             echo_traces: Some(&echo_traces),
             audit_batch: true,
         };

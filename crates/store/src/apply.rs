@@ -42,15 +42,26 @@ pub struct ApplyRequest<'a> {
     /// False when the inputs are states the history already holds (the
     /// arbiter re-reading a key the watcher has applied).
     pub record_history: bool,
-    /// A repair at revision R (`verify --repair`): the mirror row is set to
-    /// etcd's state unless it changed after R, even when it claims to be
-    /// at etcd's revision already (a row altered behind the service's back).
-    pub repair_at: Option<i64>,
+    /// A repair (`verify --repair`, anti-entropy): see [`Repair`].
+    pub repair: Option<Repair<'a>>,
     /// Per key, the trace of the poller's txn whose echo may be in this
     /// batch: echoes' history rows carry it instead of `trace_id`.
     pub echo_traces: Option<&'a HashMap<Vec<u8>, String>>,
     /// Record a `batch-applied` audit event in the same transaction.
     pub audit_batch: bool,
+}
+
+/// A repair of keys a diff found different at etcd revision `revision`:
+/// the mirror row is set to etcd's state read then, even when it claims to
+/// be at etcd's revision already (a row altered behind the service's back)
+/// — but only if nothing moved since the diff: a key whose row is no longer
+/// the one the diff saw (`seen`, `None`: absent), or for which the mirror
+/// already holds a change of etcd's after `revision`, is left alone and
+/// reported in [`ApplyReport::repair_skipped`].
+#[derive(Debug, Clone, Copy)]
+pub struct Repair<'a> {
+    pub revision: i64,
+    pub seen: &'a HashMap<Vec<u8>, Option<crate::mirror::MirrorRow>>,
 }
 
 impl<'a> ApplyRequest<'a> {
@@ -63,7 +74,7 @@ impl<'a> ApplyRequest<'a> {
             trace_id: None,
             keys,
             record_history: true,
-            repair_at: None,
+            repair: None,
             echo_traces: None,
             audit_batch: false,
         }
@@ -81,6 +92,8 @@ pub struct ApplyReport {
     /// The keys whose pending change came back as an echo (once per echo).
     pub echoed_keys: Vec<Vec<u8>>,
     pub conflicts: Vec<ConflictSummary>,
+    /// Keys of a repair left alone because they changed since the diff.
+    pub repair_skipped: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +230,10 @@ async fn apply_table(
     .load(conn)
     .await?;
     let locked: std::collections::HashSet<Vec<u8>> = locked_keys.into_iter().collect();
+    let moved = match &request.repair {
+        Some(repair) => moved_since_diff(conn, &table, &key_list, repair).await?,
+        None => std::collections::HashSet::new(),
+    };
     let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
     for row in pending_rows {
         let op = Op::parse(&row.op).ok_or_else(|| {
@@ -237,8 +254,12 @@ async fn apply_table(
         direction: mapping.direction,
         observed_at_us,
     };
+    report
+        .repair_skipped
+        .extend(moved.iter().map(|key| key.to_vec()));
     let plans: Vec<(&[u8], KeyPlan)> = keys
         .iter()
+        .filter(|k| !moved.contains(k.key.as_slice()))
         .map(|k| {
             let key_pending = pending.get(&k.key).map(Vec::as_slice).unwrap_or(&[]);
             report.inputs += k.inputs.len();
@@ -253,10 +274,57 @@ async fn apply_table(
     insert_history(conn, &plans, request)
         .await
         .map(|n| report.history_rows += n)?;
-    write_mirror(conn, &table, &plans, &locked, request.repair_at, report).await?;
+    let repair_at = request.repair.map(|r| r.revision);
+    write_mirror(conn, &table, &plans, &locked, repair_at, report).await?;
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, request, report).await?;
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct CurrentRow {
+    #[diesel(sql_type = Bytea)]
+    key: Vec<u8>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    value: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    mod_revision: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    etcd_moved: bool,
+}
+
+/// The keys of a repair (their rows locked) that changed since the diff:
+/// the row is not the one it saw, or history holds an etcd revision of the
+/// key past the diff's.
+async fn moved_since_diff<'k>(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    keys: &[&'k [u8]],
+    repair: &Repair<'_>,
+) -> Result<std::collections::HashSet<&'k [u8]>, StoreError> {
+    let rows: Vec<CurrentRow> = diesel::sql_query(format!(
+        "SELECT u.key, t.value, t.mod_revision, \
+                EXISTS (SELECT 1 FROM history h WHERE h.key = u.key AND h.revision > $2) AS etcd_moved \
+         FROM unnest($1::bytea[]) AS u(key) LEFT JOIN {table} AS t ON t.key = u.key"
+    ))
+    .bind::<Array<Bytea>, _>(keys)
+    .bind::<BigInt, _>(repair.revision)
+    .load(conn)
+    .await?;
+    let mut moved = std::collections::HashSet::new();
+    for (key, row) in keys.iter().zip(rows) {
+        debug_assert_eq!(*key, row.key.as_slice());
+        let now = row.value.as_deref().zip(row.mod_revision);
+        let seen = repair
+            .seen
+            .get(*key)
+            .and_then(Option::as_ref)
+            .map(|r| (r.value.as_slice(), r.mod_revision));
+        if row.etcd_moved || now != seen {
+            moved.insert(*key);
+        }
+    }
+    Ok(moved)
 }
 
 async fn insert_history(

@@ -265,7 +265,10 @@ async fn set_mirror_meta(
 
 /// Makes `value` (`None`: delete) the key's new state on the PostgreSQL
 /// side, to be applied to etcd by the leader's poller (a `verify --repair`
-/// where PostgreSQL is right). Fenced by the current term.
+/// where PostgreSQL is right). Fenced by the current term. Only if the row
+/// is still the one the diff saw (`seen`, `None`: absent) and no change of
+/// the key is queued: otherwise a user wrote since, and their change wins
+/// over the diff's stale copy. Returns whether the change was queued.
 pub async fn enqueue_change(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
@@ -274,17 +277,36 @@ pub async fn enqueue_change(
     key: &[u8],
     value: Option<&[u8]>,
     etcd_now: Option<&KeyValue>,
-) -> Result<(), StoreError> {
+    seen: Option<&crate::mirror::MirrorRow>,
+) -> Result<bool, StoreError> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = Nullable<Bytea>)]
+        value: Option<Vec<u8>>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        mod_revision: Option<i64>,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        queued: bool,
+    }
     let qualified = format!("{}.{}", schema.quoted(), table.quoted());
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        diesel::sql_query(format!(
-            "SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE"
+        let now: Now = diesel::sql_query(format!(
+            "WITH locked AS (SELECT value, mod_revision FROM {qualified} WHERE key = $1 FOR UPDATE) \
+             SELECT (SELECT value FROM locked) AS value, (SELECT mod_revision FROM locked) AS mod_revision, \
+                    EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $2 AND key = $1) AS queued"
         ))
         .bind::<Bytea, _>(key)
-        .execute(conn)
+        .bind::<Text, _>(table.as_str())
+        .get_result(conn)
         .await?;
-        requeue_as_local_change(conn, &qualified, table.as_str(), key, value, etcd_now).await
+        let row_now = now.value.as_deref().zip(now.mod_revision);
+        let row_seen = seen.map(|r| (r.value.as_slice(), r.mod_revision));
+        if now.queued || row_now != row_seen {
+            return Ok(false);
+        }
+        requeue_as_local_change(conn, &qualified, table.as_str(), key, value, etcd_now).await?;
+        Ok(true)
     })
     .await
 }

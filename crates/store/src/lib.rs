@@ -25,7 +25,7 @@ use eps_core::config::Config;
 use eps_core::ident::Ident;
 use eps_core::mapping::MappingSet;
 
-pub use apply::{ApplyReport, ApplyRequest, KeyInputs};
+pub use apply::{ApplyReport, ApplyRequest, KeyInputs, Repair};
 pub use connect::{Connector, Pool};
 pub use error::StoreError;
 pub use fence::Fence;
@@ -271,6 +271,7 @@ impl Store {
         .await
     }
 
+    /// See [`ledger::enqueue_change`].
     pub async fn enqueue_change(
         &self,
         fence: &Fence,
@@ -278,7 +279,8 @@ impl Store {
         key: &[u8],
         value: Option<&[u8]>,
         etcd_now: Option<&eps_core::model::KeyValue>,
-    ) -> Result<(), StoreError> {
+        seen: Option<&mirror::MirrorRow>,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::enqueue_change(
             &mut conn,
@@ -288,6 +290,7 @@ impl Store {
             key,
             value,
             etcd_now,
+            seen,
         )
         .await
     }

@@ -187,3 +187,127 @@ async fn a_change_committed_during_restore_stays_queued_on_the_restored_revision
     );
     Ok(())
 }
+
+fn deleted(key: &str, revision: i64, prev: (i64, &str)) -> KeyInputs {
+    KeyInputs {
+        key: key.as_bytes().to_vec(),
+        inputs: vec![KeyInput::Event(EtcdEvent {
+            op: Op::Delete,
+            key: key.as_bytes().to_vec(),
+            revision,
+            value: Vec::new(),
+            meta: KeyMeta::default(),
+            prev: Some(eps_core::model::PrevKv {
+                value: prev.1.as_bytes().to_vec(),
+                mod_revision: prev.0,
+            }),
+        })],
+    }
+}
+
+/// `verify --repair` found `/k` missing in PostgreSQL at etcd revision 10
+/// and repairs it from etcd's state read then. Meanwhile etcd deleted the
+/// key (revision 11) and the watcher applied that: the repair must not
+/// bring the old value back into PostgreSQL.
+#[tokio::test]
+async fn a_repair_from_etcd_does_not_resurrect_a_key_deleted_since_the_diff() -> anyhow::Result<()>
+{
+    let (store, db) = store_with("").await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let fence = Fence {
+        term: 1,
+        node: "verify@n1".into(),
+    };
+    let admin = db.client().await?;
+    // The diff saw etcd's /k = v at revision 8 and no row.
+    let etcd_state = eps_core::model::KeyValue {
+        key: b"/k".to_vec(),
+        value: b"v".to_vec(),
+        meta: KeyMeta {
+            create_revision: 8,
+            mod_revision: 8,
+            version: 1,
+            lease: 0,
+        },
+    };
+    // The watcher applies the put at 8 and the delete at 11.
+    for keys in [vec![created("/k", "v", 8)], vec![deleted("/k", 11, (8, "v"))]] {
+        store
+            .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
+            .await?;
+    }
+    let seen = HashMap::from([(b"/k".to_vec(), None)]);
+    let keys = [KeyInputs {
+        key: b"/k".to_vec(),
+        inputs: vec![KeyInput::Observed {
+            state: Some(etcd_state),
+            revision: 10,
+            origin: eps_core::model::Origin::Resync,
+        }],
+    }];
+    let mut request = ApplyRequest::new(&fence, &keys, Instant::now());
+    request.repair = Some(eps_store::Repair {
+        revision: 10,
+        seen: &seen,
+    });
+    let report = store.apply(&request).await?;
+    assert_eq!(report.repair_skipped, vec![b"/k".to_vec()]);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM etcd_sync.kv WHERE key = '/k'", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0, "etcd no longer has /k; PostgreSQL must not either");
+    Ok(())
+}
+
+/// `verify --repair` under `pg-wins` found `/k` only in PostgreSQL and
+/// queues the row's value for etcd. Meanwhile the user deleted the row: the
+/// repair must not write the old value back (into both stores).
+#[tokio::test]
+async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff()
+-> anyhow::Result<()> {
+    let (store, db) = store_with(
+        "[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"pg-wins\"\n",
+    )
+    .await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let fence = Fence {
+        term: 1,
+        node: "verify@n1".into(),
+    };
+    let admin = db.client().await?;
+    admin
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
+             VALUES ('/k', 'drifted', 4, 4, 1, 'pg'); COMMIT;",
+        )
+        .await?;
+    let table = eps_core::ident::Ident::parse("kv").unwrap();
+    let seen = store
+        .mirror_page(&table, b"/k", None, None, 1)
+        .await?
+        .pop()
+        .unwrap();
+    // The user deletes the row after the diff read it.
+    admin
+        .batch_execute("DELETE FROM etcd_sync.kv WHERE key = '/k'")
+        .await?;
+    let queued = store
+        .enqueue_change(&fence, &table, b"/k", Some(b"drifted"), None, Some(&seen))
+        .await?;
+    assert!(!queued, "the row changed since the diff: not repaired");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM etcd_sync.kv WHERE key = '/k'", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0, "the deleted row came back");
+    let outbox: Vec<String> = admin
+        .query("SELECT op FROM etcd_sync.outbox ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(outbox, vec!["delete"], "only the user's delete goes to etcd");
+    Ok(())
+}

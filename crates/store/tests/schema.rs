@@ -297,7 +297,7 @@ async fn binary_keys_and_values_round_trip_through_apply() -> anyhow::Result<()>
                     trace_id: None,
                     keys: &keys,
                     record_history: true,
-                    repair_at: None,
+                    repair: None,
                     echo_traces: None,
                     audit_batch: false,
                 };
@@ -402,7 +402,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             trace_id: Some("t1"),
             keys: &keys,
             record_history: true,
-            repair_at: None,
+            repair: None,
             echo_traces: None,
             audit_batch: false,
         })
@@ -442,7 +442,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             trace_id: None,
             keys: &keys,
             record_history: true,
-            repair_at: None,
+            repair: None,
             echo_traces: None,
             audit_batch: false,
         })
@@ -462,7 +462,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             inputs: vec![put("c", b"x", 12, None)],
         }],
         record_history: true,
-        repair_at: None,
+        repair: None,
         echo_traces: None,
         audit_batch: false,
     };

@@ -121,6 +121,9 @@ pub async fn run_verify(
                 Outcome::RepairedFromEtcd => " → repaired: PostgreSQL takes etcd's value".into(),
                 Outcome::RepairedFromPg => " → repaired: etcd takes PostgreSQL's value".into(),
                 Outcome::NeedsOperator => " → not repaired: manual policy".into(),
+                Outcome::ChangedMeanwhile => {
+                    " → not repaired: changed while verify ran (the newer change stands)".into()
+                }
             };
             lines.push(format!(
                 "{kind:<16} table={table} key={key}  etcd: {etcd_side}  pg: {pg_side}{outcome}",
