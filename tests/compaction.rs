@@ -301,6 +301,15 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
         etcd.put(format!("/b/k{i:03}"), format!("v{i}"), None)
             .await?;
     }
+    // A key under a lease (a registration, a lock): its lease dies with the
+    // old etcd.
+    let lease = etcd.lease_grant(120, None).await?.id();
+    etcd.put(
+        "/b/leased",
+        "registered",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await?;
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     converge_both(&world).await?;
@@ -310,9 +319,11 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
 
     // etcd is lost; a new, empty one takes its place.
     world.etcd = Etcd::start().await?;
-    let (code, stdout, stderr) = cli(&world, &["restore-etcd"]).await?;
+    let (code, stdout, stderr) =
+        cli(&world, &["restore-etcd", "--leased-keys-ttl", "4"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("restored 302 keys"), "{stdout}");
+    assert!(stdout.contains("restored 303 keys"), "{stdout}");
+    assert!(stdout.contains("1 key(s) that had a lease"), "{stdout}");
     let mut fresh = world.etcd_client().await?;
     assert_eq!(
         etcd_snapshot(&mut fresh, b"/a/").await?,
@@ -320,6 +331,10 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
         "byte for byte"
     );
     assert_eq!(etcd_snapshot(&mut fresh, b"/b/").await?, original_b);
+    let restored_lease = fresh.get("/b/leased", None).await?.kvs()[0].lease();
+    assert_ne!(restored_lease, 0, "a leased key must not come back permanent");
+    let ttl = fresh.lease_time_to_live(restored_lease, None).await?.ttl();
+    assert!((1..=4).contains(&ttl), "ttl {ttl}");
     let (code, _, stderr) = cli(&world, &["restore-etcd"]).await?;
     assert_eq!(code, 1, "a second restore refuses a non-empty etcd");
     assert!(stderr.contains("not empty"), "{stderr}");
@@ -336,6 +351,20 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
     .await?;
     let state = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
     assert_eq!(state[b"/b/k007".as_slice()], b"from pg");
+    // The restored lease ends: the key is gone from both stores.
+    eps_harness::wait_for("the restored leased key to expire", Duration::from_secs(15), || {
+        let mut fresh = fresh.clone();
+        let pg = &pg;
+        async move {
+            let in_etcd = !fresh.get("/b/leased", None).await?.kvs().is_empty();
+            let in_pg = !pg
+                .query("SELECT 1 FROM kv_b WHERE key = '/b/leased'", &[])
+                .await?
+                .is_empty();
+            Ok((!in_etcd && !in_pg).then_some(()))
+        }
+    })
+    .await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     assert_eq!(
         count(&pg, "SELECT count(*) FROM conflicts").await?,

@@ -429,3 +429,66 @@ async fn deletes_propagate_and_updates_that_change_nothing_do_not() -> anyhow::R
     assert_history_is_etcd_log(&world, under_a).await?;
     Ok(())
 }
+
+/// A key etcd holds under a lease, edited with SQL: the new value keeps the
+/// lease, and the key still expires on both sides when the lease ends.
+#[tokio::test]
+async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides()
+-> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let mut etcd = world.etcd_client().await?;
+    let lease = etcd.lease_grant(6, None).await?.id();
+    etcd.put(
+        "/a/leased",
+        "from etcd",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await?;
+    let pg = world.pg().await?;
+    let mirrored_lease = eps_harness::wait_for("the leased key in PostgreSQL", Duration::from_secs(5), || async {
+        let rows = pg
+            .query("SELECT lease FROM kv_a WHERE key = '/a/leased'", &[])
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0)))
+    })
+    .await?;
+    assert_eq!(mirrored_lease, lease);
+
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'from sql' WHERE key = '/a/leased'",
+        &[],
+    )
+    .await?;
+    let written = eps_harness::wait_for("the SQL edit in etcd", Duration::from_secs(5), || {
+        let mut etcd = etcd.clone();
+        async move {
+            let response = etcd.get("/a/leased", None).await?;
+            Ok(response
+                .kvs()
+                .first()
+                .filter(|kv| kv.value() == b"from sql")
+                .map(|kv| kv.lease()))
+        }
+    })
+    .await?;
+    assert_eq!(written, lease, "the SQL edit dropped the key's lease");
+
+    // The lease is not kept alive: the key expires in etcd, then in
+    // PostgreSQL.
+    eps_harness::wait_for("expiry on both sides", Duration::from_secs(15), || {
+        let mut etcd = etcd.clone();
+        let pg = &pg;
+        async move {
+            let in_etcd = !etcd.get("/a/leased", None).await?.kvs().is_empty();
+            let in_pg = !pg
+                .query("SELECT 1 FROM kv_a WHERE key = '/a/leased'", &[])
+                .await?
+                .is_empty();
+            Ok((!in_etcd && !in_pg).then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}

@@ -461,6 +461,7 @@ async fn attempt(ctx: &Arc<SyncContext>, txn: &[Candidate]) -> Result<CasOutcome
                 Op::Delete => None,
             },
             expect_mod_revision: c.expected,
+            lease: 0,
         })
         .collect();
     let span = tracing::info_span!("pg_to_etcd.txn", changes = txn.len(), term = ctx.fence.term);

@@ -3,7 +3,7 @@
 //! while this replica is the leader (fencing).
 
 use eps_core::model::KeyValue;
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::error::EtcdError;
 use crate::{EtcdClient, convert};
@@ -18,11 +18,29 @@ pub struct LeaderFence {
 
 /// One key's change: put `value` (or delete when `None`) if the key's mod
 /// revision is `expect_mod_revision` (0 = the key must not exist).
+///
+/// A put over an existing key keeps the key's lease (etcd's `ignore_lease`):
+/// a value edited in PostgreSQL must not turn an expiring key into a
+/// permanent one. A put creating the key attaches `lease` (0: none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CasWrite {
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
     pub expect_mod_revision: i64,
+    pub lease: i64,
+}
+
+impl CasWrite {
+    fn put_options(&self) -> Option<PutOptions> {
+        if self.expect_mod_revision > 0 {
+            // The compare guarantees the key exists, which ignore_lease needs.
+            Some(PutOptions::new().with_ignore_lease())
+        } else if self.lease != 0 {
+            Some(PutOptions::new().with_lease(self.lease))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +87,7 @@ pub async fn compare_and_swap(
             write.expect_mod_revision,
         ));
         on_success.push(match &write.value {
-            Some(value) => TxnOp::put(write.key.clone(), value.clone(), None),
+            Some(value) => TxnOp::put(write.key.clone(), value.clone(), write.put_options()),
             None => TxnOp::delete(write.key.clone(), Some(DeleteOptions::new())),
         });
         on_failure.push(TxnOp::get(write.key.clone(), None));

@@ -33,11 +33,13 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
             key: b"a".to_vec(),
             value: Some(b"1".to_vec()),
             expect_mod_revision: 0,
+            lease: 0,
         },
         CasWrite {
             key: b"b".to_vec(),
             value: Some(vec![0, 255]),
             expect_mod_revision: 0,
+            lease: 0,
         },
     ];
     let CasOutcome::Applied {
@@ -57,11 +59,13 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
             key: b"a".to_vec(),
             value: Some(b"2".to_vec()),
             expect_mod_revision: revision,
+            lease: 0,
         },
         CasWrite {
             key: b"b".to_vec(),
             value: Some(b"x".to_vec()),
             expect_mod_revision: revision - 1,
+            lease: 0,
         },
     ];
     let CasOutcome::Conflicts { conflicts, .. } =
@@ -79,6 +83,7 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
         key: b"gone".to_vec(),
         value: None,
         expect_mod_revision: 0,
+        lease: 0,
     }];
     let CasOutcome::Applied { noop_deletes, .. } =
         compare_and_swap(&client, Some(&fence), &writes).await?
@@ -93,6 +98,7 @@ async fn compare_and_swap_applies_reports_conflicts_and_fences() -> anyhow::Resu
         key: b"a".to_vec(),
         value: Some(b"3".to_vec()),
         expect_mod_revision: revision,
+        lease: 0,
     }];
     assert_eq!(
         compare_and_swap(&client, Some(&fence), &writes).await?,

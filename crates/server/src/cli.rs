@@ -59,6 +59,12 @@ pub enum Command {
         /// Only keys under this prefix.
         #[arg(long)]
         prefix: Option<String>,
+        /// Keys that had a lease (their lease ids died with the old etcd)
+        /// are restored under one new lease of this many seconds, not kept
+        /// alive: they expire on both sides unless their owners write them
+        /// again, as they do when they lose a lease.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(i64).range(2..=86_400))]
+        leased_keys_ttl: i64,
     },
 }
 

@@ -311,8 +311,9 @@ pub async fn enqueue_change(
     .await
 }
 
-/// After `restore-etcd` wrote a page of mirror rows (`restored`: key and
-/// the mod revision the row had when read) to a fresh etcd at `revision`:
+/// After `restore-etcd` wrote a page of mirror rows (`restored`: key, the
+/// mod revision the row had when read, the lease it was written with) to a
+/// fresh etcd at `revision`:
 /// the rows take the new revision (the old ones belong to the lost
 /// cluster), and the changes the restored values hold — those committed
 /// before the page's `snapshot` — are consumed. A change committed since
@@ -323,25 +324,27 @@ pub async fn mark_restored(
     schema: &Ident,
     fence: &Fence,
     table: &Ident,
-    restored: &[(&[u8], i64)],
+    restored: &[(&[u8], i64, i64)],
     revision: i64,
     snapshot: &str,
 ) -> Result<usize, StoreError> {
     let qualified = format!("{}.{}", schema.quoted(), table.quoted());
     let keys: Vec<&[u8]> = restored.iter().map(|r| r.0).collect();
     let read_at: Vec<i64> = restored.iter().map(|r| r.1).collect();
+    let leases: Vec<i64> = restored.iter().map(|r| r.2).collect();
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         // Rows deleted and created again since the read are not the
         // restored ones: their metadata stays.
         diesel::sql_query(format!(
-            "UPDATE {qualified} AS t SET create_revision = $3, mod_revision = $3, version = 1, lease = 0 \
-             FROM unnest($1::bytea[], $2::int8[]) AS u(key, read_at) \
+            "UPDATE {qualified} AS t SET create_revision = $3, mod_revision = $3, version = 1, lease = u.lease \
+             FROM unnest($1::bytea[], $2::int8[], $4::int8[]) AS u(key, read_at, lease) \
              WHERE t.key = u.key AND t.mod_revision = u.read_at"
         ))
         .bind::<Array<Bytea>, _>(&keys)
         .bind::<Array<BigInt>, _>(&read_at)
         .bind::<BigInt, _>(revision)
+        .bind::<Array<BigInt>, _>(&leases)
         .execute(conn)
         .await?;
         let consumed = diesel::sql_query(

@@ -300,7 +300,7 @@ impl Store {
         &self,
         fence: &Fence,
         table: &Ident,
-        restored: &[(&[u8], i64)],
+        restored: &[(&[u8], i64, i64)],
         revision: i64,
         snapshot: &str,
     ) -> Result<usize, StoreError> {

@@ -15,6 +15,9 @@ pub struct MirrorRow {
     pub value: Vec<u8>,
     #[diesel(sql_type = BigInt)]
     pub mod_revision: i64,
+    /// The etcd lease the key is attached to (0: none).
+    #[diesel(sql_type = BigInt)]
+    pub lease: i64,
     /// `etcd` or `pg`: which side wrote the row last.
     #[diesel(sql_type = diesel::sql_types::Text)]
     pub origin: String,
@@ -34,7 +37,7 @@ pub async fn page(
     limit: usize,
 ) -> Result<Vec<MirrorRow>, StoreError> {
     let rows = diesel::sql_query(format!(
-        "SELECT key, value, mod_revision, origin, updated_at FROM {}.{} \
+        "SELECT key, value, mod_revision, lease, origin, updated_at FROM {}.{} \
          WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) AND ($3::bytea IS NULL OR key > $3) \
          ORDER BY key LIMIT $4",
         schema.quoted(),

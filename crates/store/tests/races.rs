@@ -165,10 +165,10 @@ async fn a_change_committed_during_restore_stays_queued_on_the_restored_revision
     admin
         .batch_execute("UPDATE etcd_sync.kv SET value = 'during-restore' WHERE key = '/a'")
         .await?;
-    let restored: Vec<(&[u8], i64)> = page
+    let restored: Vec<(&[u8], i64, i64)> = page
         .rows
         .iter()
-        .map(|r| (r.key.as_slice(), r.mod_revision))
+        .map(|r| (r.key.as_slice(), r.mod_revision, 0))
         .collect();
     let consumed = store
         .mark_restored(&fence, &table, &restored, 2, &page.snapshot)

@@ -59,9 +59,10 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Verify { prefix, repair } => {
             super::repair::run_verify(&config, &store, prefix, repair).await
         }
-        Command::RestoreEtcd { prefix } => {
-            super::repair::run_restore(&config, &store, prefix).await
-        }
+        Command::RestoreEtcd {
+            prefix,
+            leased_keys_ttl,
+        } => super::repair::run_restore(&config, &store, prefix, leased_keys_ttl).await,
         Command::Run { .. } | Command::CheckConfig => unreachable!("dispatched elsewhere"),
     }
 }

@@ -171,6 +171,7 @@ pub async fn run_restore(
     config: &Config,
     store: &Store,
     prefix: Option<String>,
+    leased_keys_ttl: i64,
 ) -> anyhow::Result<ExitCode> {
     let etcd = EtcdClient::connect(&config.etcd)
         .await
@@ -211,6 +212,11 @@ pub async fn run_restore(
     let mut progress = Progress::new("restoring", Some(total));
     let started = Instant::now();
     let (mut restored, mut consumed, mut txns) = (0u64, 0usize, 0u64);
+    let mut leases = RestoredLease {
+        ttl: leased_keys_ttl,
+        id: None,
+        keys: 0,
+    };
     let max_ops = config.etcd.max_txn_ops;
     let max_bytes = config.etcd.max_request_bytes.saturating_sub(64 * 1024);
     for mapping in &selected {
@@ -234,8 +240,16 @@ pub async fn run_restore(
             for row in rows.iter().filter(|r| mapping.contains(&r.key)) {
                 let size = 2 * row.key.len() + row.value.len() + 64;
                 if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
-                    consumed +=
-                        write_batch(&etcd, store, &fence, mapping, &batch, &page.snapshot).await?;
+                    consumed += write_batch(
+                        &etcd,
+                        store,
+                        &fence,
+                        mapping,
+                        &batch,
+                        &page.snapshot,
+                        &mut leases,
+                    )
+                    .await?;
                     restored += batch.len() as u64;
                     txns += 1;
                     progress.set(restored);
@@ -246,8 +260,16 @@ pub async fn run_restore(
                 batch.push(row);
             }
             if !batch.is_empty() {
-                consumed +=
-                    write_batch(&etcd, store, &fence, mapping, &batch, &page.snapshot).await?;
+                consumed += write_batch(
+                    &etcd,
+                    store,
+                    &fence,
+                    mapping,
+                    &batch,
+                    &page.snapshot,
+                    &mut leases,
+                )
+                .await?;
                 restored += batch.len() as u64;
                 txns += 1;
                 progress.set(restored);
@@ -264,6 +286,7 @@ pub async fn run_restore(
     let detail = serde_json::json!({
         "keys": restored, "txns": txns, "queued_changes_consumed": consumed,
         "checkpoint": head, "duration_ms": started.elapsed().as_millis() as u64,
+        "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
     });
     store
         .record_event(&fence, "restore-etcd", None, &detail)
@@ -275,6 +298,13 @@ pub async fn run_restore(
     if consumed > 0 {
         println!("{consumed} queued PostgreSQL change(s) were already part of the restored values");
     }
+    if let Some(id) = leases.id {
+        println!(
+            "{} key(s) that had a lease were restored under the new lease {id:x}, which expires in {} s \
+             unless their owners write them again",
+            leases.keys, leases.ttl
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -282,6 +312,38 @@ fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option
     match prefix {
         Some(p) if p.starts_with(&mapping.prefix) => (p.to_vec(), eps_core::keys::prefix_end(p)),
         _ => (mapping.prefix.clone(), mapping.range_end()),
+    }
+}
+
+/// The lease that keys restored from a leased row get: the old lease ids
+/// died with the old etcd, and a key restored without a lease would never
+/// expire (a stale lock or registration held forever). Granted when the
+/// first such key is restored, never kept alive.
+struct RestoredLease {
+    ttl: i64,
+    id: Option<i64>,
+    keys: u64,
+}
+
+impl RestoredLease {
+    async fn for_row(
+        &mut self,
+        etcd: &EtcdClient,
+        row: &eps_store::mirror::MirrorRow,
+    ) -> anyhow::Result<i64> {
+        if row.lease == 0 {
+            return Ok(0);
+        }
+        let id = match self.id {
+            Some(id) => id,
+            None => {
+                let id = etcd.grant_lease(self.ttl).await?;
+                self.id = Some(id);
+                id
+            }
+        };
+        self.keys += 1;
+        Ok(id)
     }
 }
 
@@ -294,15 +356,17 @@ async fn write_batch(
     mapping: &eps_core::Mapping,
     rows: &[&eps_store::mirror::MirrorRow],
     snapshot: &str,
+    leases: &mut RestoredLease,
 ) -> anyhow::Result<usize> {
-    let writes: Vec<CasWrite> = rows
-        .iter()
-        .map(|row| CasWrite {
+    let mut writes: Vec<CasWrite> = Vec::with_capacity(rows.len());
+    for row in rows {
+        writes.push(CasWrite {
             key: row.key.clone(),
             value: Some(row.value.clone()),
             expect_mod_revision: 0,
-        })
-        .collect();
+            lease: leases.for_row(etcd, row).await?,
+        });
+    }
     let revision = match compare_and_swap(etcd, None, &writes).await? {
         CasOutcome::Applied { revision, .. } => revision,
         CasOutcome::Conflicts { conflicts, .. } => anyhow::bail!(
@@ -312,9 +376,10 @@ async fn write_batch(
         ),
         CasOutcome::Fenced => unreachable!("no leader fence used"),
     };
-    let restored: Vec<(&[u8], i64)> = rows
+    let restored: Vec<(&[u8], i64, i64)> = rows
         .iter()
-        .map(|r| (r.key.as_slice(), r.mod_revision))
+        .zip(&writes)
+        .map(|(r, w)| (r.key.as_slice(), r.mod_revision, w.lease))
         .collect();
     Ok(store
         .mark_restored(fence, &mapping.table, &restored, revision, snapshot)
