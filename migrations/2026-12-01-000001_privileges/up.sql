@@ -12,9 +12,13 @@
 -- skip the outbox. Any other role setting the flag is treated as a user.
 
 -- The mirror tables `migrate` created: the triggers act for these only.
+-- `synced` is false for a table created (or created again, after a DROP)
+-- while the checkpoint may already be past etcd's keys under its prefix:
+-- the leader then fills it from etcd at the checkpoint before going on.
 CREATE TABLE @schema@.mirror_tables (
-    name  text PRIMARY KEY,
-    relid oid NOT NULL UNIQUE
+    name   text PRIMARY KEY,
+    relid  oid NOT NULL UNIQUE,
+    synced boolean NOT NULL DEFAULT false
 );
 
 -- A user's write keeps the row's etcd metadata (it is the compare base of the
@@ -176,10 +180,13 @@ DECLARE
     relation oid;
     owner oid;
     user_write text;
+    existed boolean;
+    silenced text[];
 BEGIN
     IF p_table !~ '^[a-z_][a-z0-9_]{0,57}$' THEN
         RAISE EXCEPTION 'invalid mirror table name %', p_table;
     END IF;
+    existed := pg_catalog.to_regclass(pg_catalog.format('%I.%I', s, p_table)) IS NOT NULL;
     EXECUTE pg_catalog.format($sql$
         CREATE TABLE IF NOT EXISTS %I.%I (
             key             bytea PRIMARY KEY,
@@ -192,8 +199,9 @@ BEGIN
             origin          text NOT NULL DEFAULT 'pg' CHECK (origin IN ('etcd', 'pg'))
         )$sql$, s, p_table);
     relation := pg_catalog.format('%I.%I', s, p_table)::regclass;
-    INSERT INTO @schema@.mirror_tables (name, relid) VALUES (p_table, relation)
-    ON CONFLICT (name) DO UPDATE SET relid = EXCLUDED.relid;
+    INSERT INTO @schema@.mirror_tables AS m (name, relid, synced) VALUES (p_table, relation, false)
+    ON CONFLICT (name) DO UPDATE SET relid = EXCLUDED.relid,
+                                     synced = m.synced AND m.relid = EXCLUDED.relid;
     -- Metadata is etcd's (or 0 while a change of PostgreSQL's is pending):
     -- never negative, never created after it was modified.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
@@ -201,6 +209,23 @@ BEGIN
         EXECUTE pg_catalog.format(
             'ALTER TABLE %I.%I ADD CONSTRAINT etcd_sync_metadata CHECK (create_revision >= 0 '
             'AND mod_revision >= create_revision AND version >= 0 AND lease >= 0)', s, p_table);
+    END IF;
+    -- Row triggers found disabled or dropped are restored below, but what
+    -- was written meanwhile never reached the outbox: say so, in the audit
+    -- trail too, so that an operator runs `verify`.
+    IF existed THEN
+        SELECT pg_catalog.array_agg(t.name ORDER BY t.name) INTO silenced
+        FROM (VALUES ('etcd_sync_before'), ('etcd_sync_after')) AS t(name)
+        LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = relation AND g.tgname = t.name
+        WHERE g.oid IS NULL OR g.tgenabled = 'D';
+        IF silenced IS NOT NULL THEN
+            RAISE WARNING 'mirror table %.%: triggers % were disabled or missing and are restored; '
+                          'changes made meanwhile did not reach etcd: run `etcd-pg-sync verify`',
+                          s, p_table, silenced;
+            INSERT INTO @schema@.sync_events (kind, node, detail)
+            VALUES ('triggers-restored', 'migrate',
+                    pg_catalog.jsonb_build_object('table', p_table, 'triggers', silenced));
+        END IF;
     END IF;
     -- The row triggers do not even fire for the service's own writes (the
     -- same test as inside the functions, with the owner fixed when the
@@ -247,5 +272,7 @@ BEGIN
     LOOP
         PERFORM @schema@.ensure_mirror_table(t.relname);
     END LOOP;
+    -- They were kept in sync before this migration.
+    UPDATE @schema@.mirror_tables SET synced = true;
 END
 $$;

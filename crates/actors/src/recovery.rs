@@ -36,6 +36,10 @@ pub enum ResyncReason {
     },
     /// etcd's revision is behind the checkpoint (etcd was restored/replaced).
     RevisionWentBack { checkpoint: i64, etcd_revision: i64 },
+    /// Mirror tables were created while the checkpoint was past etcd's keys
+    /// under their prefixes (a mapping added, a table dropped and created
+    /// again): they are filled from etcd at the checkpoint.
+    MirrorTablesCreated { checkpoint: i64 },
 }
 
 /// Resyncs and returns the new checkpoint R.
@@ -226,22 +230,45 @@ async fn resync_once(
             compact_revision: Some(compacted),
             ..
         } if at_compact_revision => compacted,
+        ResyncReason::MirrorTablesCreated { checkpoint } if at_compact_revision => checkpoint,
         _ => ctx.etcd.current_revision().await?,
     };
     let origin = match reason {
         ResyncReason::Initial => Origin::Snapshot,
         _ => Origin::Resync,
     };
-    tracing::info!(?reason, revision, "resync started");
+    let mapped: Vec<&Mapping> = ctx
+        .mappings
+        .iter()
+        .filter(|m| m.direction.etcd_to_pg())
+        .collect();
+    let tables: Vec<&str> = mapped.iter().map(|m| m.table.as_str()).collect();
+    // New tables alone, at the unchanged checkpoint, when etcd still has it;
+    // otherwise every table, at the new revision.
+    let walked: Vec<&Mapping> = match reason {
+        ResyncReason::MirrorTablesCreated { checkpoint } if revision == checkpoint => {
+            let unsynced = ctx.store.unsynced_tables(&tables).await?;
+            mapped
+                .into_iter()
+                .filter(|m| unsynced.iter().any(|t| t == m.table.as_str()))
+                .collect()
+        }
+        _ => mapped,
+    };
+    tracing::info!(?reason, revision, tables = walked.len(), "resync started");
     let mut counts = Counts::default();
-    for mapping in ctx.mappings.iter().filter(|m| m.direction.etcd_to_pg()) {
+    for mapping in &walked {
         walk(ctx, mapping, revision, origin, progress, &mut counts).await?;
     }
-    ctx.store.set_checkpoint(&ctx.fence, revision).await?;
+    let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
+    ctx.store
+        .finish_resync(&ctx.fence, revision, &walked_tables)
+        .await?;
     let (kind, from) = match reason {
         ResyncReason::Initial => ("snapshot", 0),
         ResyncReason::Compacted { checkpoint, .. } => ("compaction-recovery", checkpoint),
         ResyncReason::RevisionWentBack { checkpoint, .. } => ("revision-went-back", checkpoint),
+        ResyncReason::MirrorTablesCreated { checkpoint } => ("mirror-tables-filled", checkpoint),
     };
     let compact_revision = match reason {
         ResyncReason::Compacted {
@@ -250,6 +277,7 @@ async fn resync_once(
         _ => None,
     };
     let detail = serde_json::json!({
+        "tables": walked_tables,
         "gap_from": from,
         "gap_to": revision,
         "compact_revision": compact_revision,

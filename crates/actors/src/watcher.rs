@@ -109,11 +109,20 @@ async fn run(
         )
         .await?;
     }
+    if !unsynced_tables(&ctx).await?.is_empty() {
+        checkpoint = resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
+    }
     ctx.applied.send_replace(checkpoint);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
         match stream(&ctx, &progress, &mut checkpoint).await? {
+            StreamEnd::MirrorTablesCreated => {
+                tracing::warn!(checkpoint, "mirror tables were created: filling them from etcd");
+                checkpoint =
+                    resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
+                ctx.applied.send_replace(checkpoint);
+            }
             StreamEnd::Compacted { compact_revision } => {
                 tracing::warn!(
                     checkpoint,
@@ -136,6 +145,18 @@ async fn run(
 
 enum StreamEnd {
     Compacted { compact_revision: i64 },
+    MirrorTablesCreated,
+}
+
+/// The mapped tables `migrate` created since the mirror last matched etcd.
+async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
+    let tables: Vec<&str> = ctx
+        .mappings
+        .iter()
+        .filter(|m| m.direction.etcd_to_pg())
+        .map(|m| m.table.as_str())
+        .collect();
+    Ok(ctx.store.unsynced_tables(&tables).await?)
 }
 
 /// Reads the watch in a task so the next batch arrives while this one
@@ -186,8 +207,17 @@ async fn stream(
     let max_events = sync.batch_size;
     let max_bytes = 32 * 1024 * 1024;
     let mut last_heard = Instant::now();
+    // A replica's `migrate` may create a mirror table (again) while this
+    // one leads: looked for once per progress interval.
+    let mut tables_checked = Instant::now();
 
     loop {
+        if tables_checked.elapsed() >= progress_interval {
+            tables_checked = Instant::now();
+            if !unsynced_tables(ctx).await?.is_empty() {
+                return Ok(StreamEnd::MirrorTablesCreated);
+            }
+        }
         // Wait for the first item of the next batch.
         let first = match tokio::time::timeout(progress_interval, rx.recv()).await {
             Ok(item) => item,

@@ -87,9 +87,11 @@ impl Store {
     }
 
     /// Fails unless this role's writes are recognized as the service's own
-    /// by the schema's triggers (see [`migrate::check_service_role`]).
+    /// by the schema's triggers and every mapped table has its triggers
+    /// (see [`migrate::check_service_role`]).
     pub async fn check_service_role(&self) -> Result<(), StoreError> {
-        migrate::check_service_role(&self.connector).await
+        let tables: Vec<Ident> = self.mappings.iter().map(|m| m.table.clone()).collect();
+        migrate::check_service_role(&self.connector, &tables).await
     }
 
     /// Opens one connection outside the pool: the typed error tells a
@@ -151,6 +153,23 @@ impl Store {
                 .map(|_| ())
         })
         .await
+    }
+
+    /// See [`state::unsynced_tables`].
+    pub async fn unsynced_tables(&self, tables: &[&str]) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::unsynced_tables(&mut conn, tables).await
+    }
+
+    /// See [`state::finish_resync`].
+    pub async fn finish_resync(
+        &self,
+        fence: &Fence,
+        revision: i64,
+        tables: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::finish_resync(&mut conn, fence, revision, tables).await
     }
 
     /// Records an audit event in its own (fenced) transaction.

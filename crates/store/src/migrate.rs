@@ -234,8 +234,11 @@ struct FunctionOwner {
 /// the trigger functions honour the mark only for members of their owner's
 /// role (the role that ran `migrate`). Any other role's writes would all be
 /// queued back to etcd as user changes (an echo loop), so it refuses to go
-/// on.
-pub async fn check_service_role(connector: &Connector) -> Result<(), StoreError> {
+/// on. Then that every mapped table has its triggers, enabled.
+pub async fn check_service_role(
+    connector: &Connector,
+    tables: &[Ident],
+) -> Result<(), StoreError> {
     let mut conn = connector.connect().await?;
     let found: Vec<FunctionOwner> = diesel::sql_query(
         "SELECT p.proowner::regrole::text AS owner, \
@@ -257,7 +260,46 @@ pub async fn check_service_role(connector: &Connector) -> Result<(), StoreError>
              member of it), or run `etcd-pg-sync migrate` as the service's role",
             owner = function.owner
         ))),
-        Some(_) => Ok(()),
+        Some(_) => check_triggers(&mut conn, tables).await,
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct TriggerProblem {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    problem: String,
+}
+
+/// Every mapped table is a registered mirror table with its triggers
+/// enabled: writes made while a trigger is disabled (or dropped) never
+/// reach the outbox, so the service refuses to run over such a table.
+async fn check_triggers(conn: &mut AsyncPgConnection, tables: &[Ident]) -> Result<(), StoreError> {
+    let names: Vec<&str> = tables.iter().map(Ident::as_str).collect();
+    let problems: Vec<TriggerProblem> = diesel::sql_query(
+        "SELECT u.name AS table_name, \
+                CASE WHEN m.relid IS NULL THEN 'is not a registered mirror table (run migrate)' \
+                     ELSE 'has its trigger ' || t.name || ' ' || \
+                          CASE WHEN g.oid IS NULL THEN 'missing' ELSE 'disabled' END END AS problem \
+         FROM unnest($1::text[]) AS u(name) \
+         LEFT JOIN mirror_tables m ON m.name = u.name \
+         CROSS JOIN (VALUES ('etcd_sync_before'), ('etcd_sync_after'), ('etcd_sync_truncate')) AS t(name) \
+         LEFT JOIN pg_trigger g ON g.tgrelid = m.relid AND g.tgname = t.name \
+         WHERE m.relid IS NULL OR g.oid IS NULL OR g.tgenabled = 'D' \
+         ORDER BY 1, 2",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&names)
+    .load(conn)
+    .await?;
+    match problems.into_iter().next() {
+        None => Ok(()),
+        Some(first) => Err(StoreError::Migration(format!(
+            "mirror table {} {}: changes written while a trigger does not fire never reach \
+             etcd; `etcd-pg-sync migrate` restores the triggers (ALTER TABLE ... ENABLE TRIGGER \
+             ALL re-enables them), then `etcd-pg-sync verify --repair` finds what was missed",
+            first.table_name, first.problem
+        ))),
     }
 }
 

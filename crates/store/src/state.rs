@@ -75,3 +75,44 @@ pub async fn claim_term(
     .await?;
     Ok(updated == 1)
 }
+
+#[derive(diesel::QueryableByName)]
+struct TableName {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// Which of `tables` were created since the mirror last matched etcd (new
+/// mappings, tables dropped and created again): see `mirror_tables.synced`.
+pub async fn unsynced_tables(
+    conn: &mut AsyncPgConnection,
+    tables: &[&str],
+) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<TableName> = diesel::sql_query(
+        "SELECT name FROM mirror_tables WHERE NOT synced AND name = ANY($1) ORDER BY name",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.name).collect())
+}
+
+/// Ends a resync: the checkpoint becomes exactly `revision` and `tables`,
+/// walked at it, are marked in sync, in one fenced transaction.
+pub async fn finish_resync(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    revision: i64,
+    tables: &[&str],
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Set(revision)).await?;
+        diesel::sql_query("UPDATE mirror_tables SET synced = true WHERE name = ANY($1)")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}

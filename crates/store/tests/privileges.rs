@@ -481,3 +481,37 @@ async fn a_service_role_that_does_not_own_the_triggers_is_refused_at_start() -> 
     assert!(error.to_string().contains("not migrated"), "{error}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_disabled_trigger_is_refused_at_start_and_restored_by_migrate_with_an_event()
+-> anyhow::Result<()> {
+    let setup = migrated(None).await?;
+    let store = store_for(&setup.db.url()).await?;
+    store.check_service_role().await?;
+    setup
+        .admin
+        .batch_execute("ALTER TABLE etcd_sync.kv DISABLE TRIGGER etcd_sync_after")
+        .await?;
+    let error = store
+        .check_service_role()
+        .await
+        .expect_err("a disabled outbox trigger must stop the service");
+    assert!(error.to_string().contains("etcd_sync_after disabled"), "{error}");
+    store.migrate().await?;
+    store.check_service_role().await?;
+    let events: Vec<serde_json::Value> = setup
+        .admin
+        .query(
+            "SELECT detail::text FROM etcd_sync.sync_events WHERE kind = 'triggers-restored'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        vec![serde_json::json!({"table": "kv", "triggers": ["etcd_sync_after"]})]
+    );
+    Ok(())
+}

@@ -485,3 +485,34 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
     );
     Ok(())
 }
+
+/// Ways of writing the mirror besides INSERT/UPDATE/DELETE: COPY into the
+/// table and into its text view reaches the outbox; an upsert that changes
+/// nothing is no change.
+#[tokio::test]
+async fn copy_and_idempotent_upserts_reach_the_outbox_as_changes() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    client
+        .batch_execute(
+            "COPY kv_text (key, value) FROM PROGRAM 'printf \"/copy/t1\\tone\\n/copy/t2\\ttwo\\n\"'; \
+             COPY kv (key, value) FROM PROGRAM 'printf \"/copy/b1\\tbytes\\n\"'",
+        )
+        .await?;
+    assert_eq!(count(&client, "SELECT count(*) FROM kv").await, 3);
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 3);
+    client
+        .batch_execute(
+            "INSERT INTO kv (key, value) VALUES ('/copy/t1', 'one') \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .await?;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        3,
+        "an upsert of the same value changes nothing"
+    );
+    Ok(())
+}
