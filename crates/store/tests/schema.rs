@@ -514,5 +514,14 @@ async fn copy_and_idempotent_upserts_reach_the_outbox_as_changes() -> anyhow::Re
         3,
         "an upsert of the same value changes nothing"
     );
+    client
+        .batch_execute(
+            "MERGE INTO kv USING (VALUES ('/copy/t1'::bytea, 'merged'::bytea), ('/copy/m1', 'new')) \
+                 AS s(key, value) ON kv.key = s.key \
+             WHEN MATCHED THEN UPDATE SET value = s.value \
+             WHEN NOT MATCHED THEN INSERT (key, value) VALUES (s.key, s.value)",
+        )
+        .await?;
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 5);
     Ok(())
 }
