@@ -2,8 +2,10 @@
 //! whole). Three replicas reach etcd and PostgreSQL through their own
 //! proxies; a seeded random workload writes both sides (puts, deletes,
 //! multi-key txns, expiring leases, SQL inserts/updates/deletes and
-//! multi-row statements, often on the same keys); a seeded schedule kills,
-//! pauses and partitions replicas, restarts both stores and compacts etcd.
+//! multi-row statements, SQL edits of leased keys, refused TRUNCATEs, often
+//! on the same keys); a seeded schedule kills, pauses and partitions
+//! replicas, restarts both stores, compacts etcd and runs an operator's
+//! `verify --repair`.
 //! Then everything heals and the checker verifies: both stores equal, no
 //! acknowledged write vanished, history revisions unique and terms never
 //! going back, outbox empty, `verify` clean.
@@ -196,6 +198,23 @@ fn pg_writer(
                     let k = key(rng.random_range(0..KEYS));
                     let rows = timed(c.query("DELETE FROM etcd_sync.kv_f WHERE key = $1 RETURNING key", &[&k])).await?;
                     Ok(rows.iter().map(|r| Ack { side: "pg", key: r.get(0), value: None, at: Instant::now(), revision: None }).collect())
+                } else if roll < 79 {
+                    // A key etcd holds under a lease, edited from SQL: it
+                    // keeps the lease and expires.
+                    let rows = timed(c.query(
+                        "UPDATE etcd_sync.kv_f SET value = $1 WHERE key = (SELECT key FROM etcd_sync.kv_f WHERE lease <> 0 LIMIT 1) RETURNING key",
+                        &[&value],
+                    ))
+                    .await?;
+                    Ok(rows.iter().map(|r| Ack { side: "pg", key: r.get(0), value: Some(value.clone()), at: Instant::now(), revision: None }).collect())
+                } else if roll < 80 && rng.random_bool(0.2) {
+                    // TRUNCATE would empty PostgreSQL and leave etcd as it
+                    // was: it must be refused (after taking the table's
+                    // exclusive lock for a moment, which the sync survives).
+                    match timed(c.batch_execute("TRUNCATE etcd_sync.kv_f")).await {
+                        Ok(()) => panic!("TRUNCATE of a mirror table was accepted"),
+                        Err(()) => Ok(Vec::new()),
+                    }
                 } else {
                     let first = rng.random_range(0..KEYS - 5);
                     let keys: Vec<Vec<u8>> = (first..first + rng.random_range(2..6)).map(key).collect();
@@ -230,6 +249,8 @@ struct Cluster {
     /// Compactions of history the leader had not applied: what was
     /// overwritten there is unknowable (SPEC 3.5).
     gaps: Vec<Gap>,
+    /// The replicas' mapping (TOML).
+    mapping: String,
 }
 
 /// One compaction ahead of the service's checkpoint.
@@ -277,9 +298,11 @@ impl Cluster {
             paused: HashSet::new(),
             down: HashSet::new(),
             gaps: Vec::new(),
+            mapping: format!(
+                "\n[[mappings]]\nprefix = \"/f/\"\ntable = \"kv_f\"\npolicy = \"{policy}\"\n"
+            ),
         };
-        let mapping =
-            format!("\n[[mappings]]\nprefix = \"/f/\"\ntable = \"kv_f\"\npolicy = \"{policy}\"\n");
+        let mapping = cluster.mapping.clone();
         for i in 0..3 {
             let etcd_proxy =
                 Proxy::start(format!("127.0.0.1:{}", cluster.etcd.client_port()).parse()?).await?;
@@ -352,7 +375,7 @@ async fn inject(
     let t = started.elapsed().as_secs_f64();
     let target = rng.random_range(0..3);
     let hold = Duration::from_millis(rng.random_range(800..3_000));
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
         0 => {
             let victim = cluster.leader().await.unwrap_or(target);
             writeln!(
@@ -411,6 +434,33 @@ async fn inject(
         5 => {
             writeln!(schedule, "{t:7.2}s etcd restart")?;
             cluster.etcd.restart().await?;
+        }
+        8 => {
+            // An operator's `verify --repair` while everything runs: it may
+            // only repair real drift, never a change in flight.
+            writeln!(schedule, "{t:7.2}s verify --repair")?;
+            let dir = tempfile::tempdir()?;
+            let config = dir.path().join("verify.toml");
+            std::fs::write(
+                &config,
+                format!("[cluster]\nname = \"test\"\n{}", cluster.mapping),
+            )?;
+            let url = cluster.db.url();
+            let endpoint = cluster.etcd.endpoint();
+            let config_path = config.display().to_string();
+            let args = ["verify", "--repair", "--config", config_path.as_str()];
+            let env = [
+                ("ETCD_PG_SYNC__POSTGRES__URL", url.as_str()),
+                ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoint.as_str()),
+            ];
+            match tokio::time::timeout(Duration::from_secs(60), run_cli(&args, &env)).await {
+                Ok(Ok((code, stdout, _))) => {
+                    let summary = stdout.lines().last().unwrap_or_default().to_owned();
+                    writeln!(schedule, "          exit {code}: {summary}")?;
+                }
+                Ok(Err(e)) => writeln!(schedule, "          verify failed to run: {e}")?,
+                Err(_) => writeln!(schedule, "          verify timed out")?,
+            }
         }
         _ => {
             // Compaction while the leader may lag: make it lag first.

@@ -82,8 +82,10 @@ pub async fn verify(
     let revision = etcd.current_revision().await?;
     // Give a running leader the chance to apply everything up to `revision`.
     let deadline = Instant::now() + options.settle;
-    while store.state().await?.applied_revision < revision && Instant::now() < deadline {
+    let mut applied = store.state().await?.applied_revision;
+    while applied < revision && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        applied = store.state().await?.applied_revision;
     }
     let mut report = VerifyReport {
         revision,
@@ -113,9 +115,10 @@ pub async fn verify(
             if !in_scope(&difference.key) {
                 continue;
             }
-            if store
-                .has_pending(mapping.table.as_str(), &difference.key)
-                .await?
+            if not_applied_yet(&difference, applied, revision)
+                || store
+                    .has_pending(mapping.table.as_str(), &difference.key)
+                    .await?
                 || difference
                     .pg
                     .as_ref()
@@ -149,6 +152,21 @@ pub async fn verify(
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// True when the difference may be an etcd change the leader has not
+/// applied yet (its checkpoint `applied` is behind the verify `revision`):
+/// etcd's side changed after the checkpoint, or etcd lacks the key and may
+/// have deleted it after the checkpoint. Lag is not drift — "repairing" it
+/// would push the mirror's older value over etcd's newer one.
+fn not_applied_yet(difference: &Difference, applied: i64, revision: i64) -> bool {
+    if applied >= revision {
+        return false;
+    }
+    match &difference.etcd {
+        Some(kv) => kv.meta.mod_revision > applied,
+        None => true,
+    }
 }
 
 /// Which side's state a repair keeps, by the mapping's policy. For
@@ -265,5 +283,50 @@ fn from_diff(error: DiffError) -> ActorError {
     match error {
         DiffError::Etcd(e) => e.into(),
         DiffError::Store(e) => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eps_core::model::{KeyMeta, KeyValue};
+    use eps_store::mirror::MirrorRow;
+
+    use super::*;
+
+    fn difference(etcd_mod_revision: Option<i64>) -> Difference {
+        Difference {
+            key: b"/k".to_vec(),
+            etcd: etcd_mod_revision.map(|mod_revision| KeyValue {
+                key: b"/k".to_vec(),
+                value: b"etcd".to_vec(),
+                meta: KeyMeta {
+                    create_revision: 1,
+                    mod_revision,
+                    version: 1,
+                    lease: 0,
+                },
+            }),
+            pg: Some(MirrorRow {
+                key: b"/k".to_vec(),
+                value: b"older".to_vec(),
+                mod_revision: 3,
+                lease: 0,
+                origin: "etcd".into(),
+                updated_at: chrono::Utc::now(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lagging_leader_is_not_drift() {
+        // Checkpoint 10, verify at 20: etcd's change at 15 may be unapplied.
+        assert!(not_applied_yet(&difference(Some(15)), 10, 20));
+        // ... and so may a delete after 10.
+        assert!(not_applied_yet(&difference(None), 10, 20));
+        // A key etcd last changed at 8 should be in the mirror by now.
+        assert!(!not_applied_yet(&difference(Some(8)), 10, 20));
+        // A leader caught up: every difference is drift.
+        assert!(!not_applied_yet(&difference(Some(15)), 20, 20));
+        assert!(!not_applied_yet(&difference(None), 25, 20));
     }
 }
