@@ -413,3 +413,58 @@ async fn standbys_keep_their_place_across_a_compaction() -> anyhow::Result<()> {
     assert_eq!(leader_of(&replicas).await?, leader);
     Ok(())
 }
+
+/// A standby's own election key deleted by hand while its lease lives (an
+/// operator's mistake, an etcd restore): it notices, campaigns again with a
+/// new key, still takes over when the leader dies, and still honours
+/// SIGTERM.
+#[tokio::test]
+async fn a_standby_whose_election_key_vanishes_campaigns_again() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut replicas = vec![world.start("n1").await?];
+    leader_of(&replicas).await?;
+    replicas.push(world.start("n2").await?);
+    let mut etcd = world.etcd.client().await?;
+    let keys = eps_harness::wait_for("two election keys", Duration::from_secs(10), || {
+        let mut etcd = etcd.clone();
+        async move {
+            let keys = election_keys(&mut etcd).await?;
+            Ok((keys.len() == 2).then_some(keys))
+        }
+    })
+    .await?;
+    // The younger key (higher create revision) is the standby's.
+    let mut newest: Option<(Vec<u8>, i64)> = None;
+    for key in &keys {
+        let response = etcd.get(key.clone(), None).await?;
+        if let Some(kv) = response.kvs().first()
+            && newest.as_ref().is_none_or(|(_, rev)| kv.create_revision() > *rev)
+        {
+            newest = Some((key.clone(), kv.create_revision()));
+        }
+    }
+    let (standby_key, _) = newest.ok_or_else(|| anyhow::anyhow!("no election key"))?;
+    etcd.delete(standby_key.clone(), None).await?;
+    // It stands again with a key of its own.
+    eps_harness::wait_for("the standby's new election key", Duration::from_secs(10), || {
+        let mut etcd = etcd.clone();
+        let standby_key = standby_key.clone();
+        async move {
+            let keys = election_keys(&mut etcd).await?;
+            Ok((keys.len() == 2 && !keys.contains(&standby_key)).then_some(()))
+        }
+    })
+    .await?;
+    // It takes over when the leader dies ...
+    replicas[0].kill();
+    let status = eps_harness::wait_for("n2 leading", TTL * 4, || {
+        let replica = &replicas[1];
+        async move { Ok((status(replica).await?["role"] == "leader").then_some(())) }
+    })
+    .await;
+    status?;
+    // ... and stops on SIGTERM.
+    let exit = replicas[1].terminate(Duration::from_secs(10)).await?;
+    assert_eq!(exit.code(), Some(0));
+    Ok(())
+}

@@ -179,6 +179,9 @@ impl Node {
 
         // Wait until our key is the oldest.
         loop {
+            if lost.is_cancelled() || shutdown.is_cancelled() {
+                return Ok(());
+            }
             let leader = self.etcd.oldest_under(&prefix, None).await?;
             self.status.set_leader(
                 leader
@@ -189,7 +192,11 @@ impl Node {
                 break;
             }
             let Some(predecessor) = self.etcd.oldest_under(&prefix, Some(term)).await? else {
-                continue;
+                // Not the oldest, and nothing older than our key: our key is
+                // gone (deleted by hand, lost in an etcd restore) while the
+                // lease lives. Stand again with a new lease and key.
+                tracing::warn!(term, "our election key is gone, campaigning again");
+                return Ok(());
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -198,6 +205,11 @@ impl Node {
                     return Ok(());
                 }
                 waited = self.etcd.wait_deleted(&predecessor.key, predecessor.meta.mod_revision) => waited?,
+                gone = self.etcd.wait_deleted(&key, term) => {
+                    gone?;
+                    tracing::warn!(term, "our election key was deleted, campaigning again");
+                    return Ok(());
+                }
                 // Refresh the observed leader now and then.
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
