@@ -438,7 +438,9 @@ async fn a_standby_whose_election_key_vanishes_campaigns_again() -> anyhow::Resu
     for key in &keys {
         let response = etcd.get(key.clone(), None).await?;
         if let Some(kv) = response.kvs().first()
-            && newest.as_ref().is_none_or(|(_, rev)| kv.create_revision() > *rev)
+            && newest
+                .as_ref()
+                .is_none_or(|(_, rev)| kv.create_revision() > *rev)
         {
             newest = Some((key.clone(), kv.create_revision()));
         }
@@ -446,14 +448,18 @@ async fn a_standby_whose_election_key_vanishes_campaigns_again() -> anyhow::Resu
     let (standby_key, _) = newest.ok_or_else(|| anyhow::anyhow!("no election key"))?;
     etcd.delete(standby_key.clone(), None).await?;
     // It stands again with a key of its own.
-    eps_harness::wait_for("the standby's new election key", Duration::from_secs(10), || {
-        let mut etcd = etcd.clone();
-        let standby_key = standby_key.clone();
-        async move {
-            let keys = election_keys(&mut etcd).await?;
-            Ok((keys.len() == 2 && !keys.contains(&standby_key)).then_some(()))
-        }
-    })
+    eps_harness::wait_for(
+        "the standby's new election key",
+        Duration::from_secs(10),
+        || {
+            let mut etcd = etcd.clone();
+            let standby_key = standby_key.clone();
+            async move {
+                let keys = election_keys(&mut etcd).await?;
+                Ok((keys.len() == 2 && !keys.contains(&standby_key)).then_some(()))
+            }
+        },
+    )
     .await?;
     // It takes over when the leader dies ...
     replicas[0].kill();

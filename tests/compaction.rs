@@ -319,8 +319,7 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
 
     // etcd is lost; a new, empty one takes its place.
     world.etcd = Etcd::start().await?;
-    let (code, stdout, stderr) =
-        cli(&world, &["restore-etcd", "--leased-keys-ttl", "4"]).await?;
+    let (code, stdout, stderr) = cli(&world, &["restore-etcd", "--leased-keys-ttl", "4"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("restored 303 keys"), "{stdout}");
     assert!(stdout.contains("1 key(s) that had a lease"), "{stdout}");
@@ -332,7 +331,10 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
     );
     assert_eq!(etcd_snapshot(&mut fresh, b"/b/").await?, original_b);
     let restored_lease = fresh.get("/b/leased", None).await?.kvs()[0].lease();
-    assert_ne!(restored_lease, 0, "a leased key must not come back permanent");
+    assert_ne!(
+        restored_lease, 0,
+        "a leased key must not come back permanent"
+    );
     let ttl = fresh.lease_time_to_live(restored_lease, None).await?.ttl();
     assert!((1..=4).contains(&ttl), "ttl {ttl}");
     let (code, _, stderr) = cli(&world, &["restore-etcd"]).await?;
@@ -352,18 +354,22 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
     let state = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
     assert_eq!(state[b"/b/k007".as_slice()], b"from pg");
     // The restored lease ends: the key is gone from both stores.
-    eps_harness::wait_for("the restored leased key to expire", Duration::from_secs(15), || {
-        let mut fresh = fresh.clone();
-        let pg = &pg;
-        async move {
-            let in_etcd = !fresh.get("/b/leased", None).await?.kvs().is_empty();
-            let in_pg = !pg
-                .query("SELECT 1 FROM kv_b WHERE key = '/b/leased'", &[])
-                .await?
-                .is_empty();
-            Ok((!in_etcd && !in_pg).then_some(()))
-        }
-    })
+    eps_harness::wait_for(
+        "the restored leased key to expire",
+        Duration::from_secs(15),
+        || {
+            let mut fresh = fresh.clone();
+            let pg = &pg;
+            async move {
+                let in_etcd = !fresh.get("/b/leased", None).await?.kvs().is_empty();
+                let in_pg = !pg
+                    .query("SELECT 1 FROM kv_b WHERE key = '/b/leased'", &[])
+                    .await?
+                    .is_empty();
+                Ok((!in_etcd && !in_pg).then_some(()))
+            }
+        },
+    )
     .await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     assert_eq!(
@@ -469,7 +475,8 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
     let world = World::new(MAPPINGS).await?;
     let mut etcd = world.etcd_client().await?;
     for i in 0..20 {
-        etcd.put(format!("/a/k{i:02}"), format!("v{i}"), None).await?;
+        etcd.put(format!("/a/k{i:02}"), format!("v{i}"), None)
+            .await?;
     }
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;

@@ -308,3 +308,73 @@ async fn etcd_partition_stops_the_leader_and_healing_resumes() -> anyhow::Result
     assert_history_is_etcd_log(&world, mapped).await?;
     Ok(())
 }
+
+/// Puts `key` and returns how long it took to appear in `table`.
+async fn time_to_mirror(world: &World, table: &str, key: &str) -> anyhow::Result<Duration> {
+    let pg = world.pg().await?;
+    let mut etcd = world.etcd_client().await?;
+    let started = Instant::now();
+    etcd.put(key, "after the outage", None).await?;
+    eps_harness::wait_for(
+        "the first change after the outage",
+        Duration::from_secs(60),
+        || {
+            let pg = &pg;
+            async move {
+                let rows = pg
+                    .query(
+                        &format!("SELECT 1 FROM {table} WHERE key = $1"),
+                        &[&key.as_bytes()],
+                    )
+                    .await?;
+                Ok((!rows.is_empty()).then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// After a 10 s outage of either store, sync resumes within about a second
+/// of its return, not after the actors sleep out their backoff.
+#[tokio::test]
+async fn sync_resumes_within_a_second_or_two_after_an_outage_of_either_store() -> anyhow::Result<()>
+{
+    let postgres = eps_harness::Postgres::start().await?;
+    let mut world = World::new(MAPPINGS).await?;
+    world.db = postgres.create_database().await?;
+    // The production backoff (up to 30 s between attempts), not the tests'.
+    world
+        .env
+        .insert("ETCD_PG_SYNC__RETRY__INITIAL_MS".into(), "100".into());
+    world
+        .env
+        .insert("ETCD_PG_SYNC__RETRY__MAX_MS".into(), "30000".into());
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+
+    world.etcd.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    world.etcd.restart().await?;
+    let after_etcd = time_to_mirror(&world, "kv_a", "/a/after-etcd-outage").await?;
+
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    postgres.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    postgres.start_again().await?;
+    let after_pg = time_to_mirror(&world, "kv_a", "/a/after-pg-outage").await?;
+    println!(
+        "first change applied {:.2} s after etcd returned, {:.2} s after PostgreSQL returned",
+        after_etcd.as_secs_f64(),
+        after_pg.as_secs_f64()
+    );
+    for (store, took) in [("etcd", after_etcd), ("PostgreSQL", after_pg)] {
+        assert!(
+            took < Duration::from_secs(2),
+            "after {store}'s outage, the first change took {took:?}\n{}",
+            service.log_tail(30)
+        );
+    }
+    Ok(())
+}

@@ -433,8 +433,8 @@ async fn deletes_propagate_and_updates_that_change_nothing_do_not() -> anyhow::R
 /// A key etcd holds under a lease, edited with SQL: the new value keeps the
 /// lease, and the key still expires on both sides when the lease ends.
 #[tokio::test]
-async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides()
--> anyhow::Result<()> {
+async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides() -> anyhow::Result<()>
+{
     let world = World::new(MAPPINGS).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
@@ -447,12 +447,16 @@ async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides()
     )
     .await?;
     let pg = world.pg().await?;
-    let mirrored_lease = eps_harness::wait_for("the leased key in PostgreSQL", Duration::from_secs(5), || async {
-        let rows = pg
-            .query("SELECT lease FROM kv_a WHERE key = '/a/leased'", &[])
-            .await?;
-        Ok(rows.first().map(|r| r.get::<_, i64>(0)))
-    })
+    let mirrored_lease = eps_harness::wait_for(
+        "the leased key in PostgreSQL",
+        Duration::from_secs(5),
+        || async {
+            let rows = pg
+                .query("SELECT lease FROM kv_a WHERE key = '/a/leased'", &[])
+                .await?;
+            Ok(rows.first().map(|r| r.get::<_, i64>(0)))
+        },
+    )
     .await?;
     assert_eq!(mirrored_lease, lease);
 

@@ -89,6 +89,19 @@ pub struct ActorStatus {
 #[derive(Debug, Default)]
 pub struct StatusBoard {
     inner: Mutex<BoardInner>,
+    recovered: StoreRecovered,
+}
+
+/// Counts the times a store answered again after failing (the health
+/// monitor reports it): retries sleeping out their backoff wake up then,
+/// so sync resumes within a probe interval of the store's return.
+#[derive(Debug)]
+struct StoreRecovered(tokio::sync::watch::Sender<u64>);
+
+impl Default for StoreRecovered {
+    fn default() -> Self {
+        StoreRecovered(tokio::sync::watch::channel(0).0)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +157,22 @@ impl StatusBoard {
             .collect()
     }
 
+    /// A store answers again after failing: wake every retry that waits.
+    pub fn store_recovered(&self) {
+        self.recovered.0.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves at the next [`StatusBoard::store_recovered`].
+    pub fn next_recovery(&self) -> impl Future<Output = ()> + use<> {
+        let mut receiver = self.recovered.0.subscribe();
+        async move {
+            // An error means the board is gone: never wake.
+            if receiver.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Marks every actor stopped (the term ended).
     pub fn all_stopped(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -189,7 +218,9 @@ pub struct Shell {
     backoff: Backoff,
     watchdog: Duration,
     restarts: u32,
-    consecutive_failures: u32,
+    /// Shared with the running loop, which clears it when a store's return
+    /// ends its backoff early.
+    consecutive_failures: Arc<std::sync::atomic::AtomicU32>,
     started_at: Instant,
     pub progress: Arc<Progress>,
     /// Held while the actor lives; the pipeline waits for all to drop.
@@ -217,7 +248,7 @@ impl Shell {
             backoff,
             watchdog: DEFAULT_WATCHDOG,
             restarts: 0,
-            consecutive_failures: 0,
+            consecutive_failures: Arc::default(),
             started_at: Instant::now(),
             progress,
             _alive: alive,
@@ -238,9 +269,9 @@ impl Shell {
         self.restarts += 1;
         // A loop that ran well for a while starts its backoff over.
         if self.started_at.elapsed() > Duration::from_secs(60) {
-            self.consecutive_failures = 0;
+            self.consecutive_failures.store(0, Ordering::Relaxed);
         }
-        self.consecutive_failures += 1;
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         let name = self.name;
         self.board.update(name, |s| s.restarts += 1);
         metrics::counter!(crate::telemetry::ACTOR_RESTARTS, "actor" => name).increment(1);
@@ -264,10 +295,14 @@ impl Shell {
             return;
         }
         self.started_at = Instant::now();
-        let delay = match self.consecutive_failures {
+        let delay = match self.consecutive_failures.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
             n => self.backoff.delay(n - 1),
         };
+        let (recovered, failures) = (
+            self.board.next_recovery(),
+            self.consecutive_failures.clone(),
+        );
         let (name, kill, board, progress) = (
             self.name,
             self.kill.clone(),
@@ -286,6 +321,11 @@ impl Shell {
             tokio::select! {
                 _ = kill.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
+                _ = recovered, if !delay.is_zero() => {
+                    // The store is back: go now, with a fresh backoff (a
+                    // store that keeps failing brings it back up).
+                    failures.store(0, Ordering::Relaxed);
+                }
             }
             board.update(name, |s| s.state = "running");
             progress.tick();

@@ -118,7 +118,10 @@ async fn run(
         progress.tick();
         match stream(&ctx, &progress, &mut checkpoint).await? {
             StreamEnd::MirrorTablesCreated => {
-                tracing::warn!(checkpoint, "mirror tables were created: filling them from etcd");
+                tracing::warn!(
+                    checkpoint,
+                    "mirror tables were created: filling them from etcd"
+                );
                 checkpoint =
                     resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
                 ctx.applied.send_replace(checkpoint);

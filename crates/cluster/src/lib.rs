@@ -108,6 +108,8 @@ pub struct Node {
     pub etcd: EtcdClient,
     pub board: Arc<StatusBoard>,
     pub status: Arc<NodeStatus>,
+    /// Leases of earlier rounds not revoked yet (etcd was unreachable).
+    pub leftover_leases: Arc<Mutex<Vec<i64>>>,
 }
 
 impl Node {
@@ -128,6 +130,8 @@ impl Node {
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(delay) => {}
+                        // A store is back: campaign now, backoff afresh.
+                        _ = self.board.next_recovery() => failures = 0,
                     }
                 }
             }
@@ -137,6 +141,7 @@ impl Node {
     async fn campaign_and_lead(&self, shutdown: &CancellationToken) -> Result<(), ClusterError> {
         let cluster = &self.config.cluster;
         let ttl = cluster.lease_ttl_secs as i64;
+        self.revoke_leftover_leases().await;
         let lease = self.etcd.grant_lease(ttl).await?;
         let granted_at = Instant::now();
         let resign = Resign {
@@ -148,8 +153,40 @@ impl Node {
         // Awaited, not left to `Drop`: on shutdown the process exits right
         // after this, and a lease left behind would hold the election for
         // a whole TTL.
-        resign.revoke().await;
+        if !resign.revoke().await {
+            self.leftover_leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(lease);
+        }
         outcome
+    }
+
+    /// Revokes the leases of earlier rounds that could not be revoked then
+    /// (etcd was unreachable). etcd keeps leases alive across its own
+    /// restart, so an old round's key would otherwise stay the oldest and
+    /// hold the election — this replica's new key included — for a TTL.
+    async fn revoke_leftover_leases(&self) {
+        let leftover: Vec<i64> = std::mem::take(
+            &mut *self
+                .leftover_leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for lease in leftover {
+            let revoked =
+                tokio::time::timeout(Duration::from_secs(3), self.etcd.revoke_lease(lease)).await;
+            match revoked {
+                Ok(Ok(())) => tracing::info!(lease, "revoked the lease of an earlier round"),
+                // Gone already (expired): nothing holds the election.
+                Ok(Err(error)) if error.to_string().contains("lease not found") => {}
+                _ => self
+                    .leftover_leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(lease),
+            }
+        }
     }
 
     /// One round on `lease`: campaign, stand by, lead, step down.
@@ -296,14 +333,22 @@ struct Resign {
 }
 
 impl Resign {
-    /// Revokes now, waiting at most a few seconds (etcd may be unreachable).
-    async fn revoke(mut self) {
+    /// Revokes now, waiting at most a few seconds (etcd may be
+    /// unreachable); false when the lease may still live.
+    async fn revoke(mut self) -> bool {
         self.revoked = true;
         match tokio::time::timeout(Duration::from_secs(3), self.etcd.revoke_lease(self.lease)).await
         {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::debug!(%error, "lease revoke failed; it will expire"),
-            Err(_) => tracing::debug!("lease revoke timed out; it will expire"),
+            Ok(Ok(())) => true,
+            Ok(Err(error)) if error.to_string().contains("lease not found") => true,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "lease revoke failed; retried next round");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("lease revoke timed out; retried next round");
+                false
+            }
         }
     }
 }

@@ -100,11 +100,14 @@ fn fresh(at: Option<Instant>) -> bool {
 /// Runs the checks until `shutdown`.
 pub async fn run(
     health: Arc<Health>,
+    board: Arc<StatusBoard>,
     store: Store,
     etcd: Option<EtcdClient>,
     shutdown: CancellationToken,
 ) {
     let mut behind_since: Option<Instant> = None;
+    // Whether each store answered the previous probe (etcd, PostgreSQL).
+    let mut answered = (true, true);
     loop {
         let etcd_revision = match &etcd {
             Some(etcd) => tokio::time::timeout(Duration::from_secs(2), etcd.current_revision())
@@ -119,6 +122,15 @@ pub async fn run(
         let counts = tokio::time::timeout(Duration::from_secs(2), store.counts())
             .await
             .ok();
+        let answers = (
+            etcd_revision.is_some() || etcd.is_none(),
+            matches!(state, Some(Ok(_))),
+        );
+        if (answers.0 && !answered.0) || (answers.1 && !answered.1) {
+            tracing::info!("a store answers again: resuming at once");
+            board.store_recovered();
+        }
+        answered = answers;
         {
             let mut s = health.inner.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(revision) = etcd_revision {

@@ -8,7 +8,6 @@
 //! run with the owner's rights qualify every object they touch, whatever
 //! `search_path` the caller has.
 
-
 use diesel::backend::Backend;
 use diesel::connection::BoxableConnection;
 use diesel::migration::{
@@ -163,10 +162,13 @@ pub async fn migrate(
     .map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?;
     let applied = applied?;
     for table in tables {
-        diesel::sql_query(format!("SELECT {}.ensure_mirror_table($1)", schema.quoted()))
-            .bind::<Text, _>(table.as_str())
-            .execute(&mut conn)
-            .await?;
+        diesel::sql_query(format!(
+            "SELECT {}.ensure_mirror_table($1)",
+            schema.quoted()
+        ))
+        .bind::<Text, _>(table.as_str())
+        .execute(&mut conn)
+        .await?;
     }
     Ok(MigrationReport {
         applied,
@@ -235,10 +237,7 @@ struct FunctionOwner {
 /// role (the role that ran `migrate`). Any other role's writes would all be
 /// queued back to etcd as user changes (an echo loop), so it refuses to go
 /// on. Then that every mapped table has its triggers, enabled.
-pub async fn check_service_role(
-    connector: &Connector,
-    tables: &[Ident],
-) -> Result<(), StoreError> {
+pub async fn check_service_role(connector: &Connector, tables: &[Ident]) -> Result<(), StoreError> {
     let mut conn = connector.connect().await?;
     let found: Vec<FunctionOwner> = diesel::sql_query(
         "SELECT p.proowner::regrole::text AS owner, \

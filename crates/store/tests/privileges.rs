@@ -246,8 +246,7 @@ async fn the_applying_flag_of_the_service_cannot_be_forged_by_an_application_rol
 }
 
 #[tokio::test]
-async fn writes_through_the_text_view_cannot_be_redirected_to_a_temp_table() -> anyhow::Result<()>
-{
+async fn writes_through_the_text_view_cannot_be_redirected_to_a_temp_table() -> anyhow::Result<()> {
     let setup = migrated(None).await?;
     let (_, writer) = app_writer(&setup).await?;
     writer
@@ -258,10 +257,7 @@ async fn writes_through_the_text_view_cannot_be_redirected_to_a_temp_table() -> 
         .await?;
     let mirrored: i64 = setup
         .admin
-        .query_one(
-            "SELECT count(*) FROM etcd_sync.kv WHERE key = '/text'",
-            &[],
-        )
+        .query_one("SELECT count(*) FROM etcd_sync.kv WHERE key = '/text'", &[])
         .await?
         .get(0);
     assert_eq!(mirrored, 1, "the text view wrote somewhere else");
@@ -496,7 +492,10 @@ async fn a_disabled_trigger_is_refused_at_start_and_restored_by_migrate_with_an_
         .check_service_role()
         .await
         .expect_err("a disabled outbox trigger must stop the service");
-    assert!(error.to_string().contains("etcd_sync_after disabled"), "{error}");
+    assert!(
+        error.to_string().contains("etcd_sync_after disabled"),
+        "{error}"
+    );
     store.migrate().await?;
     store.check_service_role().await?;
     let events: Vec<serde_json::Value> = setup

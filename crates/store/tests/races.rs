@@ -74,10 +74,9 @@ async fn wait_until_blocked(admin: &tokio_postgres::Client) -> anyhow::Result<()
 #[tokio::test]
 async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_unseen()
 -> anyhow::Result<()> {
-    let (store, db) = store_with(
-        "[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n",
-    )
-    .await?;
+    let (store, db) =
+        store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n")
+            .await?;
     assert!(store.claim_term(1, "n1", 1).await?);
     let admin = db.client().await?;
     admin
@@ -175,7 +174,10 @@ async fn a_change_committed_during_restore_stays_queued_on_the_restored_revision
         .await?;
     assert_eq!(consumed, 1, "the change the restored value holds");
     let queued: Vec<(Vec<u8>, i64)> = admin
-        .query("SELECT value, base_revision FROM etcd_sync.outbox ORDER BY id", &[])
+        .query(
+            "SELECT value, base_revision FROM etcd_sync.outbox ORDER BY id",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -231,7 +233,10 @@ async fn a_repair_from_etcd_does_not_resurrect_a_key_deleted_since_the_diff() ->
         },
     };
     // The watcher applies the put at 8 and the delete at 11.
-    for keys in [vec![created("/k", "v", 8)], vec![deleted("/k", 11, (8, "v"))]] {
+    for keys in [
+        vec![created("/k", "v", 8)],
+        vec![deleted("/k", 11, (8, "v"))],
+    ] {
         store
             .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
             .await?;
@@ -266,10 +271,8 @@ async fn a_repair_from_etcd_does_not_resurrect_a_key_deleted_since_the_diff() ->
 #[tokio::test]
 async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff()
 -> anyhow::Result<()> {
-    let (store, db) = store_with(
-        "[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"pg-wins\"\n",
-    )
-    .await?;
+    let (store, db) =
+        store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"pg-wins\"\n").await?;
     assert!(store.claim_term(1, "n1", 1).await?);
     let fence = Fence {
         term: 1,
@@ -308,6 +311,10 @@ async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(outbox, vec!["delete"], "only the user's delete goes to etcd");
+    assert_eq!(
+        outbox,
+        vec!["delete"],
+        "only the user's delete goes to etcd"
+    );
     Ok(())
 }

@@ -528,9 +528,8 @@ impl Config {
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::Parse(format!("config file {}: {e}", path.display()))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Parse(format!("config file {}: {e}", path.display())))?;
             check_toml_syntax(path, &text)?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
@@ -868,8 +867,8 @@ impl PostgresConfig {
         let Ok(url) = url::Url::parse(self.url.expose()) else {
             return false;
         };
-        let password_in_url = url.password().is_some()
-            || url.query_pairs().any(|(name, _)| name == "password");
+        let password_in_url =
+            url.password().is_some() || url.query_pairs().any(|(name, _)| name == "password");
         let explicit = url.query_pairs().any(|(name, _)| name == "channel_binding");
         self.tls.mode == SslMode::Require
             && (self.password.is_some() || password_in_url)
@@ -924,8 +923,14 @@ impl PostgresConfig {
                         }
                     }
                 }
-                "sslcrl" | "sslcrldir" | "sslpassword" | "sslsni" | "sslcompression"
-                | "sslcertmode" | "ssl_min_protocol_version" | "ssl_max_protocol_version" => {
+                "sslcrl"
+                | "sslcrldir"
+                | "sslpassword"
+                | "sslsni"
+                | "sslcompression"
+                | "sslcertmode"
+                | "ssl_min_protocol_version"
+                | "ssl_max_protocol_version" => {
                     return Err(ConfigError::invalid(
                         key,
                         format!("{name} is not supported; see [postgres.tls] for what is"),

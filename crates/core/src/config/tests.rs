@@ -380,7 +380,10 @@ fn a_password_anywhere_in_the_url_is_never_printed() {
     let debug = format!("{config:?}");
     let postgres_debug = format!("{:?}", config.postgres);
     for secret in ["inline-pass", "query-pass"] {
-        assert!(!shown.contains(secret), "check-config leaks {secret}:\n{shown}");
+        assert!(
+            !shown.contains(secret),
+            "check-config leaks {secret}:\n{shown}"
+        );
         assert!(!debug.contains(secret), "Debug leaks {secret}");
         assert!(!postgres_debug.contains(secret), "Debug leaks {secret}");
     }
@@ -392,7 +395,10 @@ fn a_password_anywhere_in_the_url_is_never_printed() {
     )
     .unwrap_err()
     .to_string();
-    assert!(!error.contains("pa ss") && !error.contains("query-pass"), "{error}");
+    assert!(
+        !error.contains("pa ss") && !error.contains("query-pass"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -403,7 +409,10 @@ fn toml_syntax_errors_give_the_position_not_the_line() {
     )
     .unwrap_err()
     .to_string();
-    assert!(!error.contains("hunter2"), "the error echoes a secret: {error}");
+    assert!(
+        !error.contains("hunter2"),
+        "the error echoes a secret: {error}"
+    );
     assert!(error.contains("line 3"), "{error}");
 }
 
@@ -437,14 +446,24 @@ fn secret_files_readable_by_others_or_empty_are_refused() {
     for mode in [0o644, 0o604, 0o660] {
         let secret = secret_file("pw\n", mode);
         let error = load_str(
-            &format!("[postgres]\npassword_file = \"{}\"\n", secret.path().display()),
+            &format!(
+                "[postgres]\npassword_file = \"{}\"\n",
+                secret.path().display()
+            ),
             &[],
         );
-        assert_eq!(invalid_key(error), "postgres.password_file", "mode {mode:o}");
+        assert_eq!(
+            invalid_key(error),
+            "postgres.password_file",
+            "mode {mode:o}"
+        );
     }
     let private = secret_file("pw\n", 0o600);
     let config = load_str(
-        &format!("[postgres]\npassword_file = \"{}\"\n", private.path().display()),
+        &format!(
+            "[postgres]\npassword_file = \"{}\"\n",
+            private.path().display()
+        ),
         &[],
     )
     .unwrap();
@@ -496,7 +515,11 @@ fn etcd_credentials_over_plain_http_only_to_loopback() {
     }
     // Without credentials, plain http anywhere is the operator's choice.
     assert!(
-        load_str("", &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://etcd.example:2379")]).is_ok()
+        load_str(
+            "",
+            &[("ETCD_PG_SYNC__ETCD__ENDPOINTS", "http://etcd.example:2379")]
+        )
+        .is_ok()
     );
 }
 
@@ -508,27 +531,61 @@ fn sslmode_and_certificates_in_the_url_are_honoured_as_libpq_does() {
             &[],
         )
     };
-    let config = url("sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem&application_name=x").unwrap();
+    let config = url(
+        "sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem&application_name=x",
+    )
+    .unwrap();
     assert_eq!(config.postgres.tls.mode, SslMode::VerifyFull);
-    assert_eq!(config.postgres.tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
-    assert_eq!(config.postgres.tls.cert_file.as_deref(), Some(Path::new("/c.pem")));
-    assert_eq!(config.postgres.tls.key_file.as_deref(), Some(Path::new("/k.pem")));
+    assert_eq!(
+        config.postgres.tls.ca_file.as_deref(),
+        Some(Path::new("/ca.pem"))
+    );
+    assert_eq!(
+        config.postgres.tls.cert_file.as_deref(),
+        Some(Path::new("/c.pem"))
+    );
+    assert_eq!(
+        config.postgres.tls.key_file.as_deref(),
+        Some(Path::new("/k.pem"))
+    );
     assert_eq!(
         config.postgres.url.expose(),
         "postgres://u@db.example:5432/app?application_name=x",
         "the TLS settings move to [postgres.tls]"
     );
-    assert_eq!(url("sslmode=require").unwrap().postgres.tls.mode, SslMode::Require);
     assert_eq!(
-        url("sslmode=require&sslrootcert=/ca.pem").unwrap().postgres.tls.mode,
+        url("sslmode=require").unwrap().postgres.tls.mode,
+        SslMode::Require
+    );
+    assert_eq!(
+        url("sslmode=require&sslrootcert=/ca.pem")
+            .unwrap()
+            .postgres
+            .tls
+            .mode,
         SslMode::VerifyCa,
         "libpq verifies the CA when a root certificate is given"
     );
-    assert_eq!(url("sslmode=disable").unwrap().postgres.tls.mode, SslMode::Disable);
-    for silent_fallback in ["sslmode=prefer", "sslmode=allow", "sslmode=bogus", "sslcrl=/x"] {
-        assert_eq!(invalid_key(url(silent_fallback)), "postgres.url", "{silent_fallback}");
+    assert_eq!(
+        url("sslmode=disable").unwrap().postgres.tls.mode,
+        SslMode::Disable
+    );
+    for silent_fallback in [
+        "sslmode=prefer",
+        "sslmode=allow",
+        "sslmode=bogus",
+        "sslcrl=/x",
+    ] {
+        assert_eq!(
+            invalid_key(url(silent_fallback)),
+            "postgres.url",
+            "{silent_fallback}"
+        );
     }
-    assert_eq!(invalid_key(url("sslmode=verify-full")), "postgres.tls.ca_file");
+    assert_eq!(
+        invalid_key(url("sslmode=verify-full")),
+        "postgres.tls.ca_file"
+    );
     // The URL and [postgres.tls] disagreeing is an error, not a guess.
     let conflict = load_str(
         "[postgres]\nurl = \"postgres://u@h/db?sslmode=require\"\n[postgres.tls]\nmode = \"verify-full\"\nca_file = \"/ca.pem\"\n",
@@ -544,12 +601,28 @@ fn a_password_without_server_verification_requires_channel_binding() {
     };
     let require = "[postgres.tls]\nmode = \"require\"\n";
     let verify = "[postgres.tls]\nmode = \"verify-full\"\nca_file = \"/ca.pem\"\n";
-    assert!(config("postgres://u:pw@h/db", require, &[]).postgres.requires_channel_binding());
     assert!(
-        config("postgres://u@h/db", require, &[("ETCD_PG_SYNC__POSTGRES__PASSWORD", "pw")])
+        config("postgres://u:pw@h/db", require, &[])
             .postgres
             .requires_channel_binding()
     );
-    assert!(!config("postgres://u@h/db", require, &[]).postgres.requires_channel_binding());
-    assert!(!config("postgres://u:pw@h/db", verify, &[]).postgres.requires_channel_binding());
+    assert!(
+        config(
+            "postgres://u@h/db",
+            require,
+            &[("ETCD_PG_SYNC__POSTGRES__PASSWORD", "pw")]
+        )
+        .postgres
+        .requires_channel_binding()
+    );
+    assert!(
+        !config("postgres://u@h/db", require, &[])
+            .postgres
+            .requires_channel_binding()
+    );
+    assert!(
+        !config("postgres://u:pw@h/db", verify, &[])
+            .postgres
+            .requires_channel_binding()
+    );
 }

@@ -488,8 +488,16 @@ fn a_resync_agreeing_with_an_earlier_local_change_keeps_the_later_ones() {
     ] {
         let plan = plan_key(ctx(policy), &pending, &[observed_value("v1", 20)]);
         assert_eq!(plan.consumed, vec![1], "{policy:?}");
-        assert_eq!(plan.rebased, vec![(2, 20)], "v2 goes on top of v1's revision");
-        assert!(plan.conflicts.is_empty(), "{policy:?}: {:?}", plan.conflicts);
+        assert_eq!(
+            plan.rebased,
+            vec![(2, 20)],
+            "v2 goes on top of v1's revision"
+        );
+        assert!(
+            plan.conflicts.is_empty(),
+            "{policy:?}: {:?}",
+            plan.conflicts
+        );
         assert_eq!(plan.history[0].origin, Origin::Pg);
         assert_eq!(
             plan.mirror.0,

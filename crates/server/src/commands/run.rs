@@ -191,6 +191,7 @@ async fn start_and_lead(
     };
     actix_rt::spawn(monitor::run(
         health,
+        board.clone(),
         monitor_store,
         Some(etcd.clone()),
         shutdown.clone(),
@@ -201,6 +202,7 @@ async fn start_and_lead(
         etcd,
         board,
         status: node_status,
+        leftover_leases: Arc::default(),
     };
     let node_task = actix_rt::spawn(node.run(shutdown.clone()));
     shutdown.cancelled().await;
