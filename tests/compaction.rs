@@ -221,12 +221,13 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
         stdout.contains("missing-in-pg") && stdout.contains("/a/k2"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("missing-in-pg") && stdout.contains("/a/added-while-stopped"),
-        "{stdout}"
-    );
+    // etcd's change after the checkpoint is not drift: the leader has not
+    // applied it yet (none runs). "Repairing" it could push the mirror's
+    // older state over etcd's newer one.
+    assert!(!stdout.contains("/a/added-while-stopped"), "{stdout}");
+    assert!(stdout.contains("1 in flight"), "{stdout}");
     assert!(stdout.contains("/b/k3"), "{stdout}");
-    assert!(stdout.contains("4 difference(s)"), "{stdout}");
+    assert!(stdout.contains("3 difference(s)"), "{stdout}");
     let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"]).await?;
     assert_eq!(code, 1);
     assert!(
@@ -236,7 +237,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
 
     let (code, stdout, stderr) = cli(&world, &["verify", "--repair"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("4 repaired"), "{stdout}");
+    assert!(stdout.contains("3 repaired"), "{stdout}");
     // etcd-wins repaired PostgreSQL; pg-wins queued PostgreSQL's value for
     // etcd, which the leader applies when it runs.
     service.restart()?;

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use eps_core::mapping::Mapping;
 use eps_core::model::KeyValue;
 use eps_etcd::{EtcdClient, EtcdError};
-use eps_store::mirror::MirrorRow;
+use eps_store::mirror::{MirrorRow, PageRequest};
 use eps_store::{Store, StoreError};
 
 /// Target bytes per page (values can be 1.5 MiB each).
@@ -45,6 +45,10 @@ pub enum DiffError {
 fn adaptive_limit(max: usize, avg_bytes: usize) -> usize {
     (PAGE_BYTES / avg_bytes.max(1)).clamp(1, max)
 }
+
+/// The entry size assumed before any is seen: the first page asks for 16
+/// keys, so a keyspace of large values does not start with a huge message.
+const FIRST_GUESS_BYTES: usize = PAGE_BYTES / 16;
 
 pub struct DiffCursor<'a> {
     etcd: &'a EtcdClient,
@@ -95,7 +99,7 @@ impl<'a> DiffCursor<'a> {
             pg_buf: VecDeque::new(),
             pg_after: None,
             pg_done: false,
-            avg_bytes: 256,
+            avg_bytes: FIRST_GUESS_BYTES,
             etcd_keys: 0,
             pg_rows: 0,
         }
@@ -154,11 +158,18 @@ impl<'a> DiffCursor<'a> {
             let Some(from) = self.etcd_next.take() else {
                 break;
             };
-            let limit = adaptive_limit(self.page_size, self.avg_bytes);
-            let page = self
-                .etcd
-                .range_page(&from, self.end.as_deref(), self.revision, limit)
-                .await?;
+            let mut limit = adaptive_limit(self.page_size, self.avg_bytes);
+            let page = loop {
+                match self
+                    .etcd
+                    .range_page(&from, self.end.as_deref(), self.revision, limit)
+                    .await
+                {
+                    // Larger than the client accepts: fewer keys per page.
+                    Err(EtcdError::ResponseTooLarge(_)) if limit > 1 => limit /= 2,
+                    other => break other?,
+                }
+            };
             if let Some(last) = page.kvs.last() {
                 if page.more {
                     self.etcd_next = Some(eps_core::keys::successor(&last.key));
@@ -176,21 +187,23 @@ impl<'a> DiffCursor<'a> {
                 .extend(page.kvs.into_iter().filter(|kv| mapping.contains(&kv.key)));
         }
         if self.pg_buf.is_empty() && !self.pg_done {
-            let limit = adaptive_limit(self.page_size, self.avg_bytes);
-            let rows = self
+            let page = self
                 .store
                 .mirror_page(
                     &self.mapping.table,
-                    &self.start,
-                    self.end.as_deref(),
-                    self.pg_after.as_deref(),
-                    limit,
+                    PageRequest {
+                        start: &self.start,
+                        end: self.end.as_deref(),
+                        after: self.pg_after.as_deref(),
+                        rows: self.page_size,
+                        bytes: PAGE_BYTES,
+                    },
                 )
                 .await?;
-            self.pg_done = rows.len() < limit;
-            self.pg_after = rows.last().map(|r| r.key.clone());
-            self.pg_rows += rows.len() as u64;
-            self.pg_buf.extend(rows);
+            self.pg_done = !page.more;
+            self.pg_after = page.rows.last().map(|r| r.key.clone());
+            self.pg_rows += page.rows.len() as u64;
+            self.pg_buf.extend(page.rows);
         }
         Ok(())
     }

@@ -18,6 +18,10 @@ pub enum EtcdError {
     /// The request exceeds etcd's request size limit.
     #[error("etcd rejected the request as too large: {0}")]
     TooLarge(String),
+    /// etcd's answer exceeds `etcd.max_response_bytes`: ask for less (a
+    /// smaller page).
+    #[error("etcd's response is larger than etcd.max_response_bytes: {0}")]
+    ResponseTooLarge(String),
     /// Authentication failed or the user lacks permission.
     #[error("etcd denied the request: {0}")]
     PermissionDenied(String),
@@ -40,6 +44,7 @@ impl Classify for EtcdError {
             EtcdError::Other { retryable, .. } => *retryable,
             EtcdError::Compacted { .. }
             | EtcdError::TooLarge(_)
+            | EtcdError::ResponseTooLarge(_)
             | EtcdError::PermissionDenied(_)
             | EtcdError::Tls(_)
             | EtcdError::Invalid(_) => false,
@@ -112,6 +117,10 @@ fn from_status(status: &tonic::Status) -> EtcdError {
     };
     if is_tls(&message) && !message.contains("etcdserver") {
         return EtcdError::Tls(message);
+    }
+    // tonic refusing to decode a message over the client's limit.
+    if message.contains("decoded message length too large") {
+        return EtcdError::ResponseTooLarge(message);
     }
     match i32::from(status.code()) {
         UNAVAILABLE | CANCELLED => EtcdError::Unavailable(message),

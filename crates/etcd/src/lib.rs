@@ -22,16 +22,15 @@ pub use error::EtcdError;
 pub use txn::{CasOutcome, CasWrite, LeaderFence};
 pub use watch::{ProgressRequester, WatchItem, WatchItems, WatchSession};
 
-/// gRPC messages may carry a txn of 128 values of 1.5 MiB and watch
-/// responses of many revisions: raise tonic's 4 MiB default (pitfall 12).
-const MAX_DECODING_BYTES: usize = 512 * 1024 * 1024;
-
 /// A connected etcd client. Cheap to clone (shares the channel).
 #[derive(Clone)]
 pub struct EtcdClient {
     client: etcd_client::Client,
     kv: etcd_client::KvClient,
     request_timeout: Duration,
+    /// tonic's limit on one message from etcd (its default, 4 MiB, is less
+    /// than a txn response of large values): `etcd.max_response_bytes`.
+    max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -83,13 +82,15 @@ impl EtcdClient {
         )
         .await
         .map_err(|_| EtcdError::Timeout(request_timeout))??;
+        let max_response_bytes = config.max_response_bytes;
         let kv = client
             .kv_client()
-            .max_decoding_message_size(MAX_DECODING_BYTES);
+            .max_decoding_message_size(max_response_bytes);
         let connected = Self {
             client,
             kv,
             request_timeout,
+            max_response_bytes,
         };
         // Channels connect lazily: ask once so that a refused certificate
         // or password shows here, with its reason.
@@ -99,6 +100,10 @@ impl EtcdClient {
 
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_response_bytes
     }
 
     /// Runs one unary request under the request timeout.

@@ -5,12 +5,14 @@ use eps_core::model::EtcdEvent;
 use etcd_client::WatchOptions;
 
 use crate::error::EtcdError;
-use crate::{EtcdClient, MAX_DECODING_BYTES, convert};
+use crate::{EtcdClient, convert};
 
 #[derive(Debug)]
 pub enum WatchItem {
-    /// The events of one watch response: whole revisions, in order (etcd
-    /// never splits a revision across responses unless asked to fragment).
+    /// Events of whole revisions, in order. etcd fragments its responses
+    /// (at `--max-request-bytes`, asked for so that a catch-up over many
+    /// revisions of large values stays in small messages); the fragments
+    /// are put back together at revision boundaries.
     Events(Vec<EtcdEvent>),
     /// Progress notification: every event of the range up to this revision
     /// has been delivered.
@@ -21,7 +23,14 @@ pub enum WatchItem {
 
 pub struct WatchSession {
     requests: etcd_client::WatchRequestSender,
-    responses: etcd_client::WatchResponseStream,
+    responses: Responses,
+}
+
+/// The response stream, with the events of a revision whose fragments have
+/// not all arrived yet.
+struct Responses {
+    stream: etcd_client::WatchResponseStream,
+    held: Vec<EtcdEvent>,
 }
 
 impl WatchSession {
@@ -37,11 +46,12 @@ impl WatchSession {
             .with_range(eps_core::keys::range_end_for_etcd(end))
             .with_start_revision(from_revision)
             .with_prev_key()
-            .with_progress_notify();
+            .with_progress_notify()
+            .with_fragment();
         let mut watch_client = client
             .raw()
             .watch_client()
-            .max_decoding_message_size(MAX_DECODING_BYTES);
+            .max_decoding_message_size(client.max_response_bytes());
         let stream = tokio::time::timeout(
             client.request_timeout(),
             watch_client.watch(crate::range_start(start), Some(options)),
@@ -51,7 +61,10 @@ impl WatchSession {
         let (requests, responses) = stream.split();
         Ok(Self {
             requests,
-            responses,
+            responses: Responses {
+                stream: responses,
+                held: Vec::new(),
+            },
         })
     }
 
@@ -83,7 +96,7 @@ impl WatchSession {
 
 /// The reading half of a [`WatchSession`].
 pub struct WatchItems {
-    responses: etcd_client::WatchResponseStream,
+    responses: Responses,
 }
 
 impl WatchItems {
@@ -106,11 +119,9 @@ impl ProgressRequester {
     }
 }
 
-async fn next_item(
-    responses: &mut etcd_client::WatchResponseStream,
-) -> Result<Option<WatchItem>, EtcdError> {
+async fn next_item(responses: &mut Responses) -> Result<Option<WatchItem>, EtcdError> {
     loop {
-        let Some(response) = responses.message().await? else {
+        let Some(response) = responses.stream.message().await? else {
             return Ok(None);
         };
         if response.canceled() {
@@ -136,11 +147,18 @@ async fn next_item(
             let revision = response.header().map_or(0, |h| h.revision());
             return Ok(Some(WatchItem::Progress(revision)));
         }
-        let events = response
-            .events()
-            .iter()
-            .filter_map(convert::event)
-            .collect();
+        let mut events = std::mem::take(&mut responses.held);
+        events.extend(response.events().iter().filter_map(convert::event));
+        if response.0.fragment {
+            // More of this response follows: its last revision may go on
+            // in the next fragment, so it waits for it.
+            let last = events.last().map_or(0, |e| e.revision);
+            let split = events.partition_point(|e| e.revision < last);
+            responses.held = events.split_off(split);
+            if events.is_empty() {
+                continue;
+            }
+        }
         return Ok(Some(WatchItem::Events(events)));
     }
 }

@@ -225,22 +225,10 @@ impl Store {
     pub async fn mirror_page(
         &self,
         table: &Ident,
-        start: &[u8],
-        end: Option<&[u8]>,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<mirror::MirrorRow>, StoreError> {
+        request: mirror::PageRequest<'_>,
+    ) -> Result<mirror::Page, StoreError> {
         let mut conn = self.pool.get().await?;
-        mirror::page(
-            &mut conn,
-            self.connector.schema(),
-            table,
-            start,
-            end,
-            after,
-            limit,
-        )
-        .await
+        mirror::page(&mut conn, self.connector.schema(), table, request).await
     }
 
     /// A page of a mirror table and the snapshot it was read at (see
@@ -248,22 +236,10 @@ impl Store {
     pub async fn mirror_page_at_snapshot(
         &self,
         table: &Ident,
-        start: &[u8],
-        end: Option<&[u8]>,
-        after: Option<&[u8]>,
-        limit: usize,
+        request: mirror::PageRequest<'_>,
     ) -> Result<mirror::SnapshotPage, StoreError> {
         let mut conn = self.pool.get().await?;
-        mirror::page_at_snapshot(
-            &mut conn,
-            self.connector.schema(),
-            table,
-            start,
-            end,
-            after,
-            limit,
-        )
-        .await
+        mirror::page_at_snapshot(&mut conn, self.connector.schema(), table, request).await
     }
 
     pub async fn requested_resolutions(&self) -> Result<Vec<ledger::ConflictRow>, StoreError> {

@@ -46,6 +46,16 @@ fn created(key: &str, value: &str, revision: i64) -> KeyInputs {
     }
 }
 
+fn whole_table() -> eps_store::mirror::PageRequest<'static> {
+    eps_store::mirror::PageRequest {
+        start: b"",
+        end: None,
+        after: None,
+        rows: 100,
+        bytes: 1 << 20,
+    }
+}
+
 /// Waits until a session of the service waits for a lock.
 async fn wait_until_blocked(admin: &tokio_postgres::Client) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -156,9 +166,7 @@ async fn a_change_committed_during_restore_stays_queued_on_the_restored_revision
         )
         .await?;
     let table = eps_core::ident::Ident::parse("kv").unwrap();
-    let page = store
-        .mirror_page_at_snapshot(&table, b"", None, None, 100)
-        .await?;
+    let page = store.mirror_page_at_snapshot(&table, whole_table()).await?;
     assert_eq!(page.rows[0].value, b"queued-before");
     // ... the page is written to the new etcd at revision 2, and meanwhile:
     admin
@@ -288,8 +296,9 @@ async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff(
         .await?;
     let table = eps_core::ident::Ident::parse("kv").unwrap();
     let seen = store
-        .mirror_page(&table, b"/k", None, None, 1)
+        .mirror_page(&table, whole_table())
         .await?
+        .rows
         .pop()
         .unwrap();
     // The user deletes the row after the diff read it.

@@ -187,6 +187,11 @@ pub struct EtcdConfig {
     /// dead-lettered instead of sent.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Largest message accepted from etcd. Reads are paged and watch
+    /// responses fragmented by bytes, so one message holds one page (about
+    /// 8 MiB) or one revision; this is only the guard against a larger one.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
 }
 
 impl Default for EtcdConfig {
@@ -201,6 +206,7 @@ impl Default for EtcdConfig {
             request_timeout_ms: default_request_timeout_ms(),
             max_txn_ops: default_max_txn_ops(),
             max_request_bytes: default_max_request_bytes(),
+            max_response_bytes: default_max_response_bytes(),
         }
     }
 }
@@ -219,6 +225,9 @@ fn default_max_txn_ops() -> usize {
 }
 fn default_max_request_bytes() -> usize {
     1_572_864
+}
+fn default_max_response_bytes() -> usize {
+    512 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -674,6 +683,14 @@ impl Config {
             return Err(ConfigError::invalid(
                 "etcd.max_request_bytes",
                 "must be at least 65536",
+            ));
+        }
+        // One watch event carries a value and its previous value, each up to
+        // a request's size: a message must hold that, and a page.
+        if etcd.max_response_bytes < 4 * etcd.max_request_bytes {
+            return Err(ConfigError::invalid(
+                "etcd.max_response_bytes",
+                "must be at least 4 times etcd.max_request_bytes",
             ));
         }
         positive("etcd.connect_timeout_ms", etcd.connect_timeout_ms)?;

@@ -226,10 +226,13 @@ pub async fn run_restore(
             let page = store
                 .mirror_page_at_snapshot(
                     &mapping.table,
-                    &start,
-                    end.as_deref(),
-                    after.as_deref(),
-                    config.sync.snapshot_page_size,
+                    eps_store::mirror::PageRequest {
+                        start: &start,
+                        end: end.as_deref(),
+                        after: after.as_deref(),
+                        rows: config.sync.snapshot_page_size,
+                        bytes: eps_actors::diff::PAGE_BYTES,
+                    },
                 )
                 .await?;
             let rows = &page.rows;
@@ -274,7 +277,7 @@ pub async fn run_restore(
                 txns += 1;
                 progress.set(restored);
             }
-            if rows.len() < config.sync.snapshot_page_size {
+            if !page.more {
                 break;
             }
         }
