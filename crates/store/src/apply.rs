@@ -127,8 +127,79 @@ struct LockedRows {
     /// The lock statement's snapshot (`pg_snapshot` as text).
     #[diesel(sql_type = Text)]
     snapshot: String,
+    /// The rows locked.
     #[diesel(sql_type = Array<Bytea>)]
     keys: Vec<Vec<u8>>,
+    /// The rows the snapshot saw (a superset: a row deleted by a
+    /// transaction the lock waited for is seen but not locked).
+    #[diesel(sql_type = Array<Bytea>)]
+    present: Vec<Vec<u8>>,
+}
+
+/// How many times the keys whose rows changed under the lock statement are
+/// locked again before they are treated as absent.
+const LOCK_ROUNDS: usize = 3;
+
+/// The mirror rows of a batch's keys, locked: `locked` are held until the
+/// transaction ends; `absent` had no row at the snapshot of the statement
+/// that looked for them (keys and snapshots, in parallel).
+struct LockedKeys {
+    locked: std::collections::HashSet<Vec<u8>>,
+    absent_keys: Vec<Vec<u8>>,
+    absent_snapshots: Vec<String>,
+}
+
+/// Locks the rows of `keys`. A row the lock statement's snapshot saw but
+/// that was deleted (or deleted and created again) by a transaction the
+/// lock waited for is looked for again: planning it as absent would leave
+/// out that transaction's changes (a delete whose echo rebase is then
+/// missed brings the row back).
+async fn lock_keys(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    keys: &[&[u8]],
+) -> Result<LockedKeys, StoreError> {
+    let mut result = LockedKeys {
+        locked: std::collections::HashSet::new(),
+        absent_keys: Vec::new(),
+        absent_snapshots: Vec::new(),
+    };
+    let mut to_lock: Vec<&[u8]> = keys.to_vec();
+    for round in 1..=LOCK_ROUNDS {
+        let rows: LockedRows = diesel::sql_query(format!(
+            "WITH present AS (SELECT key FROM {table} WHERE key = ANY($1)), \
+                  locked AS (SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
+             SELECT pg_current_snapshot()::text AS snapshot, \
+                    coalesce((SELECT array_agg(key) FROM locked), '{{}}') AS keys, \
+                    coalesce((SELECT array_agg(key) FROM present), '{{}}') AS present"
+        ))
+        .bind::<Array<Bytea>, _>(&to_lock)
+        .get_result(conn)
+        .await?;
+        let present: std::collections::HashSet<&[u8]> =
+            rows.present.iter().map(Vec::as_slice).collect();
+        let mut again = Vec::new();
+        for key in to_lock {
+            let is_locked = rows.keys.iter().any(|k| k.as_slice() == key);
+            if is_locked {
+                continue;
+            }
+            if present.contains(key) && round < LOCK_ROUNDS {
+                again.push(key);
+            } else {
+                // Absent at this snapshot (or still changing after the last
+                // round: its later changes stay queued for the compare).
+                result.absent_keys.push(key.to_vec());
+                result.absent_snapshots.push(rows.snapshot.clone());
+            }
+        }
+        result.locked.extend(rows.keys);
+        if again.is_empty() {
+            break;
+        }
+        to_lock = again;
+    }
+    Ok(result)
 }
 
 #[derive(QueryableByName)]
@@ -207,29 +278,25 @@ async fn apply_table(
     // below leave it alone (`locked`). So for such a key, only the changes
     // committed before this statement's snapshot are planned (the ones the
     // absence reflects); later ones stay in the outbox for the compare.
-    let locked: LockedRows = diesel::sql_query(format!(
-        "WITH locked AS (SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
-         SELECT pg_current_snapshot()::text AS snapshot, \
-                coalesce((SELECT array_agg(key) FROM locked), '{{}}') AS keys"
-    ))
-    .bind::<Array<Bytea>, _>(&key_list)
-    .get_result(conn)
-    .await?;
-    let locked_keys = locked.keys;
+    let keys_locked = lock_keys(conn, &table, &key_list).await?;
+    let locked_keys: Vec<&[u8]> = keys_locked.locked.iter().map(Vec::as_slice).collect();
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
                 (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id \
-         FROM outbox WHERE mirror_table = $1 AND key = ANY($2) \
-           AND (key = ANY($3) OR xact IS NULL OR pg_visible_in_snapshot(xact, $4::pg_snapshot)) \
+         FROM outbox o WHERE mirror_table = $1 AND key = ANY($2) \
+           AND (key = ANY($3) OR xact IS NULL \
+                OR EXISTS (SELECT 1 FROM unnest($4::bytea[], $5::text[]) AS a(key, snapshot) \
+                           WHERE a.key = o.key AND pg_visible_in_snapshot(o.xact, a.snapshot::pg_snapshot))) \
          ORDER BY key, id FOR UPDATE",
     )
     .bind::<Text, _>(mapping.table.as_str())
     .bind::<Array<Bytea>, _>(&key_list)
     .bind::<Array<Bytea>, _>(&locked_keys)
-    .bind::<Text, _>(&locked.snapshot)
+    .bind::<Array<Bytea>, _>(&keys_locked.absent_keys)
+    .bind::<Array<Text>, _>(&keys_locked.absent_snapshots)
     .load(conn)
     .await?;
-    let locked: std::collections::HashSet<Vec<u8>> = locked_keys.into_iter().collect();
+    let locked = keys_locked.locked;
     let moved = match &request.repair {
         Some(repair) => moved_since_diff(conn, &table, &key_list, repair).await?,
         None => std::collections::HashSet::new(),

@@ -327,3 +327,81 @@ async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff(
     );
     Ok(())
 }
+
+/// The apply waits for a user's transaction that deletes a row it is about
+/// to update with the echo of that user's own earlier change. The delete
+/// was made on top of that change: it must be rebased onto the echo's
+/// revision, and the row must not come back.
+#[tokio::test]
+async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> anyhow::Result<()> {
+    let (store, db) = store_with(
+        "[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n",
+    )
+    .await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let admin = db.client().await?;
+    admin
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
+             VALUES ('/k', 'v0', 10, 10, 1, 'etcd'); COMMIT; \
+             UPDATE etcd_sync.kv SET value = 'a' WHERE key = '/k';",
+        )
+        .await?;
+    let holder = db.client().await?;
+    holder
+        .batch_execute("BEGIN; DELETE FROM etcd_sync.kv WHERE key = '/k'")
+        .await?;
+    let apply = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let fence = Fence {
+                term: 1,
+                node: "n1".into(),
+            };
+            // The echo of the user's update to 'a'.
+            let keys = vec![KeyInputs {
+                key: b"/k".to_vec(),
+                inputs: vec![KeyInput::Event(EtcdEvent {
+                    op: Op::Put,
+                    key: b"/k".to_vec(),
+                    revision: 20,
+                    value: b"a".to_vec(),
+                    meta: KeyMeta {
+                        create_revision: 10,
+                        mod_revision: 20,
+                        version: 2,
+                        lease: 0,
+                    },
+                    prev: Some(eps_core::model::PrevKv {
+                        value: b"v0".to_vec(),
+                        mod_revision: 10,
+                    }),
+                })],
+            }];
+            store
+                .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
+                .await
+        }
+    });
+    wait_until_blocked(&admin).await?;
+    holder.batch_execute("COMMIT").await?;
+    apply.await??;
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM etcd_sync.kv WHERE key = '/k'", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0, "the user's delete was undone in PostgreSQL");
+    let queued: Vec<(String, i64)> = admin
+        .query("SELECT op, base_revision FROM etcd_sync.outbox ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        queued,
+        vec![("delete".to_string(), 20)],
+        "the delete goes to etcd on top of the echoed revision"
+    );
+    Ok(())
+}
