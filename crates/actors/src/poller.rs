@@ -369,7 +369,7 @@ async fn drain(
         let applied = *ctx.applied.borrow();
         let rows = ctx
             .store
-            .pending_outbox(ctx.config.sync.outbox_batch_size)
+            .pending_outbox(ctx.config.sync.outbox_batch_size, OUTBOX_READ_BYTES)
             .await?;
         state.prune(&rows, applied);
         let candidates = state.select(&rows, applied, Instant::now())?;
@@ -396,6 +396,12 @@ async fn drain(
                 }
             }
         }
+        // Durably "may have been sent" before etcd sees them: a resync
+        // takes only such a change for landed when etcd holds its value.
+        let ids: Vec<i64> = sendable.iter().map(|c| c.row.id).collect();
+        if !ids.is_empty() {
+            ctx.store.mark_sent(&ctx.fence, &ids).await?;
+        }
         // Several txns in flight: each holds distinct keys and every key
         // has one change per round, so they commute.
         let txns = chunks(sendable, ctx);
@@ -410,8 +416,13 @@ async fn drain(
     Ok(Drained::Done)
 }
 
-/// Concurrent etcd txns per round (BASELINES: 4 in flight ≈ 1.5× one).
+/// Concurrent etcd txns per round (4 in flight carry about 1.5 times the
+/// keys per second of one, measured on 2 cores).
 const TXNS_IN_FLIGHT: usize = 4;
+
+/// The outbox rows read per round hold at most about this many bytes of
+/// keys and values (plus one row): large values do not fill memory.
+const OUTBOX_READ_BYTES: usize = 32 * 1024 * 1024;
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,6 +98,9 @@ pub struct PendingChange {
     pub changed_at_us: i64,
     /// Set while the change is parked behind a pending `manual` conflict.
     pub conflict_id: Option<i64>,
+    /// The poller may have sent it to etcd (marked before the txn). A
+    /// change never sent cannot have landed, whatever etcd holds.
+    pub sent: bool,
 }
 
 /// Where a history row or mirror row came from.

@@ -120,6 +120,8 @@ struct PendingRow {
     changed_at_us: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     conflict_id: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    sent: bool,
 }
 
 #[derive(QueryableByName)]
@@ -282,7 +284,7 @@ async fn apply_table(
     let locked_keys: Vec<&[u8]> = keys_locked.locked.iter().map(Vec::as_slice).collect();
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
-                (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id \
+                (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id, sent \
          FROM outbox o WHERE mirror_table = $1 AND key = ANY($2) \
            AND (key = ANY($3) OR xact IS NULL \
                 OR EXISTS (SELECT 1 FROM unnest($4::bytea[], $5::text[]) AS a(key, snapshot) \
@@ -313,6 +315,7 @@ async fn apply_table(
             base_revision: row.base_revision,
             changed_at_us: row.changed_at_us,
             conflict_id: row.conflict_id,
+            sent: row.sent,
         });
     }
 

@@ -189,9 +189,20 @@ impl Store {
         .await
     }
 
-    pub async fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    /// See [`outbox::pending`].
+    pub async fn pending_outbox(
+        &self,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut conn = self.pool.get().await?;
-        outbox::pending(&mut conn, limit).await
+        outbox::pending(&mut conn, limit, max_bytes).await
+    }
+
+    /// See [`outbox::mark_sent`].
+    pub async fn mark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::mark_sent(&mut conn, fence, ids).await
     }
 
     pub async fn consume_outbox(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {

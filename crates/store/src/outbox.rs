@@ -61,23 +61,49 @@ impl DeadLetterKind {
 }
 
 /// The oldest pending changes, in commit order per key, leaving out keys
-/// parked behind a pending `manual` conflict.
+/// parked behind a pending `manual` conflict: at most `limit` rows and
+/// about `max_bytes` of keys and values (at least one row; the read stops
+/// after the row that reaches the budget).
 pub async fn pending(
     conn: &mut AsyncPgConnection,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let rows = diesel::sql_query(
-        "SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
-                (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us \
-         FROM outbox o \
-         WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
-                           AND p.key = o.key AND p.conflict_id IS NOT NULL) \
-         ORDER BY o.id LIMIT $1",
+        "SELECT id, mirror_table, key, op, value, base_revision, attempts, created_at_us FROM ( \
+             SELECT *, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM ( \
+                 SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
+                        (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us, \
+                        octet_length(o.key) + coalesce(octet_length(o.value), 0) AS size \
+                 FROM outbox o \
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
+                                   AND p.key = o.key AND p.conflict_id IS NOT NULL) \
+                 ORDER BY o.id LIMIT $1) AS oldest \
+         ) AS sized WHERE before < $2 ORDER BY id",
     )
     .bind::<BigInt, _>(limit as i64)
+    .bind::<BigInt, _>(max_bytes as i64)
     .load(conn)
     .await?;
     Ok(rows)
+}
+
+/// Marks changes as possibly sent to etcd, before the txn that sends them
+/// (see `PendingChange::sent`).
+pub async fn mark_sent(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        diesel::sql_query("UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent")
+            .bind::<Array<BigInt>, _>(ids)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Removes changes that took effect without an etcd event (deleting a key

@@ -334,10 +334,9 @@ async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff(
 /// revision, and the row must not come back.
 #[tokio::test]
 async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> anyhow::Result<()> {
-    let (store, db) = store_with(
-        "[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n",
-    )
-    .await?;
+    let (store, db) =
+        store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n")
+            .await?;
     assert!(store.claim_term(1, "n1", 1).await?);
     let admin = db.client().await?;
     admin
@@ -393,7 +392,10 @@ async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> any
         .get(0);
     assert_eq!(rows, 0, "the user's delete was undone in PostgreSQL");
     let queued: Vec<(String, i64)> = admin
-        .query("SELECT op, base_revision FROM etcd_sync.outbox ORDER BY id", &[])
+        .query(
+            "SELECT op, base_revision FROM etcd_sync.outbox ORDER BY id",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))

@@ -16,8 +16,10 @@
 //!   equals `p1`'s base): an echo of the service's own write — consume `p1`,
 //!   rebase the changes queued behind it onto `e`, history origin `pg`;
 //! - a resync's (or the arbiter's) state equal to a pending change `pi`
-//!   (the last such one): `pi` landed and its echo was lost (compaction, a
-//!   leader that died before applying it) — consume `p1..=pi`, history
+//!   that was sent (the last such one; a change never sent cannot have
+//!   landed, and a later one with an equal value may be behind a sent
+//!   change that etcd has yet to show): `pi` landed and its echo was lost
+//!   (compaction, a leader that died before applying it) — consume `p1..=pi`, history
 //!   origin `pg`; the earlier ones, whose fate is unknown, are recorded in a
 //!   resolved conflict; the changes after `pi` are carried on top of etcd's
 //!   state (never dropped: they are newer than anything etcd has);
@@ -505,14 +507,16 @@ fn is_echo(pending: &PendingChange, input: &KeyInput) -> bool {
     }
 }
 
-/// The last pending change whose state a resync's (or the arbiter's)
+/// The last sent pending change whose state a resync's (or the arbiter's)
 /// observation equals, if any.
 fn agreeing_change(pending: &[PendingChange], input: &KeyInput) -> Option<usize> {
     let KeyInput::Observed { state, .. } = input else {
         return None;
     };
     let observed = state.as_ref().map(|kv| kv.value.as_slice());
-    pending.iter().rposition(|p| p.value.as_deref() == observed)
+    pending
+        .iter()
+        .rposition(|p| p.sent && p.value.as_deref() == observed)
 }
 
 #[cfg(test)]

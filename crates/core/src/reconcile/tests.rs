@@ -54,6 +54,7 @@ fn pending_put(id: i64, value: &str, base: i64, at: i64) -> PendingChange {
         base_revision: base,
         changed_at_us: at,
         conflict_id: None,
+        sent: true,
     }
 }
 
@@ -65,6 +66,7 @@ fn pending_delete(id: i64, base: i64, at: i64) -> PendingChange {
         base_revision: base,
         changed_at_us: at,
         conflict_id: None,
+        sent: true,
     }
 }
 
@@ -532,6 +534,40 @@ fn a_resync_agreeing_with_an_earlier_local_change_keeps_the_later_ones() {
     assert_eq!(plan.consumed, vec![1]);
     assert!(plan.rebased.is_empty() && plan.conflicts.is_empty());
     assert_eq!(plan.mirror.0, MirrorAction::Leave);
+}
+
+/// The old leader sent A then B (chained: B is based on A's revision) and
+/// died before applying either echo or sending the user's third change, A
+/// again; etcd compacted past A. The resync at A's revision must not take
+/// the unsent third change for landed: B is still to come from the watch,
+/// and A must follow it.
+#[test]
+fn agreement_never_takes_an_unsent_change_for_landed() {
+    let mut third = pending_put(3, "A", 10, 700);
+    third.sent = false;
+    let pending = [
+        pending_put(1, "A", 10, 500),
+        pending_put(2, "B", 10, 600),
+        third,
+    ];
+    let plan = plan_key(ctx(Policy::EtcdWins), &pending, &[observed_value("A", 20)]);
+    assert_eq!(plan.consumed, vec![1], "only the sent A landed");
+    assert_eq!(plan.rebased, vec![(2, 20), (3, 20)]);
+    // Then the watch brings B at 21, the echo of the second change.
+    let mut rest = [pending_put(2, "B", 20, 600), pending_put(3, "A", 20, 700)];
+    rest[1].sent = false;
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &rest,
+        &[put(21, "B", Some((20, "A")))],
+    );
+    assert_eq!(plan.consumed, vec![2]);
+    assert_eq!(
+        plan.rebased,
+        vec![(3, 21)],
+        "the user's last A still goes to etcd"
+    );
+    assert!(plan.conflicts.is_empty());
 }
 
 #[test]
