@@ -169,6 +169,14 @@ fn not_applied_yet(difference: &Difference, applied: i64, revision: i64) -> bool
     }
 }
 
+/// True when etcd's state now is not the one the diff saw.
+fn etcd_moved(
+    seen: Option<&eps_core::model::KeyValue>,
+    now: Option<&eps_core::model::KeyValue>,
+) -> bool {
+    seen.map(|kv| kv.meta.mod_revision) != now.map(|kv| kv.meta.mod_revision)
+}
+
 /// Which side's state a repair keeps, by the mapping's policy. For
 /// `newest-wins`, PostgreSQL wins only when its row was written there after
 /// the service last saw etcd's side change (or etcd's side is unknown to it
@@ -258,9 +266,13 @@ async fn repair_from_pg(
     mapping: &Mapping,
     difference: &Difference,
 ) -> Result<Outcome, ActorError> {
-    // Based on etcd's current state: the poller's compare-and-swap applies
-    // it only if etcd has not moved since.
+    // Based on etcd's current state, which must still be the one the diff
+    // saw: a write etcd took since is newer than the drift and wins (queued
+    // on top of it, the repair would overwrite it without a trace).
     let (etcd_now, _) = etcd.get(&difference.key).await?;
+    if etcd_moved(difference.etcd.as_ref(), etcd_now.as_ref()) {
+        return Ok(Outcome::ChangedMeanwhile);
+    }
     let value = difference.pg.as_ref().map(|row| row.value.as_slice());
     let queued = store
         .enqueue_change(
@@ -315,6 +327,17 @@ mod tests {
                 updated_at: chrono::Utc::now(),
             }),
         }
+    }
+
+    #[test]
+    fn a_repair_from_postgres_yields_to_an_etcd_write_made_since_the_diff() {
+        let seen = difference(Some(15)).etcd;
+        let later = difference(Some(105)).etcd;
+        assert!(!etcd_moved(seen.as_ref(), seen.as_ref()));
+        assert!(etcd_moved(seen.as_ref(), later.as_ref()));
+        assert!(etcd_moved(None, later.as_ref()), "created since");
+        assert!(etcd_moved(seen.as_ref(), None), "deleted since");
+        assert!(!etcd_moved(None, None));
     }
 
     #[test]

@@ -305,10 +305,39 @@ pub async fn enqueue_change(
         if now.queued || row_now != row_seen {
             return Ok(false);
         }
+        if row_now.is_none() && !claim_absent_key(conn, &qualified, key).await? {
+            return Ok(false);
+        }
         requeue_as_local_change(conn, &qualified, table.as_str(), key, value, etcd_now).await?;
         Ok(true)
     })
     .await
+}
+
+/// Holds an absent key against a user's concurrent insert, as a row lock
+/// holds a present one: a placeholder row is inserted (waiting for an
+/// insert of the key in progress, which wins) and removed again, so the
+/// key's index entry stays ours until the transaction ends and a user's
+/// insert of it queues its change after ours. False when a row appeared.
+async fn claim_absent_key(
+    conn: &mut AsyncPgConnection,
+    qualified: &str,
+    key: &[u8],
+) -> Result<bool, StoreError> {
+    let claimed = diesel::sql_query(format!(
+        "INSERT INTO {qualified} (key, value) VALUES ($1, ''::bytea) ON CONFLICT (key) DO NOTHING"
+    ))
+    .bind::<Bytea, _>(key)
+    .execute(conn)
+    .await?;
+    if claimed == 0 {
+        return Ok(false);
+    }
+    diesel::sql_query(format!("DELETE FROM {qualified} WHERE key = $1"))
+        .bind::<Bytea, _>(key)
+        .execute(conn)
+        .await?;
+    Ok(true)
 }
 
 /// After `restore-etcd` wrote a page of mirror rows (`restored`: key, the

@@ -407,3 +407,55 @@ async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> any
     );
     Ok(())
 }
+
+/// `verify --repair` (PostgreSQL wins) found `/k` only in etcd and deletes
+/// it there, while a user's transaction is inserting `/k`. The user's row
+/// commits after the repair looked: it must not be queued behind the
+/// repair's delete (which would then delete the user's newer row in both
+/// stores).
+#[tokio::test]
+async fn a_repair_of_an_absent_row_waits_for_a_users_insert_of_it() -> anyhow::Result<()> {
+    let (store, db) =
+        store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"pg-wins\"\n").await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let admin = db.client().await?;
+    let user = db.client().await?;
+    user.batch_execute("BEGIN; INSERT INTO etcd_sync.kv (key, value) VALUES ('/k', 'c')")
+        .await?;
+    let repair = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let fence = Fence {
+                term: 1,
+                node: "verify@n1".into(),
+            };
+            let table = eps_core::ident::Ident::parse("kv").unwrap();
+            let etcd_now = eps_core::model::KeyValue {
+                key: b"/k".to_vec(),
+                value: b"only in etcd".to_vec(),
+                meta: KeyMeta {
+                    create_revision: 15,
+                    mod_revision: 15,
+                    version: 1,
+                    lease: 0,
+                },
+            };
+            store
+                .enqueue_change(&fence, &table, b"/k", None, Some(&etcd_now), None)
+                .await
+        }
+    });
+    // The repair either waits for the user's insert or does not queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    user.batch_execute("COMMIT").await?;
+    let queued = repair.await??;
+    assert!(!queued, "the row exists now: not the one the diff saw");
+    let ops: Vec<String> = admin
+        .query("SELECT op FROM etcd_sync.outbox ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ops, vec!["put"], "only the user's insert goes to etcd");
+    Ok(())
+}
