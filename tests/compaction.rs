@@ -493,3 +493,54 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(5)).await?;
     Ok(())
 }
+
+/// Writes to the new etcd while `restore-etcd` runs (clients do not wait
+/// for an operator) reach PostgreSQL once a replica runs: the checkpoint is
+/// the restore's start, not its end.
+#[tokio::test]
+async fn writes_to_etcd_during_restore_reach_postgres() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..20 {
+        etcd.put(format!("/a/k{i:02}"), format!("v{i}"), None)
+            .await?;
+    }
+    for i in 0..400 {
+        etcd.put(format!("/b/k{i:03}"), format!("v{i}"), None)
+            .await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    converge_both(&world).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    world.etcd = Etcd::start().await?;
+    let (code, stdout, stderr) = cli(&world, &["restore-etcd", "--prefix", "/a/"]).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // A client writes under /a/ while /b/ is restored, in small pages.
+    let stop = CancellationToken::new();
+    let writer = background_writer(world.etcd.endpoint(), "/a/live", stop.clone());
+    let mut env = cli_env(&world);
+    env.push(("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "5".into()));
+    env.push(("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "5".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("mappings.toml");
+    std::fs::write(&config, MAPPINGS)?;
+    let config = config.display().to_string();
+    let (code, stdout, stderr) = run_cli(
+        &["restore-etcd", "--prefix", "/b/", "--config", &config],
+        &env,
+    )
+    .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    stop.cancel();
+    assert!(writer.await? > 0);
+
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
+    assert!(state.keys().any(|k| k.starts_with(b"/a/live")));
+    wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(15)).await?;
+    Ok(())
+}

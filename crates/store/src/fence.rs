@@ -33,6 +33,9 @@ pub enum Checkpoint {
     Advance(i64),
     /// Set it to exactly this revision (a resync at R).
     Set(i64),
+    /// Move it back to this revision if it is past it (`restore-etcd`: the
+    /// watch must replay whatever the new etcd did from there).
+    AtMost(i64),
 }
 
 /// Checks the term, marks the transaction as the service's own (the mirror
@@ -43,10 +46,12 @@ pub async fn enter(
     fence: &Fence,
     checkpoint: Checkpoint,
 ) -> Result<i64, StoreError> {
-    let advance = |revision, exact: bool| {
+    let advance = |revision, how: &'static str| {
         diesel::sql_query(
             "UPDATE sync_state \
-             SET applied_revision = CASE WHEN $3 THEN $2 ELSE GREATEST(applied_revision, $2) END, \
+             SET applied_revision = CASE $3 WHEN 'set' THEN $2 \
+                                            WHEN 'at-most' THEN LEAST(applied_revision, $2) \
+                                            ELSE GREATEST(applied_revision, $2) END, \
                  applied_at = now() \
              WHERE id = 1 AND term = $1 \
              RETURNING set_config('etcd_sync.applying', 'on', true) AS applying, \
@@ -54,11 +59,12 @@ pub async fn enter(
         )
         .bind::<BigInt, _>(fence.term)
         .bind::<BigInt, _>(revision)
-        .bind::<diesel::sql_types::Bool, _>(exact)
+        .bind::<Text, _>(how)
     };
     let rows: Vec<FenceRow> = match checkpoint {
-        Checkpoint::Advance(revision) => advance(revision, false).load(conn).await?,
-        Checkpoint::Set(revision) => advance(revision, true).load(conn).await?,
+        Checkpoint::Advance(revision) => advance(revision, "advance").load(conn).await?,
+        Checkpoint::Set(revision) => advance(revision, "set").load(conn).await?,
+        Checkpoint::AtMost(revision) => advance(revision, "at-most").load(conn).await?,
         Checkpoint::Keep => {
             diesel::sql_query(
                 "SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \

@@ -172,6 +172,18 @@ impl Store {
         state::finish_resync(&mut conn, fence, revision, tables).await
     }
 
+    /// Moves the checkpoint back to `revision` if it is past it.
+    pub async fn lower_checkpoint(&self, fence: &Fence, revision: i64) -> Result<(), StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::AtMost(revision))
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// Records an audit event in its own (fenced) transaction.
     pub async fn record_event(
         &self,

@@ -205,6 +205,13 @@ pub async fn run_restore(
         );
     }
     let fence = command_fence(store, config, "restore-etcd").await?;
+    // Sync continues from the empty etcd's revision (or an earlier point of
+    // it, after an earlier restore of another prefix): whatever happens in
+    // etcd while the restore runs (a client's write, a restored lease
+    // ending) is replayed by the watch, and the restored puts themselves
+    // come back as no-ops. A checkpoint past it is the lost etcd's.
+    let start = etcd.current_revision().await?;
+    store.lower_checkpoint(&fence, start).await?;
     let mut total = 0u64;
     for mapping in &selected {
         total += store.mirror_rows(&mapping.table).await? as u64;
@@ -216,6 +223,7 @@ pub async fn run_restore(
         ttl: leased_keys_ttl,
         id: None,
         keys: 0,
+        keeper: None,
     };
     let max_ops = config.etcd.max_txn_ops;
     let max_bytes = config.etcd.max_request_bytes.saturating_sub(64 * 1024);
@@ -283,19 +291,17 @@ pub async fn run_restore(
         }
     }
     progress.finish();
-    // Sync continues from here: the new etcd's history starts now.
     let head = etcd.current_revision().await?;
-    store.set_checkpoint(&fence, head).await?;
     let detail = serde_json::json!({
         "keys": restored, "txns": txns, "queued_changes_consumed": consumed,
-        "checkpoint": head, "duration_ms": started.elapsed().as_millis() as u64,
+        "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
         "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
     });
     store
         .record_event(&fence, "restore-etcd", None, &detail)
         .await?;
     println!(
-        "restored {restored} keys into etcd in {txns} txns ({:.1} s); sync resumes from revision {head}",
+        "restored {restored} keys into etcd in {txns} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
         started.elapsed().as_secs_f64()
     );
     if consumed > 0 {
@@ -321,11 +327,39 @@ fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option
 /// The lease that keys restored from a leased row get: the old lease ids
 /// died with the old etcd, and a key restored without a lease would never
 /// expire (a stale lock or registration held forever). Granted when the
-/// first such key is restored, never kept alive.
+/// first such key is restored and kept alive while the restore runs (a
+/// lease that ended mid-way would fail the next txn); from then on its TTL
+/// runs out.
 struct RestoredLease {
     ttl: i64,
     id: Option<i64>,
     keys: u64,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RestoredLease {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+    }
+}
+
+/// Renews `lease` every third of its TTL until aborted.
+async fn keep_lease_alive(etcd: EtcdClient, lease: i64, ttl: i64) {
+    let interval = Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5));
+    let mut keeper = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        if keeper.is_none() {
+            keeper = etcd.keep_alive(lease).await.ok();
+        }
+        if let Some(k) = keeper.as_mut()
+            && k.renew().await.is_err()
+        {
+            keeper = None;
+        }
+    }
 }
 
 impl RestoredLease {
@@ -342,6 +376,7 @@ impl RestoredLease {
             None => {
                 let id = etcd.grant_lease(self.ttl).await?;
                 self.id = Some(id);
+                self.keeper = Some(tokio::spawn(keep_lease_alive(etcd.clone(), id, self.ttl)));
                 id
             }
         };
