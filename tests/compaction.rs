@@ -544,3 +544,31 @@ async fn writes_to_etcd_during_restore_reach_postgres() -> anyhow::Result<()> {
     wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(15)).await?;
     Ok(())
 }
+
+/// A mapping removed from the configuration and added back later: what etcd
+/// did under its prefix meanwhile reaches its table.
+#[tokio::test]
+async fn a_mapping_removed_and_added_back_catches_up() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/b/before", "1", None).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    converge_both(&world).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    world.extra_toml = "\n[[mappings]]\nprefix = \"/a/\"\ntable = \"kv_a\"\n".into();
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    etcd.put("/b/while-unmapped", "2", None).await?;
+    etcd.put("/a/x", "3", None).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    world.extra_toml = MAPPINGS.into();
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let state = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(15)).await?;
+    assert!(state.contains_key(b"/b/while-unmapped".as_slice()));
+    Ok(())
+}

@@ -15,10 +15,13 @@
 -- `synced` is false for a table created (or created again, after a DROP)
 -- while the checkpoint may already be past etcd's keys under its prefix:
 -- the leader then fills it from etcd at the checkpoint before going on.
+-- `trigger_owner` is the role whose sessions the triggers' WHEN clauses
+-- let skip them, fixed when `migrate` made them.
 CREATE TABLE @schema@.mirror_tables (
-    name   text PRIMARY KEY,
-    relid  oid NOT NULL UNIQUE,
-    synced boolean NOT NULL DEFAULT false
+    name          text PRIMARY KEY,
+    relid         oid NOT NULL UNIQUE,
+    synced        boolean NOT NULL DEFAULT false,
+    trigger_owner oid
 );
 
 -- A user's write keeps the row's etcd metadata (it is the compare base of the
@@ -217,7 +220,7 @@ BEGIN
         SELECT pg_catalog.array_agg(t.name ORDER BY t.name) INTO silenced
         FROM (VALUES ('etcd_sync_before'), ('etcd_sync_after')) AS t(name)
         LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = relation AND g.tgname = t.name
-        WHERE g.oid IS NULL OR g.tgenabled = 'D';
+        WHERE g.oid IS NULL OR g.tgenabled NOT IN ('O', 'A');
         IF silenced IS NOT NULL THEN
             RAISE WARNING 'mirror table %.%: triggers % were disabled or missing and are restored; '
                           'changes made meanwhile did not reach etcd: run `etcd-pg-sync verify`',
@@ -232,6 +235,7 @@ BEGIN
     -- trigger is made; `migrate` remakes it): bulk applies pay nothing.
     owner := (SELECT p.proowner FROM pg_catalog.pg_proc p
               WHERE p.oid = pg_catalog.format('%I.mirror_after_write()', s)::regprocedure);
+    UPDATE @schema@.mirror_tables SET trigger_owner = owner WHERE relid = relation;
     user_write := pg_catalog.format(
         'pg_catalog.current_setting(%L, true) IS DISTINCT FROM %L '
         'OR NOT pg_catalog.pg_has_role(session_user, %s::oid, %L)',

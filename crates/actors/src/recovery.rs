@@ -256,13 +256,14 @@ async fn resync_once(
         _ => mapped,
     };
     tracing::info!(?reason, revision, tables = walked.len(), "resync started");
+    let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
+    let walked_relids = ctx.store.table_relids(&walked_tables).await?;
     let mut counts = Counts::default();
     for mapping in &walked {
         walk(ctx, mapping, revision, origin, progress, &mut counts).await?;
     }
-    let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
     ctx.store
-        .finish_resync(&ctx.fence, revision, &walked_tables)
+        .finish_resync(&ctx.fence, revision, &walked_relids)
         .await?;
     let (kind, from) = match reason {
         ResyncReason::Initial => ("snapshot", 0),

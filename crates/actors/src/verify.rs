@@ -79,6 +79,9 @@ pub async fn verify(
     mut on_progress: impl FnMut(u64),
 ) -> Result<VerifyReport, ActorError> {
     let started = Instant::now();
+    // Before etcd's revision is read: an etcd change the mirror records
+    // after this is newer than what the diff sees.
+    let since = store.clock().await?;
     let revision = etcd.current_revision().await?;
     // Give a running leader the chance to apply everything up to `revision`.
     let deadline = Instant::now() + options.settle;
@@ -134,7 +137,7 @@ pub async fn verify(
             }
             let outcome = match (options.repair, fence) {
                 (true, Some(fence)) => {
-                    repair(etcd, store, fence, mapping, &difference, revision).await?
+                    repair(etcd, store, fence, mapping, &difference, (revision, since)).await?
                 }
                 _ => Outcome::Found,
             };
@@ -208,13 +211,14 @@ async fn repair_side(
     })
 }
 
+/// `at`: the diff's etcd revision and PostgreSQL's clock before it.
 async fn repair(
     etcd: &EtcdClient,
     store: &Store,
     fence: &Fence,
     mapping: &Mapping,
     difference: &Difference,
-    revision: i64,
+    at: (i64, chrono::DateTime<chrono::Utc>),
 ) -> Result<Outcome, ActorError> {
     // A one-way mapping repairs towards its target; `both` by policy.
     let side = match mapping.direction {
@@ -226,7 +230,7 @@ async fn repair(
         },
     };
     match side {
-        Side::Etcd => repair_from_etcd(store, fence, difference, revision).await,
+        Side::Etcd => repair_from_etcd(store, fence, difference, at).await,
         Side::Pg => repair_from_pg(etcd, store, fence, mapping, difference).await,
     }
 }
@@ -235,7 +239,7 @@ async fn repair_from_etcd(
     store: &Store,
     fence: &Fence,
     difference: &Difference,
-    revision: i64,
+    (revision, since): (i64, chrono::DateTime<chrono::Utc>),
 ) -> Result<Outcome, ActorError> {
     let keys = [KeyInputs {
         key: difference.key.clone(),
@@ -249,6 +253,7 @@ async fn repair_from_etcd(
     let mut request = ApplyRequest::new(fence, &keys, Instant::now());
     request.repair = Some(Repair {
         revision,
+        since,
         seen: &seen,
     });
     let report = store.apply(&request).await?;

@@ -109,6 +109,11 @@ async fn run(
         )
         .await?;
     }
+    // Tables this leader does not keep in sync are marked so: if their
+    // mapping comes back, they are filled again.
+    ctx.store
+        .unsync_unmapped(&ctx.fence, &etcd_to_pg_tables(&ctx))
+        .await?;
     if !unsynced_tables(&ctx).await?.is_empty() {
         checkpoint = resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
     }
@@ -151,15 +156,18 @@ enum StreamEnd {
     MirrorTablesCreated,
 }
 
-/// The mapped tables `migrate` created since the mirror last matched etcd.
-async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
-    let tables: Vec<&str> = ctx
-        .mappings
+/// The tables of the mappings that etcd's changes flow into.
+fn etcd_to_pg_tables(ctx: &SyncContext) -> Vec<&str> {
+    ctx.mappings
         .iter()
         .filter(|m| m.direction.etcd_to_pg())
         .map(|m| m.table.as_str())
-        .collect();
-    Ok(ctx.store.unsynced_tables(&tables).await?)
+        .collect()
+}
+
+/// The mapped tables `migrate` created since the mirror last matched etcd.
+async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
+    Ok(ctx.store.unsynced_tables(&etcd_to_pg_tables(ctx)).await?)
 }
 
 /// Reads the watch in a task so the next batch arrives while this one

@@ -56,11 +56,14 @@ pub struct ApplyRequest<'a> {
 /// be at etcd's revision already (a row altered behind the service's back)
 /// — but only if nothing moved since the diff: a key whose row is no longer
 /// the one the diff saw (`seen`, `None`: absent), or for which the mirror
-/// already holds a change of etcd's after `revision`, is left alone and
-/// reported in [`ApplyReport::repair_skipped`].
+/// recorded an etcd change after the diff began (`since`, PostgreSQL's
+/// clock before the diff read etcd's revision; a time, as revision numbers
+/// restart with a replaced etcd), is left alone and reported in
+/// [`ApplyReport::repair_skipped`].
 #[derive(Debug, Clone, Copy)]
 pub struct Repair<'a> {
     pub revision: i64,
+    pub since: chrono::DateTime<chrono::Utc>,
     pub seen: &'a HashMap<Vec<u8>, Option<crate::mirror::MirrorRow>>,
 }
 
@@ -364,8 +367,8 @@ struct CurrentRow {
 }
 
 /// The keys of a repair (their rows locked) that changed since the diff:
-/// the row is not the one it saw, or history holds an etcd revision of the
-/// key past the diff's.
+/// the row is not the one it saw, or history recorded an etcd change of the
+/// key after the diff began.
 async fn moved_since_diff<'k>(
     conn: &mut AsyncPgConnection,
     table: &str,
@@ -374,11 +377,12 @@ async fn moved_since_diff<'k>(
 ) -> Result<std::collections::HashSet<&'k [u8]>, StoreError> {
     let rows: Vec<CurrentRow> = diesel::sql_query(format!(
         "SELECT u.key, t.value, t.mod_revision, \
-                EXISTS (SELECT 1 FROM history h WHERE h.key = u.key AND h.revision > $2) AS etcd_moved \
-         FROM unnest($1::bytea[]) AS u(key) LEFT JOIN {table} AS t ON t.key = u.key"
+                EXISTS (SELECT 1 FROM history h WHERE h.key = u.key AND h.recorded_at > $2) AS etcd_moved \
+         FROM unnest($1::bytea[]) WITH ORDINALITY AS u(key, n) LEFT JOIN {table} AS t ON t.key = u.key \
+         ORDER BY u.n"
     ))
     .bind::<Array<Bytea>, _>(keys)
-    .bind::<BigInt, _>(repair.revision)
+    .bind::<diesel::sql_types::Timestamptz, _>(repair.since)
     .load(conn)
     .await?;
     let mut moved = std::collections::HashSet::new();

@@ -161,15 +161,42 @@ impl Store {
         state::unsynced_tables(&mut conn, tables).await
     }
 
+    /// See [`state::table_relids`].
+    pub async fn table_relids(&self, tables: &[&str]) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::table_relids(&mut conn, tables).await
+    }
+
+    /// See [`state::unsync_unmapped`].
+    pub async fn unsync_unmapped(&self, fence: &Fence, tables: &[&str]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::unsync_unmapped(&mut conn, fence, tables).await
+    }
+
     /// See [`state::finish_resync`].
     pub async fn finish_resync(
         &self,
         fence: &Fence,
         revision: i64,
-        tables: &[&str],
+        relids: &[i64],
     ) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
-        state::finish_resync(&mut conn, fence, revision, tables).await
+        state::finish_resync(&mut conn, fence, revision, relids).await
+    }
+
+    /// PostgreSQL's clock now.
+    pub async fn clock(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Now {
+            #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+            now: chrono::DateTime<chrono::Utc>,
+        }
+        let mut conn = self.pool.get().await?;
+        let now: Now = diesel::sql_query("SELECT clock_timestamp() AS now")
+            .get_result(&mut conn)
+            .await?;
+        Ok(now.now)
     }
 
     /// Moves the checkpoint back to `revision` if it is past it.

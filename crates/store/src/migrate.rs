@@ -134,14 +134,15 @@ pub async fn migrate(
         .bind::<Text, _>(format!("etcd-pg-sync migrate {schema}"))
         .execute(&mut conn)
         .await?;
-    check_schema_owner(&mut conn, &schema).await?;
-    // `pg_temp` last: the migration's own statements never see a temporary
-    // table in place of one of the service's.
+    // Created first, then checked: a schema someone else slipped in between
+    // is refused as well. `pg_temp` last: the migration's own statements
+    // never see a temporary table in place of one of the service's.
     conn.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema_q}; SET search_path TO {schema_q}, pg_temp",
         schema_q = schema.quoted()
     ))
     .await?;
+    check_schema_owner(&mut conn, &schema).await?;
 
     // diesel's migration harness is synchronous: run it on a blocking thread
     // through the async connection wrapper (`block_in_place` would panic on
@@ -187,17 +188,18 @@ struct SchemaOwner {
     superuser: bool,
 }
 
-/// Refuses a schema that exists but belongs to a role the migrating role is
-/// not a member of: whoever owns the schema can replace any object in it,
-/// the service's trigger functions included. Warns when the service's
-/// objects would be owned by a superuser (SECURITY.md).
+/// Refuses a schema that belongs to another role than the migrating one
+/// (a superuser may migrate any): whoever owns the schema — and every
+/// member of an owning group role — can replace any object in it, the
+/// service's trigger functions included. Warns when the service's objects
+/// would be owned by a superuser (SECURITY.md).
 async fn check_schema_owner(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
 ) -> Result<(), StoreError> {
     let found: SchemaOwner = diesel::sql_query(
         "SELECT n.nspowner::regrole::text AS owner, \
-                coalesce(pg_has_role(current_user, n.nspowner, 'MEMBER'), true) AS ours, \
+                coalesce(n.nspowner = r.oid OR r.rolsuper, true) AS ours, \
                 r.rolsuper AS superuser \
          FROM pg_roles r LEFT JOIN pg_namespace n ON n.nspname = $1 \
          WHERE r.rolname = current_user",
@@ -207,9 +209,9 @@ async fn check_schema_owner(
     .await?;
     if !found.ours {
         return Err(StoreError::Migration(format!(
-            "schema {schema} is owned by {owner}, a role the service's role is not a member of: \
-             whoever owns the schema can replace the service's functions; drop the schema, \
-             or ALTER SCHEMA {schema} OWNER TO the service's role",
+            "schema {schema} is owned by {owner}, not by the service's role: whoever owns the \
+             schema can replace the service's functions; drop the schema, or ALTER SCHEMA \
+             {schema} OWNER TO the service's role",
             schema = schema.as_str(),
             owner = found.owner.as_deref().unwrap_or("another role"),
         )));
@@ -259,7 +261,7 @@ pub async fn check_service_role(connector: &Connector, tables: &[Ident]) -> Resu
              member of it), or run `etcd-pg-sync migrate` as the service's role",
             owner = function.owner
         ))),
-        Some(_) => check_triggers(&mut conn, tables).await,
+        Some(_) => check_triggers(&mut conn, connector.schema(), tables).await,
     }
 }
 
@@ -274,20 +276,29 @@ struct TriggerProblem {
 /// Every mapped table is a registered mirror table with its triggers
 /// enabled: writes made while a trigger is disabled (or dropped) never
 /// reach the outbox, so the service refuses to run over such a table.
-async fn check_triggers(conn: &mut AsyncPgConnection, tables: &[Ident]) -> Result<(), StoreError> {
+async fn check_triggers(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    tables: &[Ident],
+) -> Result<(), StoreError> {
     let names: Vec<&str> = tables.iter().map(Ident::as_str).collect();
-    let problems: Vec<TriggerProblem> = diesel::sql_query(
+    let problems: Vec<TriggerProblem> = diesel::sql_query(format!(
         "SELECT u.name AS table_name, \
                 CASE WHEN m.relid IS NULL THEN 'is not a registered mirror table (run migrate)' \
+                     WHEN m.trigger_owner IS DISTINCT FROM p.proowner \
+                          THEN 'has triggers made for another owner of the schema (run migrate)' \
                      ELSE 'has its trigger ' || t.name || ' ' || \
                           CASE WHEN g.oid IS NULL THEN 'missing' ELSE 'disabled' END END AS problem \
          FROM unnest($1::text[]) AS u(name) \
          LEFT JOIN mirror_tables m ON m.name = u.name \
+         LEFT JOIN pg_proc p ON p.oid = '{schema}.mirror_after_write()'::regprocedure \
          CROSS JOIN (VALUES ('etcd_sync_before'), ('etcd_sync_after'), ('etcd_sync_truncate')) AS t(name) \
          LEFT JOIN pg_trigger g ON g.tgrelid = m.relid AND g.tgname = t.name \
-         WHERE m.relid IS NULL OR g.oid IS NULL OR g.tgenabled = 'D' \
+         WHERE m.relid IS NULL OR g.oid IS NULL OR g.tgenabled NOT IN ('O', 'A') \
+            OR m.trigger_owner IS DISTINCT FROM p.proowner \
          ORDER BY 1, 2",
-    )
+        schema = schema.quoted()
+    ))
     .bind::<diesel::sql_types::Array<Text>, _>(&names)
     .load(conn)
     .await?;

@@ -97,19 +97,63 @@ pub async fn unsynced_tables(
     Ok(rows.into_iter().map(|r| r.name).collect())
 }
 
-/// Ends a resync: the checkpoint becomes exactly `revision` and `tables`,
-/// walked at it, are marked in sync, in one fenced transaction.
-pub async fn finish_resync(
+#[derive(diesel::QueryableByName)]
+struct Relid {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    relid: i64,
+}
+
+/// The relations of `tables` as registered now: a resync marks in sync
+/// the relations it walked, not whatever carries their names when it ends
+/// (a table dropped and created again meanwhile is a new one).
+pub async fn table_relids(
+    conn: &mut AsyncPgConnection,
+    tables: &[&str],
+) -> Result<Vec<i64>, StoreError> {
+    let rows: Vec<Relid> =
+        diesel::sql_query("SELECT relid::int8 AS relid FROM mirror_tables WHERE name = ANY($1)")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+            .load(conn)
+            .await?;
+    Ok(rows.into_iter().map(|r| r.relid).collect())
+}
+
+/// Tables registered but not among `tables` (the mapped ones) are not kept
+/// in sync by this leader: a mapping removed, or made `pg-to-etcd`. If it
+/// comes back, its table is filled from etcd again.
+pub async fn unsync_unmapped(
     conn: &mut AsyncPgConnection,
     fence: &crate::Fence,
-    revision: i64,
     tables: &[&str],
 ) -> Result<(), StoreError> {
     use diesel_async::AsyncConnection;
     conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::sql_query(
+            "UPDATE mirror_tables SET synced = false WHERE synced AND name <> ALL($1)",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Ends a resync: the checkpoint becomes exactly `revision` and the
+/// relations walked at it (`relids`) are marked in sync, in one fenced
+/// transaction.
+pub async fn finish_resync(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    revision: i64,
+    relids: &[i64],
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Set(revision)).await?;
-        diesel::sql_query("UPDATE mirror_tables SET synced = true WHERE name = ANY($1)")
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+        diesel::sql_query("UPDATE mirror_tables SET synced = true WHERE relid::int8 = ANY($1)")
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(relids)
             .execute(conn)
             .await?;
         Ok(())

@@ -514,3 +514,59 @@ async fn a_disabled_trigger_is_refused_at_start_and_restored_by_migrate_with_an_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_replica_only_trigger_or_a_changed_owner_is_refused_at_start() -> anyhow::Result<()> {
+    let setup = migrated(None).await?;
+    let store = store_for(&setup.db.url()).await?;
+    setup
+        .admin
+        .batch_execute("ALTER TABLE etcd_sync.kv ENABLE REPLICA TRIGGER etcd_sync_after")
+        .await?;
+    let error = store
+        .check_service_role()
+        .await
+        .expect_err("replica-only trigger");
+    assert!(error.to_string().contains("disabled"), "{error}");
+    store.migrate().await?;
+    store.check_service_role().await?;
+    // The trigger functions change owner behind the service's back: the
+    // triggers' WHEN clauses still name the old one.
+    let other = format!("other_owner_{}", setup.db.name);
+    setup
+        .admin
+        .batch_execute(&format!(
+            "CREATE ROLE {other} SUPERUSER; \
+             ALTER FUNCTION etcd_sync.mirror_after_write() OWNER TO {other}"
+        ))
+        .await?;
+    let error = store.check_service_role().await.expect_err("stale owner");
+    assert!(
+        error.to_string().contains("run migrate") || error.to_string().contains("belong to"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_schema_owned_by_a_group_role_is_refused() -> anyhow::Result<()> {
+    let db = Postgres::fresh_database().await?;
+    let admin = db.client().await?;
+    let group = format!("group_{}", db.name);
+    let member = format!("member_{}", db.name);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {group}; CREATE ROLE {member} LOGIN IN ROLE {group}; \
+             GRANT CREATE ON DATABASE {db} TO {group}; \
+             CREATE SCHEMA etcd_sync AUTHORIZATION {group};",
+            db = db.name
+        ))
+        .await?;
+    let error = store_for(&role_url(&db, &member))
+        .await?
+        .migrate()
+        .await
+        .expect_err("every member of the group could replace the functions");
+    assert!(error.to_string().contains("owned by"), "{error}");
+    Ok(())
+}

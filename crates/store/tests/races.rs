@@ -250,6 +250,7 @@ async fn a_repair_from_etcd_does_not_resurrect_a_key_deleted_since_the_diff() ->
             .await?;
     }
     let seen = HashMap::from([(b"/k".to_vec(), None)]);
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
     let keys = [KeyInputs {
         key: b"/k".to_vec(),
         inputs: vec![KeyInput::Observed {
@@ -261,6 +262,7 @@ async fn a_repair_from_etcd_does_not_resurrect_a_key_deleted_since_the_diff() ->
     let mut request = ApplyRequest::new(&fence, &keys, Instant::now());
     request.repair = Some(eps_store::Repair {
         revision: 10,
+        since,
         seen: &seen,
     });
     let report = store.apply(&request).await?;
