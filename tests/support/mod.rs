@@ -73,7 +73,9 @@ pub async fn etcd_snapshot(
     } else {
         prefix.to_vec()
     };
-    let response = client.get(key, Some(options)).await?;
+    // Large values (tests/large_values.rs) exceed tonic's 4 MiB default.
+    let mut kv = client.kv_client().max_decoding_message_size(1 << 30);
+    let response = kv.get(key, Some(options)).await?;
     Ok(response
         .kvs()
         .iter()

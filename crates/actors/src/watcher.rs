@@ -174,6 +174,15 @@ async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
 /// commits; aborted when dropped.
 struct Reader(tokio::task::JoinHandle<()>);
 
+/// How far (KiB of events) the watch reader may run ahead of the applies.
+const READ_AHEAD_KIB: usize = 64 * 1024;
+
+/// A watch item on its way to a batch, holding its share of the budget.
+struct Buffered {
+    item: Result<WatchItem, eps_etcd::EtcdError>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 impl Drop for Reader {
     fn drop(&mut self) {
         self.0.abort();
@@ -193,7 +202,11 @@ async fn stream(
     let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), *checkpoint + 1).await?;
     tracing::debug!("watch started");
     let (mut requester, mut items) = session.split();
-    let (tx, mut rx) = mpsc::channel::<Result<WatchItem, eps_etcd::EtcdError>>(256);
+    // The reader runs ahead of the applies by at most READ_AHEAD_BYTES of
+    // events (a catch-up over large values must not fill memory): each item
+    // holds its size in permits until the batch that applies it is done.
+    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_KIB));
+    let (tx, mut rx) = mpsc::channel::<Buffered>(256);
     let _reader = Reader(tokio::spawn(async move {
         loop {
             let item = items.next().await.transpose();
@@ -206,7 +219,17 @@ async fn stream(
                     "watch stream closed".into(),
                 ))
             });
-            if tx.send(item).await.is_err() || stop {
+            let kib = match &item {
+                Ok(WatchItem::Events(events)) => {
+                    let bytes: usize = events.iter().map(EtcdEvent::size_bytes).sum();
+                    (bytes / 1024 + 1).min(READ_AHEAD_KIB)
+                }
+                _ => 1,
+            };
+            let Ok(permit) = budget.clone().acquire_many_owned(kib as u32).await else {
+                return;
+            };
+            if tx.send(Buffered { item, permit }).await.is_err() || stop {
                 return;
             }
         }
@@ -248,9 +271,13 @@ async fn stream(
         last_heard = Instant::now();
         progress.tick();
         let mut batch = Batch::default();
+        let mut held = Vec::new();
         let mut compacted = match first {
             None => return Err(ActorError::Internal("watch reader ended".into())),
-            Some(item) => batch.add(item?),
+            Some(buffered) => {
+                held.push(buffered.permit);
+                batch.add(buffered.item?)
+            }
         };
         // Take what else has arrived (and, with a linger, what arrives soon).
         let linger_until = Instant::now() + linger;
@@ -267,10 +294,12 @@ async fn stream(
                 }
                 Err(_) => None,
             };
-            let Some(item) = next else { break };
-            compacted = batch.add(item?);
+            let Some(buffered) = next else { break };
+            held.push(buffered.permit);
+            compacted = batch.add(buffered.item?);
         }
         apply(ctx, &batch, checkpoint).await?;
+        drop(held);
         if let Some(compact_revision) = compacted {
             return Ok(StreamEnd::Compacted { compact_revision });
         }
