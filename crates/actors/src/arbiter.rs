@@ -111,9 +111,18 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
                 continue;
             };
             let (etcd_now, _) = ctx.etcd.get(&conflict.key).await?;
-            ctx.store
+            let resolved = ctx
+                .store
                 .execute_resolution(&ctx.fence, &conflict, take, etcd_now.as_ref())
-                .await?;
+                .await;
+            if let Err(eps_store::StoreError::RowHeld(_)) = resolved {
+                tracing::info!(
+                    conflict_id = conflict.id,
+                    "the conflict's row is held by a user's transaction: resolving later"
+                );
+                continue;
+            }
+            resolved?;
             tracing::info!(
                 conflict_id = conflict.id,
                 take = take.as_str(),

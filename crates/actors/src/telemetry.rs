@@ -25,6 +25,7 @@ pub const SNAPSHOT_KEYS_TOTAL: &str = "etcd_pg_sync_snapshot_keys_total";
 pub const LEADER_CHANGES_TOTAL: &str = "etcd_pg_sync_leader_changes_total";
 pub const DRIFTED_KEYS: &str = "etcd_pg_sync_drifted_keys";
 pub const UP: &str = "etcd_pg_sync_store_up";
+pub const KEYS_BLOCKED: &str = "etcd_pg_sync_keys_blocked";
 
 /// Describes every metric once (help texts in the exposition).
 pub fn describe() {
@@ -59,6 +60,10 @@ pub fn describe() {
     describe_gauge!(CONFLICTS_PENDING, "conflicts waiting for an operator");
     describe_counter!(RETRIES_TOTAL, "retried operations, by kind");
     describe_gauge!(DEAD_LETTERS, "dead letters not yet retried");
+    describe_gauge!(
+        KEYS_BLOCKED,
+        "keys whose etcd changes wait because a user's open transaction holds their mirror row"
+    );
     describe_counter!(
         DEAD_LETTERS_TOTAL,
         "changes moved to the dead-letter list, by kind"
@@ -136,6 +141,7 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
         WATCH_LAG_REVISIONS,
         WATCH_LAG_SECONDS,
         DRIFTED_KEYS,
+        KEYS_BLOCKED,
     ] {
         metrics::gauge!(gauge).set(0.0);
     }

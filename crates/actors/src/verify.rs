@@ -279,7 +279,7 @@ async fn repair_from_pg(
         return Ok(Outcome::ChangedMeanwhile);
     }
     let value = difference.pg.as_ref().map(|row| row.value.as_slice());
-    let queued = store
+    let queued = match store
         .enqueue_change(
             fence,
             &mapping.table,
@@ -288,7 +288,12 @@ async fn repair_from_pg(
             etcd_now.as_ref(),
             difference.pg.as_ref(),
         )
-        .await?;
+        .await
+    {
+        // A user's transaction holds the row: it is changing, not drifting.
+        Err(eps_store::StoreError::RowHeld(_)) => false,
+        other => other?,
+    };
     Ok(if queued {
         Outcome::RepairedFromPg
     } else {

@@ -241,9 +241,16 @@ async fn stream(
     let max_events = sync.batch_size;
     let max_bytes = 32 * 1024 * 1024;
     let mut last_heard = Instant::now();
+    let mut progress_asked = Instant::now();
     // A replica's `migrate` may create a mirror table (again) while this
     // one leads: looked for once per progress interval.
     let mut tables_checked = Instant::now();
+    // Inputs deferred for rows that users' transactions hold are retried
+    // this often, so a key converges soon after its row is free.
+    let mut deferred = Deferred {
+        pending: !ctx.store.deferred_keys(1).await?.is_empty(),
+        tried: Instant::now(),
+    };
 
     loop {
         if tables_checked.elapsed() >= progress_interval {
@@ -252,8 +259,14 @@ async fn stream(
                 return Ok(StreamEnd::MirrorTablesCreated);
             }
         }
+        deferred.retry_if_due(ctx).await?;
         // Wait for the first item of the next batch.
-        let first = match tokio::time::timeout(progress_interval, rx.recv()).await {
+        let wait = if deferred.pending {
+            DEFERRED_RETRY.min(progress_interval)
+        } else {
+            progress_interval
+        };
+        let first = match tokio::time::timeout(wait, rx.recv()).await {
             Ok(item) => item,
             Err(_) => {
                 if last_heard.elapsed() > stall_timeout {
@@ -263,7 +276,10 @@ async fn stream(
                     )));
                 }
                 // Idle: ask etcd to confirm how far we are.
-                requester.request_progress().await?;
+                if progress_asked.elapsed() >= progress_interval {
+                    requester.request_progress().await?;
+                    progress_asked = Instant::now();
+                }
                 progress.tick();
                 continue;
             }
@@ -298,7 +314,7 @@ async fn stream(
             held.push(buffered.permit);
             compacted = batch.add(buffered.item?);
         }
-        apply(ctx, &batch, checkpoint).await?;
+        deferred.pending |= apply(ctx, &batch, checkpoint).await?;
         drop(held);
         if let Some(compact_revision) = compacted {
             return Ok(StreamEnd::Compacted { compact_revision });
@@ -365,17 +381,20 @@ fn group_by_key(ctx: &SyncContext, events: &[EtcdEvent]) -> Vec<KeyInputs> {
     keys
 }
 
+/// Applies a batch; true when some of its keys were deferred (a user's
+/// transaction holds their rows).
 async fn apply(
     ctx: &Arc<SyncContext>,
     batch: &Batch,
     checkpoint: &mut i64,
-) -> Result<(), ActorError> {
+) -> Result<bool, ActorError> {
     let Some(new_checkpoint) = batch.checkpoint() else {
-        return Ok(());
+        return Ok(false);
     };
     if new_checkpoint <= *checkpoint && batch.events.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
+    let mut deferred = false;
     let keys = group_by_key(ctx, &batch.events);
     let started = Instant::now();
     let span = tracing::info_span!(
@@ -408,6 +427,7 @@ async fn apply(
             audit_batch: true,
         };
         let report = ctx.store.apply(&request).instrument(span.clone()).await?;
+        deferred = report.deferred_keys > 0;
         for key in &report.echoed_keys {
             if let Some(context) = ctx.echo_traces.consume(key) {
                 let echo =
@@ -442,5 +462,62 @@ async fn apply(
     *checkpoint = new_checkpoint.max(*checkpoint);
     ctx.applied.send_replace(*checkpoint);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(*checkpoint as f64);
-    Ok(())
+    Ok(deferred)
+}
+
+/// How often inputs deferred for held rows are retried.
+const DEFERRED_RETRY: Duration = Duration::from_millis(200);
+
+/// Keys retried per round.
+const DEFERRED_KEYS_PER_ROUND: usize = 1_000;
+
+/// The watcher's view of deferred inputs (see `eps_store::deferred`).
+struct Deferred {
+    pending: bool,
+    tried: Instant,
+}
+
+impl Deferred {
+    /// Applies what was deferred for rows that are free now, once per
+    /// [`DEFERRED_RETRY`], and reports keys held for long.
+    async fn retry_if_due(&mut self, ctx: &Arc<SyncContext>) -> Result<(), ActorError> {
+        if !self.pending || self.tried.elapsed() < DEFERRED_RETRY {
+            return Ok(());
+        }
+        self.tried = Instant::now();
+        let keys = ctx.store.deferred_keys(DEFERRED_KEYS_PER_ROUND).await?;
+        if keys.is_empty() {
+            self.pending = false;
+            return Ok(());
+        }
+        let inputs: Vec<KeyInputs> = keys
+            .iter()
+            .map(|k| KeyInputs {
+                key: k.key.clone(),
+                inputs: Vec::new(),
+            })
+            .collect();
+        let report = ctx
+            .store
+            .apply(&ApplyRequest::new(&ctx.fence, &inputs, Instant::now()))
+            .await?;
+        if report.drained_keys > 0 {
+            tracing::info!(
+                keys = report.drained_keys,
+                "applied inputs deferred for held rows"
+            );
+        }
+        let after = Duration::from_secs(ctx.config.sync.key_blocked_alert_secs);
+        for blocked in ctx.store.report_blocked_keys(&ctx.fence, after).await? {
+            tracing::warn!(
+                table = %blocked.mirror_table,
+                key = %eps_core::keys::display_key(&blocked.key),
+                blocked_secs = blocked.blocked_secs,
+                pid = blocked.pid,
+                "a user's transaction holds a mirror row: its key is not synced"
+            );
+        }
+        self.pending = report.drained_keys < keys.len() || keys.len() == DEFERRED_KEYS_PER_ROUND;
+        Ok(())
+    }
 }

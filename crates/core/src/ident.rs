@@ -18,6 +18,7 @@ pub const RESERVED_TABLES: &[&str] = &[
     "sync_events",
     "sync_state",
     "mirror_tables",
+    "deferred_inputs",
 ];
 
 /// A validated SQL identifier: lowercase ASCII letters, digits and `_`, not

@@ -127,6 +127,16 @@ impl Origin {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Origin> {
+        match s {
+            "etcd" => Some(Origin::Etcd),
+            "pg" => Some(Origin::Pg),
+            "snapshot" => Some(Origin::Snapshot),
+            "resync" => Some(Origin::Resync),
+            _ => None,
+        }
+    }
+
     /// The `origin` column of a mirror row only says which store wrote last.
     pub fn row_origin(self) -> &'static str {
         match self {

@@ -158,6 +158,7 @@ pub async fn run(
                 metrics::gauge!(telemetry::OUTBOX_DEPTH).set(counts.outbox_pending as f64);
                 metrics::gauge!(telemetry::CONFLICTS_PENDING).set(counts.conflicts_pending as f64);
                 metrics::gauge!(telemetry::DEAD_LETTERS).set(counts.dead_letters as f64);
+                metrics::gauge!(telemetry::KEYS_BLOCKED).set(counts.keys_blocked as f64);
             }
             let lag = (s.etcd_revision - s.applied_revision).max(0);
             metrics::gauge!(telemetry::WATCH_LAG_REVISIONS).set(lag as f64);

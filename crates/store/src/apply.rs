@@ -95,8 +95,14 @@ pub struct ApplyReport {
     /// The keys whose pending change came back as an echo (once per echo).
     pub echoed_keys: Vec<Vec<u8>>,
     pub conflicts: Vec<ConflictSummary>,
-    /// Keys of a repair left alone because they changed since the diff.
+    /// Keys of a repair left alone because they changed since the diff
+    /// (or a user's transaction holds their row).
     pub repair_skipped: Vec<Vec<u8>>,
+    /// Keys whose row a user's transaction holds: their inputs were
+    /// deferred (see [`crate::deferred`]).
+    pub deferred_keys: usize,
+    /// Keys whose deferred inputs this transaction applied.
+    pub drained_keys: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,24 +147,28 @@ struct LockedRows {
     present: Vec<Vec<u8>>,
 }
 
-/// How many times the keys whose rows changed under the lock statement are
-/// locked again before they are treated as absent.
+/// How many times the keys whose rows the lock statement saw but could not
+/// lock are looked at again before they count as held by someone else.
 const LOCK_ROUNDS: usize = 3;
 
-/// The mirror rows of a batch's keys, locked: `locked` are held until the
+/// The mirror rows of a batch's keys: `locked` are held until the
 /// transaction ends; `absent` had no row at the snapshot of the statement
-/// that looked for them (keys and snapshots, in parallel).
+/// that looked for them (keys and snapshots, in parallel); `blocked` have a
+/// row another transaction holds (a user's, left open).
 struct LockedKeys {
     locked: std::collections::HashSet<Vec<u8>>,
     absent_keys: Vec<Vec<u8>>,
     absent_snapshots: Vec<String>,
+    blocked: std::collections::HashSet<Vec<u8>>,
 }
 
-/// Locks the rows of `keys`. A row the lock statement's snapshot saw but
-/// that was deleted (or deleted and created again) by a transaction the
-/// lock waited for is looked for again: planning it as absent would leave
-/// out that transaction's changes (a delete whose echo rebase is then
-/// missed brings the row back).
+/// Locks the rows of `keys`, skipping those another transaction holds: a
+/// user's open transaction must delay only its own rows, not the batch. A
+/// row the lock statement's snapshot saw but could not lock is looked at
+/// again (it may have been deleted, or deleted and created again, just
+/// then: planning it as absent would leave out that transaction's changes,
+/// and a delete whose echo rebase is missed brings the row back); still
+/// unlockable after a few rounds, it is blocked.
 async fn lock_keys(
     conn: &mut AsyncPgConnection,
     table: &str,
@@ -168,12 +178,13 @@ async fn lock_keys(
         locked: std::collections::HashSet::new(),
         absent_keys: Vec::new(),
         absent_snapshots: Vec::new(),
+        blocked: std::collections::HashSet::new(),
     };
     let mut to_lock: Vec<&[u8]> = keys.to_vec();
     for round in 1..=LOCK_ROUNDS {
         let rows: LockedRows = diesel::sql_query(format!(
             "WITH present AS (SELECT key FROM {table} WHERE key = ANY($1)), \
-                  locked AS (SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE) \
+                  locked AS (SELECT key FROM {table} WHERE key = ANY($1) ORDER BY key FOR UPDATE SKIP LOCKED) \
              SELECT pg_current_snapshot()::text AS snapshot, \
                     coalesce((SELECT array_agg(key) FROM locked), '{{}}') AS keys, \
                     coalesce((SELECT array_agg(key) FROM present), '{{}}') AS present"
@@ -189,13 +200,13 @@ async fn lock_keys(
             if is_locked {
                 continue;
             }
-            if present.contains(key) && round < LOCK_ROUNDS {
-                again.push(key);
-            } else {
-                // Absent at this snapshot (or still changing after the last
-                // round: its later changes stay queued for the compare).
+            if !present.contains(key) {
                 result.absent_keys.push(key.to_vec());
                 result.absent_snapshots.push(rows.snapshot.clone());
+            } else if round < LOCK_ROUNDS {
+                again.push(key);
+            } else {
+                result.blocked.insert(key.to_vec());
             }
         }
         result.locked.extend(rows.keys);
@@ -301,11 +312,22 @@ async fn apply_table(
     .bind::<Array<Text>, _>(&keys_locked.absent_snapshots)
     .load(conn)
     .await?;
-    let locked = keys_locked.locked;
-    let moved = match &request.repair {
+    let LockedKeys {
+        locked, blocked, ..
+    } = keys_locked;
+    let mut deferred = crate::deferred::load(conn, &mapping.table, &key_list).await?;
+    let mut moved = match &request.repair {
         Some(repair) => moved_since_diff(conn, &table, &key_list, repair).await?,
         None => std::collections::HashSet::new(),
     };
+    if request.repair.is_some() {
+        // A repair does not wait for a user's transaction: it is skipped.
+        moved.extend(
+            key_list
+                .iter()
+                .filter(|k| blocked.contains(**k) || deferred.by_key.contains_key(**k)),
+        );
+    }
     let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
     for row in pending_rows {
         let op = Op::parse(&row.op).ok_or_else(|| {
@@ -322,25 +344,61 @@ async fn apply_table(
         });
     }
 
-    let ctx = PlanContext {
-        policy: mapping.policy,
-        direction: mapping.direction,
-        observed_at_us,
-    };
     report
         .repair_skipped
         .extend(moved.iter().map(|key| key.to_vec()));
-    let plans: Vec<(&[u8], KeyPlan)> = keys
-        .iter()
-        .filter(|k| !moved.contains(k.key.as_slice()))
-        .map(|k| {
-            let key_pending = pending.get(&k.key).map(Vec::as_slice).unwrap_or(&[]);
-            report.inputs += k.inputs.len();
-            let mut plan = plan_key(ctx, key_pending, &k.inputs);
-            if !request.record_history {
+    // A held row defers its key's inputs, after any deferred before; a free
+    // row takes the deferred ones back first, in order.
+    let mut to_defer: Vec<(&[u8], &KeyInput)> = Vec::new();
+    let mut drained_ids: Vec<i64> = Vec::new();
+    let mut plannable: Vec<(&[u8], Vec<KeyInput>, i64, bool)> = Vec::new();
+    for k in keys.iter().filter(|k| !moved.contains(k.key.as_slice())) {
+        report.inputs += k.inputs.len();
+        if blocked.contains(&k.key) {
+            if !k.inputs.is_empty() {
+                report.deferred_keys += 1;
+            }
+            to_defer.extend(k.inputs.iter().map(|input| (k.key.as_slice(), input)));
+            continue;
+        }
+        let mut inputs = Vec::new();
+        let mut key_observed_at = observed_at_us;
+        let mut record_history = request.record_history;
+        if let Some(earlier) = deferred.by_key.remove(&k.key) {
+            report.drained_keys += 1;
+            drained_ids.extend(earlier.ids);
+            inputs.extend(earlier.inputs);
+            key_observed_at = earlier.observed_at_us;
+            record_history |= earlier.record_history;
+        }
+        inputs.extend(k.inputs.iter().cloned());
+        if !inputs.is_empty() {
+            plannable.push((k.key.as_slice(), inputs, key_observed_at, record_history));
+        }
+    }
+    crate::deferred::store(
+        conn,
+        &mapping.table,
+        &to_defer,
+        observed_at_us,
+        request.record_history,
+    )
+    .await?;
+    crate::deferred::remove(conn, &drained_ids).await?;
+    let plans: Vec<(&[u8], KeyPlan)> = plannable
+        .into_iter()
+        .map(|(key, inputs, key_observed_at, record_history)| {
+            let ctx = PlanContext {
+                policy: mapping.policy,
+                direction: mapping.direction,
+                observed_at_us: key_observed_at,
+            };
+            let key_pending = pending.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            let mut plan = plan_key(ctx, key_pending, &inputs);
+            if !record_history {
                 plan.history.clear();
             }
-            (k.key.as_slice(), plan)
+            (key, plan)
         })
         .collect();
 

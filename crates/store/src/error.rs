@@ -28,12 +28,16 @@ pub enum StoreError {
     /// Bad input from the caller or data that cannot be stored.
     #[error("{0}")]
     Invalid(String),
+    /// A row this operation needs is held by another transaction (a user's,
+    /// left open): it did not wait; try again later.
+    #[error("a row is held by another transaction: {0}")]
+    RowHeld(String),
 }
 
 impl Classify for StoreError {
     fn retryable(&self) -> bool {
         match self {
-            StoreError::Unavailable(_) => true,
+            StoreError::Unavailable(_) | StoreError::RowHeld(_) => true,
             StoreError::Query { retryable, .. } => *retryable,
             StoreError::Fenced { .. }
             | StoreError::Auth(_)
@@ -59,6 +63,11 @@ impl From<diesel::result::Error> for StoreError {
                 message: info.message().to_owned(),
                 retryable: true,
             },
+            Error::DatabaseError(_, info)
+                if info.message().contains("could not obtain lock on row") =>
+            {
+                StoreError::RowHeld(info.message().to_owned())
+            }
             Error::DatabaseError(_, info) => {
                 let message = info.message().to_owned();
                 // diesel folds these SQLSTATEs into `Unknown`; their texts are

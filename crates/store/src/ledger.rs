@@ -138,7 +138,9 @@ pub async fn execute_resolution(
     let etcd_revision = etcd_now.map_or(0, |kv| kv.meta.mod_revision);
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        diesel::sql_query(format!("SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE"))
+        // A row a user's transaction holds: not waited for (`RowHeld`), the
+        // resolution stays requested and is tried again.
+        diesel::sql_query(format!("SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE NOWAIT"))
             .bind::<Bytea, _>(&conflict.key)
             .execute(conn)
             .await?;
@@ -292,7 +294,7 @@ pub async fn enqueue_change(
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let now: Now = diesel::sql_query(format!(
-            "WITH locked AS (SELECT value, mod_revision FROM {qualified} WHERE key = $1 FOR UPDATE) \
+            "WITH locked AS (SELECT value, mod_revision FROM {qualified} WHERE key = $1 FOR UPDATE NOWAIT) \
              SELECT (SELECT value FROM locked) AS value, (SELECT mod_revision FROM locked) AS mod_revision, \
                     EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $2 AND key = $1) AS queued"
         ))
@@ -401,7 +403,8 @@ pub async fn mark_restored(
     .await
 }
 
-/// True when the key has changes on their way to etcd.
+/// True when the key has changes on their way: to etcd (the outbox), or
+/// from etcd (inputs deferred while a user's transaction holds its row).
 pub async fn has_pending(
     conn: &mut AsyncPgConnection,
     table: &str,
@@ -413,7 +416,8 @@ pub async fn has_pending(
         exists: bool,
     }
     let rows: Vec<Exists> = diesel::sql_query(
-        "SELECT EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $1 AND key = $2) AS exists",
+        "SELECT EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $1 AND key = $2) \
+             OR EXISTS (SELECT 1 FROM deferred_inputs WHERE mirror_table = $1 AND key = $2) AS exists",
     )
     .bind::<Text, _>(table)
     .bind::<Bytea, _>(key)
@@ -582,13 +586,17 @@ pub struct Counts {
     pub conflicts_pending: i64,
     #[diesel(sql_type = BigInt)]
     pub dead_letters: i64,
+    /// Keys whose etcd changes wait for a row a user's transaction holds.
+    #[diesel(sql_type = BigInt)]
+    pub keys_blocked: i64,
 }
 
 pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> {
     let rows: Vec<Counts> = diesel::sql_query(
         "SELECT (SELECT count(*) FROM outbox) AS outbox_pending, \
                 (SELECT count(*) FROM conflicts WHERE status = 'pending') AS conflicts_pending, \
-                (SELECT count(*) FROM dead_letters WHERE retried_at IS NULL) AS dead_letters",
+                (SELECT count(*) FROM dead_letters WHERE retried_at IS NULL) AS dead_letters, \
+                (SELECT count(*) FROM (SELECT DISTINCT mirror_table, key FROM deferred_inputs) AS d) AS keys_blocked",
     )
     .load(conn)
     .await?;

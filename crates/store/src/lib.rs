@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod connect;
+pub mod deferred;
 pub mod error;
 pub mod events;
 pub mod fence;
@@ -182,6 +183,25 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         state::finish_resync(&mut conn, fence, revision, relids).await
+    }
+
+    /// Keys with inputs deferred for held rows (see [`deferred`]).
+    pub async fn deferred_keys(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<deferred::DeferredKey>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        deferred::keys(&mut conn, limit).await
+    }
+
+    /// See [`deferred::report_blocked`].
+    pub async fn report_blocked_keys(
+        &self,
+        fence: &Fence,
+        after: Duration,
+    ) -> Result<Vec<deferred::BlockedReport>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        deferred::report_blocked(&mut conn, self.connector.schema(), fence, after).await
     }
 
     /// PostgreSQL's clock now.

@@ -49,6 +49,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000002_outbox_transactions",
         up: include_str!("../../../migrations/2026-12-01-000002_outbox_transactions/up.sql"),
     },
+    SqlFile {
+        version: "20261201000003",
+        name: "2026-12-01-000003_deferred_inputs",
+        up: include_str!("../../../migrations/2026-12-01-000003_deferred_inputs/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

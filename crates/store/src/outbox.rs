@@ -61,7 +61,8 @@ impl DeadLetterKind {
 }
 
 /// The oldest pending changes, in commit order per key, leaving out keys
-/// parked behind a pending `manual` conflict: at most `limit` rows and
+/// parked behind a pending `manual` conflict and keys whose etcd changes
+/// wait for a held row (the watcher settles those first): at most `limit` rows and
 /// about `max_bytes` of keys and values (at least one row; the read stops
 /// after the row that reaches the budget).
 pub async fn pending(
@@ -78,6 +79,8 @@ pub async fn pending(
                  FROM outbox o \
                  WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
                                    AND p.key = o.key AND p.conflict_id IS NOT NULL) \
+                   AND NOT EXISTS (SELECT 1 FROM deferred_inputs d WHERE d.mirror_table = o.mirror_table \
+                                   AND d.key = o.key) \
                  ORDER BY o.id LIMIT $1) AS oldest \
          ) AS sized WHERE before < $2 ORDER BY id",
     )

@@ -390,6 +390,11 @@ pub struct SyncConfig {
     /// Compare etcd and PostgreSQL this often inside the leader (0 = off).
     #[serde(default)]
     pub anti_entropy_interval_secs: u64,
+    /// A key whose mirror row a user's transaction holds this long (its
+    /// etcd changes wait meanwhile) is reported: a `key-blocked` audit event
+    /// naming the holding backend's pid.
+    #[serde(default = "default_key_blocked_alert_secs")]
+    pub key_blocked_alert_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -406,6 +411,7 @@ impl Default for SyncConfig {
             history_retention_days: 0,
             events_retention_days: default_events_retention_days(),
             anti_entropy_interval_secs: 0,
+            key_blocked_alert_secs: default_key_blocked_alert_secs(),
         }
     }
 }
@@ -429,6 +435,9 @@ fn default_watch_stall_timeout_ms() -> u64 {
     30_000
 }
 fn default_events_retention_days() -> u32 {
+    30
+}
+fn default_key_blocked_alert_secs() -> u64 {
     30
 }
 
