@@ -243,6 +243,11 @@ impl PollerState {
         });
         let present: HashSet<i64> = rows.iter().map(|r| r.id).collect();
         self.retry_at.retain(|id, _| present.contains(id));
+        // A key whose failed compare the watcher has since settled (its rows
+        // consumed by the policy) waits for nothing: memory stays
+        // proportional to the work in flight, not to every key ever blocked.
+        self.blocked
+            .retain(|key, blocked| applied < blocked.until || oldest_present.contains_key(key));
     }
 
     /// The first unsent change of every key that may go now.
@@ -736,6 +741,31 @@ mod tests {
         assert_eq!(
             again[0].expected, 5,
             "its compare fails and the key is settled"
+        );
+    }
+
+    #[test]
+    fn a_blocked_key_is_forgotten_once_the_watcher_settled_it() {
+        let mut state = PollerState::default();
+        let key = key_id(&row(1, "/a", 5));
+        state.blocked.insert(
+            key.clone(),
+            Blocked {
+                until: 10,
+                etcd_revision: 8,
+            },
+        );
+        state.prune(&[row(1, "/a", 5)], 9);
+        assert!(
+            state.blocked.contains_key(&key),
+            "still waiting for the watcher"
+        );
+        state.prune(&[row(1, "/a", 5)], 10);
+        assert!(state.blocked.contains_key(&key), "its row is still there");
+        state.prune(&[], 10);
+        assert!(
+            state.blocked.is_empty(),
+            "settled: nothing left to wait for"
         );
     }
 

@@ -38,6 +38,10 @@ type TxnSpans = VecDeque<(u64, SpanContext)>;
 /// lost to a compaction, must not grow without bound).
 const PER_KEY: usize = 16;
 
+/// Most keys remembered: past it, the keys written longest ago are
+/// forgotten (their echoes, if they ever come, start traces of their own).
+const MAX_KEYS: usize = 65_536;
+
 impl EchoTraces {
     /// Remembers `context` for the echoes of `keys`; returns a txn id.
     pub fn register<'a>(
@@ -53,6 +57,9 @@ impl EchoTraces {
             while queue.len() > PER_KEY {
                 queue.pop_front();
             }
+        }
+        if inner.len() > MAX_KEYS {
+            forget_oldest(&mut inner, MAX_KEYS / 2);
         }
         txn
     }
@@ -84,6 +91,15 @@ impl EchoTraces {
             .collect()
     }
 
+    /// Keys remembered (for tests and the memory bound).
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The span of the txn an echo of `key` came from, forgotten.
     pub fn consume(&self, key: &[u8]) -> Option<SpanContext> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -93,5 +109,44 @@ impl EchoTraces {
             inner.remove(key);
         }
         Some(context)
+    }
+}
+
+/// Keeps the `keep` keys written most recently.
+fn forget_oldest(inner: &mut HashMap<Vec<u8>, TxnSpans>, keep: usize) {
+    let mut newest: Vec<u64> = inner
+        .values()
+        .filter_map(|queue| queue.back().map(|(txn, _)| *txn))
+        .collect();
+    newest.sort_unstable_by(|a, b| b.cmp(a));
+    let Some(&cutoff) = newest.get(keep) else {
+        return;
+    };
+    inner.retain(|_, queue| queue.back().is_some_and(|(txn, _)| *txn > cutoff));
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+
+    #[test]
+    fn keys_whose_echoes_never_come_are_forgotten_past_a_bound() {
+        let traces = EchoTraces::default();
+        let context = SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([1; 8]),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        for i in 0..(MAX_KEYS as u64 + 10) {
+            let key = i.to_be_bytes();
+            traces.register([key.as_slice()], context.clone());
+        }
+        assert!(traces.len() <= MAX_KEYS, "{} keys remembered", traces.len());
+        let newest = (MAX_KEYS as u64 + 9).to_be_bytes();
+        assert!(traces.consume(&newest).is_some(), "the newest key is kept");
     }
 }

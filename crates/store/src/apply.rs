@@ -295,6 +295,7 @@ async fn apply_table(
     // committed before this statement's snapshot are planned (the ones the
     // absence reflects); later ones stay in the outbox for the compare.
     let keys_locked = lock_keys(conn, &table, &key_list).await?;
+    let mut deferred = crate::deferred::load(conn, &mapping.table, &key_list).await?;
     let locked_keys: Vec<&[u8]> = keys_locked.locked.iter().map(Vec::as_slice).collect();
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
@@ -315,7 +316,6 @@ async fn apply_table(
     let LockedKeys {
         locked, blocked, ..
     } = keys_locked;
-    let mut deferred = crate::deferred::load(conn, &mapping.table, &key_list).await?;
     let mut moved = match &request.repair {
         Some(repair) => moved_since_diff(conn, &table, &key_list, repair).await?,
         None => std::collections::HashSet::new(),

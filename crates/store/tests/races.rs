@@ -80,7 +80,8 @@ async fn wait_until_blocked(admin: &tokio_postgres::Client) -> anyhow::Result<()
 /// was absent when the rows were locked and that a user inserts before the
 /// outbox is read must not be planned with that insert: etcd winning would
 /// consume it while the mirror keeps the user's row (insert-if-absent), and
-/// etcd would keep its own value forever.
+/// etcd would keep its own value forever. The apply is held between the two
+/// statements by a lock on a deferred input it reads there.
 #[tokio::test]
 async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_unseen()
 -> anyhow::Result<()> {
@@ -88,6 +89,10 @@ async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_uns
         store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n")
             .await?;
     assert!(store.claim_term(1, "n1", 1).await?);
+    let fence = Fence {
+        term: 1,
+        node: "n1".into(),
+    };
     let admin = db.client().await?;
     admin
         .batch_execute(
@@ -96,20 +101,27 @@ async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_uns
              VALUES ('/a', 'a0', 3, 3, 1, 'etcd'); COMMIT;",
         )
         .await?;
-    // A user session holds /a, so the apply's lock statement waits there,
-    // after the statement has found /k absent.
+    // /a's row is held once, so an input of it is deferred ...
     let holder = db.client().await?;
     holder
         .batch_execute("BEGIN; SELECT * FROM etcd_sync.kv WHERE key = '/a' FOR UPDATE")
         .await?;
+    let first = vec![created("/a", "a1", 10)];
+    let report = store
+        .apply(&ApplyRequest::new(&fence, &first, Instant::now()))
+        .await?;
+    assert_eq!(report.deferred_keys, 1);
+    holder.batch_execute("COMMIT").await?;
+    // ... and that deferred input is held now: the next apply waits for it
+    // after locking the rows and before reading the outbox.
+    holder
+        .batch_execute("BEGIN; SELECT * FROM etcd_sync.deferred_inputs FOR UPDATE")
+        .await?;
     let apply = tokio::spawn({
         let store = store.clone();
+        let fence = fence.clone();
         async move {
-            let fence = Fence {
-                term: 1,
-                node: "n1".into(),
-            };
-            let keys = vec![created("/a", "a1", 20), created("/k", "from-etcd", 20)];
+            let keys = vec![created("/a", "a2", 20), created("/k", "from-etcd", 20)];
             let request = ApplyRequest::new(&fence, &keys, Instant::now());
             store.apply(&request).await
         }
