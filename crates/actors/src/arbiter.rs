@@ -90,8 +90,14 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         repair: None,
         echo_traces: None,
         audit_batch: false,
+        // A row a user holds: skipped, not deferred (the arbiter reads ahead
+        // of the watcher; the poller hands the key over again).
+        defer_held: false,
     };
     let report = ctx.store.apply(&request).await?;
+    if !report.held_skipped.is_empty() {
+        tracing::debug!(table = %msg.table, "the key's row is held by a user's transaction: settled later");
+    }
     for conflict in &report.conflicts {
         let winner = conflict.winner.map_or("pending", Side::as_str);
         metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);

@@ -257,6 +257,20 @@ async fn resync_once(
     };
     tracing::info!(?reason, revision, tables = walked.len(), "resync started");
     let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
+    // Inputs deferred for held rows are superseded by the walk at
+    // `revision` (a key still held gets the state it reads, deferred
+    // again); after etcd went back, they belong to the history it lost.
+    let superseded_up_to = match reason {
+        ResyncReason::RevisionWentBack { .. } | ResyncReason::Initial => None,
+        ResyncReason::Compacted { .. } | ResyncReason::MirrorTablesCreated { .. } => Some(revision),
+    };
+    let discarded = ctx
+        .store
+        .discard_deferred(&ctx.fence, &walked_tables, superseded_up_to)
+        .await?;
+    if discarded > 0 {
+        tracing::info!(discarded, "deferred inputs superseded by the resync");
+    }
     let walked_relids = ctx.store.table_relids(&walked_tables).await?;
     let mut counts = Counts::default();
     for mapping in &walked {
@@ -408,6 +422,7 @@ async fn flush(
         repair: None,
         echo_traces: None,
         audit_batch: false,
+        defer_held: true,
     };
     let report = ctx.store.apply(&request).await?;
     counts.upserts += report.mirror_upserts as u64;

@@ -247,10 +247,7 @@ async fn stream(
     let mut tables_checked = Instant::now();
     // Inputs deferred for rows that users' transactions hold are retried
     // this often, so a key converges soon after its row is free.
-    let mut deferred = Deferred {
-        pending: !ctx.store.deferred_keys(1).await?.is_empty(),
-        tried: Instant::now(),
-    };
+    let mut deferred = Deferred::new(!ctx.store.deferred_keys(None, 1).await?.is_empty());
 
     loop {
         if tables_checked.elapsed() >= progress_interval {
@@ -259,7 +256,7 @@ async fn stream(
                 return Ok(StreamEnd::MirrorTablesCreated);
             }
         }
-        deferred.retry_if_due(ctx).await?;
+        deferred.retry_if_due(ctx, progress_interval).await?;
         // Wait for the first item of the next batch.
         let wait = if deferred.pending {
             DEFERRED_RETRY.min(progress_interval)
@@ -425,6 +422,7 @@ async fn apply(
             repair: None,
             echo_traces: Some(&echo_traces),
             audit_batch: true,
+            defer_held: true,
         };
         let report = ctx.store.apply(&request).instrument(span.clone()).await?;
         deferred = report.deferred_keys > 0;
@@ -475,28 +473,82 @@ const DEFERRED_KEYS_PER_ROUND: usize = 1_000;
 struct Deferred {
     pending: bool,
     tried: Instant,
+    /// Where the last round stopped: rounds walk the keys round-robin.
+    after: Option<eps_store::deferred::DeferredKey>,
+    /// When the table was last looked at for inputs deferred by a resync
+    /// or another replica's term (the flag only knows about this term's).
+    looked: Instant,
 }
 
 impl Deferred {
+    fn new(pending: bool) -> Self {
+        Deferred {
+            pending,
+            tried: Instant::now(),
+            after: None,
+            looked: Instant::now(),
+        }
+    }
+
     /// Applies what was deferred for rows that are free now, once per
     /// [`DEFERRED_RETRY`], and reports keys held for long.
-    async fn retry_if_due(&mut self, ctx: &Arc<SyncContext>) -> Result<(), ActorError> {
+    async fn retry_if_due(
+        &mut self,
+        ctx: &Arc<SyncContext>,
+        look_every: Duration,
+    ) -> Result<(), ActorError> {
+        if !self.pending && self.looked.elapsed() >= look_every {
+            self.looked = Instant::now();
+            self.pending = !ctx.store.deferred_keys(None, 1).await?.is_empty();
+        }
         if !self.pending || self.tried.elapsed() < DEFERRED_RETRY {
             return Ok(());
         }
         self.tried = Instant::now();
-        let keys = ctx.store.deferred_keys(DEFERRED_KEYS_PER_ROUND).await?;
+        let mut keys = ctx
+            .store
+            .deferred_keys(self.after.as_ref(), DEFERRED_KEYS_PER_ROUND)
+            .await?;
+        if keys.len() < DEFERRED_KEYS_PER_ROUND && self.after.is_some() {
+            // Wrap around.
+            let first = ctx
+                .store
+                .deferred_keys(None, DEFERRED_KEYS_PER_ROUND - keys.len())
+                .await?;
+            let fresh: Vec<_> = first
+                .into_iter()
+                .filter(|k| {
+                    !keys
+                        .iter()
+                        .any(|seen| seen.mirror_table == k.mirror_table && seen.key == k.key)
+                })
+                .collect();
+            keys.extend(fresh);
+        }
+        self.after = keys.last().cloned();
         if keys.is_empty() {
             self.pending = false;
             return Ok(());
         }
-        let inputs: Vec<KeyInputs> = keys
-            .iter()
-            .map(|k| KeyInputs {
-                key: k.key.clone(),
-                inputs: Vec::new(),
-            })
-            .collect();
+        let mut inputs = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let mapped = ctx
+                .mappings
+                .find(&key.key)
+                .is_some_and(|m| m.table.as_str() == key.mirror_table && m.direction.etcd_to_pg());
+            if mapped {
+                inputs.push(KeyInputs {
+                    key: key.key.clone(),
+                    inputs: Vec::new(),
+                });
+            } else {
+                // Its mapping is gone (or moved to another table): nothing
+                // syncs it now, and its table is filled again if it returns.
+                ctx.store
+                    .discard_deferred_key(&ctx.fence, &key.mirror_table, &key.key)
+                    .await?;
+            }
+        }
         let report = ctx
             .store
             .apply(&ApplyRequest::new(&ctx.fence, &inputs, Instant::now()))
@@ -517,7 +569,6 @@ impl Deferred {
                 "a user's transaction holds a mirror row: its key is not synced"
             );
         }
-        self.pending = report.drained_keys < keys.len() || keys.len() == DEFERRED_KEYS_PER_ROUND;
         Ok(())
     }
 }

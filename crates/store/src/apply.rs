@@ -15,7 +15,7 @@ use eps_core::mapping::{Mapping, MappingSet};
 use eps_core::model::{KeyMeta, Op, PendingChange};
 use eps_core::policy::Side;
 use eps_core::reconcile::{
-    ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext, plan_key,
+    ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext, plan_key_observed,
 };
 
 use crate::error::StoreError;
@@ -49,6 +49,12 @@ pub struct ApplyRequest<'a> {
     pub echo_traces: Option<&'a HashMap<Vec<u8>, String>>,
     /// Record a `batch-applied` audit event in the same transaction.
     pub audit_batch: bool,
+    /// A key whose row another transaction holds (a user's, left open):
+    /// true — its inputs wait in `deferred_inputs` (the watcher's batches,
+    /// resyncs: the checkpoint moves past them); false — it is skipped and
+    /// reported in [`ApplyReport::held_skipped`] (the arbiter, whose work
+    /// comes back).
+    pub defer_held: bool,
 }
 
 /// A repair of keys a diff found different at etcd revision `revision`:
@@ -80,6 +86,7 @@ impl<'a> ApplyRequest<'a> {
             repair: None,
             echo_traces: None,
             audit_batch: false,
+            defer_held: true,
         }
     }
 }
@@ -103,6 +110,9 @@ pub struct ApplyReport {
     pub deferred_keys: usize,
     /// Keys whose deferred inputs this transaction applied.
     pub drained_keys: usize,
+    /// Keys left alone because another transaction holds their row
+    /// (`defer_held` false).
+    pub held_skipped: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +156,9 @@ struct LockedRows {
     #[diesel(sql_type = Array<Bytea>)]
     present: Vec<Vec<u8>>,
 }
+
+/// Deferred inputs taken back per apply transaction, in bytes of values.
+const DEFERRED_LOAD_BYTES: usize = 32 * 1024 * 1024;
 
 /// How many times the keys whose rows the lock statement saw but could not
 /// lock are looked at again before they count as held by someone else.
@@ -295,7 +308,15 @@ async fn apply_table(
     // committed before this statement's snapshot are planned (the ones the
     // absence reflects); later ones stay in the outbox for the compare.
     let keys_locked = lock_keys(conn, &table, &key_list).await?;
-    let mut deferred = crate::deferred::load(conn, &mapping.table, &key_list).await?;
+    // The inputs deferred for the keys that are free now (a held key's stay
+    // where they are: new ones are appended behind them).
+    let free_keys: Vec<&[u8]> = key_list
+        .iter()
+        .copied()
+        .filter(|k| !keys_locked.blocked.contains(*k))
+        .collect();
+    let mut deferred =
+        crate::deferred::load(conn, &mapping.table, &free_keys, DEFERRED_LOAD_BYTES).await?;
     let locked_keys: Vec<&[u8]> = keys_locked.locked.iter().map(Vec::as_slice).collect();
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
@@ -348,53 +369,71 @@ async fn apply_table(
         .repair_skipped
         .extend(moved.iter().map(|key| key.to_vec()));
     // A held row defers its key's inputs, after any deferred before; a free
-    // row takes the deferred ones back first, in order.
-    let mut to_defer: Vec<(&[u8], &KeyInput)> = Vec::new();
+    // row takes the deferred ones back first, in order (all of them, or
+    // its newer inputs wait behind the rest).
+    let mut to_defer: Vec<(&[u8], &KeyInput, i64)> = Vec::new();
     let mut drained_ids: Vec<i64> = Vec::new();
-    let mut plannable: Vec<(&[u8], Vec<KeyInput>, i64, bool)> = Vec::new();
+    let mut plannable: Vec<(&[u8], Vec<(KeyInput, i64)>, bool)> = Vec::new();
     for k in keys.iter().filter(|k| !moved.contains(k.key.as_slice())) {
         report.inputs += k.inputs.len();
         if blocked.contains(&k.key) {
+            if !request.defer_held {
+                report.held_skipped.push(k.key.clone());
+                continue;
+            }
             if !k.inputs.is_empty() {
                 report.deferred_keys += 1;
             }
-            to_defer.extend(k.inputs.iter().map(|input| (k.key.as_slice(), input)));
+            to_defer.extend(
+                k.inputs
+                    .iter()
+                    .map(|input| (k.key.as_slice(), input, observed_at_us)),
+            );
             continue;
         }
-        let mut inputs = Vec::new();
-        let mut key_observed_at = observed_at_us;
+        let mut inputs: Vec<(KeyInput, i64)> = Vec::new();
         let mut record_history = request.record_history;
+        let mut more_deferred = false;
         if let Some(earlier) = deferred.by_key.remove(&k.key) {
             report.drained_keys += 1;
             drained_ids.extend(earlier.ids);
             inputs.extend(earlier.inputs);
-            key_observed_at = earlier.observed_at_us;
             record_history |= earlier.record_history;
+            more_deferred = earlier.more;
         }
-        inputs.extend(k.inputs.iter().cloned());
+        if more_deferred {
+            to_defer.extend(
+                k.inputs
+                    .iter()
+                    .map(|input| (k.key.as_slice(), input, observed_at_us)),
+            );
+        } else {
+            inputs.extend(
+                k.inputs
+                    .iter()
+                    .cloned()
+                    .map(|input| (input, observed_at_us)),
+            );
+        }
+        // Revision order, whatever order they were deferred in.
+        inputs.sort_by_key(|(input, _)| input.revision());
         if !inputs.is_empty() {
-            plannable.push((k.key.as_slice(), inputs, key_observed_at, record_history));
+            plannable.push((k.key.as_slice(), inputs, record_history));
         }
     }
-    crate::deferred::store(
-        conn,
-        &mapping.table,
-        &to_defer,
-        observed_at_us,
-        request.record_history,
-    )
-    .await?;
+    crate::deferred::store(conn, &mapping.table, &to_defer, request.record_history).await?;
     crate::deferred::remove(conn, &drained_ids).await?;
+    let ctx = PlanContext {
+        policy: mapping.policy,
+        direction: mapping.direction,
+        observed_at_us,
+    };
     let plans: Vec<(&[u8], KeyPlan)> = plannable
         .into_iter()
-        .map(|(key, inputs, key_observed_at, record_history)| {
-            let ctx = PlanContext {
-                policy: mapping.policy,
-                direction: mapping.direction,
-                observed_at_us: key_observed_at,
-            };
+        .map(|(key, timed, record_history)| {
+            let (inputs, observed): (Vec<KeyInput>, Vec<i64>) = timed.into_iter().unzip();
             let key_pending = pending.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let mut plan = plan_key(ctx, key_pending, &inputs);
+            let mut plan = plan_key_observed(ctx, key_pending, &inputs, &observed);
             if !record_history {
                 plan.history.clear();
             }

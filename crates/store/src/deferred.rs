@@ -24,13 +24,15 @@ pub struct DeferredInputs {
 #[derive(Debug, Default)]
 pub struct KeyDeferred {
     pub ids: Vec<i64>,
-    pub inputs: Vec<KeyInput>,
-    /// When the oldest of them was read from etcd (PostgreSQL's clock).
-    pub observed_at_us: i64,
+    /// The inputs, oldest first, each with when it was read from etcd
+    /// (microseconds, PostgreSQL's clock).
+    pub inputs: Vec<(KeyInput, i64)>,
     /// False when every one was a state the history already holds.
     pub record_history: bool,
+    /// More are deferred than were loaded (the byte budget ran out): the
+    /// key's newer inputs must wait behind them.
+    pub more: bool,
 }
-
 #[derive(QueryableByName)]
 struct Row {
     #[diesel(sql_type = BigInt)]
@@ -63,6 +65,9 @@ struct Row {
     observed_at_us: i64,
     #[diesel(sql_type = Bool)]
     record_history: bool,
+    /// The key's deferred rows in all (the page may hold fewer).
+    #[diesel(sql_type = BigInt)]
+    of_key: i64,
 }
 
 impl Row {
@@ -118,36 +123,84 @@ impl Row {
     }
 }
 
-/// The deferred inputs of `keys` in `table`, locked (a concurrent drain
-/// waits, and then finds them gone).
+/// The deferred inputs of `keys` in `table`, oldest first, locked (a
+/// concurrent drain waits, and then finds them gone): about `max_bytes` of
+/// values at most, whole keys first.
 pub async fn load(
     conn: &mut AsyncPgConnection,
     table: &Ident,
     keys: &[&[u8]],
+    max_bytes: usize,
 ) -> Result<DeferredInputs, StoreError> {
-    let rows: Vec<Row> = diesel::sql_query(
-        "SELECT id, key, kind, revision, op, value, create_revision, mod_revision, version, lease, \
-                prev_value, prev_revision, origin, observed_at_us, record_history \
-         FROM deferred_inputs WHERE mirror_table = $1 AND key = ANY($2) ORDER BY key, id FOR UPDATE",
+    if keys.is_empty() {
+        return Ok(DeferredInputs::default());
+    }
+    // Locked first (window functions and FOR UPDATE do not mix).
+    diesel::sql_query(
+        "SELECT id FROM deferred_inputs WHERE mirror_table = $1 AND key = ANY($2) ORDER BY id FOR UPDATE",
     )
     .bind::<Text, _>(table.as_str())
     .bind::<Array<Bytea>, _>(keys)
+    .execute(conn)
+    .await?;
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT id, key, kind, revision, op, value, create_revision, mod_revision, version, lease, \
+                prev_value, prev_revision, origin, observed_at_us, record_history, of_key \
+         FROM (SELECT *, count(*) OVER (PARTITION BY key) AS of_key, \
+                      sum(coalesce(octet_length(value), 0) + coalesce(octet_length(prev_value), 0)) \
+                          OVER (ORDER BY key, id ROWS UNBOUNDED PRECEDING) \
+                      - coalesce(octet_length(value), 0) - coalesce(octet_length(prev_value), 0) AS before \
+               FROM deferred_inputs WHERE mirror_table = $1 AND key = ANY($2)) AS sized \
+         WHERE before < $3 ORDER BY key, id",
+    )
+    .bind::<Text, _>(table.as_str())
+    .bind::<Array<Bytea>, _>(keys)
+    .bind::<BigInt, _>(max_bytes as i64)
     .load(conn)
     .await?;
     let mut deferred = DeferredInputs::default();
     for row in rows {
-        let entry = deferred
-            .by_key
-            .entry(row.key.clone())
-            .or_insert_with(|| KeyDeferred {
-                observed_at_us: row.observed_at_us,
-                ..KeyDeferred::default()
-            });
+        let of_key = row.of_key as usize;
+        let observed_at_us = row.observed_at_us;
+        let entry = deferred.by_key.entry(row.key.clone()).or_default();
         entry.ids.push(row.id);
         entry.record_history |= row.record_history;
-        entry.inputs.push(row.into_input()?);
+        entry.inputs.push((row.into_input()?, observed_at_us));
+        entry.more = entry.ids.len() < of_key;
     }
     Ok(deferred)
+}
+
+/// Drops the deferred inputs of `tables` (all of them, or those up to
+/// `revision`): a resync that walks the tables at `revision` supersedes
+/// them, and those of a lost etcd belong to another history.
+pub async fn discard(
+    conn: &mut AsyncPgConnection,
+    tables: &[&str],
+    up_to_revision: Option<i64>,
+) -> Result<usize, StoreError> {
+    Ok(diesel::sql_query(
+        "DELETE FROM deferred_inputs WHERE mirror_table = ANY($1) AND ($2::int8 IS NULL OR revision <= $2)",
+    )
+    .bind::<Array<Text>, _>(tables)
+    .bind::<Nullable<BigInt>, _>(up_to_revision)
+    .execute(conn)
+    .await?)
+}
+
+/// Drops the deferred inputs of one key (its mapping is gone).
+pub async fn discard_key(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    key: &[u8],
+) -> Result<usize, StoreError> {
+    Ok(
+        diesel::sql_query("DELETE FROM deferred_inputs WHERE mirror_table = $1 AND key = $2")
+            .bind::<Text, _>(table)
+            .bind::<Bytea, _>(key)
+            .execute(conn)
+            .await?,
+    )
 }
 
 /// Stores inputs of keys that cannot be applied now, after any already
@@ -155,8 +208,7 @@ pub async fn load(
 pub async fn store(
     conn: &mut AsyncPgConnection,
     table: &Ident,
-    inputs: &[(&[u8], &KeyInput)],
-    observed_at_us: i64,
+    inputs: &[(&[u8], &KeyInput, i64)],
     record_history: bool,
 ) -> Result<(), StoreError> {
     if inputs.is_empty() {
@@ -171,7 +223,8 @@ pub async fn store(
     let mut prev_values: Vec<Option<&[u8]>> = Vec::new();
     let mut prev_revisions: Vec<Option<i64>> = Vec::new();
     let mut origins: Vec<Option<&str>> = Vec::new();
-    for (key, input) in inputs {
+    let observed: Vec<i64> = inputs.iter().map(|(_, _, at)| *at).collect();
+    for (key, input, _) in inputs {
         keys.push(key);
         match input {
             KeyInput::Event(event) => {
@@ -208,11 +261,11 @@ pub async fn store(
         "INSERT INTO deferred_inputs (mirror_table, key, kind, revision, op, value, create_revision, \
              mod_revision, version, lease, prev_value, prev_revision, origin, observed_at_us, record_history) \
          SELECT $1, u.key, u.kind, u.revision, u.op, u.value, u.create_revision, u.mod_revision, \
-                u.version, u.lease, u.prev_value, u.prev_revision, u.origin, $13, $14 \
+                u.version, u.lease, u.prev_value, u.prev_revision, u.origin, u.observed_at_us, $14 \
          FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bytea[], $7::int8[], \
-                     $8::int8[], $9::int8[], $10::int8[], $11::bytea[], $12::int8[], $15::text[]) \
+                     $8::int8[], $9::int8[], $10::int8[], $11::bytea[], $12::int8[], $15::text[], $13::int8[]) \
               WITH ORDINALITY AS u(key, kind, revision, op, value, create_revision, mod_revision, \
-                                   version, lease, prev_value, prev_revision, origin, n) \
+                                   version, lease, prev_value, prev_revision, origin, observed_at_us, n) \
          ORDER BY u.n",
     )
     .bind::<Text, _>(table.as_str())
@@ -227,7 +280,7 @@ pub async fn store(
     .bind::<Array<BigInt>, _>(&lease)
     .bind::<Array<Nullable<Bytea>>, _>(&prev_values)
     .bind::<Array<Nullable<BigInt>>, _>(&prev_revisions)
-    .bind::<BigInt, _>(observed_at_us)
+    .bind::<Array<BigInt>, _>(&observed)
     .bind::<Bool, _>(record_history)
     .bind::<Array<Nullable<Text>>, _>(&origins)
     .execute(conn)
@@ -255,15 +308,25 @@ pub struct DeferredKey {
     pub key: Vec<u8>,
 }
 
-/// Keys with deferred inputs, oldest first.
+/// Keys with deferred inputs, in (table, key) order after `after`: the
+/// retry walks them round-robin, so a thousand keys held for long do not
+/// keep one released after them waiting.
 pub async fn keys(
     conn: &mut AsyncPgConnection,
+    after: Option<&DeferredKey>,
     limit: usize,
 ) -> Result<Vec<DeferredKey>, StoreError> {
+    let (table, key) = match after {
+        Some(k) => (Some(k.mirror_table.as_str()), Some(k.key.as_slice())),
+        None => (None, None),
+    };
     Ok(diesel::sql_query(
-        "SELECT mirror_table, key FROM deferred_inputs GROUP BY mirror_table, key \
-         ORDER BY min(id) LIMIT $1",
+        "SELECT DISTINCT mirror_table, key FROM deferred_inputs \
+         WHERE $1::text IS NULL OR (mirror_table, key) > ($1, $2) \
+         ORDER BY mirror_table, key LIMIT $3",
     )
+    .bind::<Nullable<Text>, _>(table)
+    .bind::<Nullable<Bytea>, _>(key)
     .bind::<BigInt, _>(limit as i64)
     .load(conn)
     .await?)

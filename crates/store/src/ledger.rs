@@ -162,9 +162,32 @@ pub async fn execute_resolution(
                     .bind::<Bytea, _>(&conflict.key)
                     .execute(conn)
                     .await?;
-                let value = etcd_now.map(|kv| kv.value.as_slice());
-                let meta = etcd_now.map(|kv| kv.meta).unwrap_or_default();
-                write_mirror_row(conn, &qualified, &conflict.key, value, meta, "etcd").await?;
+                // etcd's state read before this transaction; a newer one the
+                // watcher applied meanwhile stays (the row only moves forward).
+                match etcd_now {
+                    Some(kv) => {
+                        diesel::sql_query(format!(
+                            "INSERT INTO {qualified} AS t (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+                             VALUES ($1, $2, $3, $4, $5, $6, now(), 'etcd') \
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+                                 mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+                                 updated_at = now(), origin = 'etcd' \
+                             WHERE t.mod_revision <= EXCLUDED.mod_revision"
+                        ))
+                        .bind::<Bytea, _>(&conflict.key)
+                        .bind::<Bytea, _>(&kv.value)
+                        .bind::<BigInt, _>(kv.meta.create_revision)
+                        .bind::<BigInt, _>(kv.meta.mod_revision)
+                        .bind::<BigInt, _>(kv.meta.version)
+                        .bind::<BigInt, _>(kv.meta.lease)
+                        .execute(conn)
+                        .await?;
+                    }
+                    None => {
+                        write_mirror_row(conn, &qualified, &conflict.key, None, Default::default(), "etcd")
+                            .await?;
+                    }
+                }
             }
             (true, Side::Pg) => {
                 diesel::sql_query(

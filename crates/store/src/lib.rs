@@ -185,13 +185,46 @@ impl Store {
         state::finish_resync(&mut conn, fence, revision, relids).await
     }
 
-    /// Keys with inputs deferred for held rows (see [`deferred`]).
+    /// Keys with inputs deferred for held rows (see [`deferred::keys`]).
     pub async fn deferred_keys(
         &self,
+        after: Option<&deferred::DeferredKey>,
         limit: usize,
     ) -> Result<Vec<deferred::DeferredKey>, StoreError> {
         let mut conn = self.pool.get().await?;
-        deferred::keys(&mut conn, limit).await
+        deferred::keys(&mut conn, after, limit).await
+    }
+
+    /// Drops deferred inputs (see [`deferred::discard`]), fenced.
+    pub async fn discard_deferred(
+        &self,
+        fence: &Fence,
+        tables: &[&str],
+        up_to_revision: Option<i64>,
+    ) -> Result<usize, StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+            deferred::discard(conn, tables, up_to_revision).await
+        })
+        .await
+    }
+
+    /// Drops the deferred inputs of a key no mapping covers any more, fenced.
+    pub async fn discard_deferred_key(
+        &self,
+        fence: &Fence,
+        table: &str,
+        key: &[u8],
+    ) -> Result<usize, StoreError> {
+        use diesel_async::AsyncConnection;
+        let mut conn = self.pool.get().await?;
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+            deferred::discard_key(conn, table, key).await
+        })
+        .await
     }
 
     /// See [`deferred::report_blocked`].

@@ -473,3 +473,80 @@ async fn a_repair_of_an_absent_row_waits_for_a_users_insert_of_it() -> anyhow::R
     assert_eq!(ops, vec!["put"], "only the user's insert goes to etcd");
     Ok(())
 }
+
+/// Held rows: the watcher's batches defer the key's inputs, the arbiter's
+/// applies skip it; a resync supersedes what was deferred up to its
+/// revision.
+#[tokio::test]
+async fn held_rows_are_deferred_or_skipped_and_resyncs_supersede_them() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    assert!(store.claim_term(1, "n1", 1).await?);
+    let fence = Fence {
+        term: 1,
+        node: "n1".into(),
+    };
+    let admin = db.client().await?;
+    admin
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
+             VALUES ('/h', 'v0', 3, 3, 1, 'etcd'); COMMIT;",
+        )
+        .await?;
+    let holder = db.client().await?;
+    holder
+        .batch_execute("BEGIN; UPDATE etcd_sync.kv SET value = 'held' WHERE key = '/h'")
+        .await?;
+    let keys = vec![created("/h", "e10", 10)];
+    let mut arbiter = ApplyRequest::new(&fence, &keys, Instant::now());
+    arbiter.defer_held = false;
+    arbiter.record_history = false;
+    let report = store.apply(&arbiter).await?;
+    assert_eq!(report.held_skipped, vec![b"/h".to_vec()]);
+    assert_eq!(report.deferred_keys, 0);
+    let report = store
+        .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
+        .await?;
+    assert_eq!(report.deferred_keys, 1);
+    let later = vec![created("/h", "e20", 20)];
+    store
+        .apply(&ApplyRequest::new(&fence, &later, Instant::now()))
+        .await?;
+    assert_eq!(
+        deferred_revisions(&admin).await?,
+        vec![10, 20],
+        "in order, behind each other"
+    );
+    // A resync at 15 supersedes the input at 10, not the one at 20.
+    store.discard_deferred(&fence, &["kv"], Some(15)).await?;
+    assert_eq!(deferred_revisions(&admin).await?, vec![20]);
+    // Released, the rest is applied by the next apply of the key.
+    holder.batch_execute("ROLLBACK").await?;
+    let drain = vec![KeyInputs {
+        key: b"/h".to_vec(),
+        inputs: Vec::new(),
+    }];
+    let report = store
+        .apply(&ApplyRequest::new(&fence, &drain, Instant::now()))
+        .await?;
+    assert_eq!(report.drained_keys, 1);
+    assert!(deferred_revisions(&admin).await?.is_empty());
+    let value: Vec<u8> = admin
+        .query_one("SELECT value FROM etcd_sync.kv WHERE key = '/h'", &[])
+        .await?
+        .get(0);
+    assert_eq!(value, b"e20");
+    Ok(())
+}
+
+async fn deferred_revisions(client: &tokio_postgres::Client) -> anyhow::Result<Vec<i64>> {
+    Ok(client
+        .query(
+            "SELECT revision FROM etcd_sync.deferred_inputs ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect())
+}

@@ -300,6 +300,7 @@ async fn binary_keys_and_values_round_trip_through_apply() -> anyhow::Result<()>
                     repair: None,
                     echo_traces: None,
                     audit_batch: false,
+                    defer_held: true,
                 };
                 store
                     .apply(&request)
@@ -405,6 +406,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             repair: None,
             echo_traces: None,
             audit_batch: false,
+            defer_held: true,
         })
         .await?;
     assert_eq!(report.history_rows, 3);
@@ -445,6 +447,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             repair: None,
             echo_traces: None,
             audit_batch: false,
+            defer_held: true,
         })
         .await?;
     assert_eq!(report.history_rows, 0);
@@ -465,6 +468,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         repair: None,
         echo_traces: None,
         audit_batch: false,
+        defer_held: true,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}

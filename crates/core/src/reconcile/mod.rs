@@ -45,7 +45,7 @@ pub enum KeyInput {
 
 impl KeyInput {
     /// The revision the input brings the key to.
-    fn revision(&self) -> i64 {
+    pub fn revision(&self) -> i64 {
         match self {
             KeyInput::Event(e) => e.revision,
             KeyInput::Observed {
@@ -164,12 +164,26 @@ pub struct PlanContext {
 
 /// Plans one key. `pending` is in outbox id order, `inputs` in revision order.
 pub fn plan_key(ctx: PlanContext, pending: &[PendingChange], inputs: &[KeyInput]) -> KeyPlan {
+    let observed = vec![ctx.observed_at_us; inputs.len()];
+    plan_key_observed(ctx, pending, inputs, &observed)
+}
+
+/// [`plan_key`] with the time each input was read from etcd (`observed_at`,
+/// one per input; `ctx.observed_at_us` is not used): inputs kept waiting
+/// for a while (a row a user held) are judged by when they were read.
+pub fn plan_key_observed(
+    ctx: PlanContext,
+    pending: &[PendingChange],
+    inputs: &[KeyInput],
+    observed_at: &[i64],
+) -> KeyPlan {
     debug_assert!(pending.windows(2).all(|w| w[0].id < w[1].id));
     debug_assert!(
         inputs
             .windows(2)
             .all(|w| w[0].revision() <= w[1].revision())
     );
+    debug_assert_eq!(inputs.len(), observed_at.len());
     let mut planner = Planner {
         ctx,
         // An etcd-to-pg mapping never propagates local changes: they are
@@ -183,7 +197,8 @@ pub fn plan_key(ctx: PlanContext, pending: &[PendingChange], inputs: &[KeyInput]
         plan: KeyPlan::default(),
         parked_here: false,
     };
-    for input in inputs {
+    for (input, observed) in inputs.iter().zip(observed_at) {
+        planner.ctx.observed_at_us = *observed;
         planner.apply(input);
     }
     planner.finish()

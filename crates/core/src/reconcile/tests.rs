@@ -783,3 +783,19 @@ proptest! {
         prop_assert!(plan.conflicts.iter().all(|c| c.winner.is_some() && c.parks.is_empty()));
     }
 }
+
+/// Inputs kept waiting (a row a user held) are judged by when each was
+/// read from etcd: e1 (read at 100) loses to the user's write at 300, e2
+/// (read at 400) wins over it.
+#[test]
+fn newest_wins_judges_each_input_by_its_own_observation_time() {
+    let pending = [pending_put(1, "user", 5, 300)];
+    let inputs = [put(7, "e1", Some((5, "o"))), put(8, "e2", Some((7, "e1")))];
+    let plan = plan_key_observed(ctx(Policy::NewestWins), &pending, &inputs, &[100, 400]);
+    assert_eq!(plan.conflicts.len(), 2);
+    assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
+    assert_eq!(plan.conflicts[1].winner, Some(Side::Etcd));
+    assert_eq!(plan.conflicts[1].etcd.observed_at_us, 400);
+    assert_eq!(plan.consumed, vec![1]);
+    assert_eq!(set_value(&plan), Some(Some(&b"e2"[..])));
+}

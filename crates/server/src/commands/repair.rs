@@ -212,6 +212,9 @@ pub async fn run_restore(
     // come back as no-ops. A checkpoint past it is the lost etcd's.
     let start = etcd.current_revision().await?;
     store.lower_checkpoint(&fence, start).await?;
+    // Changes deferred for held rows came from the lost etcd.
+    let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();
+    store.discard_deferred(&fence, &tables, None).await?;
     let mut total = 0u64;
     for mapping in &selected {
         total += store.mirror_rows(&mapping.table).await? as u64;
