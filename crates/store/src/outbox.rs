@@ -98,14 +98,12 @@ pub async fn mark_sent(
     fence: &Fence,
     ids: &[i64],
 ) -> Result<(), StoreError> {
-    conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        diesel::sql_query("UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent")
-            .bind::<Array<BigInt>, _>(ids)
-            .execute(conn)
-            .await?;
-        Ok(())
-    })
+    fenced_on_ids(
+        conn,
+        fence,
+        "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent",
+        ids,
+    )
     .await
 }
 
@@ -116,9 +114,19 @@ pub async fn consume(
     fence: &Fence,
     ids: &[i64],
 ) -> Result<(), StoreError> {
+    fenced_on_ids(conn, fence, "DELETE FROM outbox WHERE id = ANY($1)", ids).await
+}
+
+/// Runs `sql` (taking the ids as `$1`) in its own fenced transaction.
+async fn fenced_on_ids(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    sql: &'static str,
+    ids: &[i64],
+) -> Result<(), StoreError> {
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
+        diesel::sql_query(sql)
             .bind::<Array<BigInt>, _>(ids)
             .execute(conn)
             .await?;

@@ -5,9 +5,8 @@
 //! make the two stores differ silently. See SECURITY.md for the threat model.
 #![allow(clippy::unwrap_used)] // test setup
 
-use std::collections::HashMap;
+mod common;
 
-use eps_core::config::Config;
 use eps_harness::{Postgres, TestDatabase};
 use eps_store::Store;
 use tokio_postgres::Client;
@@ -40,11 +39,7 @@ async fn migrated(owner: Option<&str>) -> anyhow::Result<Setup> {
 }
 
 async fn store_for(url: &str) -> anyhow::Result<Store> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("c.toml");
-    std::fs::write(&path, format!("[postgres]\nurl = \"{url}\"\n"))?;
-    let config = Config::load(Some(&path), &HashMap::new())?;
-    Ok(Store::new(&config).await?)
+    common::store_for(url, "").await
 }
 
 fn role_url(db: &TestDatabase, role: &str) -> String {

@@ -4,25 +4,18 @@
 //! row, a conflict), never silently different.
 #![allow(clippy::unwrap_used)] // test setup
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use eps_core::config::Config;
 use eps_core::model::{EtcdEvent, KeyMeta, Op};
 use eps_core::reconcile::KeyInput;
-use eps_harness::Postgres;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Store};
 
+/// A migrated store (see [`common::store_with`]).
 async fn store_with(toml_extra: &str) -> anyhow::Result<(Store, eps_harness::TestDatabase)> {
-    let db = Postgres::fresh_database().await?;
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        format!("[postgres]\nurl = \"{}\"\n{toml_extra}", db.url()),
-    )?;
-    let config = Config::load(Some(&path), &HashMap::new())?;
-    let store = Store::new(&config).await?;
+    let (store, db) = common::store_with(toml_extra).await?;
     store.migrate().await?;
     Ok((store, db))
 }
@@ -88,19 +81,9 @@ async fn a_row_inserted_between_the_lock_and_the_outbox_read_is_not_consumed_uns
     let (store, db) =
         store_with("[[mappings]]\nprefix = \"/\"\ntable = \"kv\"\npolicy = \"etcd-wins\"\n")
             .await?;
-    assert!(store.claim_term(1, "n1", 1).await?);
-    let fence = Fence {
-        term: 1,
-        node: "n1".into(),
-    };
+    let fence = common::term_one(&store).await?;
     let admin = db.client().await?;
-    admin
-        .batch_execute(
-            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
-             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
-             VALUES ('/a', 'a0', 3, 3, 1, 'etcd'); COMMIT;",
-        )
-        .await?;
+    common::insert_as_service(&admin, "/a", "a0", 3).await?;
     // /a's row is held once, so an input of it is deferred ...
     let holder = db.client().await?;
     holder
@@ -480,19 +463,9 @@ async fn a_repair_of_an_absent_row_waits_for_a_users_insert_of_it() -> anyhow::R
 #[tokio::test]
 async fn held_rows_are_deferred_or_skipped_and_resyncs_supersede_them() -> anyhow::Result<()> {
     let (store, db) = store_with("").await?;
-    assert!(store.claim_term(1, "n1", 1).await?);
-    let fence = Fence {
-        term: 1,
-        node: "n1".into(),
-    };
+    let fence = common::term_one(&store).await?;
     let admin = db.client().await?;
-    admin
-        .batch_execute(
-            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
-             INSERT INTO etcd_sync.kv (key, value, create_revision, mod_revision, version, origin) \
-             VALUES ('/h', 'v0', 3, 3, 1, 'etcd'); COMMIT;",
-        )
-        .await?;
+    common::insert_as_service(&admin, "/h", "v0", 3).await?;
     let holder = db.client().await?;
     holder
         .batch_execute("BEGIN; UPDATE etcd_sync.kv SET value = 'held' WHERE key = '/h'")

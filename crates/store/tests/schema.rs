@@ -2,27 +2,14 @@
 //! value_at and the fenced apply transaction.
 #![allow(clippy::type_complexity, clippy::unwrap_used)] // test tables and setup
 
-use std::collections::HashMap;
+mod common;
+
 use std::time::Instant;
 
-use eps_core::config::Config;
+use common::store_with;
 use eps_core::model::{EtcdEvent, KeyMeta, Op, PrevKv};
 use eps_core::reconcile::KeyInput;
-use eps_harness::Postgres;
-use eps_store::{ApplyRequest, Fence, KeyInputs, Store, StoreError};
-
-async fn store_with(toml_extra: &str) -> anyhow::Result<(Store, eps_harness::TestDatabase)> {
-    let db = Postgres::fresh_database().await?;
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        format!("[postgres]\nurl = \"{}\"\n{toml_extra}", db.url()),
-    )?;
-    let config = Config::load(Some(&path), &HashMap::new())?;
-    let store = Store::new(&config).await?;
-    Ok((store, db))
-}
+use eps_store::{ApplyRequest, Fence, KeyInputs, StoreError};
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)

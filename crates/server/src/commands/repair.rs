@@ -249,37 +249,15 @@ pub async fn run_restore(
             let rows = &page.rows;
             let Some(last) = rows.last() else { break };
             after = Some(last.key.clone());
-            let mut batch: Vec<&eps_store::mirror::MirrorRow> = Vec::new();
-            let mut bytes = 0usize;
-            for row in rows.iter().filter(|r| mapping.contains(&r.key)) {
-                let size = 2 * row.key.len() + row.value.len() + 64;
-                if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
-                    consumed += write_batch(
-                        &etcd,
-                        store,
-                        &fence,
-                        mapping,
-                        &batch,
-                        &page.snapshot,
-                        &mut leases,
-                    )
-                    .await?;
-                    restored += batch.len() as u64;
-                    txns += 1;
-                    progress.set(restored);
-                    batch.clear();
-                    bytes = 0;
-                }
-                bytes += size;
-                batch.push(row);
-            }
-            if !batch.is_empty() {
+            let rows: Vec<&eps_store::mirror::MirrorRow> =
+                rows.iter().filter(|r| mapping.contains(&r.key)).collect();
+            for batch in txn_batches(&rows, max_ops, max_bytes) {
                 consumed += write_batch(
                     &etcd,
                     store,
                     &fence,
                     mapping,
-                    &batch,
+                    batch,
                     &page.snapshot,
                     &mut leases,
                 )
@@ -325,6 +303,30 @@ fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option
         Some(p) if p.starts_with(&mapping.prefix) => (p.to_vec(), eps_core::keys::prefix_end(p)),
         _ => (mapping.prefix.clone(), mapping.range_end()),
     }
+}
+
+/// Consecutive runs of `rows` that fit one etcd txn (`max_ops` puts, about
+/// `max_bytes` of request).
+fn txn_batches<'a, 'r>(
+    rows: &'a [&'r eps_store::mirror::MirrorRow],
+    max_ops: usize,
+    max_bytes: usize,
+) -> Vec<&'a [&'r eps_store::mirror::MirrorRow]> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, row) in rows.iter().enumerate() {
+        let size = 2 * row.key.len() + row.value.len() + 64;
+        if i > start && (i - start >= max_ops || bytes + size > max_bytes) {
+            batches.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < rows.len() {
+        batches.push(&rows[start..]);
+    }
+    batches
 }
 
 /// The lease that keys restored from a leased row get: the old lease ids
