@@ -21,7 +21,7 @@ use clap::Parser;
 struct Args {
     /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup,
     /// conflict-catchup, pg-to-etcd, latency-1k, snapshot, failover,
-    /// vs-make-mirror.
+    /// vs-make-mirror, long-run-memory.
     scenario: String,
     /// The service binary to measure (default: `etcd-pg-sync` next to this
     /// one); another build's binary gives before/after figures.

@@ -23,6 +23,7 @@ pub const ALL: &[&str] = &[
     "snapshot",
     "failover",
     "vs-make-mirror",
+    "long-run-memory",
 ];
 
 pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
@@ -35,6 +36,7 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
         "snapshot" => snapshot(binary, sizes).await,
         "failover" => failover(binary, sizes).await,
         "vs-make-mirror" => vs_make_mirror(binary, sizes).await,
+        "long-run-memory" => long_run_memory(binary, sizes).await,
         other => anyhow::bail!("unknown scenario {other:?}; one of {ALL:?} or all"),
     }
 }
@@ -967,6 +969,113 @@ async fn vs_make_mirror(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> 
         summary: format!(
             "etcd-pg-sync {ours_rate:.0} changes/s, caught up {:.2} s after load (keeps history)",
             ours_catch_up.as_secs_f64()
+        ),
+    })
+}
+
+/// Writes `changes` changes over `keys` distinct keys, half from SQL (the
+/// poller, its chains and echo traces) and half to etcd (the watcher, and
+/// conflicts where both sides write a key), 8 sessions each; returns when
+/// acknowledged.
+async fn mixed_load(
+    stores: &Stores,
+    first: usize,
+    changes: usize,
+    keys: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let db = stores.db.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = db.client().await?;
+            let upsert = client
+                .prepare(
+                    "INSERT INTO etcd_sync.kv_bench (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?;
+            for i in (first + s..first + changes / 2).step_by(8) {
+                let key = format!("/bench/mem/{:07}", (i * 7919) % keys).into_bytes();
+                client
+                    .execute(&upsert, &[&key, &format!("pg-{i}").into_bytes()])
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+        let endpoint = stores.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for i in (first + s..first + changes / 2).step_by(8) {
+                let key = format!("/bench/mem/{:07}", (i * 104_729) % keys);
+                client.put(key, format!("etcd-{i}"), None).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Waits until the outbox is empty and the checkpoint is at etcd's head.
+async fn wait_quiet(stores: &Stores, pg: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let outbox: i64 = pg
+            .query_one("SELECT count(*) FROM etcd_sync.outbox", &[])
+            .await?
+            .get(0);
+        if outbox == 0 && applied(pg).await? >= stores.etcd.revision().await? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "the sync did not settle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Memory for the life of a term: a leader's resident memory after 10,000
+/// changes and after many more over many more distinct keys (1,000,000 over
+/// 100,000; 100,000 over 20,000 with --quick). Per-key state must follow
+/// the work in flight, not every key ever written.
+async fn long_run_memory(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let (total, keys) = if sizes.quick {
+        (100_000, 20_000)
+    } else {
+        (1_000_000, 100_000)
+    };
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pid = service
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the service has no pid"))?;
+    let pg = pg(&stores).await?;
+    let warmup = 10_000;
+    mixed_load(&stores, 0, warmup, warmup).await?;
+    wait_quiet(&stores, &pg).await?;
+    let (after_warmup, _) = rss_mib(pid);
+    let started = Instant::now();
+    mixed_load(&stores, warmup, total - warmup, keys).await?;
+    wait_quiet(&stores, &pg).await?;
+    let elapsed = started.elapsed();
+    let (after_all, peak) = rss_mib(pid);
+    let growth = after_all / after_warmup.max(1.0);
+    Ok(Outcome {
+        scenario: "long-run-memory".into(),
+        parameters: json!({"changes": total, "distinct_keys": keys, "warmup_changes": warmup}),
+        figures: json!({
+            "rss_mib_after_warmup": after_warmup, "rss_mib_after_all": after_all,
+            "peak_rss_mib": peak, "seconds": elapsed.as_secs_f64(),
+        }),
+        baseline: json!({"summary": format!("RSS after {warmup} changes: {after_warmup:.0} MiB")}),
+        ratio: Some(growth),
+        goal: "≤ 1.5 (flat)".into(),
+        summary: format!(
+            "RSS {after_all:.0} MiB after {total} changes over {keys} keys vs {after_warmup:.0} MiB after {warmup} (×{growth:.2}, peak {peak:.0} MiB)"
         ),
     })
 }
