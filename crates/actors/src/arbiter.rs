@@ -93,6 +93,7 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         // A row a user holds: skipped, not deferred (the arbiter reads ahead
         // of the watcher; the poller hands the key over again).
         defer_held: false,
+        record_rollbacks: false,
     };
     let report = ctx.store.apply(&request).await?;
     if !report.held_skipped.is_empty() {

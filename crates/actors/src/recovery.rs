@@ -34,8 +34,9 @@ pub enum ResyncReason {
         checkpoint: i64,
         compact_revision: Option<i64>,
     },
-    /// etcd's revision is behind the checkpoint (etcd was restored/replaced).
-    RevisionWentBack { checkpoint: i64, etcd_revision: i64 },
+    /// etcd is a new timeline (restored from a backup, replaced): the
+    /// mirror follows it, recording every value this rolls back.
+    TimelineChanged { checkpoint: i64 },
     /// Mirror tables were created while the checkpoint was past etcd's keys
     /// under their prefixes (a mapping added, a table dropped and created
     /// again): they are filled from etcd at the checkpoint.
@@ -189,6 +190,8 @@ struct Counts {
     upserts: u64,
     deletes: u64,
     conflicts: u64,
+    /// Values of PostgreSQL's a new timeline replaced (recorded).
+    rolled_back: u64,
 }
 
 /// Runs a resync until it completes at one revision (a compaction racing
@@ -261,7 +264,7 @@ async fn resync_once(
     // `revision` (a key still held gets the state it reads, deferred
     // again); after etcd went back, they belong to the history it lost.
     let superseded_up_to = match reason {
-        ResyncReason::RevisionWentBack { .. } | ResyncReason::Initial => None,
+        ResyncReason::TimelineChanged { .. } | ResyncReason::Initial => None,
         ResyncReason::Compacted { .. } | ResyncReason::MirrorTablesCreated { .. } => Some(revision),
     };
     let discarded = ctx
@@ -274,7 +277,17 @@ async fn resync_once(
     let walked_relids = ctx.store.table_relids(&walked_tables).await?;
     let mut counts = Counts::default();
     for mapping in &walked {
-        walk(ctx, mapping, revision, origin, progress, &mut counts).await?;
+        let rollbacks = matches!(reason, ResyncReason::TimelineChanged { .. });
+        walk(
+            ctx,
+            mapping,
+            revision,
+            origin,
+            rollbacks,
+            progress,
+            &mut counts,
+        )
+        .await?;
     }
     ctx.store
         .finish_resync(&ctx.fence, revision, &walked_relids)
@@ -282,7 +295,7 @@ async fn resync_once(
     let (kind, from) = match reason {
         ResyncReason::Initial => ("snapshot", 0),
         ResyncReason::Compacted { checkpoint, .. } => ("compaction-recovery", checkpoint),
-        ResyncReason::RevisionWentBack { checkpoint, .. } => ("revision-went-back", checkpoint),
+        ResyncReason::TimelineChanged { checkpoint } => ("timeline-resync", checkpoint),
         ResyncReason::MirrorTablesCreated { checkpoint } => ("mirror-tables-filled", checkpoint),
     };
     let compact_revision = match reason {
@@ -324,6 +337,7 @@ async fn walk(
     mapping: &Mapping,
     revision: i64,
     origin: Origin,
+    rollbacks: bool,
     progress: &Progress,
     counts: &mut Counts,
 ) -> Result<(), ActorError> {
@@ -347,7 +361,7 @@ async fn walk(
         chunk_bytes += input.key.len() + input_bytes(&input.inputs);
         chunk.push(input);
         if chunk.len() >= page_size || chunk_bytes >= PAGE_BYTES {
-            flush(ctx, &mut chunk, observed_at, counts).await?;
+            flush(ctx, &mut chunk, observed_at, rollbacks, counts).await?;
             chunk_bytes = 0;
         }
         if cursor.etcd_keys > scanned {
@@ -358,7 +372,7 @@ async fn walk(
     }
     metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
     counts.keys_scanned += cursor.etcd_keys;
-    flush(ctx, &mut chunk, observed_at, counts).await
+    flush(ctx, &mut chunk, observed_at, rollbacks, counts).await
 }
 
 fn from_diff(error: DiffError) -> ActorError {
@@ -403,10 +417,13 @@ fn input_bytes(inputs: &[KeyInput]) -> usize {
         .sum()
 }
 
+/// `rollbacks`: a resync onto a new timeline, which records every value of
+/// PostgreSQL's it replaces.
 async fn flush(
     ctx: &Arc<SyncContext>,
     chunk: &mut Vec<KeyInputs>,
     observed_at: Instant,
+    rollbacks: bool,
     counts: &mut Counts,
 ) -> Result<(), ActorError> {
     if chunk.is_empty() {
@@ -423,8 +440,10 @@ async fn flush(
         echo_traces: None,
         audit_batch: false,
         defer_held: true,
+        record_rollbacks: rollbacks,
     };
     let report = ctx.store.apply(&request).await?;
+    counts.rolled_back += report.rolled_back as u64;
     counts.upserts += report.mirror_upserts as u64;
     counts.deletes += report.mirror_deletes as u64;
     counts.conflicts += report.conflicts.len() as u64;

@@ -88,26 +88,31 @@ async fn run(
     recovery: WeakAddr<CompactionRecovery>,
     progress: Arc<Progress>,
 ) -> Result<(), ActorError> {
-    let mut checkpoint = ctx.store.state().await?.applied_revision;
-    let current = ctx.etcd.current_revision().await?;
+    let state = ctx.store.state().await?;
+    let (cluster_id, current) = ctx.etcd.identity().await?;
+    // Stored as PostgreSQL's bigint: the same 64 bits.
+    let cluster_id = cluster_id as i64;
+    let mut checkpoint = state.applied_revision;
     // A compacted checkpoint is reported by the watch itself, with the
     // compact revision the resync starts from.
-    if checkpoint == 0 {
+    if state.timeline_resync {
+        // A resync onto a new timeline was interrupted: finish it.
+        checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
+    } else if checkpoint == 0 {
+        ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
         checkpoint = resync(&recovery, ResyncReason::Initial).await?;
-    } else if checkpoint > current {
+    } else if let Some(evidence) = new_timeline(&ctx, &state, cluster_id, current).await? {
         tracing::error!(
-            checkpoint,
-            etcd_revision = current,
-            "etcd's revision is behind the checkpoint (etcd restored or replaced?): resyncing"
+            %evidence,
+            "etcd is not the one the mirror follows (restored from a backup or replaced): \
+             following its history as a new timeline"
         );
-        checkpoint = resync(
-            &recovery,
-            ResyncReason::RevisionWentBack {
-                checkpoint,
-                etcd_revision: current,
-            },
-        )
-        .await?;
+        ctx.store
+            .begin_timeline(&ctx.fence, cluster_id, &evidence)
+            .await?;
+        checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
+    } else if state.etcd_cluster_id != Some(cluster_id) {
+        ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
     }
     // Tables this leader does not keep in sync are marked so: if their
     // mapping comes back, they are filled again.
@@ -154,6 +159,60 @@ async fn run(
 enum StreamEnd {
     Compacted { compact_revision: i64 },
     MirrorTablesCreated,
+}
+
+/// Why etcd is not the history the mirror follows, if it is not: another
+/// cluster id, a revision behind the checkpoint, or the last change the
+/// mirror applied missing at its revision (a cluster restored from a
+/// backup keeps its id, and may have passed the old checkpoint by the time
+/// the service sees it). A compacted revision proves nothing either way.
+async fn new_timeline(
+    ctx: &SyncContext,
+    state: &eps_store::SyncState,
+    cluster_id: i64,
+    current: i64,
+) -> Result<Option<serde_json::Value>, ActorError> {
+    let base = serde_json::json!({
+        "old_cluster_id": state.etcd_cluster_id.map(|id| format!("{:x}", id as u64)),
+        "new_cluster_id": format!("{:x}", cluster_id as u64),
+        "checkpoint": state.applied_revision,
+        "etcd_revision": current,
+        "old_timeline": state.timeline,
+    });
+    let with = |reason: &str| {
+        let mut detail = base.clone();
+        detail["reason"] = serde_json::json!(reason);
+        Some(detail)
+    };
+    if state
+        .etcd_cluster_id
+        .is_some_and(|stored| stored != cluster_id)
+    {
+        return Ok(with("cluster-id"));
+    }
+    if state.applied_revision > current {
+        return Ok(with("revision-went-back"));
+    }
+    let Some((key, revision, value)) = ctx.store.last_applied_change().await? else {
+        return Ok(None);
+    };
+    let found = match ctx.etcd.get_at(&key, revision).await {
+        Ok(found) => found,
+        Err(eps_etcd::EtcdError::Compacted { .. }) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let same = match (&value, &found) {
+        (Some(value), Some(kv)) => kv.meta.mod_revision == revision && &kv.value == value,
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return Ok(None);
+    }
+    let mut detail = with("last-change-missing").unwrap_or_default();
+    detail["key"] = serde_json::json!(eps_core::keys::display_key(&key));
+    detail["key_revision"] = serde_json::json!(revision);
+    Ok(Some(detail))
 }
 
 /// The tables of the mappings that etcd's changes flow into.
@@ -423,6 +482,7 @@ async fn apply(
             echo_traces: Some(&echo_traces),
             audit_batch: true,
             defer_held: true,
+            record_rollbacks: false,
         };
         let report = ctx.store.apply(&request).instrument(span.clone()).await?;
         deferred = report.deferred_keys > 0;

@@ -124,6 +124,26 @@ impl EtcdClient {
         Ok(status.header().map_or(0, |h| h.revision()))
     }
 
+    /// The cluster's id and current revision. (etcd derives the id from its
+    /// members' names, addresses and token: a replaced or restored cluster
+    /// started with the same flags keeps the old one's id.)
+    pub async fn identity(&self) -> Result<(u64, i64), EtcdError> {
+        let mut client = self.client.clone();
+        let status = self.timed(client.status()).await?;
+        Ok(status
+            .header()
+            .map_or((0, 0), |h| (h.cluster_id(), h.revision())))
+    }
+
+    /// One key as of `revision`: `Ok(None)` when absent then; a compacted
+    /// revision is `EtcdError::Compacted`.
+    pub async fn get_at(&self, key: &[u8], revision: i64) -> Result<Option<KeyValue>, EtcdError> {
+        let mut kv = self.kv.clone();
+        let options = GetOptions::new().with_revision(revision);
+        let response = self.timed(kv.get(key.to_vec(), Some(options))).await?;
+        Ok(response.kvs().first().map(convert::key_value))
+    }
+
     /// One page of `[start, end)` at `revision` (0 = now), in key order.
     pub async fn range_page(
         &self,

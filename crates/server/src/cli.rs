@@ -80,7 +80,13 @@ pub enum ConflictsCommand {
     },
     /// Apply one side of a conflict to both stores.
     Resolve {
-        id: i64,
+        /// The conflict's id.
+        #[arg(required_unless_present = "timeline_changes")]
+        id: Option<i64>,
+        /// Every value a new etcd timeline rolled back and that no one has
+        /// resolved since (`--take pg` puts them back).
+        #[arg(long, conflicts_with = "id")]
+        timeline_changes: bool,
         #[arg(long, value_enum)]
         take: TakeSide,
     },

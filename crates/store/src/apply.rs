@@ -55,6 +55,11 @@ pub struct ApplyRequest<'a> {
     /// reported in [`ApplyReport::held_skipped`] (the arbiter, whose work
     /// comes back).
     pub defer_held: bool,
+    /// A resync onto a new etcd timeline: every value of PostgreSQL's a
+    /// mirror write replaces (a row deleted, changed, or created again) is
+    /// recorded as a resolved conflict with reason `timeline-change`, so it
+    /// can be re-applied.
+    pub record_rollbacks: bool,
 }
 
 /// A repair of keys a diff found different at etcd revision `revision`:
@@ -87,6 +92,7 @@ impl<'a> ApplyRequest<'a> {
             echo_traces: None,
             audit_batch: false,
             defer_held: true,
+            record_rollbacks: false,
         }
     }
 }
@@ -113,6 +119,8 @@ pub struct ApplyReport {
     /// Keys left alone because another transaction holds their row
     /// (`defer_held` false).
     pub held_skipped: Vec<Vec<u8>>,
+    /// Values recorded as rolled back (`record_rollbacks`).
+    pub rolled_back: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -441,6 +449,10 @@ async fn apply_table(
         })
         .collect();
 
+    if request.record_rollbacks {
+        report.rolled_back +=
+            record_rollbacks(conn, &table, mapping, &plans, &pending, request).await?;
+    }
     insert_history(conn, &plans, request)
         .await
         .map(|n| report.history_rows += n)?;
@@ -449,6 +461,106 @@ async fn apply_table(
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, request, report).await?;
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct OldRow {
+    #[diesel(sql_type = Bytea)]
+    key: Vec<u8>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    value: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Timestamptz>)]
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// An earlier timeline's history knows the key (so its absence here is
+    /// a delete, not a key the mirror never had).
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    known: bool,
+}
+
+/// Records, before the mirror writes, each value of PostgreSQL's that a
+/// plan replaces with a new timeline's state (keys with queued changes
+/// are settled by policy instead, and recorded as conflicts then).
+async fn record_rollbacks(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    mapping: &Mapping,
+    plans: &[(&[u8], KeyPlan)],
+    pending: &HashMap<Vec<u8>, Vec<PendingChange>>,
+    request: &ApplyRequest<'_>,
+) -> Result<usize, StoreError> {
+    let sets: Vec<(&[u8], Option<&[u8]>, i64)> = plans
+        .iter()
+        .filter(|(key, _)| pending.get(*key).is_none_or(Vec::is_empty))
+        .filter_map(|(key, plan)| match &plan.mirror.0 {
+            MirrorAction::Set {
+                value, revision, ..
+            } => Some((*key, value.as_deref(), *revision)),
+            _ => None,
+        })
+        .collect();
+    if sets.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = sets.iter().map(|s| s.0).collect();
+    let old: Vec<OldRow> = diesel::sql_query(format!(
+        "SELECT u.key, t.value, t.updated_at, \
+                EXISTS (SELECT 1 FROM history h, sync_state s WHERE s.id = 1 AND h.key = u.key \
+                        AND h.timeline < s.timeline) AS known \
+         FROM unnest($1::bytea[]) WITH ORDINALITY AS u(key, n) \
+         LEFT JOIN {table} AS t ON t.key = u.key ORDER BY u.n"
+    ))
+    .bind::<Array<Bytea>, _>(&keys)
+    .load(conn)
+    .await?;
+    let mut rows: Vec<(
+        &[u8],
+        Option<&[u8]>,
+        i64,
+        Option<&[u8]>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    )> = Vec::new();
+    for ((key, new, revision), before) in sets.iter().zip(&old) {
+        debug_assert_eq!(*key, before.key.as_slice());
+        // A key the mirror never had is no value of PostgreSQL's.
+        let had = before.value.is_some() || before.known;
+        if had && before.value.as_deref() != *new {
+            rows.push((
+                key,
+                *new,
+                *revision,
+                before.value.as_deref(),
+                before.updated_at,
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
+    let etcd_values: Vec<Option<&[u8]>> = rows.iter().map(|r| r.1).collect();
+    let revisions: Vec<i64> = rows.iter().map(|r| r.2).collect();
+    let pg_values: Vec<Option<&[u8]>> = rows.iter().map(|r| r.3).collect();
+    let changed: Vec<Option<chrono::DateTime<chrono::Utc>>> = rows.iter().map(|r| r.4).collect();
+    Ok(diesel::sql_query(
+        "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
+             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, reason) \
+         SELECT $1, u.key, u.etcd_value, u.revision, clock_timestamp(), u.pg_value, 0, \
+                coalesce(u.changed, clock_timestamp()), $7, 'etcd', 'resolved', 'timeline-change', \
+                clock_timestamp(), $8, $9, 'timeline-change' \
+         FROM unnest($2::bytea[], $3::bytea[], $4::int8[], $5::bytea[], $6::timestamptz[]) \
+              AS u(key, etcd_value, revision, pg_value, changed)",
+    )
+    .bind::<Text, _>(mapping.table.as_str())
+    .bind::<Array<Bytea>, _>(&keys)
+    .bind::<Array<Nullable<Bytea>>, _>(&etcd_values)
+    .bind::<Array<BigInt>, _>(&revisions)
+    .bind::<Array<Nullable<Bytea>>, _>(&pg_values)
+    .bind::<Array<Nullable<diesel::sql_types::Timestamptz>>, _>(&changed)
+    .bind::<Text, _>(mapping.policy.as_str())
+    .bind::<Text, _>(&request.fence.node)
+    .bind::<BigInt, _>(request.fence.term)
+    .execute(conn)
+    .await?)
 }
 
 #[derive(QueryableByName)]
@@ -531,11 +643,12 @@ async fn insert_history(
         })
         .collect();
     let inserted = diesel::sql_query(
-        "INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, lease, origin, term, trace_id) \
-         SELECT u.key, u.revision, u.op, u.value, u.prev_value, u.create_revision, u.version, u.lease, u.origin, $10, u.trace_id \
+        "INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, lease, origin, term, trace_id, timeline) \
+         SELECT u.key, u.revision, u.op, u.value, u.prev_value, u.create_revision, u.version, u.lease, u.origin, $10, u.trace_id, \
+                (SELECT s.timeline FROM sync_state s WHERE s.id = 1) \
          FROM unnest($1::bytea[], $2::int8[], $3::text[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], $8::int8[], $9::text[], $11::text[]) \
               AS u(key, revision, op, value, prev_value, create_revision, version, lease, origin, trace_id) \
-         ON CONFLICT (key, revision) DO NOTHING",
+         ON CONFLICT (key, timeline, revision) DO NOTHING",
     )
     .bind::<Array<Bytea>, _>(&keys)
     .bind::<Array<BigInt>, _>(&revisions)

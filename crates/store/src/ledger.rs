@@ -99,6 +99,27 @@ pub async fn request_resolution(
     Ok(updated == 1)
 }
 
+/// Requests `side` for every value a new etcd timeline rolled back that
+/// nobody has resolved since; returns how many.
+pub async fn request_timeline_resolutions(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    side: Side,
+) -> Result<usize, StoreError> {
+    let updated = diesel::sql_query(
+        "UPDATE conflicts SET requested_take = $1 \
+         WHERE reason = 'timeline-change' AND resolved_by = 'timeline-change' AND requested_take IS NULL",
+    )
+    .bind::<Text, _>(side.as_str())
+    .execute(conn)
+    .await?;
+    diesel::sql_query("SELECT pg_notify($1, 'resolve')")
+        .bind::<Text, _>(format!("{schema}_conflicts"))
+        .execute(conn)
+        .await?;
+    Ok(updated)
+}
+
 /// Conflicts with an operator's request waiting.
 pub async fn requested_resolutions(
     conn: &mut AsyncPgConnection,
@@ -460,12 +481,14 @@ pub async fn recorded_at(
         #[diesel(sql_type = Timestamptz)]
         recorded_at: chrono::DateTime<chrono::Utc>,
     }
-    let rows: Vec<At> =
-        diesel::sql_query("SELECT recorded_at FROM history WHERE key = $1 AND revision = $2")
-            .bind::<Bytea, _>(key)
-            .bind::<BigInt, _>(revision)
-            .load(conn)
-            .await?;
+    let rows: Vec<At> = diesel::sql_query(
+        "SELECT recorded_at FROM history WHERE key = $1 AND revision = $2 \
+               AND timeline = (SELECT timeline FROM sync_state WHERE id = 1)",
+    )
+    .bind::<Bytea, _>(key)
+    .bind::<BigInt, _>(revision)
+    .load(conn)
+    .await?;
     Ok(rows.into_iter().next().map(|r| r.recorded_at))
 }
 
@@ -647,10 +670,11 @@ pub async fn purge(
         conn,
         fence,
         history_days,
-        "DELETE FROM history WHERE (key, revision) IN ( \
-             SELECT h.key, h.revision FROM history h \
+        "DELETE FROM history WHERE (key, timeline, revision) IN ( \
+             SELECT h.key, h.timeline, h.revision FROM history h \
              WHERE h.recorded_at < now() - make_interval(days => $1) \
-               AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key AND n.revision > h.revision) \
+               AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key \
+                           AND (n.timeline, n.revision) > (h.timeline, h.revision)) \
              LIMIT $2)",
     )
     .await?;

@@ -162,6 +162,56 @@ impl Store {
         state::unsynced_tables(&mut conn, tables).await
     }
 
+    /// See [`state::last_applied_change`].
+    pub async fn last_applied_change(
+        &self,
+    ) -> Result<Option<(Vec<u8>, i64, Option<Vec<u8>>)>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::last_applied_change(&mut conn).await
+    }
+
+    /// See [`state::record_cluster_id`].
+    pub async fn record_cluster_id(
+        &self,
+        fence: &Fence,
+        cluster_id: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::record_cluster_id(&mut conn, fence, cluster_id).await
+    }
+
+    /// See [`state::begin_timeline`]; every mapped table's metadata is
+    /// forgotten.
+    pub async fn begin_timeline(
+        &self,
+        fence: &Fence,
+        cluster_id: i64,
+        detail: &serde_json::Value,
+    ) -> Result<i32, StoreError> {
+        let tables: Vec<&Ident> = self.mappings.iter().map(|m| &m.table).collect();
+        let mut conn = self.pool.get().await?;
+        state::begin_timeline(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            &tables,
+            cluster_id,
+            detail,
+        )
+        .await
+    }
+
+    /// See [`state::adopt_timeline`].
+    pub async fn adopt_timeline(
+        &self,
+        fence: &Fence,
+        cluster_id: i64,
+        detail: &serde_json::Value,
+    ) -> Result<i32, StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::adopt_timeline(&mut conn, fence, cluster_id, detail).await
+    }
+
     /// See [`state::table_relids`].
     pub async fn table_relids(&self, tables: &[&str]) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.pool.get().await?;
@@ -343,6 +393,15 @@ impl Store {
     ) -> Result<mirror::SnapshotPage, StoreError> {
         let mut conn = self.pool.get().await?;
         mirror::page_at_snapshot(&mut conn, self.connector.schema(), table, request).await
+    }
+
+    /// See [`ledger::request_timeline_resolutions`].
+    pub async fn request_timeline_resolutions(
+        &self,
+        side: eps_core::policy::Side,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::request_timeline_resolutions(&mut conn, self.connector.schema(), side).await
     }
 
     pub async fn requested_resolutions(&self) -> Result<Vec<ledger::ConflictRow>, StoreError> {

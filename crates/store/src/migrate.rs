@@ -54,6 +54,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000003_deferred_inputs",
         up: include_str!("../../../migrations/2026-12-01-000003_deferred_inputs/up.sql"),
     },
+    SqlFile {
+        version: "20261201000004",
+        name: "2026-12-01-000004_timelines",
+        up: include_str!("../../../migrations/2026-12-01-000004_timelines/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

@@ -13,6 +13,9 @@ diesel::table! {
         leader_since -> Nullable<Timestamptz>,
         applied_revision -> BigInt,
         applied_at -> Nullable<Timestamptz>,
+        timeline -> Integer,
+        etcd_cluster_id -> Nullable<BigInt>,
+        timeline_resync -> Bool,
     }
 }
 

@@ -12,6 +12,12 @@ pub struct SyncState {
     pub leader_node: Option<String>,
     pub applied_revision: i64,
     pub applied_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The etcd timeline the mirror follows (see `migrations/*_timelines`).
+    pub timeline: i32,
+    /// etcd's cluster id when last seen (as stored: the u64 reinterpreted).
+    pub etcd_cluster_id: Option<i64>,
+    /// A resync onto a new timeline started and has not finished.
+    pub timeline_resync: bool,
 }
 
 pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
@@ -20,6 +26,9 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         Option<String>,
         i64,
         Option<chrono::DateTime<chrono::Utc>>,
+        i32,
+        Option<i64>,
+        bool,
     );
     let row: Option<Row> = sync_state::table
         .filter(sync_state::id.eq(1))
@@ -28,11 +37,22 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
             sync_state::leader_node,
             sync_state::applied_revision,
             sync_state::applied_at,
+            sync_state::timeline,
+            sync_state::etcd_cluster_id,
+            sync_state::timeline_resync,
         ))
         .first(conn)
         .await
         .optional()?;
-    let (term, leader_node, applied_revision, applied_at) = row.ok_or_else(|| {
+    let (
+        term,
+        leader_node,
+        applied_revision,
+        applied_at,
+        timeline,
+        etcd_cluster_id,
+        timeline_resync,
+    ) = row.ok_or_else(|| {
         StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into())
     })?;
     Ok(SyncState {
@@ -40,6 +60,9 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         leader_node,
         applied_revision,
         applied_at,
+        timeline,
+        etcd_cluster_id,
+        timeline_resync,
     })
 }
 
@@ -152,11 +175,148 @@ pub async fn finish_resync(
     use diesel_async::AsyncConnection;
     conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Set(revision)).await?;
+        diesel::sql_query("UPDATE sync_state SET timeline_resync = false WHERE id = 1")
+            .execute(conn)
+            .await?;
         diesel::sql_query("UPDATE mirror_tables SET synced = true WHERE relid::int8 = ANY($1)")
             .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(relids)
             .execute(conn)
             .await?;
         Ok(())
+    })
+    .await
+}
+
+/// The newest change the watcher applied on the current timeline (an
+/// etcd or PostgreSQL origin: a resync's rows are states, not changes):
+/// key, revision, and the value (`None`: a delete).
+pub async fn last_applied_change(
+    conn: &mut AsyncPgConnection,
+) -> Result<Option<(Vec<u8>, i64, Option<Vec<u8>>)>, StoreError> {
+    #[derive(diesel::QueryableByName)]
+    struct Change {
+        #[diesel(sql_type = diesel::sql_types::Bytea)]
+        key: Vec<u8>,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        revision: i64,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+        value: Option<Vec<u8>>,
+    }
+    let rows: Vec<Change> = diesel::sql_query(
+        "SELECT h.key, h.revision, CASE WHEN h.op = 'put' THEN h.value END AS value \
+         FROM history h, sync_state s \
+         WHERE s.id = 1 AND h.timeline = s.timeline AND h.origin IN ('etcd', 'pg') \
+           AND h.revision <= s.applied_revision \
+         ORDER BY h.revision DESC LIMIT 1",
+    )
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .map(|c| (c.key, c.revision, c.value)))
+}
+
+/// Records etcd's cluster id (first seen, or the same timeline's).
+pub async fn record_cluster_id(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    cluster_id: i64,
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::sql_query("UPDATE sync_state SET etcd_cluster_id = $1 WHERE id = 1")
+            .bind::<diesel::sql_types::BigInt, _>(cluster_id)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Starts following a new etcd timeline, in one fenced transaction: the
+/// timeline number moves on, the cluster id is recorded, the mirror rows'
+/// etcd metadata is forgotten (it numbers the old history's revisions; the
+/// resync that follows writes the new), queued changes lose their base
+/// revision (they are settled against the new etcd by policy, never
+/// compared with an old revision), inputs deferred from the old etcd are
+/// dropped, and a `timeline-change` audit event says what was seen.
+pub async fn begin_timeline(
+    conn: &mut AsyncPgConnection,
+    schema: &eps_core::ident::Ident,
+    fence: &crate::Fence,
+    tables: &[&eps_core::ident::Ident],
+    cluster_id: i64,
+    detail: &serde_json::Value,
+) -> Result<i32, StoreError> {
+    use diesel_async::AsyncConnection;
+    #[derive(diesel::QueryableByName)]
+    struct Timeline {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        timeline: i32,
+    }
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        let next: Timeline = diesel::sql_query(
+            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, timeline_resync = true \
+             WHERE id = 1 RETURNING timeline",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(cluster_id)
+        .get_result(conn)
+        .await?;
+        for table in tables {
+            diesel::sql_query(format!(
+                "UPDATE {}.{} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",
+                schema.quoted(),
+                table.quoted()
+            ))
+            .execute(conn)
+            .await?;
+        }
+        diesel::sql_query("UPDATE outbox SET base_revision = -1 WHERE base_revision > 0")
+            .execute(conn)
+            .await?;
+        diesel::sql_query("DELETE FROM deferred_inputs")
+            .execute(conn)
+            .await?;
+        let mut detail = detail.clone();
+        detail["timeline"] = serde_json::json!(next.timeline);
+        crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
+        Ok(next.timeline)
+    })
+    .await
+}
+
+/// `restore-etcd` rebuilds a new etcd from the mirror: a new timeline the
+/// mirror already matches. Records it (number, cluster id, audit event)
+/// without forgetting any metadata, so the watcher does not take the new
+/// etcd for a foreign one.
+pub async fn adopt_timeline(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    cluster_id: i64,
+    detail: &serde_json::Value,
+) -> Result<i32, StoreError> {
+    use diesel_async::AsyncConnection;
+    #[derive(diesel::QueryableByName)]
+    struct Timeline {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        timeline: i32,
+    }
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        let next: Timeline = diesel::sql_query(
+            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1 \
+             WHERE id = 1 RETURNING timeline",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(cluster_id)
+        .get_result(conn)
+        .await?;
+        let mut detail = detail.clone();
+        detail["timeline"] = serde_json::json!(next.timeline);
+        crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
+        Ok(next.timeline)
     })
     .await
 }

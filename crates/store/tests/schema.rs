@@ -288,6 +288,7 @@ async fn binary_keys_and_values_round_trip_through_apply() -> anyhow::Result<()>
                     echo_traces: None,
                     audit_batch: false,
                     defer_held: true,
+                    record_rollbacks: false,
                 };
                 store
                     .apply(&request)
@@ -394,6 +395,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             echo_traces: None,
             audit_batch: false,
             defer_held: true,
+            record_rollbacks: false,
         })
         .await?;
     assert_eq!(report.history_rows, 3);
@@ -435,6 +437,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
             echo_traces: None,
             audit_batch: false,
             defer_held: true,
+            record_rollbacks: false,
         })
         .await?;
     assert_eq!(report.history_rows, 0);
@@ -456,6 +459,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         echo_traces: None,
         audit_batch: false,
         defer_held: true,
+        record_rollbacks: false,
     };
     match store.apply(&stale).await {
         Err(StoreError::Fenced { term: 5 }) => {}

@@ -189,10 +189,17 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
             }
             Ok(ExitCode::SUCCESS)
         }
-        ConflictsCommand::Resolve { id, take } => {
+        ConflictsCommand::Resolve {
+            id,
+            timeline_changes,
+            take,
+        } => {
             let side = match take {
                 TakeSide::Etcd => Side::Etcd,
                 TakeSide::Pg => Side::Pg,
+            };
+            let Some(id) = id.filter(|_| !timeline_changes) else {
+                return resolve_timeline_changes(store, side).await;
             };
             let before = ledger::conflict(&mut conn, id)
                 .await?
@@ -273,5 +280,31 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
             println!("{count} dead letter(s) put back into the outbox");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `conflicts resolve --timeline-changes --take SIDE`: every value a new
+/// etcd timeline rolled back (and nobody resolved since), carried out by
+/// the leader.
+async fn resolve_timeline_changes(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
+    let requested = store.request_timeline_resolutions(side).await?;
+    println!(
+        "requested: take {} for {requested} value(s) a new etcd timeline rolled back; waiting for the leader…",
+        side.as_str()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting = store.requested_resolutions().await?.len();
+        if waiting == 0 {
+            println!("{requested} resolved: {} wins", side.as_str());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "error: {waiting} request(s) recorded but not carried out within 60 s: is a replica running?"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -210,7 +210,23 @@ pub async fn run_restore(
     // etcd while the restore runs (a client's write, a restored lease
     // ending) is replayed by the watch, and the restored puts themselves
     // come back as no-ops. A checkpoint past it is the lost etcd's.
-    let start = etcd.current_revision().await?;
+    let (cluster_id, start) = etcd.identity().await?;
+    // The rebuilt etcd is a timeline of its own, which the mirror matches.
+    let state = store.state().await.context("reading sync_state")?;
+    let detail = serde_json::json!({
+        "reason": "restore-etcd",
+        "old_cluster_id": state.etcd_cluster_id.map(|id| format!("{:x}", id as u64)),
+        "new_cluster_id": format!("{cluster_id:x}"),
+        "checkpoint": state.applied_revision,
+        "etcd_revision": start,
+        "old_timeline": state.timeline,
+    });
+    // (A second prefix restored into the same new etcd is the same one.)
+    if state.etcd_cluster_id != Some(cluster_id as i64) || state.applied_revision > start {
+        store
+            .adopt_timeline(&fence, cluster_id as i64, &detail)
+            .await?;
+    }
     store.lower_checkpoint(&fence, start).await?;
     // Changes deferred for held rows came from the lost etcd.
     let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();

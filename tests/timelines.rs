@@ -1,0 +1,222 @@
+//! An etcd restored from a backup, or replaced, is a new timeline: detected
+//! (cluster id, a revision gone back, or the last applied change missing),
+//! audited, followed — every value of PostgreSQL's it rolls back recorded —
+//! and kept apart in `history`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const MAPPINGS: &str = "\n[[mappings]]\nprefix = \"/t/\"\ntable = \"kv_t\"\npolicy = \"pg-wins\"\n";
+
+async fn put_many(
+    world: &World,
+    keys: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    let mut etcd = world.etcd_client().await?;
+    for (key, value) in keys {
+        etcd.put(key, value, None).await?;
+    }
+    Ok(())
+}
+
+async fn rolled_back(pg: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    count(
+        pg,
+        "SELECT count(*) FROM etcd_sync.conflicts WHERE reason = 'timeline-change'",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_etcd_restored_from_an_older_backup_is_followed_and_what_it_rolls_back_is_recorded()
+-> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    put_many(
+        &world,
+        (0..20).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
+    )
+    .await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    let backup = world.etcd.backup().await?;
+    put_many(
+        &world,
+        (0..50).map(|i| (format!("/t/new{i:02}"), "after".to_string())),
+    )
+    .await?;
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "v1".to_string())),
+    )
+    .await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    // A change made in PostgreSQL while etcd is down and being restored:
+    // based on the old history, it is settled against the new one by the
+    // mapping's policy (pg-wins here), not looped.
+    service.terminate(Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    pg.execute(
+        "UPDATE kv_t_text SET value = 'sql during restore' WHERE key = '/t/k15'",
+        &[],
+    )
+    .await?;
+
+    world.etcd.restore(backup.path()).await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(20)).await?;
+    assert_eq!(
+        state.len(),
+        20,
+        "the keys created after the backup are gone"
+    );
+    assert_eq!(
+        state[b"/t/k03".as_slice()],
+        b"v0",
+        "changed values reverted"
+    );
+    assert_eq!(state[b"/t/k15".as_slice()], b"sql during restore");
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
+
+    let changes = event_details(&pg, "timeline-change").await?;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["reason"], "revision-went-back");
+    assert_eq!(changes[0]["timeline"], 2);
+    assert_eq!(
+        rolled_back(&pg).await?,
+        60,
+        "50 keys deleted and 10 values reverted, recorded"
+    );
+
+    // New revisions reuse numbers the old timeline used: both stay.
+    let mut etcd = world.etcd_client().await?;
+    let revision = etcd
+        .put("/t/after-restore", "x", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    let now: Option<Vec<u8>> = pg
+        .query_one("SELECT value_at('/t/after-restore', $1)", &[&revision])
+        .await?
+        .get(0);
+    assert_eq!(now.as_deref(), Some(&b"x"[..]));
+    let old_timeline: i64 = count(
+        &pg,
+        "SELECT count(*) FROM history WHERE timeline = 1 AND key = '\\x2f742f6e65773030'::bytea",
+    )
+    .await?;
+    assert_eq!(old_timeline, 1, "the old timeline keeps its history");
+    let then: Option<Vec<u8>> = pg
+        .query_one("SELECT value_at('/t/new00', 1000000, 1)", &[])
+        .await?
+        .get(0);
+    assert_eq!(then.as_deref(), Some(&b"after"[..]));
+
+    // One command puts the rolled-back values back.
+    let url = world.db.url();
+    let endpoint = world.etcd.endpoint();
+    let (code, stdout, stderr) = run_cli(
+        &["conflicts", "resolve", "--timeline-changes", "--take", "pg"],
+        &[
+            ("ETCD_PG_SYNC__POSTGRES__URL", url.as_str()),
+            ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoint.as_str()),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let state = eps_harness::wait_for(
+        "the rolled-back values back",
+        Duration::from_secs(30),
+        || {
+            let world = &world;
+            async move {
+                let state = wait_converged(world, "kv_t", b"/t/", Duration::from_secs(1)).await;
+                Ok(state.ok().filter(|s| s.len() == 71))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(state[b"/t/k03".as_slice()], b"v1");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restored_etcd_that_has_passed_the_checkpoint_is_detected() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
+    )
+    .await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let backup = world.etcd.backup().await?;
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "lost".to_string())),
+    )
+    .await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    // Restored, then written to well past the old checkpoint before any
+    // replica runs: only the last applied change shows the difference.
+    world.etcd.restore(backup.path()).await?;
+    put_many(
+        &world,
+        (0..40).map(|i| (format!("/t/post{i:02}"), "p".to_string())),
+    )
+    .await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(20)).await?;
+    assert_eq!(state[b"/t/k05".as_slice()], b"v0");
+    let pg = world.pg().await?;
+    let changes = event_details(&pg, "timeline-change").await?;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["reason"], "last-change-missing");
+    assert_eq!(rolled_back(&pg).await?, 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replaced_etcd_is_a_new_timeline() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
+    )
+    .await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+
+    world.etcd.wipe().await?;
+    put_many(
+        &world,
+        [("/t/fresh".to_string(), "new cluster".to_string())],
+    )
+    .await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(30)).await?;
+    assert_eq!(state.len(), 1);
+    let pg = world.pg().await?;
+    assert_eq!(event_details(&pg, "timeline-change").await?.len(), 1);
+    assert_eq!(
+        rolled_back(&pg).await?,
+        10,
+        "every key the new etcd lacks is recorded"
+    );
+    // The replica leads on, writing the new etcd.
+    pg.execute(
+        "INSERT INTO kv_t_text (key, value) VALUES ('/t/from-sql', 'y')",
+        &[],
+    )
+    .await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    Ok(())
+}
