@@ -174,7 +174,9 @@ async fn a_restored_etcd_that_has_passed_the_checkpoint_is_detected() -> anyhow:
     .await?;
     service.restart()?;
     service.wait_ready(Duration::from_secs(30)).await?;
-    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(20)).await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(20))
+        .await
+        .map_err(|e| e.context(service.log_tail(60)))?;
     assert_eq!(state[b"/t/k05".as_slice()], b"v0");
     let pg = world.pg().await?;
     let changes = event_details(&pg, "timeline-change").await?;

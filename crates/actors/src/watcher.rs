@@ -107,6 +107,12 @@ async fn run(
             "etcd is not the one the mirror follows (restored from a backup or replaced): \
              following its history as a new timeline"
         );
+        ctx.board.record_error(
+            "etcd_watcher",
+            &format!(
+                "etcd restored or replaced: following its history as a new timeline ({evidence})"
+            ),
+        );
         ctx.store
             .begin_timeline(&ctx.fence, cluster_id, &evidence)
             .await?;

@@ -187,9 +187,10 @@ pub async fn finish_resync(
     .await
 }
 
-/// The newest change the watcher applied on the current timeline (an
-/// etcd or PostgreSQL origin: a resync's rows are states, not changes):
-/// key, revision, and the value (`None`: a delete).
+/// The newest history row of the current timeline up to the checkpoint:
+/// key, revision, and the value (`None`: absent). Every row says what etcd
+/// held at its revision — a change, or a state a snapshot or resync read
+/// (a key's value at its mod revision, or its absence at the resync's).
 pub async fn last_applied_change(
     conn: &mut AsyncPgConnection,
 ) -> Result<Option<(Vec<u8>, i64, Option<Vec<u8>>)>, StoreError> {
@@ -205,8 +206,7 @@ pub async fn last_applied_change(
     let rows: Vec<Change> = diesel::sql_query(
         "SELECT h.key, h.revision, CASE WHEN h.op = 'put' THEN h.value END AS value \
          FROM history h, sync_state s \
-         WHERE s.id = 1 AND h.timeline = s.timeline AND h.origin IN ('etcd', 'pg') \
-           AND h.revision <= s.applied_revision \
+         WHERE s.id = 1 AND h.timeline = s.timeline AND h.revision <= s.applied_revision \
          ORDER BY h.revision DESC LIMIT 1",
     )
     .load(conn)
