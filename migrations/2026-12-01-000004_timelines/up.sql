@@ -11,6 +11,10 @@ ALTER TABLE @schema@.sync_state
     -- A resync onto a new timeline has started and not finished.
     ADD COLUMN timeline_resync boolean NOT NULL DEFAULT false;
 
+-- An input deferred by a resync onto a new timeline still records the
+-- PostgreSQL value it replaces as rolled back when it is applied.
+ALTER TABLE @schema@.deferred_inputs ADD COLUMN record_rollbacks boolean NOT NULL DEFAULT false;
+
 ALTER TABLE @schema@.history ADD COLUMN timeline integer NOT NULL DEFAULT 1;
 ALTER TABLE @schema@.history DROP CONSTRAINT history_pkey;
 ALTER TABLE @schema@.history ADD PRIMARY KEY (key, timeline, revision);

@@ -124,13 +124,24 @@ impl EtcdClient {
         Ok(status.header().map_or(0, |h| h.revision()))
     }
 
-    /// The cluster's id and current revision. (etcd derives the id from its
-    /// members' names, addresses and token: a replaced or restored cluster
-    /// started with the same flags keeps the old one's id.)
-    pub async fn identity(&self) -> Result<(u64, i64), EtcdError> {
-        let mut client = self.client.clone();
-        let status = self.timed(client.status()).await?;
-        Ok(status
+    /// The cluster's id and current revision, read linearizably (a status
+    /// request answers from whichever member it reaches, and a lagging one
+    /// would report a revision behind what the mirror applied). etcd
+    /// derives the id from its members' names, addresses and token: a
+    /// replaced or restored cluster started with the same flags keeps the
+    /// old one's id. `probe` is a key the service may read (with auth on,
+    /// a range elsewhere is refused); only its count is fetched.
+    pub async fn identity(&self, probe: &[u8]) -> Result<(u64, i64), EtcdError> {
+        let mut kv = self.kv.clone();
+        let options = GetOptions::new().with_count_only();
+        // etcd refuses an empty key; the empty prefix covers every key.
+        let probe = if probe.is_empty() {
+            vec![0]
+        } else {
+            probe.to_vec()
+        };
+        let response = self.timed(kv.get(probe, Some(options))).await?;
+        Ok(response
             .header()
             .map_or((0, 0), |h| (h.cluster_id(), h.revision())))
     }

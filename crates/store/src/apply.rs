@@ -4,7 +4,7 @@
 //! bulk statements per mirror table (`unnest` of arrays, not one statement per
 //! row: PostgreSQL absorbs batched rows 15x faster than single commits).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use diesel::QueryableByName;
@@ -381,7 +381,9 @@ async fn apply_table(
     // its newer inputs wait behind the rest).
     let mut to_defer: Vec<(&[u8], &KeyInput, i64)> = Vec::new();
     let mut drained_ids: Vec<i64> = Vec::new();
-    let mut plannable: Vec<(&[u8], Vec<(KeyInput, i64)>, bool)> = Vec::new();
+    // Each key's inputs, whether its states go into the history, and
+    // whether the values they replace are recorded as rolled back.
+    let mut plannable: Vec<(&[u8], Vec<(KeyInput, i64)>, bool, bool)> = Vec::new();
     for k in keys.iter().filter(|k| !moved.contains(k.key.as_slice())) {
         report.inputs += k.inputs.len();
         if blocked.contains(&k.key) {
@@ -401,12 +403,14 @@ async fn apply_table(
         }
         let mut inputs: Vec<(KeyInput, i64)> = Vec::new();
         let mut record_history = request.record_history;
+        let mut record_rollbacks = request.record_rollbacks;
         let mut more_deferred = false;
         if let Some(earlier) = deferred.by_key.remove(&k.key) {
             report.drained_keys += 1;
             drained_ids.extend(earlier.ids);
             inputs.extend(earlier.inputs);
             record_history |= earlier.record_history;
+            record_rollbacks |= earlier.record_rollbacks;
             more_deferred = earlier.more;
         }
         if more_deferred {
@@ -426,19 +430,27 @@ async fn apply_table(
         // Revision order, whatever order they were deferred in.
         inputs.sort_by_key(|(input, _)| input.revision());
         if !inputs.is_empty() {
-            plannable.push((k.key.as_slice(), inputs, record_history));
+            plannable.push((k.key.as_slice(), inputs, record_history, record_rollbacks));
         }
     }
-    crate::deferred::store(conn, &mapping.table, &to_defer, request.record_history).await?;
+    crate::deferred::store(
+        conn,
+        &mapping.table,
+        &to_defer,
+        request.record_history,
+        request.record_rollbacks,
+    )
+    .await?;
     crate::deferred::remove(conn, &drained_ids).await?;
     let ctx = PlanContext {
         policy: mapping.policy,
         direction: mapping.direction,
         observed_at_us,
     };
+    let rollback_keys: HashSet<&[u8]> = plannable.iter().filter(|p| p.3).map(|p| p.0).collect();
     let plans: Vec<(&[u8], KeyPlan)> = plannable
         .into_iter()
-        .map(|(key, timed, record_history)| {
+        .map(|(key, timed, record_history, _)| {
             let (inputs, observed): (Vec<KeyInput>, Vec<i64>) = timed.into_iter().unzip();
             let key_pending = pending.get(key).map(Vec::as_slice).unwrap_or(&[]);
             let mut plan = plan_key_observed(ctx, key_pending, &inputs, &observed);
@@ -449,9 +461,17 @@ async fn apply_table(
         })
         .collect();
 
-    if request.record_rollbacks {
-        report.rolled_back +=
-            record_rollbacks(conn, &table, mapping, &plans, &pending, request).await?;
+    if !rollback_keys.is_empty() {
+        report.rolled_back += record_rollbacks(
+            conn,
+            &table,
+            mapping,
+            &plans,
+            &rollback_keys,
+            &pending,
+            request,
+        )
+        .await?;
     }
     insert_history(conn, &plans, request)
         .await
@@ -459,7 +479,7 @@ async fn apply_table(
     let repair_at = request.repair.map(|r| r.revision);
     write_mirror(conn, &table, &plans, &locked, repair_at, report).await?;
     update_outbox(conn, &plans, report).await?;
-    record_conflicts(conn, mapping, &plans, request, report).await?;
+    record_conflicts(conn, mapping, &plans, &rollback_keys, request, report).await?;
     Ok(())
 }
 
@@ -471,8 +491,14 @@ struct OldRow {
     value: Option<Vec<u8>>,
     #[diesel(sql_type = Nullable<diesel::sql_types::Timestamptz>)]
     updated_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// An earlier timeline's history knows the key (so its absence here is
-    /// a delete, not a key the mirror never had).
+    /// Whether the new timeline has touched the row yet: its metadata was
+    /// zeroed when the timeline began, and a resync that ran part-way (and
+    /// is now retried) wrote etcd's own values, which are no rollback.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    mod_revision: Option<i64>,
+    /// An earlier timeline's history knows the key and the current one does
+    /// not yet (so its absence here is a delete of the old history's, not a
+    /// key the mirror never had nor one a retried resync deleted).
     #[diesel(sql_type = diesel::sql_types::Bool)]
     known: bool,
 }
@@ -485,11 +511,13 @@ async fn record_rollbacks(
     table: &str,
     mapping: &Mapping,
     plans: &[(&[u8], KeyPlan)],
+    keys: &HashSet<&[u8]>,
     pending: &HashMap<Vec<u8>, Vec<PendingChange>>,
     request: &ApplyRequest<'_>,
 ) -> Result<usize, StoreError> {
     let sets: Vec<(&[u8], Option<&[u8]>, i64)> = plans
         .iter()
+        .filter(|(key, _)| keys.contains(key))
         .filter(|(key, _)| pending.get(*key).is_none_or(Vec::is_empty))
         .filter_map(|(key, plan)| match &plan.mirror.0 {
             MirrorAction::Set {
@@ -503,9 +531,11 @@ async fn record_rollbacks(
     }
     let keys: Vec<&[u8]> = sets.iter().map(|s| s.0).collect();
     let old: Vec<OldRow> = diesel::sql_query(format!(
-        "SELECT u.key, t.value, t.updated_at, \
+        "SELECT u.key, t.value, t.updated_at, t.mod_revision, \
                 EXISTS (SELECT 1 FROM history h, sync_state s WHERE s.id = 1 AND h.key = u.key \
-                        AND h.timeline < s.timeline) AS known \
+                        AND h.timeline < s.timeline) \
+                AND NOT EXISTS (SELECT 1 FROM history h, sync_state s WHERE s.id = 1 \
+                        AND h.key = u.key AND h.timeline = s.timeline) AS known \
          FROM unnest($1::bytea[]) WITH ORDINALITY AS u(key, n) \
          LEFT JOIN {table} AS t ON t.key = u.key ORDER BY u.n"
     ))
@@ -521,8 +551,13 @@ async fn record_rollbacks(
     )> = Vec::new();
     for ((key, new, revision), before) in sets.iter().zip(&old) {
         debug_assert_eq!(*key, before.key.as_slice());
-        // A key the mirror never had is no value of PostgreSQL's.
-        let had = before.value.is_some() || before.known;
+        // A key the mirror never had is no value of PostgreSQL's, and a
+        // row this timeline already wrote holds etcd's value, not one of
+        // the old history's.
+        let had = match before.mod_revision {
+            Some(mod_revision) => mod_revision == 0,
+            None => before.known,
+        };
         if had && before.value.as_deref() != *new {
             rows.push((
                 key,
@@ -865,10 +900,13 @@ async fn update_outbox(
 /// conflicts get ids up front and their statements are pipelined, so a
 /// conflict costs server time, not a round trip: a leader catching up on a
 /// busy key after a failover meets one conflict per etcd event.
+/// Records the plans' conflicts; those of `timeline_keys` (settled while
+/// following a new etcd timeline) carry reason `timeline-change`.
 async fn record_conflicts(
     conn: &mut AsyncPgConnection,
     mapping: &Mapping,
     plans: &[(&[u8], KeyPlan)],
+    timeline_keys: &HashSet<&[u8]>,
     request: &ApplyRequest<'_>,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
@@ -903,13 +941,25 @@ async fn record_conflicts(
                 mapping,
                 key,
                 conflict,
+                timeline_keys.contains(key),
                 request,
             ));
             ids.push(id);
         } else {
             // A pending conflict may merge into the key's pending one: its
             // id comes back from the upsert.
-            ids.push(insert_conflict(conn, None, mapping, key, conflict, request).await?);
+            ids.push(
+                insert_conflict(
+                    conn,
+                    None,
+                    mapping,
+                    key,
+                    conflict,
+                    timeline_keys.contains(key),
+                    request,
+                )
+                .await?,
+            );
         }
     }
     futures_util::future::try_join_all(inserts).await?;
@@ -991,6 +1041,7 @@ async fn insert_conflict(
     mapping: &Mapping,
     key: &[u8],
     conflict: &ConflictEntry,
+    timeline_change: bool,
     request: &ApplyRequest<'_>,
 ) -> Result<i64, StoreError> {
     let status = if conflict.winner.is_some() {
@@ -1001,11 +1052,11 @@ async fn insert_conflict(
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
-             pg_superseded) \
+             pg_superseded, reason) \
          VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
-             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15) \
+             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at \
@@ -1027,6 +1078,7 @@ async fn insert_conflict(
     .bind::<Nullable<Text>, _>(request.trace_id)
     .bind::<Array<Nullable<Bytea>>, _>(&conflict.pg_superseded)
     .bind::<Nullable<BigInt>, _>(id)
+    .bind::<Nullable<Text>, _>(timeline_change.then_some("timeline-change"))
     .load(&mut &*conn)
     .await?;
     rows.into_iter()

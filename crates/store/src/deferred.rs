@@ -29,6 +29,9 @@ pub struct KeyDeferred {
     pub inputs: Vec<(KeyInput, i64)>,
     /// False when every one was a state the history already holds.
     pub record_history: bool,
+    /// One was read by a resync onto a new timeline: the values it replaces
+    /// are recorded as rolled back (see `ApplyRequest::record_rollbacks`).
+    pub record_rollbacks: bool,
     /// More are deferred than were loaded (the byte budget ran out): the
     /// key's newer inputs must wait behind them.
     pub more: bool,
@@ -65,6 +68,8 @@ struct Row {
     observed_at_us: i64,
     #[diesel(sql_type = Bool)]
     record_history: bool,
+    #[diesel(sql_type = Bool)]
+    record_rollbacks: bool,
     /// The key's deferred rows in all (the page may hold fewer).
     #[diesel(sql_type = BigInt)]
     of_key: i64,
@@ -145,7 +150,7 @@ pub async fn load(
     .await?;
     let rows: Vec<Row> = diesel::sql_query(
         "SELECT id, key, kind, revision, op, value, create_revision, mod_revision, version, lease, \
-                prev_value, prev_revision, origin, observed_at_us, record_history, of_key \
+                prev_value, prev_revision, origin, observed_at_us, record_history, record_rollbacks, of_key \
          FROM (SELECT *, count(*) OVER (PARTITION BY key) AS of_key, \
                       sum(coalesce(octet_length(value), 0) + coalesce(octet_length(prev_value), 0)) \
                           OVER (ORDER BY key, id ROWS UNBOUNDED PRECEDING) \
@@ -165,6 +170,7 @@ pub async fn load(
         let entry = deferred.by_key.entry(row.key.clone()).or_default();
         entry.ids.push(row.id);
         entry.record_history |= row.record_history;
+        entry.record_rollbacks |= row.record_rollbacks;
         entry.inputs.push((row.into_input()?, observed_at_us));
         entry.more = entry.ids.len() < of_key;
     }
@@ -210,6 +216,7 @@ pub async fn store(
     table: &Ident,
     inputs: &[(&[u8], &KeyInput, i64)],
     record_history: bool,
+    record_rollbacks: bool,
 ) -> Result<(), StoreError> {
     if inputs.is_empty() {
         return Ok(());
@@ -259,9 +266,10 @@ pub async fn store(
     let lease: Vec<i64> = metas.iter().map(|m| m.lease).collect();
     diesel::sql_query(
         "INSERT INTO deferred_inputs (mirror_table, key, kind, revision, op, value, create_revision, \
-             mod_revision, version, lease, prev_value, prev_revision, origin, observed_at_us, record_history) \
+             mod_revision, version, lease, prev_value, prev_revision, origin, observed_at_us, record_history, \
+             record_rollbacks) \
          SELECT $1, u.key, u.kind, u.revision, u.op, u.value, u.create_revision, u.mod_revision, \
-                u.version, u.lease, u.prev_value, u.prev_revision, u.origin, u.observed_at_us, $14 \
+                u.version, u.lease, u.prev_value, u.prev_revision, u.origin, u.observed_at_us, $14, $16 \
          FROM unnest($2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bytea[], $7::int8[], \
                      $8::int8[], $9::int8[], $10::int8[], $11::bytea[], $12::int8[], $15::text[], $13::int8[]) \
               WITH ORDINALITY AS u(key, kind, revision, op, value, create_revision, mod_revision, \
@@ -283,6 +291,7 @@ pub async fn store(
     .bind::<Array<BigInt>, _>(&observed)
     .bind::<Bool, _>(record_history)
     .bind::<Array<Nullable<Text>>, _>(&origins)
+    .bind::<Bool, _>(record_rollbacks)
     .execute(conn)
     .await?;
     Ok(())

@@ -210,7 +210,7 @@ pub async fn run_restore(
     // etcd while the restore runs (a client's write, a restored lease
     // ending) is replayed by the watch, and the restored puts themselves
     // come back as no-ops. A checkpoint past it is the lost etcd's.
-    let (cluster_id, start) = etcd.identity().await?;
+    let (cluster_id, start) = etcd.identity(&selected[0].prefix).await?;
     // The rebuilt etcd is a timeline of its own, which the mirror matches.
     let state = store.state().await.context("reading sync_state")?;
     let detail = serde_json::json!({
