@@ -381,9 +381,7 @@ async fn apply_table(
     // its newer inputs wait behind the rest).
     let mut to_defer: Vec<(&[u8], &KeyInput, i64)> = Vec::new();
     let mut drained_ids: Vec<i64> = Vec::new();
-    // Each key's inputs, whether its states go into the history, and
-    // whether the values they replace are recorded as rolled back.
-    let mut plannable: Vec<(&[u8], Vec<(KeyInput, i64)>, bool, bool)> = Vec::new();
+    let mut plannable: Vec<KeyWork> = Vec::new();
     for k in keys.iter().filter(|k| !moved.contains(k.key.as_slice())) {
         report.inputs += k.inputs.len();
         if blocked.contains(&k.key) {
@@ -430,7 +428,12 @@ async fn apply_table(
         // Revision order, whatever order they were deferred in.
         inputs.sort_by_key(|(input, _)| input.revision());
         if !inputs.is_empty() {
-            plannable.push((k.key.as_slice(), inputs, record_history, record_rollbacks));
+            plannable.push(KeyWork {
+                key: k.key.as_slice(),
+                inputs,
+                record_history,
+                record_rollbacks,
+            });
         }
     }
     crate::deferred::store(
@@ -447,11 +450,21 @@ async fn apply_table(
         direction: mapping.direction,
         observed_at_us,
     };
-    let rollback_keys: HashSet<&[u8]> = plannable.iter().filter(|p| p.3).map(|p| p.0).collect();
+    let rollback_keys: HashSet<&[u8]> = plannable
+        .iter()
+        .filter(|w| w.record_rollbacks)
+        .map(|w| w.key)
+        .collect();
     let plans: Vec<(&[u8], KeyPlan)> = plannable
         .into_iter()
-        .map(|(key, timed, record_history, _)| {
-            let (inputs, observed): (Vec<KeyInput>, Vec<i64>) = timed.into_iter().unzip();
+        .map(|work| {
+            let KeyWork {
+                key,
+                inputs,
+                record_history,
+                ..
+            } = work;
+            let (inputs, observed): (Vec<KeyInput>, Vec<i64>) = inputs.into_iter().unzip();
             let key_pending = pending.get(key).map(Vec::as_slice).unwrap_or(&[]);
             let mut plan = plan_key_observed(ctx, key_pending, &inputs, &observed);
             if !record_history {
@@ -481,6 +494,16 @@ async fn apply_table(
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, &rollback_keys, request, report).await?;
     Ok(())
+}
+
+/// One key's inputs to plan, each with when it was read from etcd.
+struct KeyWork<'a> {
+    key: &'a [u8],
+    inputs: Vec<(KeyInput, i64)>,
+    /// Its states go into the history.
+    record_history: bool,
+    /// The values they replace are recorded as rolled back.
+    record_rollbacks: bool,
 }
 
 #[derive(QueryableByName)]
