@@ -113,6 +113,7 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
     let interval = Duration::from_millis(ctx.config.sync.poll_interval_ms);
     loop {
         progress.tick();
+        ctx.wait_etcd_checked(&progress).await?;
         for conflict in ctx.store.requested_resolutions().await? {
             let Some(take) = conflict.requested_take.as_deref().and_then(Side::parse) else {
                 continue;

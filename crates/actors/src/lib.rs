@@ -53,6 +53,11 @@ pub struct SyncContext {
     /// The watcher's applied revision (the durable checkpoint), published
     /// for the poller, which waits on it after a failed compare.
     pub applied: watch::Sender<i64>,
+    /// True once this incarnation of the watcher has checked that etcd is
+    /// the history the mirror follows (and followed a new timeline if not).
+    /// Until then nothing is written to etcd nor settled against it: the
+    /// queued changes' base revisions may number another history.
+    pub etcd_checked: watch::Sender<bool>,
     /// Wakes the poller (new work released by the arbiter or retrier).
     pub wake_poller: Notify,
     /// Trace contexts of the poller's txns, joined by the watcher's echo.
@@ -61,6 +66,24 @@ pub struct SyncContext {
 }
 
 impl SyncContext {
+    /// Waits until the watcher has checked etcd's timeline (see
+    /// [`SyncContext::etcd_checked`]), keeping the waiting loop's heartbeat
+    /// (a first snapshot or a resync can take minutes).
+    pub async fn wait_etcd_checked(&self, progress: &shell::Progress) -> Result<(), ActorError> {
+        let mut checked = self.etcd_checked.subscribe();
+        loop {
+            progress.tick();
+            let wait = checked.wait_for(|checked| *checked);
+            match tokio::time::timeout(Duration::from_secs(10), wait).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(_)) => {
+                    return Err(ActorError::Internal("etcd-checked channel closed".into()));
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
     pub fn new(
         config: Arc<Config>,
         store: Store,
@@ -79,6 +102,7 @@ impl SyncContext {
             leader,
             kill: CancellationToken::new(),
             applied: watch::channel(0).0,
+            etcd_checked: watch::channel(false).0,
             wake_poller: Notify::new(),
             echo_traces: tracing_ids::EchoTraces::default(),
             board,

@@ -110,6 +110,7 @@ async fn run(
     let mut state = PollerState::default();
     loop {
         progress.tick();
+        ctx.wait_etcd_checked(&progress).await?;
         let drained = drain(&ctx, &mut state, &arbiter, &retrier, &progress).await?;
         let waiting_on_watcher = state.waiting_on_watcher();
         let notify_helps = drained == Drained::Done;

@@ -88,6 +88,7 @@ async fn run(
     recovery: WeakAddr<CompactionRecovery>,
     progress: Arc<Progress>,
 ) -> Result<(), ActorError> {
+    ctx.etcd_checked.send_replace(false);
     let state = ctx.store.state().await?;
     let probe = ctx.mappings.iter().next().map_or(&[][..], |m| &m.prefix);
     let (cluster_id, current) = ctx.etcd.identity(probe).await?;
@@ -130,6 +131,7 @@ async fn run(
         checkpoint = resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
     }
     ctx.applied.send_replace(checkpoint);
+    ctx.etcd_checked.send_replace(true);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
