@@ -22,10 +22,13 @@ async fn put_many(
     Ok(())
 }
 
+/// The values of PostgreSQL's a new timeline rolled back (not the queued
+/// changes settled by policy on it, which carry the same reason).
 async fn rolled_back(pg: &tokio_postgres::Client) -> anyhow::Result<i64> {
     count(
         pg,
-        "SELECT count(*) FROM etcd_sync.conflicts WHERE reason = 'timeline-change'",
+        "SELECT count(*) FROM etcd_sync.conflicts \
+         WHERE reason = 'timeline-change' AND resolved_by = 'timeline-change'",
     )
     .await
 }
@@ -91,6 +94,13 @@ async fn an_etcd_restored_from_an_older_backup_is_followed_and_what_it_rolls_bac
         60,
         "50 keys deleted and 10 values reverted, recorded"
     );
+    let settled: i64 = count(
+        &pg,
+        "SELECT count(*) FROM etcd_sync.conflicts WHERE reason = 'timeline-change' \
+         AND resolved_by = 'policy' AND winner = 'pg' AND key = '/t/k15'",
+    )
+    .await?;
+    assert_eq!(settled, 1, "the queued change settled by policy says why");
 
     // New revisions reuse numbers the old timeline used: both stay.
     let mut etcd = world.etcd_client().await?;
@@ -117,7 +127,10 @@ async fn an_etcd_restored_from_an_older_backup_is_followed_and_what_it_rolls_bac
         .get(0);
     assert_eq!(then.as_deref(), Some(&b"after"[..]));
 
-    // One command puts the rolled-back values back.
+    // One command puts the rolled-back values back, except where the key
+    // has changed since.
+    etcd.put("/t/k04", "newer", None).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
     let url = world.db.url();
     let endpoint = world.etcd.endpoint();
     let (code, stdout, stderr) = run_cli(
@@ -129,6 +142,8 @@ async fn an_etcd_restored_from_an_older_backup_is_followed_and_what_it_rolls_bac
     )
     .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("59 resolved"), "{stdout}");
+    assert!(stdout.contains("1 skipped"), "{stdout}");
     let state = eps_harness::wait_for(
         "the rolled-back values back",
         Duration::from_secs(30),
@@ -142,6 +157,11 @@ async fn an_etcd_restored_from_an_older_backup_is_followed_and_what_it_rolls_bac
     )
     .await?;
     assert_eq!(state[b"/t/k03".as_slice()], b"v1");
+    assert_eq!(
+        state[b"/t/k04".as_slice()],
+        b"newer",
+        "a value written since is not overwritten"
+    );
     Ok(())
 }
 

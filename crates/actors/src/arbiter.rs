@@ -130,12 +130,18 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
                 );
                 continue;
             }
-            resolved?;
-            tracing::info!(
-                conflict_id = conflict.id,
-                take = take.as_str(),
-                "conflict resolved by operator request"
-            );
+            match resolved? {
+                eps_store::ledger::Resolution::Carried => tracing::info!(
+                    conflict_id = conflict.id,
+                    take = take.as_str(),
+                    "conflict resolved by operator request"
+                ),
+                eps_store::ledger::Resolution::Skipped => tracing::warn!(
+                    conflict_id = conflict.id,
+                    take = take.as_str(),
+                    "rolled-back value not put back: the key changed since the rollback"
+                ),
+            }
             ctx.wake_poller.notify_one();
         }
         tokio::time::sleep(interval).await;

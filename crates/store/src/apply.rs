@@ -240,9 +240,9 @@ async fn lock_keys(
 }
 
 #[derive(QueryableByName)]
-struct IdRow {
+pub(crate) struct IdRow {
     #[diesel(sql_type = BigInt)]
-    id: i64,
+    pub(crate) id: i64,
 }
 
 /// Runs one apply transaction (retrying is the caller's business).

@@ -8,6 +8,7 @@ use eps_core::ident::Ident;
 use eps_core::model::KeyValue;
 use eps_core::policy::Side;
 
+use crate::apply::IdRow;
 use crate::error::StoreError;
 use crate::fence::{self, Fence};
 
@@ -100,24 +101,45 @@ pub async fn request_resolution(
 }
 
 /// Requests `side` for every value a new etcd timeline rolled back that
-/// nobody has resolved since; returns how many.
+/// nobody has resolved since; returns their conflict ids.
 pub async fn request_timeline_resolutions(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
     side: Side,
-) -> Result<usize, StoreError> {
-    let updated = diesel::sql_query(
+) -> Result<Vec<i64>, StoreError> {
+    let updated: Vec<IdRow> = diesel::sql_query(
         "UPDATE conflicts SET requested_take = $1 \
-         WHERE reason = 'timeline-change' AND resolved_by = 'timeline-change' AND requested_take IS NULL",
+         WHERE reason = 'timeline-change' AND resolved_by = 'timeline-change' AND requested_take IS NULL \
+         RETURNING id",
     )
     .bind::<Text, _>(side.as_str())
-    .execute(conn)
+    .load(conn)
     .await?;
     diesel::sql_query("SELECT pg_notify($1, 'resolve')")
         .bind::<Text, _>(format!("{schema}_conflicts"))
         .execute(conn)
         .await?;
-    Ok(updated)
+    Ok(updated.into_iter().map(|row| row.id).collect())
+}
+
+/// How many of the conflicts `ids` an operator's request resolved (the
+/// rest were skipped or are still waiting).
+pub async fn resolved_by_operator(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+) -> Result<usize, StoreError> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let count: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM conflicts WHERE id = ANY($1) AND resolved_by = 'operator'",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .get_result(conn)
+    .await?;
+    Ok(count.n as usize)
 }
 
 /// Conflicts with an operator's request waiting.
@@ -141,6 +163,12 @@ pub async fn requested_resolutions(
 /// - Resolved conflict (an operator overriding the policy): the chosen side's
 ///   recorded value is written as a new local change, so it reaches etcd by
 ///   the normal fenced compare-and-swap.
+/// - A value a new etcd timeline rolled back, put back (`pg`): only where
+///   PostgreSQL's changes flow to etcd (`pg_to_etcd`, the conflict's
+///   mapping) and while etcd still holds the value it was rolled back to.
+///   A key written since (in etcd, or in PostgreSQL and sent) has moved on:
+///   the request is dropped and audited as skipped
+///   ([`Resolution::Skipped`]), never written over a newer value.
 pub async fn execute_resolution(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
@@ -148,7 +176,8 @@ pub async fn execute_resolution(
     conflict: &ConflictRow,
     take: Side,
     etcd_now: Option<&KeyValue>,
-) -> Result<(), StoreError> {
+    pg_to_etcd: bool,
+) -> Result<Resolution, StoreError> {
     let table = Ident::parse(&conflict.mirror_table).map_err(|e| {
         StoreError::Invalid(format!(
             "conflict {} names table {:?}: {e}",
@@ -166,6 +195,32 @@ pub async fn execute_resolution(
             .execute(conn)
             .await?;
         let pending = conflict.status == "pending";
+        let rolled_back = conflict.resolved_by.as_deref() == Some("timeline-change");
+        let skipped = if pending || !rolled_back || take != Side::Pg {
+            None
+        } else if !pg_to_etcd {
+            Some("the mapping does not write PostgreSQL's changes to etcd")
+        } else if etcd_now.map(|kv| kv.value.as_slice()) != conflict.etcd_value.as_deref() {
+            Some("the key changed since the rollback")
+        } else {
+            None
+        };
+        if let Some(why) = skipped {
+            diesel::sql_query("UPDATE conflicts SET requested_take = NULL WHERE id = $1")
+                .bind::<BigInt, _>(conflict.id)
+                .execute(conn)
+                .await?;
+            let detail = serde_json::json!({
+                "conflict_id": conflict.id,
+                "table": conflict.mirror_table,
+                "key": eps_core::keys::display_key(&conflict.key),
+                "winner": take.as_str(),
+                "by": "operator",
+                "skipped": why,
+            });
+            crate::events::record(conn, fence, "resolution", None, &detail).await?;
+            return Ok(Resolution::Skipped);
+        }
         match (pending, take) {
             (true, Side::Etcd) => {
                 // The parked changes (and those queued behind them) lose.
@@ -245,9 +300,17 @@ pub async fn execute_resolution(
             "by": "operator",
         });
         crate::events::record(conn, fence, "resolution", None, &detail).await?;
-        Ok(())
+        Ok(Resolution::Carried)
     })
     .await
+}
+
+/// What [`execute_resolution`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Carried,
+    /// A rolled-back value not put back: the key changed since.
+    Skipped,
 }
 
 /// Makes the key's mirror row `value` (`None`: absent) with `meta`, whatever

@@ -399,9 +399,15 @@ impl Store {
     pub async fn request_timeline_resolutions(
         &self,
         side: eps_core::policy::Side,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::request_timeline_resolutions(&mut conn, self.connector.schema(), side).await
+    }
+
+    /// See [`ledger::resolved_by_operator`].
+    pub async fn resolved_by_operator(&self, ids: &[i64]) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::resolved_by_operator(&mut conn, ids).await
     }
 
     pub async fn requested_resolutions(&self) -> Result<Vec<ledger::ConflictRow>, StoreError> {
@@ -415,7 +421,11 @@ impl Store {
         conflict: &ledger::ConflictRow,
         take: eps_core::policy::Side,
         etcd_now: Option<&eps_core::model::KeyValue>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<ledger::Resolution, StoreError> {
+        let pg_to_etcd = self
+            .mappings
+            .iter()
+            .any(|m| m.table.as_str() == conflict.mirror_table && m.direction.pg_to_etcd());
         let mut conn = self.pool.get().await?;
         ledger::execute_resolution(
             &mut conn,
@@ -424,6 +434,7 @@ impl Store {
             conflict,
             take,
             etcd_now,
+            pg_to_etcd,
         )
         .await
     }

@@ -287,7 +287,8 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
 /// etcd timeline rolled back (and nobody resolved since), carried out by
 /// the leader.
 async fn resolve_timeline_changes(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
-    let requested = store.request_timeline_resolutions(side).await?;
+    let ids = store.request_timeline_resolutions(side).await?;
+    let requested = ids.len();
     println!(
         "requested: take {} for {requested} value(s) a new etcd timeline rolled back; waiting for the leader…",
         side.as_str()
@@ -296,7 +297,14 @@ async fn resolve_timeline_changes(store: &Store, side: Side) -> anyhow::Result<E
     loop {
         let waiting = store.requested_resolutions().await?.len();
         if waiting == 0 {
-            println!("{requested} resolved: {} wins", side.as_str());
+            let carried = store.resolved_by_operator(&ids).await?;
+            println!("{carried} resolved: {} wins", side.as_str());
+            if carried < requested {
+                println!(
+                    "{} skipped: the key changed since the rollback (audit events `resolution` with `skipped`)",
+                    requested - carried
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() > deadline {
