@@ -322,3 +322,46 @@ async fn a_change_queued_against_the_old_history_is_not_written_to_a_restored_et
     assert_eq!(recorded, 1, "PostgreSQL's change is recorded");
     Ok(())
 }
+
+/// A `pg-to-etcd` table is the source of its keys: a restored etcd that
+/// lacks what was written there since its backup gets it again, and the
+/// table's rows go on flowing to etcd.
+#[tokio::test]
+async fn a_restored_etcd_gets_the_values_of_pg_to_etcd_tables_again() -> anyhow::Result<()> {
+    let mappings =
+        "\n[[mappings]]\nprefix = \"/p/\"\ntable = \"kv_p\"\ndirection = \"pg-to-etcd\"\n";
+    let mut world = World::new(mappings).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    pg.batch_execute("INSERT INTO kv_p_text (key, value) VALUES ('/p/a', 'a0'), ('/p/b', 'b0')")
+        .await?;
+    wait_converged(&world, "kv_p", b"/p/", Duration::from_secs(10)).await?;
+    let backup = world.etcd.backup().await?;
+    pg.batch_execute(
+        "INSERT INTO kv_p_text (key, value) VALUES ('/p/c', 'c0'); \
+         UPDATE kv_p_text SET value = 'a1' WHERE key = '/p/a'",
+    )
+    .await?;
+    wait_converged(&world, "kv_p", b"/p/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    world.etcd.restore(backup.path()).await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_p", b"/p/", Duration::from_secs(20))
+        .await
+        .map_err(|e| e.context(service.log_tail(60)))?;
+    assert_eq!(state.len(), 3);
+    assert_eq!(state[b"/p/a".as_slice()], b"a1");
+
+    // Edits go on reaching etcd, without conflicts.
+    pg.batch_execute("UPDATE kv_p_text SET value = 'b1' WHERE key = '/p/b'")
+        .await?;
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
+    let state = wait_converged(&world, "kv_p", b"/p/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/p/b".as_slice()], b"b1");
+    let conflicts = count(&pg, "SELECT count(*) FROM etcd_sync.conflicts").await?;
+    assert_eq!(conflicts, 0);
+    Ok(())
+}

@@ -192,6 +192,50 @@ struct Counts {
     conflicts: u64,
     /// Values of PostgreSQL's a new timeline replaced (recorded).
     rolled_back: u64,
+    /// Rows of `pg-to-etcd` tables queued again for a new timeline that
+    /// lacked their values.
+    pushed: u64,
+}
+
+/// After a new timeline was followed: the tables whose rows only flow to
+/// etcd (`pg-to-etcd`) are the source of their keys, and the restored etcd
+/// may lack what was written since its backup. Every key that differs is
+/// queued again from PostgreSQL (as `verify --repair` does), based on
+/// etcd's current state.
+async fn push_pg_to_etcd_tables(ctx: &SyncContext) -> Result<u64, ActorError> {
+    let one_way: Vec<Mapping> = ctx
+        .mappings
+        .iter()
+        .filter(|m| !m.direction.etcd_to_pg())
+        .cloned()
+        .collect();
+    if one_way.is_empty() {
+        return Ok(0);
+    }
+    let options = crate::verify::VerifyOptions {
+        prefix: None,
+        repair: true,
+        page_size: ctx.config.sync.snapshot_page_size,
+        settle: std::time::Duration::ZERO,
+    };
+    let report = crate::verify::verify(
+        &ctx.etcd,
+        &ctx.store,
+        &eps_core::mapping::MappingSet::new(one_way),
+        Some(&ctx.fence),
+        &options,
+        |_, _, _| {},
+        |_| {},
+    )
+    .await?;
+    if report.repaired > 0 {
+        tracing::warn!(
+            queued = report.repaired,
+            "the new etcd timeline lacked values of pg-to-etcd tables: queued again"
+        );
+        ctx.wake_poller.notify_one();
+    }
+    Ok(report.repaired)
 }
 
 /// Runs a resync until it completes at one revision (a compaction racing
@@ -292,6 +336,9 @@ async fn resync_once(
     ctx.store
         .finish_resync(&ctx.fence, revision, &walked_relids)
         .await?;
+    if matches!(reason, ResyncReason::TimelineChanged { .. }) {
+        counts.pushed = push_pg_to_etcd_tables(ctx).await?;
+    }
     let (kind, from) = match reason {
         ResyncReason::Initial => ("snapshot", 0),
         ResyncReason::Compacted { checkpoint, .. } => ("compaction-recovery", checkpoint),
