@@ -201,7 +201,12 @@ async fn a_restored_etcd_that_has_passed_the_checkpoint_is_detected() -> anyhow:
     let pg = world.pg().await?;
     let changes = event_details(&pg, "timeline-change").await?;
     assert_eq!(changes.len(), 1, "{changes:?}");
-    assert_eq!(changes[0]["reason"], "last-change-missing");
+    // The last applied change is gone, and the mark with it.
+    let reason = changes[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        ["last-change-missing", "mark-missing"].contains(&reason),
+        "{changes:?}"
+    );
     assert_eq!(rolled_back(&pg).await?, 10);
     Ok(())
 }
@@ -363,5 +368,86 @@ async fn a_restored_etcd_gets_the_values_of_pg_to_etcd_tables_again() -> anyhow:
     assert_eq!(state[b"/p/b".as_slice()], b"b1");
     let conflicts = count(&pg, "SELECT count(*) FROM etcd_sync.conflicts").await?;
     assert_eq!(conflicts, 0);
+    Ok(())
+}
+
+/// etcd restored from a backup taken after the last change of the mapped
+/// keys (so that change is still there), then written to past the old
+/// checkpoint (moved on by other keys' writes) before the service looks:
+/// only the timeline mark shows the revisions the mirror had passed are
+/// another history now. Unnoticed, the watch would resume after the old
+/// checkpoint and never see the restored etcd's first writes.
+#[tokio::test]
+async fn a_restored_etcd_is_detected_by_the_timeline_mark() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    put_many(&world, [("/t/a".to_string(), "a0".to_string())]).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    let backup = world.etcd.backup().await?;
+    // Other keys move the checkpoint on, and a mark is written past the
+    // backup.
+    put_many(
+        &world,
+        (0..20).map(|i| (format!("/other/{i:02}"), "x".to_string())),
+    )
+    .await?;
+    let mut etcd = world.etcd_client().await?;
+    let written = etcd
+        .get("/other/19", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    let pg = world.pg().await?;
+    eps_harness::wait_for(
+        "the checkpoint past the other keys",
+        Duration::from_secs(10),
+        || {
+            let pg = &pg;
+            async move {
+                let applied =
+                    count(pg, "SELECT applied_revision FROM etcd_sync.sync_state").await?;
+                Ok((applied >= written).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let checkpoint = eps_harness::wait_for("a mark past them", Duration::from_secs(10), || {
+        let world = &world;
+        async move {
+            let mut etcd = world.etcd_client().await?;
+            let mark = etcd.get("__etcd_pg_sync/test/timeline-mark", None).await?;
+            let at = mark.kvs().first().map_or(0, |kv| kv.mod_revision());
+            Ok((at > written).then_some(at))
+        }
+    })
+    .await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    world.etcd.restore(backup.path()).await?;
+    let mut etcd = world.etcd_client().await?;
+    let mut revision = etcd
+        .get("/t/a", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    let mut written = 0;
+    while revision <= checkpoint + 3 {
+        revision = etcd
+            .put(format!("/t/new{written:02}"), "after restore", None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        written += 1;
+    }
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(20))
+        .await
+        .map_err(|e| e.context(service.log_tail(60)))?;
+    assert_eq!(state.len(), 1 + written, "every write of the restored etcd");
+    let changes = event_details(&pg, "timeline-change").await?;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["reason"], "mark-missing");
     Ok(())
 }

@@ -9,7 +9,15 @@ ALTER TABLE @schema@.sync_state
     -- etcd's cluster id when it was last seen (NULL: not seen yet).
     ADD COLUMN etcd_cluster_id bigint,
     -- A resync onto a new timeline has started and not finished.
-    ADD COLUMN timeline_resync boolean NOT NULL DEFAULT false;
+    ADD COLUMN timeline_resync boolean NOT NULL DEFAULT false,
+    -- The timeline mark: a token the leader writes to etcd
+    -- (`__etcd_pg_sync/<cluster>/timeline-mark`) as the mirror moves on.
+    -- An etcd that does not hold it (nor the one being written) lost
+    -- revisions the mirror applied: another timeline. NULL: none yet.
+    ADD COLUMN timeline_mark text,
+    -- A token recorded before it is written to etcd (a crash between the
+    -- write and the confirmation leaves it there).
+    ADD COLUMN timeline_mark_pending text;
 
 -- An input deferred by a resync onto a new timeline still records the
 -- PostgreSQL value it replaces as rolled back when it is applied.

@@ -130,12 +130,14 @@ async fn run(
     if !unsynced_tables(&ctx).await?.is_empty() {
         checkpoint = resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
     }
+    let mut mark = TimelineMark::new(&ctx);
+    mark.write_if_due(&ctx, checkpoint).await?;
     ctx.applied.send_replace(checkpoint);
     ctx.etcd_checked.send_replace(true);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
-        match stream(&ctx, &progress, &mut checkpoint).await? {
+        match stream(&ctx, &progress, &mut checkpoint, &mut mark).await? {
             StreamEnd::MirrorTablesCreated => {
                 tracing::warn!(
                     checkpoint,
@@ -202,6 +204,34 @@ async fn new_timeline(
     if state.applied_revision > current {
         return Ok(with("revision-went-back"));
     }
+    if let Some(expected) = &state.timeline_mark {
+        let key = TimelineMark::key(ctx);
+        match ctx.etcd.get(&key).await {
+            Ok((found, _)) => {
+                let found = found.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+                let pending = state.timeline_mark_pending.as_ref();
+                if found.as_ref() == pending {
+                    // Written, not yet confirmed when the last leader stopped.
+                    if let Some(token) = pending {
+                        ctx.store.confirm_timeline_mark(&ctx.fence, token).await?;
+                    }
+                } else if found.as_ref() != Some(expected) {
+                    let mut detail = with("mark-missing").unwrap_or_default();
+                    detail["mark_expected"] = serde_json::json!(expected);
+                    detail["mark_found"] = serde_json::json!(found);
+                    return Ok(Some(detail));
+                }
+            }
+            Err(error @ eps_etcd::EtcdError::PermissionDenied(_)) => {
+                tracing::warn!(
+                    key = %eps_core::keys::display_key(&key),
+                    %error,
+                    "cannot read the timeline mark: grant the service read-write on its prefix"
+                );
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
     let Some((key, revision, value)) = ctx.store.last_applied_change().await? else {
         return Ok(None);
     };
@@ -237,6 +267,61 @@ async fn new_timeline(
     detail["key"] = serde_json::json!(eps_core::keys::display_key(&key));
     detail["key_revision"] = serde_json::json!(revision);
     Ok(Some(detail))
+}
+
+/// The timeline mark: a token the leader writes to etcd as the mirror
+/// moves on (after the checks of a start, then at most once per progress
+/// interval while the checkpoint passes the last mark), recorded in
+/// `sync_state` first. An etcd that holds neither the recorded token nor
+/// the one being written has lost a revision the mirror applied — restored
+/// from a backup older than the mark — even when its revision has since
+/// passed the checkpoint and the last applied change is still there.
+struct TimelineMark {
+    key: Vec<u8>,
+    revision: i64,
+    written_at: Option<Instant>,
+    interval: Duration,
+}
+
+impl TimelineMark {
+    fn new(ctx: &SyncContext) -> Self {
+        TimelineMark {
+            key: Self::key(ctx),
+            revision: 0,
+            written_at: None,
+            interval: Duration::from_millis(ctx.config.sync.progress_interval_ms),
+        }
+    }
+
+    fn key(ctx: &SyncContext) -> Vec<u8> {
+        let mut key = eps_core::INTERNAL_PREFIX.to_vec();
+        key.extend_from_slice(format!("{}/timeline-mark", ctx.config.cluster.name).as_bytes());
+        key
+    }
+
+    async fn write_if_due(&mut self, ctx: &SyncContext, checkpoint: i64) -> Result<(), ActorError> {
+        if checkpoint <= self.revision
+            || self
+                .written_at
+                .is_some_and(|at| at.elapsed() < self.interval)
+        {
+            return Ok(());
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let token = format!("{}-{checkpoint}-{nanos:x}", ctx.fence.term);
+        ctx.store.prepare_timeline_mark(&ctx.fence, &token).await?;
+        let written =
+            eps_etcd::txn::fenced_put(&ctx.etcd, &ctx.leader, &self.key, token.as_bytes()).await?;
+        let Some(revision) = written else {
+            return Err(ActorError::Fenced);
+        };
+        ctx.store.confirm_timeline_mark(&ctx.fence, &token).await?;
+        self.revision = revision;
+        self.written_at = Some(Instant::now());
+        Ok(())
+    }
 }
 
 /// The tables of the mappings that etcd's changes flow into.
@@ -278,6 +363,7 @@ async fn stream(
     ctx: &Arc<SyncContext>,
     progress: &Progress,
     checkpoint: &mut i64,
+    mark: &mut TimelineMark,
 ) -> Result<StreamEnd, ActorError> {
     let sync = &ctx.config.sync;
     let (start, end) = ctx.mappings.covering_range();
@@ -396,6 +482,7 @@ async fn stream(
         }
         deferred.pending |= apply(ctx, &batch, checkpoint).await?;
         drop(held);
+        mark.write_if_due(ctx, *checkpoint).await?;
         if let Some(compact_revision) = compacted {
             return Ok(StreamEnd::Compacted { compact_revision });
         }

@@ -141,3 +141,27 @@ pub async fn compare_and_swap(
         conflicts,
     })
 }
+
+/// Puts `value` at `key` (whatever it held) while `fence`'s leader key
+/// stands: the put's revision, or `None` when fenced.
+pub async fn fenced_put(
+    client: &EtcdClient,
+    fence: &LeaderFence,
+    key: &[u8],
+    value: &[u8],
+) -> Result<Option<i64>, EtcdError> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            fence.key.clone(),
+            CompareOp::Equal,
+            fence.term,
+        )])
+        .and_then([TxnOp::put(key.to_vec(), value.to_vec(), None)]);
+    let mut kv = client.kv();
+    let response = tokio::time::timeout(client.request_timeout(), kv.txn(txn))
+        .await
+        .map_err(|_| EtcdError::Timeout(client.request_timeout()))??;
+    Ok(response
+        .succeeded()
+        .then(|| response.header().map_or(0, |h| h.revision())))
+}

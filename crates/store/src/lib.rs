@@ -180,6 +180,26 @@ impl Store {
         state::record_cluster_id(&mut conn, fence, cluster_id).await
     }
 
+    /// See [`state::prepare_timeline_mark`].
+    pub async fn prepare_timeline_mark(
+        &self,
+        fence: &Fence,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::prepare_timeline_mark(&mut conn, fence, token).await
+    }
+
+    /// See [`state::confirm_timeline_mark`].
+    pub async fn confirm_timeline_mark(
+        &self,
+        fence: &Fence,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::confirm_timeline_mark(&mut conn, fence, token).await
+    }
+
     /// See [`state::begin_timeline`]; every mapped table's metadata is
     /// forgotten.
     pub async fn begin_timeline(
@@ -189,12 +209,19 @@ impl Store {
         detail: &serde_json::Value,
     ) -> Result<i32, StoreError> {
         let tables: Vec<&Ident> = self.mappings.iter().map(|m| &m.table).collect();
+        let one_way: Vec<&str> = self
+            .mappings
+            .iter()
+            .filter(|m| !m.direction.etcd_to_pg())
+            .map(|m| m.table.as_str())
+            .collect();
         let mut conn = self.pool.get().await?;
         state::begin_timeline(
             &mut conn,
             self.connector.schema(),
             fence,
             &tables,
+            &one_way,
             cluster_id,
             detail,
         )

@@ -16,6 +16,8 @@ diesel::table! {
         timeline -> Integer,
         etcd_cluster_id -> Nullable<BigInt>,
         timeline_resync -> Bool,
+        timeline_mark -> Nullable<Text>,
+        timeline_mark_pending -> Nullable<Text>,
     }
 }
 

@@ -18,6 +18,10 @@ pub struct SyncState {
     pub etcd_cluster_id: Option<i64>,
     /// A resync onto a new timeline started and has not finished.
     pub timeline_resync: bool,
+    /// The token etcd's timeline mark holds (see [`prepare_timeline_mark`]).
+    pub timeline_mark: Option<String>,
+    /// A token being written to the mark.
+    pub timeline_mark_pending: Option<String>,
 }
 
 pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
@@ -29,6 +33,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         i32,
         Option<i64>,
         bool,
+        Option<String>,
+        Option<String>,
     );
     let row: Option<Row> = sync_state::table
         .filter(sync_state::id.eq(1))
@@ -40,6 +46,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
             sync_state::timeline,
             sync_state::etcd_cluster_id,
             sync_state::timeline_resync,
+            sync_state::timeline_mark,
+            sync_state::timeline_mark_pending,
         ))
         .first(conn)
         .await
@@ -52,6 +60,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         timeline,
         etcd_cluster_id,
         timeline_resync,
+        timeline_mark,
+        timeline_mark_pending,
     ) = row.ok_or_else(|| {
         StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into())
     })?;
@@ -63,7 +73,61 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         timeline,
         etcd_cluster_id,
         timeline_resync,
+        timeline_mark,
+        timeline_mark_pending,
     })
+}
+
+/// Records `token` as the timeline mark about to be written to etcd. The
+/// order (recorded, written, confirmed) means etcd never holds a token the
+/// mirror does not know: a crash after the write leaves it pending, and the
+/// timeline check accepts the pending token too.
+pub async fn prepare_timeline_mark(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    token: &str,
+) -> Result<(), StoreError> {
+    set_timeline_mark(
+        conn,
+        fence,
+        "UPDATE sync_state SET timeline_mark_pending = $1 WHERE id = 1",
+        token,
+    )
+    .await
+}
+
+/// Makes the pending `token` the timeline mark: etcd holds it.
+pub async fn confirm_timeline_mark(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    token: &str,
+) -> Result<(), StoreError> {
+    set_timeline_mark(
+        conn,
+        fence,
+        "UPDATE sync_state SET timeline_mark = $1, timeline_mark_pending = NULL \
+         WHERE id = 1 AND timeline_mark_pending = $1",
+        token,
+    )
+    .await
+}
+
+async fn set_timeline_mark(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    sql: &'static str,
+    token: &str,
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::sql_query(sql)
+            .bind::<diesel::sql_types::Text, _>(token)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// Makes `term` the current one if it is newer than the stored term. Waits
@@ -240,13 +304,17 @@ pub async fn record_cluster_id(
 /// etcd metadata is forgotten (it numbers the old history's revisions; the
 /// resync that follows writes the new), queued changes lose their base
 /// revision (they are settled against the new etcd by policy, never
-/// compared with an old revision), inputs deferred from the old etcd are
-/// dropped, and a `timeline-change` audit event says what was seen.
+/// compared with an old revision) — except those of `one_way` tables
+/// (`pg-to-etcd`), which are dropped: the table's rows are their source,
+/// and every row etcd lacks is queued again from its current value after
+/// the resync — inputs deferred from the old etcd are dropped, and a
+/// `timeline-change` audit event says what was seen.
 pub async fn begin_timeline(
     conn: &mut AsyncPgConnection,
     schema: &eps_core::ident::Ident,
     fence: &crate::Fence,
     tables: &[&eps_core::ident::Ident],
+    one_way: &[&str],
     cluster_id: i64,
     detail: &serde_json::Value,
 ) -> Result<i32, StoreError> {
@@ -259,7 +327,8 @@ pub async fn begin_timeline(
     conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
         let next: Timeline = diesel::sql_query(
-            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, timeline_resync = true \
+            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, timeline_resync = true, \
+                 timeline_mark = NULL, timeline_mark_pending = NULL \
              WHERE id = 1 RETURNING timeline",
         )
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)
@@ -274,6 +343,13 @@ pub async fn begin_timeline(
             .execute(conn)
             .await?;
         }
+        // A parked change stays parked (its conflict is the operator's).
+        diesel::sql_query(
+            "DELETE FROM outbox WHERE mirror_table = ANY($1) AND conflict_id IS NULL",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(one_way)
+        .execute(conn)
+        .await?;
         diesel::sql_query("UPDATE outbox SET base_revision = -1 WHERE base_revision > 0")
             .execute(conn)
             .await?;
@@ -307,7 +383,8 @@ pub async fn adopt_timeline(
     conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
         let next: Timeline = diesel::sql_query(
-            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1 \
+            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, \
+                 timeline_mark = NULL, timeline_mark_pending = NULL \
              WHERE id = 1 RETURNING timeline",
         )
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)
