@@ -352,13 +352,32 @@ async fn a_restored_etcd_gets_the_values_of_pg_to_etcd_tables_again() -> anyhow:
     service.terminate(Duration::from_secs(10)).await?;
 
     world.etcd.restore(backup.path()).await?;
+    // Other clients write on while the service comes back: etcd's revision
+    // moves on between the resync's reading and anything after it.
+    let writer = tokio::spawn({
+        let mut etcd = world.etcd_client().await?;
+        async move {
+            for i in 0..400 {
+                if etcd.put(format!("/other/{i}"), "x", None).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    });
     service.restart()?;
     service.wait_ready(Duration::from_secs(30)).await?;
     let state = wait_converged(&world, "kv_p", b"/p/", Duration::from_secs(20))
         .await
         .map_err(|e| e.context(service.log_tail(60)))?;
+    writer.abort();
     assert_eq!(state.len(), 3);
     assert_eq!(state[b"/p/a".as_slice()], b"a1");
+    // A value etcd still held was not written again (a put every etcd
+    // client would see): the row took etcd's metadata.
+    let mut etcd = world.etcd_client().await?;
+    let b = etcd.get("/p/b", None).await?;
+    assert_eq!(b.kvs().first().map(|kv| kv.version()), Some(1));
 
     // Edits go on reaching etcd, without conflicts.
     pg.batch_execute("UPDATE kv_p_text SET value = 'b1' WHERE key = '/p/b'")
@@ -379,12 +398,33 @@ async fn a_restored_etcd_gets_the_values_of_pg_to_etcd_tables_again() -> anyhow:
 /// checkpoint and never see the restored etcd's first writes.
 #[tokio::test]
 async fn a_restored_etcd_is_detected_by_the_timeline_mark() -> anyhow::Result<()> {
+    restored_past_the_checkpoint_with_the_last_change(false).await
+}
+
+/// The same with a backup older than any mark (taken before the service
+/// first ran, or before an upgrade): the key is absent there.
+#[tokio::test]
+async fn a_restored_etcd_without_any_mark_is_detected() -> anyhow::Result<()> {
+    restored_past_the_checkpoint_with_the_last_change(true).await
+}
+
+async fn restored_past_the_checkpoint_with_the_last_change(
+    backup_before_start: bool,
+) -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     put_many(&world, [("/t/a".to_string(), "a0".to_string())]).await?;
+    let early = if backup_before_start {
+        Some(world.etcd.backup().await?)
+    } else {
+        None
+    };
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
-    let backup = world.etcd.backup().await?;
+    let backup = match early {
+        Some(backup) => backup,
+        None => world.etcd.backup().await?,
+    };
     // Other keys move the checkpoint on, and a mark is written past the
     // backup.
     put_many(

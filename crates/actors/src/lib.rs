@@ -58,6 +58,9 @@ pub struct SyncContext {
     /// Until then nothing is written to etcd nor settled against it: the
     /// queued changes' base revisions may number another history.
     pub etcd_checked: watch::Sender<bool>,
+    /// Moves on each time a new etcd timeline is followed: what an actor
+    /// keeps in memory about etcd's revisions belongs to the old one.
+    pub timeline_epoch: std::sync::atomic::AtomicU64,
     /// Wakes the poller (new work released by the arbiter or retrier).
     pub wake_poller: Notify,
     /// Trace contexts of the poller's txns, joined by the watcher's echo.
@@ -66,6 +69,11 @@ pub struct SyncContext {
 }
 
 impl SyncContext {
+    /// Whether the watcher has checked etcd's timeline now.
+    pub fn is_etcd_checked(&self) -> bool {
+        *self.etcd_checked.borrow()
+    }
+
     /// Waits until the watcher has checked etcd's timeline (see
     /// [`SyncContext::etcd_checked`]), keeping the waiting loop's heartbeat
     /// (a first snapshot or a resync can take minutes).
@@ -103,6 +111,7 @@ impl SyncContext {
             kill: CancellationToken::new(),
             applied: watch::channel(0).0,
             etcd_checked: watch::channel(false).0,
+            timeline_epoch: std::sync::atomic::AtomicU64::new(0),
             wake_poller: Notify::new(),
             echo_traces: tracing_ids::EchoTraces::default(),
             board,

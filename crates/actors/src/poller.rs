@@ -108,9 +108,17 @@ async fn run(
     let mut applied = ctx.applied.subscribe();
     let poll = Duration::from_millis(ctx.config.sync.poll_interval_ms);
     let mut state = PollerState::default();
+    let mut epoch = 0;
     loop {
         progress.tick();
         ctx.wait_etcd_checked(&progress).await?;
+        // Revisions remembered (echoes awaited, blocked keys) count another
+        // etcd's history after a timeline change.
+        let now = ctx.timeline_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        if now != epoch {
+            state = PollerState::default();
+            epoch = now;
+        }
         let drained = drain(&ctx, &mut state, &arbiter, &retrier, &progress).await?;
         let waiting_on_watcher = state.waiting_on_watcher();
         let notify_helps = drained == Drained::Done;
@@ -372,6 +380,10 @@ async fn drain(
 ) -> Result<Drained, ActorError> {
     // Bounded so one wake-up cannot spin; the next wake-up continues.
     for _round in 0..1_000 {
+        if !ctx.is_etcd_checked() {
+            // The watcher restarted: wait for its checks (in `run`).
+            return Ok(Drained::Done);
+        }
         let applied = *ctx.applied.borrow();
         let rows = ctx
             .store

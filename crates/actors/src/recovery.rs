@@ -147,8 +147,13 @@ async fn retention(ctx: &SyncContext) -> Result<(), ActorError> {
     Ok(())
 }
 
-/// Compares etcd with the mirror and repairs drift by policy.
+/// Compares etcd with the mirror and repairs drift by policy (not before
+/// the watcher has checked that etcd is the history the mirror follows).
 async fn anti_entropy(ctx: &SyncContext) -> Result<(), ActorError> {
+    if !ctx.is_etcd_checked() {
+        tracing::debug!("anti-entropy skipped: etcd not checked yet");
+        return Ok(());
+    }
     let options = crate::verify::VerifyOptions {
         prefix: None,
         repair: true,
@@ -201,7 +206,8 @@ struct Counts {
 /// etcd (`pg-to-etcd`) are the source of their keys, and the restored etcd
 /// may lack what was written since its backup. Every key that differs is
 /// queued again from PostgreSQL (as `verify --repair` does), based on
-/// etcd's current state.
+/// etcd's current state; a row whose value etcd holds takes etcd's
+/// metadata.
 async fn push_pg_to_etcd_tables(ctx: &SyncContext) -> Result<u64, ActorError> {
     let one_way: Vec<Mapping> = ctx
         .mappings
@@ -333,12 +339,13 @@ async fn resync_once(
         )
         .await?;
     }
-    ctx.store
-        .finish_resync(&ctx.fence, revision, &walked_relids)
-        .await?;
+    // Before the resync is finished: an interruption pushes again.
     if matches!(reason, ResyncReason::TimelineChanged { .. }) {
         counts.pushed = push_pg_to_etcd_tables(ctx).await?;
     }
+    ctx.store
+        .finish_resync(&ctx.fence, revision, &walked_relids)
+        .await?;
     let (kind, from) = match reason {
         ResyncReason::Initial => ("snapshot", 0),
         ResyncReason::Compacted { checkpoint, .. } => ("compaction-recovery", checkpoint),

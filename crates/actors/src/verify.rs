@@ -39,6 +39,9 @@ pub enum Outcome {
     RepairedFromEtcd,
     /// PostgreSQL's state was queued for etcd.
     RepairedFromPg,
+    /// The values agreed; the row took etcd's metadata (a `pg-to-etcd`
+    /// row whose metadata a new etcd timeline made unknown).
+    MetadataFromEtcd,
     /// `manual` mapping: an operator decides.
     NeedsOperator,
     /// The key changed while verify ran (a user's write, an etcd change
@@ -118,7 +121,11 @@ pub async fn verify(
             if !in_scope(&difference.key) {
                 continue;
             }
-            if not_applied_yet(&difference, applied, revision)
+            // A `pg-to-etcd` mapping never applies etcd's side to the
+            // mirror: there is no lag to wait for.
+            let lagging =
+                mapping.direction.etcd_to_pg() && not_applied_yet(&difference, applied, revision);
+            if lagging
                 || store
                     .has_pending(mapping.table.as_str(), &difference.key)
                     .await?
@@ -126,6 +133,10 @@ pub async fn verify(
                     .pg
                     .as_ref()
                     .is_some_and(|row| row.mod_revision > revision)
+                // Deleted by a change after the diff's revision (a lease
+                // that expired meanwhile): the mirror is ahead, not behind.
+                || (difference.pg.is_none()
+                    && store.changed_after(&difference.key, revision).await?)
             {
                 report.in_flight += 1;
                 continue;
@@ -142,7 +153,9 @@ pub async fn verify(
                 _ => Outcome::Found,
             };
             match outcome {
-                Outcome::RepairedFromEtcd | Outcome::RepairedFromPg => report.repaired += 1,
+                Outcome::RepairedFromEtcd | Outcome::RepairedFromPg | Outcome::MetadataFromEtcd => {
+                    report.repaired += 1
+                }
                 Outcome::NeedsOperator => report.needs_operator += 1,
                 Outcome::ChangedMeanwhile => report.in_flight += 1,
                 Outcome::Found => {}
@@ -229,10 +242,43 @@ async fn repair(
             None => return Ok(Outcome::NeedsOperator),
         },
     };
+    let same_value = match (&difference.etcd, &difference.pg) {
+        (Some(kv), Some(row)) => kv.value == row.value,
+        _ => false,
+    };
     match side {
+        Side::Pg if same_value => adopt_etcd_meta(etcd, store, fence, mapping, difference).await,
         Side::Etcd => repair_from_etcd(store, fence, difference, at).await,
         Side::Pg => repair_from_pg(etcd, store, fence, mapping, difference).await,
     }
+}
+
+/// etcd holds PostgreSQL's value already, under other metadata: the row
+/// takes etcd's (rewriting the value would be a change every etcd client
+/// sees, for nothing).
+async fn adopt_etcd_meta(
+    etcd: &EtcdClient,
+    store: &Store,
+    fence: &Fence,
+    mapping: &Mapping,
+    difference: &Difference,
+) -> Result<Outcome, ActorError> {
+    let (etcd_now, _) = etcd.get(&difference.key).await?;
+    if etcd_moved(difference.etcd.as_ref(), etcd_now.as_ref()) {
+        return Ok(Outcome::ChangedMeanwhile);
+    }
+    let (Some(kv), Some(seen)) = (etcd_now.as_ref(), difference.pg.as_ref()) else {
+        return Ok(Outcome::ChangedMeanwhile);
+    };
+    let adopted = match store.adopt_etcd_meta(fence, &mapping.table, kv, seen).await {
+        Err(eps_store::StoreError::RowHeld(_)) => false,
+        other => other?,
+    };
+    Ok(if adopted {
+        Outcome::MetadataFromEtcd
+    } else {
+        Outcome::ChangedMeanwhile
+    })
 }
 
 async fn repair_from_etcd(

@@ -89,6 +89,9 @@ async fn run(
     progress: Arc<Progress>,
 ) -> Result<(), ActorError> {
     ctx.etcd_checked.send_replace(false);
+    // Unchecked again as soon as this incarnation ends (its restart waits
+    // out a backoff, during which etcd may be restored).
+    let _unchecked = Unchecked(&ctx);
     let state = ctx.store.state().await?;
     let probe = ctx.mappings.iter().next().map_or(&[][..], |m| &m.prefix);
     let (cluster_id, current) = ctx.etcd.identity(probe).await?;
@@ -118,6 +121,8 @@ async fn run(
         ctx.store
             .begin_timeline(&ctx.fence, cluster_id, &evidence)
             .await?;
+        ctx.timeline_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
     } else if state.etcd_cluster_id != Some(cluster_id) {
         ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
@@ -204,33 +209,11 @@ async fn new_timeline(
     if state.applied_revision > current {
         return Ok(with("revision-went-back"));
     }
-    if let Some(expected) = &state.timeline_mark {
-        let key = TimelineMark::key(ctx);
-        match ctx.etcd.get(&key).await {
-            Ok((found, _)) => {
-                let found = found.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-                let pending = state.timeline_mark_pending.as_ref();
-                if found.as_ref() == pending {
-                    // Written, not yet confirmed when the last leader stopped.
-                    if let Some(token) = pending {
-                        ctx.store.confirm_timeline_mark(&ctx.fence, token).await?;
-                    }
-                } else if found.as_ref() != Some(expected) {
-                    let mut detail = with("mark-missing").unwrap_or_default();
-                    detail["mark_expected"] = serde_json::json!(expected);
-                    detail["mark_found"] = serde_json::json!(found);
-                    return Ok(Some(detail));
-                }
-            }
-            Err(error @ eps_etcd::EtcdError::PermissionDenied(_)) => {
-                tracing::warn!(
-                    key = %eps_core::keys::display_key(&key),
-                    %error,
-                    "cannot read the timeline mark: grant the service read-write on its prefix"
-                );
-            }
-            Err(error) => return Err(error.into()),
-        }
+    if let Some((expected, found)) = TimelineMark::missing(ctx, state).await? {
+        let mut detail = with("mark-missing").unwrap_or_default();
+        detail["mark_expected"] = serde_json::json!(expected);
+        detail["mark_found"] = serde_json::json!(found);
+        return Ok(Some(detail));
     }
     let Some((key, revision, value)) = ctx.store.last_applied_change().await? else {
         return Ok(None);
@@ -269,6 +252,15 @@ async fn new_timeline(
     Ok(Some(detail))
 }
 
+/// Clears `SyncContext::etcd_checked` when dropped.
+struct Unchecked<'a>(&'a SyncContext);
+
+impl Drop for Unchecked<'_> {
+    fn drop(&mut self) {
+        self.0.etcd_checked.send_replace(false);
+    }
+}
+
 /// The timeline mark: a token the leader writes to etcd as the mirror
 /// moves on (after the checks of a start, then at most once per progress
 /// interval while the checkpoint passes the last mark), recorded in
@@ -299,6 +291,66 @@ impl TimelineMark {
         key
     }
 
+    /// The recorded mark and what etcd holds instead, when etcd holds
+    /// neither it nor the pending one. A token of this service's that
+    /// names a checkpoint at or past the mirror's is no evidence either:
+    /// PostgreSQL went back (restored, or failed over to a replica that
+    /// had not received the last commits), not etcd.
+    async fn missing(
+        ctx: &SyncContext,
+        state: &eps_store::SyncState,
+    ) -> Result<Option<(String, Option<String>)>, ActorError> {
+        let Some(expected) = &state.timeline_mark else {
+            return Ok(None);
+        };
+        let key = Self::key(ctx);
+        let found = match ctx.etcd.get(&key).await {
+            Ok((found, _)) => found.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+            Err(error @ eps_etcd::EtcdError::PermissionDenied(_)) => {
+                tracing::warn!(
+                    key = %eps_core::keys::display_key(&key),
+                    %error,
+                    "cannot read the timeline mark: grant the service read-write on its prefix"
+                );
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if found.as_ref() == Some(expected) {
+            return Ok(None);
+        }
+        let pending = state.timeline_mark_pending.as_ref();
+        if let Some(token) = pending.filter(|token| found.as_ref() == Some(*token)) {
+            // Written, not yet confirmed when the last leader stopped.
+            ctx.store.confirm_timeline_mark(&ctx.fence, token).await?;
+            return Ok(None);
+        }
+        let ahead = found
+            .as_deref()
+            .and_then(Self::checkpoint_of)
+            .is_some_and(|marked| marked >= state.applied_revision);
+        if ahead {
+            tracing::warn!(
+                found,
+                expected,
+                checkpoint = state.applied_revision,
+                "etcd holds a newer timeline mark than PostgreSQL knows: PostgreSQL went back \
+                 (restored, or failed over without its last commits); following etcd on"
+            );
+            return Ok(None);
+        }
+        Ok(Some((expected.clone(), found)))
+    }
+
+    /// The checkpoint a token was written at (`<term>-<checkpoint>-<nonce>`).
+    fn checkpoint_of(token: &str) -> Option<i64> {
+        token.split('-').nth(1)?.parse().ok()
+    }
+
+    /// Writes a new mark when due. Best effort: a failure (etcd out of
+    /// space, a role without write on the key, a timeout) is logged and
+    /// tried again at the next batch — sync goes on, with the older mark.
+    /// Only a lost leadership ends the incarnation.
     async fn write_if_due(&mut self, ctx: &SyncContext, checkpoint: i64) -> Result<(), ActorError> {
         if checkpoint <= self.revision
             || self
@@ -307,6 +359,21 @@ impl TimelineMark {
         {
             return Ok(());
         }
+        self.written_at = Some(Instant::now());
+        match self.write(ctx, checkpoint).await {
+            Ok(revision) => {
+                self.revision = revision;
+                Ok(())
+            }
+            Err(ActorError::Fenced) => Err(ActorError::Fenced),
+            Err(error) => {
+                tracing::warn!(%error, "cannot write the timeline mark; trying again later");
+                Ok(())
+            }
+        }
+    }
+
+    async fn write(&self, ctx: &SyncContext, checkpoint: i64) -> Result<i64, ActorError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -314,13 +381,9 @@ impl TimelineMark {
         ctx.store.prepare_timeline_mark(&ctx.fence, &token).await?;
         let written =
             eps_etcd::txn::fenced_put(&ctx.etcd, &ctx.leader, &self.key, token.as_bytes()).await?;
-        let Some(revision) = written else {
-            return Err(ActorError::Fenced);
-        };
+        let revision = written.ok_or(ActorError::Fenced)?;
         ctx.store.confirm_timeline_mark(&ctx.fence, &token).await?;
-        self.revision = revision;
-        self.written_at = Some(Instant::now());
-        Ok(())
+        Ok(revision)
     }
 }
 

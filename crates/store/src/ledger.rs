@@ -190,17 +190,19 @@ pub async fn execute_resolution(
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         // A row a user's transaction holds: not waited for (`RowHeld`), the
         // resolution stays requested and is tried again.
-        diesel::sql_query(format!("SELECT 1 FROM {qualified} WHERE key = $1 FOR UPDATE NOWAIT"))
-            .bind::<Bytea, _>(&conflict.key)
-            .execute(conn)
-            .await?;
+        let row = lock_row(conn, &qualified, &table, &conflict.key).await?;
         let pending = conflict.status == "pending";
         let rolled_back = conflict.resolved_by.as_deref() == Some("timeline-change");
+        // The key changed since the rollback: in etcd, or in PostgreSQL
+        // (queued, or sent and not yet seen back).
+        let changed = etcd_now.map(|kv| kv.value.as_slice()) != conflict.etcd_value.as_deref()
+            || row.value.as_deref() != conflict.etcd_value.as_deref()
+            || row.queued;
         let skipped = if pending || !rolled_back || take != Side::Pg {
             None
         } else if !pg_to_etcd {
             Some("the mapping does not write PostgreSQL's changes to etcd")
-        } else if etcd_now.map(|kv| kv.value.as_slice()) != conflict.etcd_value.as_deref() {
+        } else if changed {
             Some("the key changed since the rollback")
         } else {
             None
@@ -388,27 +390,10 @@ pub async fn enqueue_change(
     etcd_now: Option<&KeyValue>,
     seen: Option<&crate::mirror::MirrorRow>,
 ) -> Result<bool, StoreError> {
-    #[derive(QueryableByName)]
-    struct Now {
-        #[diesel(sql_type = Nullable<Bytea>)]
-        value: Option<Vec<u8>>,
-        #[diesel(sql_type = Nullable<BigInt>)]
-        mod_revision: Option<i64>,
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        queued: bool,
-    }
     let qualified = format!("{}.{}", schema.quoted(), table.quoted());
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        let now: Now = diesel::sql_query(format!(
-            "WITH locked AS (SELECT value, mod_revision FROM {qualified} WHERE key = $1 FOR UPDATE NOWAIT) \
-             SELECT (SELECT value FROM locked) AS value, (SELECT mod_revision FROM locked) AS mod_revision, \
-                    EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $2 AND key = $1) AS queued"
-        ))
-        .bind::<Bytea, _>(key)
-        .bind::<Text, _>(table.as_str())
-        .get_result(conn)
-        .await?;
+        let now = lock_row(conn, &qualified, table, key).await?;
         let row_now = now.value.as_deref().zip(now.mod_revision);
         let row_seen = seen.map(|r| (r.value.as_slice(), r.mod_revision));
         if now.queued || row_now != row_seen {
@@ -421,6 +406,64 @@ pub async fn enqueue_change(
         Ok(true)
     })
     .await
+}
+
+/// Gives a row whose value etcd holds too etcd's metadata (`etcd_now`):
+/// only if the row is still the one a diff saw (`seen`), with that value,
+/// and no change of the key is queued. Returns whether it did.
+pub async fn adopt_etcd_meta(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    fence: &Fence,
+    table: &Ident,
+    etcd_now: &KeyValue,
+    seen: &crate::mirror::MirrorRow,
+) -> Result<bool, StoreError> {
+    if etcd_now.value != seen.value || etcd_now.key != seen.key {
+        return Ok(false);
+    }
+    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        let now = lock_row(conn, &qualified, table, &seen.key).await?;
+        let row_now = now.value.as_deref().zip(now.mod_revision);
+        if now.queued || row_now != Some((seen.value.as_slice(), seen.mod_revision)) {
+            return Ok(false);
+        }
+        set_mirror_meta(conn, &qualified, &seen.key, Some(etcd_now)).await?;
+        Ok(true)
+    })
+    .await
+}
+
+#[derive(QueryableByName)]
+struct LockedRow {
+    #[diesel(sql_type = Nullable<Bytea>)]
+    value: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    mod_revision: Option<i64>,
+    /// A change of the key is queued.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    queued: bool,
+}
+
+/// Locks the key's row (not waiting for a user's transaction: `RowHeld`)
+/// and reads it and whether a change of the key is queued.
+async fn lock_row(
+    conn: &mut AsyncPgConnection,
+    qualified: &str,
+    table: &Ident,
+    key: &[u8],
+) -> Result<LockedRow, StoreError> {
+    Ok(diesel::sql_query(format!(
+        "WITH locked AS (SELECT value, mod_revision FROM {qualified} WHERE key = $1 FOR UPDATE NOWAIT) \
+         SELECT (SELECT value FROM locked) AS value, (SELECT mod_revision FROM locked) AS mod_revision, \
+                EXISTS (SELECT 1 FROM outbox WHERE mirror_table = $2 AND key = $1) AS queued"
+    ))
+    .bind::<Bytea, _>(key)
+    .bind::<Text, _>(table.as_str())
+    .get_result(conn)
+    .await?)
 }
 
 /// Holds an absent key against a user's concurrent insert, as a row lock
@@ -553,6 +596,29 @@ pub async fn recorded_at(
     .load(conn)
     .await?;
     Ok(rows.into_iter().next().map(|r| r.recorded_at))
+}
+
+/// Whether the mirror applied a change of `key` newer than `revision` (on
+/// the current timeline): a row it deleted since is not missing.
+pub async fn changed_after(
+    conn: &mut AsyncPgConnection,
+    key: &[u8],
+    revision: i64,
+) -> Result<bool, StoreError> {
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        changed: bool,
+    }
+    let row: Exists = diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM history WHERE key = $1 AND revision > $2 \
+               AND timeline = (SELECT timeline FROM sync_state WHERE id = 1)) AS changed",
+    )
+    .bind::<Bytea, _>(key)
+    .bind::<BigInt, _>(revision)
+    .get_result(conn)
+    .await?;
+    Ok(row.changed)
 }
 
 /// Writes `value` (`None`: delete) to the mirror and the outbox as if a user

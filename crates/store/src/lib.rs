@@ -180,6 +180,12 @@ impl Store {
         state::record_cluster_id(&mut conn, fence, cluster_id).await
     }
 
+    /// See [`state::forget_timeline_mark`].
+    pub async fn forget_timeline_mark(&self, fence: &Fence) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::forget_timeline_mark(&mut conn, fence).await
+    }
+
     /// See [`state::prepare_timeline_mark`].
     pub async fn prepare_timeline_mark(
         &self,
@@ -490,6 +496,26 @@ impl Store {
         .await
     }
 
+    /// See [`ledger::adopt_etcd_meta`].
+    pub async fn adopt_etcd_meta(
+        &self,
+        fence: &Fence,
+        table: &Ident,
+        etcd_now: &eps_core::model::KeyValue,
+        seen: &mirror::MirrorRow,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::adopt_etcd_meta(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            table,
+            etcd_now,
+            seen,
+        )
+        .await
+    }
+
     /// See [`ledger::mark_restored`].
     pub async fn mark_restored(
         &self,
@@ -534,6 +560,12 @@ impl Store {
     pub async fn has_pending(&self, table: &str, key: &[u8]) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
         ledger::has_pending(&mut conn, table, key).await
+    }
+
+    /// See [`ledger::changed_after`].
+    pub async fn changed_after(&self, key: &[u8], revision: i64) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await?;
+        ledger::changed_after(&mut conn, key, revision).await
     }
 
     pub async fn recorded_at(

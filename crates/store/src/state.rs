@@ -343,9 +343,12 @@ pub async fn begin_timeline(
             .execute(conn)
             .await?;
         }
-        // A parked change stays parked (its conflict is the operator's).
+        // A key with a parked change keeps its queue (the conflict is the
+        // operator's, and what was queued behind it still is to come).
         diesel::sql_query(
-            "DELETE FROM outbox WHERE mirror_table = ANY($1) AND conflict_id IS NULL",
+            "DELETE FROM outbox o WHERE o.mirror_table = ANY($1) AND NOT EXISTS \
+                 (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table AND p.key = o.key \
+                  AND p.conflict_id IS NOT NULL)",
         )
         .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(one_way)
         .execute(conn)
@@ -360,6 +363,25 @@ pub async fn begin_timeline(
         detail["timeline"] = serde_json::json!(next.timeline);
         crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
         Ok(next.timeline)
+    })
+    .await
+}
+
+/// Forgets the timeline mark: the etcd the mirror follows from now on
+/// (rebuilt by `restore-etcd`) holds none yet.
+pub async fn forget_timeline_mark(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::sql_query(
+            "UPDATE sync_state SET timeline_mark = NULL, timeline_mark_pending = NULL WHERE id = 1",
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
     })
     .await
 }

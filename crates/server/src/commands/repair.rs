@@ -120,6 +120,9 @@ pub async fn run_verify(
                 Outcome::Found => String::new(),
                 Outcome::RepairedFromEtcd => " → repaired: PostgreSQL takes etcd's value".into(),
                 Outcome::RepairedFromPg => " → repaired: etcd takes PostgreSQL's value".into(),
+                Outcome::MetadataFromEtcd => {
+                    " → repaired: same value, PostgreSQL takes etcd's metadata".into()
+                }
                 Outcome::NeedsOperator => " → not repaired: manual policy".into(),
                 Outcome::ChangedMeanwhile => {
                     " → not repaired: changed while verify ran (the newer change stands)".into()
@@ -228,6 +231,8 @@ pub async fn run_restore(
             .await?;
     }
     store.lower_checkpoint(&fence, start).await?;
+    // The rebuilt etcd holds no timeline mark (the next leader writes one).
+    store.forget_timeline_mark(&fence).await?;
     // Changes deferred for held rows came from the lost etcd.
     let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();
     store.discard_deferred(&fence, &tables, None).await?;
