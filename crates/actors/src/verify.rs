@@ -263,19 +263,39 @@ async fn adopt_etcd_meta(
     mapping: &Mapping,
     difference: &Difference,
 ) -> Result<Outcome, ActorError> {
-    let (etcd_now, _) = etcd.get(&difference.key).await?;
-    if etcd_moved(difference.etcd.as_ref(), etcd_now.as_ref()) {
+    let Some(etcd_now) = etcd_as_seen(etcd, difference).await? else {
         return Ok(Outcome::ChangedMeanwhile);
-    }
+    };
     let (Some(kv), Some(seen)) = (etcd_now.as_ref(), difference.pg.as_ref()) else {
         return Ok(Outcome::ChangedMeanwhile);
     };
-    let adopted = match store.adopt_etcd_meta(fence, &mapping.table, kv, seen).await {
+    let adopted = store.adopt_etcd_meta(fence, &mapping.table, kv, seen).await;
+    done_unless_held(adopted, Outcome::MetadataFromEtcd)
+}
+
+/// etcd's current state of the difference's key, if it is still the one
+/// the diff saw (`None`: it moved, and a write etcd took since is newer
+/// than the drift).
+async fn etcd_as_seen(
+    etcd: &EtcdClient,
+    difference: &Difference,
+) -> Result<Option<Option<eps_core::model::KeyValue>>, ActorError> {
+    let (etcd_now, _) = etcd.get(&difference.key).await?;
+    Ok((!etcd_moved(difference.etcd.as_ref(), etcd_now.as_ref())).then_some(etcd_now))
+}
+
+/// `outcome` if the repair's store call did it; a row a user's transaction
+/// holds is changing, not drifting.
+fn done_unless_held(
+    done: Result<bool, eps_store::StoreError>,
+    outcome: Outcome,
+) -> Result<Outcome, ActorError> {
+    let done = match done {
         Err(eps_store::StoreError::RowHeld(_)) => false,
         other => other?,
     };
-    Ok(if adopted {
-        Outcome::MetadataFromEtcd
+    Ok(if done {
+        outcome
     } else {
         Outcome::ChangedMeanwhile
     })
@@ -318,14 +338,13 @@ async fn repair_from_pg(
     difference: &Difference,
 ) -> Result<Outcome, ActorError> {
     // Based on etcd's current state, which must still be the one the diff
-    // saw: a write etcd took since is newer than the drift and wins (queued
-    // on top of it, the repair would overwrite it without a trace).
-    let (etcd_now, _) = etcd.get(&difference.key).await?;
-    if etcd_moved(difference.etcd.as_ref(), etcd_now.as_ref()) {
+    // saw: queued on top of a newer write, the repair would overwrite it
+    // without a trace.
+    let Some(etcd_now) = etcd_as_seen(etcd, difference).await? else {
         return Ok(Outcome::ChangedMeanwhile);
-    }
+    };
     let value = difference.pg.as_ref().map(|row| row.value.as_slice());
-    let queued = match store
+    let queued = store
         .enqueue_change(
             fence,
             &mapping.table,
@@ -334,17 +353,8 @@ async fn repair_from_pg(
             etcd_now.as_ref(),
             difference.pg.as_ref(),
         )
-        .await
-    {
-        // A user's transaction holds the row: it is changing, not drifting.
-        Err(eps_store::StoreError::RowHeld(_)) => false,
-        other => other?,
-    };
-    Ok(if queued {
-        Outcome::RepairedFromPg
-    } else {
-        Outcome::ChangedMeanwhile
-    })
+        .await;
+    done_unless_held(queued, Outcome::RepairedFromPg)
 }
 
 fn from_diff(error: DiffError) -> ActorError {

@@ -212,14 +212,8 @@ pub async fn execute_resolution(
                 .bind::<BigInt, _>(conflict.id)
                 .execute(conn)
                 .await?;
-            let detail = serde_json::json!({
-                "conflict_id": conflict.id,
-                "table": conflict.mirror_table,
-                "key": eps_core::keys::display_key(&conflict.key),
-                "winner": take.as_str(),
-                "by": "operator",
-                "skipped": why,
-            });
+            let mut detail = resolution_detail(conflict, take);
+            detail["skipped"] = serde_json::json!(why);
             crate::events::record(conn, fence, "resolution", None, &detail).await?;
             return Ok(Resolution::Skipped);
         }
@@ -294,17 +288,22 @@ pub async fn execute_resolution(
         .bind::<Text, _>(take.as_str())
         .execute(conn)
         .await?;
-        let detail = serde_json::json!({
-            "conflict_id": conflict.id,
-            "table": conflict.mirror_table,
-            "key": eps_core::keys::display_key(&conflict.key),
-            "winner": take.as_str(),
-            "by": "operator",
-        });
+        let detail = resolution_detail(conflict, take);
         crate::events::record(conn, fence, "resolution", None, &detail).await?;
         Ok(Resolution::Carried)
     })
     .await
+}
+
+/// The audit detail of an operator's resolution.
+fn resolution_detail(conflict: &ConflictRow, take: Side) -> serde_json::Value {
+    serde_json::json!({
+        "conflict_id": conflict.id,
+        "table": conflict.mirror_table,
+        "key": eps_core::keys::display_key(&conflict.key),
+        "winner": take.as_str(),
+        "by": "operator",
+    })
 }
 
 /// What [`execute_resolution`] did.
