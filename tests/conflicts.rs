@@ -26,13 +26,19 @@ struct Conflict {
     pg_superseded: Vec<Option<Vec<u8>>>,
     winner: Option<String>,
     status: String,
-    pg_newer: bool,
+    /// By the revision clock: "pg" (written after etcd's change was made),
+    /// "etcd" (before it), "tie" (inside its window).
+    newer: String,
+    decided_by_tie: bool,
 }
 
 async fn conflicts(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<Conflict>> {
     let rows = pg
         .query(
-            "SELECT id, key, etcd_value, etcd_revision, pg_value, winner, status, pg_changed_at > etcd_observed_at, pg_superseded \
+            "SELECT id, key, etcd_value, etcd_revision, pg_value, winner, status, \
+                    CASE WHEN pg_changed_at > etcd_changed_by THEN 'pg' \
+                         WHEN pg_changed_at <= etcd_changed_after THEN 'etcd' ELSE 'tie' END, \
+                    pg_superseded, decided_by_tie \
              FROM etcd_sync.conflicts ORDER BY id",
             &[],
         )
@@ -47,8 +53,9 @@ async fn conflicts(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<Conflict>>
             pg_value: r.get(4),
             winner: r.get(5),
             status: r.get(6),
-            pg_newer: r.get(7),
+            newer: r.get(7),
             pg_superseded: r.get(8),
+            decided_by_tie: r.get(9),
         })
         .collect())
 }
@@ -315,10 +322,16 @@ async fn race(policy: &str) -> anyhow::Result<()> {
         let expected = match policy {
             "etcd-wins" => "etcd",
             "pg-wins" => "pg",
-            _ if c.pg_newer => "pg",
-            _ => "etcd",
+            // The default tie rule keeps etcd's value.
+            _ if c.newer == "tie" => "etcd",
+            _ => c.newer.as_str(),
         };
         assert_eq!(c.winner.as_deref(), Some(expected), "{c:?}");
+        assert_eq!(
+            c.decided_by_tie,
+            policy == "newest-wins" && c.newer == "tie",
+            "{c:?}"
+        );
     }
     // Nothing vanished: every written value is the final one, in etcd's
     // history, or a conflict's loser.

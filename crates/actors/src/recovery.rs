@@ -125,21 +125,27 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
 
 async fn retention(ctx: &SyncContext) -> Result<(), ActorError> {
     let sync = &ctx.config.sync;
-    let (events, history) = ctx
+    let (events, history, clock_samples) = ctx
         .store
         .purge(
             &ctx.fence,
             sync.events_retention_days,
             sync.history_retention_days,
+            sync.clock_retention_days,
         )
         .await?;
-    if events + history > 0 {
+    if events + history + clock_samples > 0 {
         tracing::info!(
             events,
             history,
-            "retention removed old audit events and history rows"
+            clock_samples,
+            "retention removed old audit events, history rows and revision clock samples"
         );
-        let detail = serde_json::json!({"events": events, "history_rows": history});
+        let detail = serde_json::json!({
+            "events": events,
+            "history_rows": history,
+            "clock_samples": clock_samples,
+        });
         ctx.store
             .record_event(&ctx.fence, "retention", None, &detail)
             .await?;

@@ -26,6 +26,7 @@ pub const LEADER_CHANGES_TOTAL: &str = "etcd_pg_sync_leader_changes_total";
 pub const DRIFTED_KEYS: &str = "etcd_pg_sync_drifted_keys";
 pub const UP: &str = "etcd_pg_sync_store_up";
 pub const KEYS_BLOCKED: &str = "etcd_pg_sync_keys_blocked";
+pub const CLOCK_SAMPLES_TOTAL: &str = "etcd_pg_sync_revision_clock_samples_total";
 
 /// Describes every metric once (help texts in the exposition).
 pub fn describe() {
@@ -91,6 +92,10 @@ pub fn describe() {
         "keys that differed in the last anti-entropy check"
     );
     describe_gauge!(UP, "1 when the store answers, by store");
+    describe_counter!(
+        CLOCK_SAMPLES_TOTAL,
+        "revision clock samples of this replica, by result (recorded, other-cluster, failed)"
+    );
 }
 
 /// Registers every series with its known label values at zero, so
@@ -107,6 +112,9 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
         for winner in ["etcd", "pg", "pending"] {
             metrics::counter!(CONFLICTS_TOTAL, "policy" => policy, "winner" => winner).increment(0);
         }
+    }
+    for result in ["recorded", "other-cluster", "failed"] {
+        metrics::counter!(CLOCK_SAMPLES_TOTAL, "result" => result).increment(0);
     }
     for kind in ["change", "connection", "actor"] {
         metrics::counter!(RETRIES_TOTAL, "kind" => kind).increment(0);

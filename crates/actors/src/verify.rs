@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eps_core::mapping::{Direction, Mapping, MappingSet, Policy};
 use eps_core::model::Origin;
-use eps_core::policy::Side;
+use eps_core::policy::{ChangeWindow, Side, decide};
 use eps_core::reconcile::KeyInput;
 use eps_etcd::EtcdClient;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
@@ -194,34 +194,32 @@ fn etcd_moved(
 }
 
 /// Which side's state a repair keeps, by the mapping's policy. For
-/// `newest-wins`, PostgreSQL wins only when its row was written there after
-/// the service last saw etcd's side change (or etcd's side is unknown to it
-/// and the row was written in PostgreSQL).
+/// `newest-wins`, a row written in PostgreSQL is compared with when etcd's
+/// value was made (the revision clock), as a conflict would be; a row the
+/// mirror wrote from etcd is not a local change, and etcd's state wins.
 async fn repair_side(
     store: &Store,
     mapping: &Mapping,
     difference: &Difference,
 ) -> Result<Option<Side>, ActorError> {
-    Ok(match mapping.policy {
-        Policy::EtcdWins => Some(Side::Etcd),
-        Policy::PgWins => Some(Side::Pg),
-        Policy::Manual => None,
-        Policy::NewestWins => {
-            let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
-                return Ok(Some(Side::Etcd));
-            };
-            let etcd_seen_at = match &difference.etcd {
-                Some(kv) => store.recorded_at(&kv.key, kv.meta.mod_revision).await?,
-                None => None,
-            };
-            match etcd_seen_at {
-                Some(seen) if seen >= row.updated_at => Some(Side::Etcd),
-                Some(_) => Some(Side::Pg),
-                None if difference.etcd.is_some() => Some(Side::Etcd),
-                None => Some(Side::Pg),
-            }
-        }
-    })
+    if mapping.policy != Policy::NewestWins {
+        return Ok(decide(mapping.policy, 0, ChangeWindow::exactly(0), mapping.tie).side());
+    }
+    let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
+        return Ok(Some(Side::Etcd));
+    };
+    let Some(kv) = &difference.etcd else {
+        // etcd has no value: nothing of etcd's is newer than the row.
+        return Ok(Some(Side::Pg));
+    };
+    // It existed when the mirror recorded it, or at the latest now.
+    let seen = match store.recorded_at(&kv.key, kv.meta.mod_revision).await? {
+        Some(recorded) => recorded,
+        None => store.clock().await?,
+    };
+    let window = store.change_window(kv.meta.mod_revision, seen).await?;
+    let pg_written_us = row.updated_at.timestamp_micros();
+    Ok(decide(mapping.policy, pg_written_us, window, mapping.tie).side())
 }
 
 /// `at`: the diff's etcd revision and PostgreSQL's clock before it.

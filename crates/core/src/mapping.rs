@@ -85,6 +85,9 @@ pub struct Mapping {
     pub table: Ident,
     pub direction: Direction,
     pub policy: Policy,
+    /// The side `newest-wins` keeps when it cannot order two changes
+    /// (`sync.newest_wins_tie`).
+    pub tie: crate::policy::Side,
 }
 
 impl Mapping {
@@ -181,6 +184,7 @@ mod tests {
             table: Ident::parse(table).unwrap(),
             direction: Direction::Both,
             policy: Policy::NewestWins,
+            tie: crate::policy::Side::Etcd,
         }
     }
 

@@ -7,6 +7,7 @@
 //! by `verify`), 2 invalid configuration or usage.
 
 mod cli;
+mod clock;
 mod commands;
 mod http;
 mod logging;

@@ -15,7 +15,8 @@ use eps_core::mapping::{Mapping, MappingSet};
 use eps_core::model::{KeyMeta, Op, PendingChange};
 use eps_core::policy::Side;
 use eps_core::reconcile::{
-    ConflictEntry, EtcdSide, KeyInput, KeyPlan, MirrorAction, PlanContext, plan_key_observed,
+    ConflictEntry, EtcdSide, InputTime, KeyInput, KeyPlan, MirrorAction, PlanContext,
+    plan_key_timed,
 };
 
 use crate::error::StoreError;
@@ -449,7 +450,9 @@ async fn apply_table(
         policy: mapping.policy,
         direction: mapping.direction,
         observed_at_us,
+        tie: mapping.tie,
     };
+    let times = input_times(conn, &plannable, &pending).await?;
     let rollback_keys: HashSet<&[u8]> = plannable
         .iter()
         .filter(|w| w.record_rollbacks)
@@ -457,16 +460,17 @@ async fn apply_table(
         .collect();
     let plans: Vec<(&[u8], KeyPlan)> = plannable
         .into_iter()
-        .map(|work| {
+        .zip(times)
+        .map(|(work, times)| {
             let KeyWork {
                 key,
                 inputs,
                 record_history,
                 ..
             } = work;
-            let (inputs, observed): (Vec<KeyInput>, Vec<i64>) = inputs.into_iter().unzip();
+            let inputs: Vec<KeyInput> = inputs.into_iter().map(|(input, _)| input).collect();
             let key_pending = pending.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let mut plan = plan_key_observed(ctx, key_pending, &inputs, &observed);
+            let mut plan = plan_key_timed(ctx, key_pending, &inputs, &times);
             if !record_history {
                 plan.history.clear();
             }
@@ -494,6 +498,56 @@ async fn apply_table(
     update_outbox(conn, &plans, report).await?;
     record_conflicts(conn, mapping, &plans, &rollback_keys, request, report).await?;
     Ok(())
+}
+
+/// The times of every input of every key: when it was read from etcd, and
+/// when its change was made — from the revision clock for keys with local
+/// changes pending (where a conflict can arise), taken as the read time
+/// elsewhere (no decision depends on it).
+async fn input_times(
+    conn: &mut AsyncPgConnection,
+    work: &[KeyWork<'_>],
+    pending: &HashMap<Vec<u8>, Vec<PendingChange>>,
+) -> Result<Vec<Vec<InputTime>>, StoreError> {
+    let mut spans: Vec<(i64, i64)> = Vec::new();
+    for w in work {
+        let Some(first) = pending.get(w.key).and_then(|p| p.as_slice().first()) else {
+            continue;
+        };
+        spans.extend(w.inputs.iter().map(|(input, _)| change_span(input, first)));
+    }
+    let mut clock = crate::clock::windows(conn, &spans).await?.into_iter();
+    let mut times = Vec::with_capacity(work.len());
+    for w in work {
+        let timed = pending.get(w.key).is_some_and(|p| !p.is_empty());
+        let key_times = w
+            .inputs
+            .iter()
+            .map(|&(_, observed_at_us)| InputTime {
+                observed_at_us,
+                changed: match timed {
+                    true => crate::clock::window_of(clock.next().unwrap_or((None, None)), observed_at_us),
+                    false => eps_core::policy::ChangeWindow::exactly(observed_at_us),
+                },
+            })
+            .collect();
+        times.push(key_times);
+    }
+    Ok(times)
+}
+
+/// The revisions at which etcd's change behind `input` was made: its own
+/// revision, or for a key a resync found absent, anywhere after the local
+/// change's base (it existed then) up to the revision read.
+fn change_span(input: &KeyInput, first_pending: &PendingChange) -> (i64, i64) {
+    match input {
+        KeyInput::Observed {
+            state: None,
+            revision,
+            ..
+        } => ((first_pending.base_revision + 1).min(*revision), *revision),
+        other => (other.revision(), other.revision()),
+    }
 }
 
 /// One key's inputs to plan, each with when it was read from etcd.
@@ -1075,14 +1129,16 @@ async fn insert_conflict(
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
-             pg_superseded, reason) \
+             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie) \
          VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
-             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17) \
+             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17, \
+             to_timestamp($18::float8 / 1000000), to_timestamp($19::float8 / 1000000), $20) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
-             etcd_observed_at = EXCLUDED.etcd_observed_at \
+             etcd_observed_at = EXCLUDED.etcd_observed_at, \
+             etcd_changed_after = EXCLUDED.etcd_changed_after, etcd_changed_by = EXCLUDED.etcd_changed_by \
          RETURNING id",
     )
     .bind::<Text, _>(mapping.table.as_str())
@@ -1102,6 +1158,9 @@ async fn insert_conflict(
     .bind::<Array<Nullable<Bytea>>, _>(&conflict.pg_superseded)
     .bind::<Nullable<BigInt>, _>(id)
     .bind::<Nullable<Text>, _>(timeline_change.then_some("timeline-change"))
+    .bind::<Nullable<BigInt>, _>(conflict.etcd.changed.after_us)
+    .bind::<BigInt, _>(conflict.etcd.changed.by_us)
+    .bind::<diesel::sql_types::Bool, _>(conflict.decided_by_tie)
     .load(&mut &*conn)
     .await?;
     rows.into_iter()
@@ -1117,13 +1176,17 @@ async fn refresh_conflict(
 ) -> Result<(), StoreError> {
     diesel::sql_query(
         "UPDATE conflicts SET etcd_value = $2, etcd_revision = $3, \
-             etcd_observed_at = to_timestamp($4::float8 / 1000000) \
+             etcd_observed_at = to_timestamp($4::float8 / 1000000), \
+             etcd_changed_after = to_timestamp($5::float8 / 1000000), \
+             etcd_changed_by = to_timestamp($6::float8 / 1000000) \
          WHERE id = $1 AND status = 'pending'",
     )
     .bind::<BigInt, _>(id)
     .bind::<Nullable<Bytea>, _>(side.value.as_deref())
     .bind::<BigInt, _>(side.revision)
     .bind::<BigInt, _>(side.observed_at_us)
+    .bind::<Nullable<BigInt>, _>(side.changed.after_us)
+    .bind::<BigInt, _>(side.changed.by_us)
     .execute(&mut &*conn)
     .await?;
     Ok(())

@@ -46,10 +46,20 @@ pub struct ConflictRow {
     pub detected_at: chrono::DateTime<chrono::Utc>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub resolved_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// etcd's change was made after this (NULL: unknown) ...
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub etcd_changed_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// ... and by this (NULL on conflicts recorded before the revision clock).
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub etcd_changed_by: Option<chrono::DateTime<chrono::Utc>>,
+    /// `newest-wins` could not order the changes: the tie rule decided.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub decided_by_tie: bool,
 }
 
 const CONFLICT_COLUMNS: &str = "id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
-     pg_revision, pg_changed_at, policy, winner, status, requested_take, resolved_by, detected_at, resolved_at";
+     pg_revision, pg_changed_at, policy, winner, status, requested_take, resolved_by, detected_at, resolved_at, \
+     etcd_changed_after, etcd_changed_by, decided_by_tie";
 
 /// Conflicts, newest first; `pending_only` keeps those awaiting an operator.
 pub async fn list_conflicts(
@@ -777,15 +787,17 @@ pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> 
     Ok(rows.into_iter().next().unwrap_or_default())
 }
 
-/// Deletes audit events older than `events_days` and history rows older
-/// than `history_days` (keeping the newest row of every key), a chunk per
-/// transaction. 0 days keeps everything. Returns (events, history rows).
+/// Deletes audit events older than `events_days`, history rows older than
+/// `history_days` (keeping the newest row of every key) and revision clock
+/// samples older than `clock_days`, a chunk per transaction. 0 days keeps
+/// everything. Returns (events, history rows, clock samples).
 pub async fn purge(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
     events_days: u32,
     history_days: u32,
-) -> Result<(usize, usize), StoreError> {
+    clock_days: u32,
+) -> Result<(usize, usize, usize), StoreError> {
     let events = purge_older_than(
         conn,
         fence,
@@ -806,7 +818,8 @@ pub async fn purge(
              LIMIT $2)",
     )
     .await?;
-    Ok((events, history))
+    let clock = purge_older_than(conn, fence, clock_days, crate::clock::PURGE).await?;
+    Ok((events, history, clock))
 }
 
 /// Runs `delete` (parameters: days, chunk size) in fenced transactions

@@ -6,6 +6,7 @@
 //! etcd-client types (etcd data arrives as `eps_core::model` values).
 
 pub mod apply;
+pub mod clock;
 pub mod connect;
 pub mod deferred;
 pub mod error;
@@ -583,9 +584,35 @@ impl Store {
         fence: &Fence,
         events_days: u32,
         history_days: u32,
-    ) -> Result<(usize, usize), StoreError> {
+        clock_days: u32,
+    ) -> Result<(usize, usize, usize), StoreError> {
         let mut conn = self.pool.get().await?;
-        ledger::purge(&mut conn, fence, events_days, history_days).await
+        ledger::purge(&mut conn, fence, events_days, history_days, clock_days).await
+    }
+
+    /// Records a revision clock sample (see [`clock::record_sample`]).
+    pub async fn record_clock_sample(
+        &self,
+        cluster_id: u64,
+        revision: i64,
+        read_started: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get().await?;
+        // Stored as PostgreSQL's bigint: the same 64 bits.
+        clock::record_sample(&mut conn, cluster_id as i64, revision, read_started).await
+    }
+
+    /// When the etcd change at `revision` was made, as far as the revision
+    /// clock tells; it existed at `observed_at` at the latest.
+    pub async fn change_window(
+        &self,
+        revision: i64,
+        observed_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<eps_core::policy::ChangeWindow, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let clock = clock::windows(&mut conn, &[(revision, revision)]).await?;
+        let clock = clock.into_iter().next().unwrap_or((None, None));
+        Ok(clock::window_of(clock, observed_at.timestamp_micros()))
     }
 
     pub async fn counts(&self) -> Result<ledger::Counts, StoreError> {

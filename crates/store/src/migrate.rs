@@ -59,6 +59,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000004_timelines",
         up: include_str!("../../../migrations/2026-12-01-000004_timelines/up.sql"),
     },
+    SqlFile {
+        version: "20261201000005",
+        name: "2026-12-01-000005_revision_clock",
+        up: include_str!("../../../migrations/2026-12-01-000005_revision_clock/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

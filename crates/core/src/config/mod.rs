@@ -395,6 +395,19 @@ pub struct SyncConfig {
     /// naming the holding backend's pid.
     #[serde(default = "default_key_blocked_alert_secs")]
     pub key_blocked_alert_secs: u64,
+    /// Which side `newest-wins` keeps when PostgreSQL's write falls inside
+    /// the window in which etcd's change was made, so that neither can be
+    /// called newer: `etcd` (default) or `pg`.
+    #[serde(default = "default_newest_wins_tie")]
+    pub newest_wins_tie: crate::policy::Side,
+    /// How often every replica samples etcd's revision into the revision
+    /// clock (the width of the window of an etcd change's time).
+    #[serde(default = "default_clock_interval_ms")]
+    pub clock_interval_ms: u64,
+    /// Delete revision clock samples older than this many days; 0 keeps
+    /// them forever (a row per sample that saw a new revision).
+    #[serde(default = "default_clock_retention_days")]
+    pub clock_retention_days: u32,
 }
 
 impl Default for SyncConfig {
@@ -412,6 +425,9 @@ impl Default for SyncConfig {
             events_retention_days: default_events_retention_days(),
             anti_entropy_interval_secs: 0,
             key_blocked_alert_secs: default_key_blocked_alert_secs(),
+            newest_wins_tie: default_newest_wins_tie(),
+            clock_interval_ms: default_clock_interval_ms(),
+            clock_retention_days: default_clock_retention_days(),
         }
     }
 }
@@ -438,6 +454,15 @@ fn default_events_retention_days() -> u32 {
     30
 }
 fn default_key_blocked_alert_secs() -> u64 {
+    30
+}
+fn default_newest_wins_tie() -> crate::policy::Side {
+    crate::policy::Side::Etcd
+}
+fn default_clock_interval_ms() -> u64 {
+    1_000
+}
+fn default_clock_retention_days() -> u32 {
     30
 }
 
@@ -746,6 +771,7 @@ impl Config {
         positive("sync.poll_interval_ms", sync.poll_interval_ms)?;
         positive("sync.snapshot_page_size", sync.snapshot_page_size as u64)?;
         positive("sync.progress_interval_ms", sync.progress_interval_ms)?;
+        positive("sync.clock_interval_ms", sync.clock_interval_ms)?;
         if sync.watch_stall_timeout_ms <= sync.progress_interval_ms {
             return Err(ConfigError::invalid(
                 "sync.watch_stall_timeout_ms",
@@ -790,6 +816,7 @@ impl Config {
                 table: Ident::parse("kv").expect("'kv' is a valid identifier"),
                 direction: Direction::Both,
                 policy: Policy::NewestWins,
+                tie: self.sync.newest_wins_tie,
             }]));
         }
         let mut mappings: Vec<Mapping> = Vec::with_capacity(self.mappings.len());
@@ -855,6 +882,7 @@ impl Config {
                 table,
                 direction,
                 policy,
+                tie: self.sync.newest_wins_tie,
             });
         }
         Ok(MappingSet::new(mappings))

@@ -27,7 +27,7 @@
 
 use crate::mapping::{Direction, Policy};
 use crate::model::{EtcdEvent, KeyMeta, KeyValue, Op, Origin, PendingChange};
-use crate::policy::{Decision, Side, decide};
+use crate::policy::{ChangeWindow, Decision, Side, decide};
 
 /// An etcd input for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +111,8 @@ pub struct EtcdSide {
     pub value: Option<Vec<u8>>,
     pub revision: i64,
     pub observed_at_us: i64,
+    /// When etcd's change was made (the revision clock's window).
+    pub changed: ChangeWindow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +127,8 @@ pub struct ConflictEntry {
     pub policy: Policy,
     /// `None` while parked (`manual`).
     pub winner: Option<Side>,
+    /// `newest-wins` could not order the two changes: the tie rule chose.
+    pub decided_by_tie: bool,
     /// Outbox rows parked behind this conflict.
     pub parks: Vec<i64>,
 }
@@ -160,22 +164,37 @@ pub struct PlanContext {
     pub direction: Direction,
     /// When the etcd inputs were observed, microseconds on PostgreSQL's clock.
     pub observed_at_us: i64,
+    /// The side `newest-wins` keeps when it cannot order two changes.
+    pub tie: Side,
 }
 
-/// Plans one key. `pending` is in outbox id order, `inputs` in revision order.
+/// The times of one etcd input, microseconds on PostgreSQL's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputTime {
+    /// When the service read it from etcd.
+    pub observed_at_us: i64,
+    /// When etcd's change was made.
+    pub changed: ChangeWindow,
+}
+
+/// Plans one key. `pending` is in outbox id order, `inputs` in revision
+/// order; every input is taken as made at `ctx.observed_at_us` exactly.
 pub fn plan_key(ctx: PlanContext, pending: &[PendingChange], inputs: &[KeyInput]) -> KeyPlan {
-    let observed = vec![ctx.observed_at_us; inputs.len()];
-    plan_key_observed(ctx, pending, inputs, &observed)
+    let time = InputTime {
+        observed_at_us: ctx.observed_at_us,
+        changed: ChangeWindow::exactly(ctx.observed_at_us),
+    };
+    plan_key_timed(ctx, pending, inputs, &vec![time; inputs.len()])
 }
 
-/// [`plan_key`] with the time each input was read from etcd (`observed_at`,
-/// one per input; `ctx.observed_at_us` is not used): inputs kept waiting
-/// for a while (a row a user held) are judged by when they were read.
-pub fn plan_key_observed(
+/// [`plan_key`] with the times of each input (one per input;
+/// `ctx.observed_at_us` is not used): a conflict is decided by when etcd's
+/// change was made, and records when it was read.
+pub fn plan_key_timed(
     ctx: PlanContext,
     pending: &[PendingChange],
     inputs: &[KeyInput],
-    observed_at: &[i64],
+    times: &[InputTime],
 ) -> KeyPlan {
     debug_assert!(pending.windows(2).all(|w| w[0].id < w[1].id));
     debug_assert!(
@@ -183,9 +202,13 @@ pub fn plan_key_observed(
             .windows(2)
             .all(|w| w[0].revision() <= w[1].revision())
     );
-    debug_assert_eq!(inputs.len(), observed_at.len());
+    debug_assert_eq!(inputs.len(), times.len());
     let mut planner = Planner {
         ctx,
+        time: times.first().copied().unwrap_or(InputTime {
+            observed_at_us: ctx.observed_at_us,
+            changed: ChangeWindow::exactly(ctx.observed_at_us),
+        }),
         // An etcd-to-pg mapping never propagates local changes: they are
         // dead-lettered by the poller, and etcd's state always wins here.
         pending: if ctx.direction.pg_to_etcd() {
@@ -197,8 +220,8 @@ pub fn plan_key_observed(
         plan: KeyPlan::default(),
         parked_here: false,
     };
-    for (input, observed) in inputs.iter().zip(observed_at) {
-        planner.ctx.observed_at_us = *observed;
+    for (input, time) in inputs.iter().zip(times) {
+        planner.time = *time;
         planner.apply(input);
     }
     planner.finish()
@@ -206,6 +229,8 @@ pub fn plan_key_observed(
 
 struct Planner {
     ctx: PlanContext,
+    /// The times of the input being planned.
+    time: InputTime,
     pending: Vec<PendingChange>,
     original_bases: Vec<(i64, i64)>,
     plan: KeyPlan,
@@ -347,17 +372,19 @@ impl Planner {
         let decision = decide(
             self.ctx.policy,
             entry.pg_changed_at_us,
-            self.ctx.observed_at_us,
+            self.time.changed,
+            self.ctx.tie,
         );
-        match decision {
-            Decision::Keep(Side::Etcd) => {
+        entry.decided_by_tie = matches!(decision, Decision::Tie(_));
+        match decision.side() {
+            Some(Side::Etcd) => {
                 entry.winner = Some(Side::Etcd);
                 self.plan
                     .consumed
                     .extend(self.pending.drain(..).map(|p| p.id));
                 self.set_mirror_to(input, default_origin(input));
             }
-            Decision::Keep(Side::Pg) => {
+            Some(Side::Pg) => {
                 entry.winner = Some(Side::Pg);
                 let new_base = match input.final_value() {
                     Some(_) => input.revision(),
@@ -379,7 +406,7 @@ impl Planner {
                     self.set_meta(None, input.meta());
                 }
             }
-            Decision::Park => {
+            None => {
                 // The store links these rows to the new conflict's id.
                 entry.parks = self.pending.iter().map(|p| p.id).collect();
                 self.parked_here = true;
@@ -392,7 +419,8 @@ impl Planner {
         EtcdSide {
             value: input.final_value().map(<[u8]>::to_vec),
             revision: input.revision(),
-            observed_at_us: self.ctx.observed_at_us,
+            observed_at_us: self.time.observed_at_us,
+            changed: self.time.changed,
         }
     }
 
@@ -419,6 +447,7 @@ impl Planner {
             pg_changed_at_us: last.changed_at_us,
             policy: self.ctx.policy,
             winner: None,
+            decided_by_tie: false,
             parks: Vec::new(),
         }
     }

@@ -10,6 +10,7 @@ fn ctx(policy: Policy) -> PlanContext {
         policy,
         direction: Direction::Both,
         observed_at_us: 1_000,
+        tie: Side::Etcd,
     }
 }
 
@@ -784,18 +785,64 @@ proptest! {
     }
 }
 
-/// Inputs kept waiting (a row a user held) are judged by when each was
-/// read from etcd: e1 (read at 100) loses to the user's write at 300, e2
-/// (read at 400) wins over it.
+/// Each input is judged by when its etcd change was made: e1 (made by
+/// 100) loses to the user's write at 300, e2 (made after 350) wins over it.
 #[test]
-fn newest_wins_judges_each_input_by_its_own_observation_time() {
+fn newest_wins_judges_each_input_by_its_own_change_time() {
     let pending = [pending_put(1, "user", 5, 300)];
     let inputs = [put(7, "e1", Some((5, "o"))), put(8, "e2", Some((7, "e1")))];
-    let plan = plan_key_observed(ctx(Policy::NewestWins), &pending, &inputs, &[100, 400]);
+    let times = [
+        InputTime {
+            observed_at_us: 2_000,
+            changed: ChangeWindow {
+                after_us: Some(50),
+                by_us: 100,
+            },
+        },
+        InputTime {
+            observed_at_us: 2_000,
+            changed: ChangeWindow {
+                after_us: Some(350),
+                by_us: 400,
+            },
+        },
+    ];
+    let plan = plan_key_timed(ctx(Policy::NewestWins), &pending, &inputs, &times);
     assert_eq!(plan.conflicts.len(), 2);
     assert_eq!(plan.conflicts[0].winner, Some(Side::Pg));
     assert_eq!(plan.conflicts[1].winner, Some(Side::Etcd));
-    assert_eq!(plan.conflicts[1].etcd.observed_at_us, 400);
+    assert!(!plan.conflicts[1].decided_by_tie);
+    assert_eq!(plan.conflicts[1].etcd.changed, times[1].changed);
+    assert_eq!(plan.conflicts[1].etcd.observed_at_us, 2_000);
     assert_eq!(plan.consumed, vec![1]);
     assert_eq!(set_value(&plan), Some(Some(&b"e2"[..])));
+}
+
+/// A user's write inside the etcd change's window cannot be ordered: the
+/// tie rule decides, and the conflict says so.
+#[test]
+fn newest_wins_inside_the_window_is_a_tie_decided_by_the_rule() {
+    let pending = [pending_put(1, "user", 5, 300)];
+    let inputs = [put(7, "e1", Some((5, "o")))];
+    let times = [InputTime {
+        observed_at_us: 2_000,
+        changed: ChangeWindow {
+            after_us: Some(200),
+            by_us: 1_500,
+        },
+    }];
+    for (tie, value) in [(Side::Etcd, &b"e1"[..]), (Side::Pg, &b"user"[..])] {
+        let context = PlanContext {
+            tie,
+            ..ctx(Policy::NewestWins)
+        };
+        let plan = plan_key_timed(context, &pending, &inputs, &times);
+        assert_eq!(plan.conflicts.len(), 1);
+        assert_eq!(plan.conflicts[0].winner, Some(tie));
+        assert!(plan.conflicts[0].decided_by_tie);
+        match tie {
+            Side::Etcd => assert_eq!(set_value(&plan), Some(Some(value))),
+            Side::Pg => assert_eq!(plan.consumed, Vec::<i64>::new()),
+        }
+    }
 }

@@ -146,6 +146,18 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// When etcd's side of a conflict was made, as the revision clock knew it.
+fn change_window(
+    after: Option<chrono::DateTime<chrono::Utc>>,
+    by: Option<chrono::DateTime<chrono::Utc>>,
+) -> String {
+    match (after, by) {
+        (_, None) => "unknown".into(),
+        (None, Some(by)) => format!("by {} (no earlier bound)", by.to_rfc3339()),
+        (Some(after), Some(by)) => format!("between {} and {}", after.to_rfc3339(), by.to_rfc3339()),
+    }
+}
+
 fn show_value(value: Option<&[u8]>) -> String {
     match value {
         None => "(deleted)".into(),
@@ -168,13 +180,15 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
             }
             for c in rows {
                 println!(
-                    "#{id} {status} table={table} key={key} policy={policy} winner={winner}\n    etcd: {ev} (revision {er}, seen {eo})\n    pg:   {pv} (based on revision {pr}, written {pc}){req}",
+                    "#{id} {status} table={table} key={key} policy={policy} winner={winner}{tie}\n    etcd: {ev} (revision {er}, made {made}, seen {eo})\n    pg:   {pv} (based on revision {pr}, written {pc}){req}",
                     id = c.id,
                     status = c.status,
                     table = c.mirror_table,
                     key = display_key(&c.key),
                     policy = c.policy,
                     winner = c.winner.as_deref().unwrap_or("-"),
+                    tie = if c.decided_by_tie { " (a tie)" } else { "" },
+                    made = change_window(c.etcd_changed_after, c.etcd_changed_by),
                     ev = show_value(c.etcd_value.as_deref()),
                     er = c.etcd_revision,
                     eo = c.etcd_observed_at.to_rfc3339(),

@@ -196,6 +196,19 @@ async fn start_and_lead(
         Some(etcd.clone()),
         shutdown.clone(),
     ));
+    // The same probe key as the watcher's identity check.
+    let probe = store
+        .mappings()
+        .iter()
+        .next()
+        .map_or_else(Vec::new, |m| m.prefix.clone());
+    actix_rt::spawn(crate::clock::run(
+        store.clone(),
+        etcd.clone(),
+        probe,
+        Duration::from_millis(config.sync.clock_interval_ms),
+        shutdown.clone(),
+    ));
     let node = Node {
         config: config.clone(),
         store,
