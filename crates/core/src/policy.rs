@@ -105,22 +105,46 @@ mod tests {
     #[test]
     fn fixed_policies_ignore_time() {
         let w = window(Some(0), 10);
-        assert_eq!(decide(Policy::EtcdWins, 100, w, Side::Pg), Decision::Keep(Side::Etcd));
-        assert_eq!(decide(Policy::PgWins, -100, w, Side::Etcd), Decision::Keep(Side::Pg));
+        assert_eq!(
+            decide(Policy::EtcdWins, 100, w, Side::Pg),
+            Decision::Keep(Side::Etcd)
+        );
+        assert_eq!(
+            decide(Policy::PgWins, -100, w, Side::Etcd),
+            Decision::Keep(Side::Pg)
+        );
         assert_eq!(decide(Policy::Manual, 5, w, Side::Etcd), Decision::Park);
     }
 
     #[test]
     fn newest_wins_compares_with_the_window_and_ties_inside_it() {
         let w = window(Some(10), 20);
-        assert_eq!(decide(Policy::NewestWins, 21, w, Side::Etcd), Decision::Keep(Side::Pg));
-        assert_eq!(decide(Policy::NewestWins, 10, w, Side::Pg), Decision::Keep(Side::Etcd));
-        assert_eq!(decide(Policy::NewestWins, 11, w, Side::Etcd), Decision::Tie(Side::Etcd));
-        assert_eq!(decide(Policy::NewestWins, 20, w, Side::Pg), Decision::Tie(Side::Pg));
+        assert_eq!(
+            decide(Policy::NewestWins, 21, w, Side::Etcd),
+            Decision::Keep(Side::Pg)
+        );
+        assert_eq!(
+            decide(Policy::NewestWins, 10, w, Side::Pg),
+            Decision::Keep(Side::Etcd)
+        );
+        assert_eq!(
+            decide(Policy::NewestWins, 11, w, Side::Etcd),
+            Decision::Tie(Side::Etcd)
+        );
+        assert_eq!(
+            decide(Policy::NewestWins, 20, w, Side::Pg),
+            Decision::Tie(Side::Pg)
+        );
         // Nothing known of the start: any write up to the end is a tie.
         let open = window(None, 20);
-        assert_eq!(decide(Policy::NewestWins, -1_000_000, open, Side::Pg), Decision::Tie(Side::Pg));
-        assert_eq!(decide(Policy::NewestWins, 21, open, Side::Etcd), Decision::Keep(Side::Pg));
+        assert_eq!(
+            decide(Policy::NewestWins, -1_000_000, open, Side::Pg),
+            Decision::Tie(Side::Pg)
+        );
+        assert_eq!(
+            decide(Policy::NewestWins, 21, open, Side::Etcd),
+            Decision::Keep(Side::Pg)
+        );
     }
 
     proptest! {

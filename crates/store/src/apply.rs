@@ -526,7 +526,10 @@ async fn input_times(
             .map(|&(_, observed_at_us)| InputTime {
                 observed_at_us,
                 changed: match timed {
-                    true => crate::clock::window_of(clock.next().unwrap_or((None, None)), observed_at_us),
+                    true => crate::clock::window_of(
+                        clock.next().unwrap_or((None, None)),
+                        observed_at_us,
+                    ),
                     false => eps_core::policy::ChangeWindow::exactly(observed_at_us),
                 },
             })

@@ -137,6 +137,38 @@ async fn user_writes_fill_the_outbox_and_service_writes_do_not() -> anyhow::Resu
     Ok(())
 }
 
+/// newest-wins compares the time of a user's write, not of the start of its
+/// transaction: a transaction open for a second before its UPDATE wrote a
+/// second later than it began.
+#[tokio::test]
+async fn a_users_change_is_timed_when_written_not_when_its_transaction_began() -> anyhow::Result<()>
+{
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    client
+        .batch_execute("INSERT INTO kv (key, value) VALUES ('k', 'v0')")
+        .await?;
+    client
+        .batch_execute(
+            "BEGIN; CREATE TEMP TABLE began ON COMMIT DROP AS SELECT now() AS at; \
+             SELECT pg_sleep(1); UPDATE kv SET value = 'v1' WHERE key = 'k'; \
+             CREATE TEMP TABLE written AS SELECT \
+                 (SELECT extract(epoch FROM created_at - b.at) FROM outbox ORDER BY id DESC LIMIT 1) AS outbox, \
+                 (SELECT extract(epoch FROM updated_at - b.at) FROM kv WHERE key = 'k') AS row \
+             FROM began b; COMMIT;",
+        )
+        .await?;
+    let row = client
+        .query_one("SELECT outbox::float8, row::float8 FROM written", &[])
+        .await?;
+    let (outbox, mirror_row): (f64, f64) = (row.get(0), row.get(1));
+    assert!(outbox >= 0.9, "outbox created_at {outbox} s after BEGIN");
+    assert!(mirror_row >= 0.9, "row updated_at {mirror_row} s after BEGIN");
+    Ok(())
+}
+
 #[tokio::test]
 async fn user_updates_keep_the_etcd_metadata_as_base() -> anyhow::Result<()> {
     let (store, db) = store_with("").await?;

@@ -154,7 +154,9 @@ fn change_window(
     match (after, by) {
         (_, None) => "unknown".into(),
         (None, Some(by)) => format!("by {} (no earlier bound)", by.to_rfc3339()),
-        (Some(after), Some(by)) => format!("between {} and {}", after.to_rfc3339(), by.to_rfc3339()),
+        (Some(after), Some(by)) => {
+            format!("between {} and {}", after.to_rfc3339(), by.to_rfc3339())
+        }
     }
 }
 
