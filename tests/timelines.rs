@@ -491,3 +491,154 @@ async fn restored_past_the_checkpoint_with_the_last_change(
     assert_eq!(changes[0]["reason"], "mark-missing");
     Ok(())
 }
+
+/// `sync.on_etcd_restore = "pause"`: an etcd restored from a backup stops
+/// sync — nothing applied either way, `/readyz` failing, the alert's gauge
+/// at 1 — until `etcd-pg-sync timeline resume --take SIDE`; then the
+/// mirror follows the restored etcd, and with `pg` every value that rolled
+/// back is put back into etcd.
+async fn paused_restore(
+    take: &str,
+) -> anyhow::Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+    let mut world = World::new(MAPPINGS).await?;
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__ON_ETCD_RESTORE".into(), "pause".into());
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
+    )
+    .await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    let backup = world.etcd.backup().await?;
+    put_many(
+        &world,
+        (0..5)
+            .map(|i| (format!("/t/k{i:02}"), "v1".to_string()))
+            .chain((0..5).map(|i| (format!("/t/new{i}"), "after".to_string()))),
+    )
+    .await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    world.etcd.restore(backup.path()).await?;
+    service.restart()?;
+
+    let pg = world.pg().await?;
+    eps_harness::wait_for("the pause", Duration::from_secs(30), || {
+        let service = &service;
+        async move {
+            let (code, _) = service.get("/readyz").await?;
+            let paused = status(service).await?["timeline_paused"].is_object();
+            Ok((code == 503 && paused).then_some(()))
+        }
+    })
+    .await?;
+    let (_, metrics) = service.get("/metrics").await?;
+    assert!(
+        metrics.contains("etcd_pg_sync_timeline_paused 1"),
+        "the alert's gauge is set"
+    );
+    assert_eq!(event_details(&pg, "timeline-paused").await?.len(), 1);
+    // Nothing moves while paused: neither an SQL change nor an etcd write.
+    pg.execute(
+        "UPDATE kv_t_text SET value = 'sql while paused' WHERE key = '/t/k09'",
+        &[],
+    )
+    .await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/t/k08", "etcd while paused", None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let etcd_k09 = etcd.get("/t/k09", None).await?;
+    assert_eq!(
+        etcd_k09.kvs()[0].value(),
+        b"v0",
+        "no SQL change reaches etcd"
+    );
+    let pg_k08: String = pg
+        .query_one("SELECT value FROM kv_t_text WHERE key = '/t/k08'", &[])
+        .await?
+        .get(0);
+    assert_eq!(pg_k08, "v0", "no etcd change reaches PostgreSQL");
+    let new_rows = count(
+        &pg,
+        "SELECT count(*) FROM kv_t WHERE key::text LIKE '%6e6577%'",
+    )
+    .await?;
+    assert_eq!(
+        new_rows, 5,
+        "the rows created after the backup are still there"
+    );
+
+    let url = world.db.url();
+    let endpoint = world.etcd.endpoint();
+    let env = [
+        ("ETCD_PG_SYNC__POSTGRES__URL", url.as_str()),
+        ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoint.as_str()),
+    ];
+    let (code, stdout, stderr) = run_cli(&["timeline", "resume", "--take", take], &env).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let changes = event_details(&pg, "timeline-change").await?;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["decision"], take);
+    let expected_keys = if take == "pg" { 15 } else { 10 };
+    let state = eps_harness::wait_for("the resumed sync", Duration::from_secs(30), || {
+        let world = &world;
+        async move {
+            let state = wait_converged(world, "kv_t", b"/t/", Duration::from_secs(1)).await;
+            Ok(state.ok().filter(|s| {
+                s.len() == expected_keys
+                    && s.get(b"/t/k00".as_slice()).map(Vec::as_slice)
+                        == Some(if take == "pg" { &b"v1"[..] } else { &b"v0"[..] })
+            }))
+        }
+    })
+    .await?;
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
+    eps_harness::wait_for("ready again", Duration::from_secs(10), || {
+        let service = &service;
+        async move { Ok((service.get("/readyz").await?.0 == 200).then_some(())) }
+    })
+    .await?;
+    // Nothing is held any more.
+    let (code, _, _) = run_cli(&["timeline", "resume", "--take", take], &env).await?;
+    assert_eq!(code, 1, "nothing to resume");
+    Ok(state)
+}
+
+#[tokio::test]
+async fn a_paused_restore_resumed_with_take_etcd_follows_etcd() -> anyhow::Result<()> {
+    let state = paused_restore("etcd").await?;
+    assert_eq!(state[b"/t/k03".as_slice()], b"v0", "reverted to the backup");
+    assert_eq!(state[b"/t/k08".as_slice()], b"etcd while paused");
+    assert_eq!(
+        state[b"/t/k09".as_slice()],
+        b"sql while paused",
+        "pg-wins settles the queued change"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_restore_resumed_with_take_pg_puts_postgresqls_state_into_etcd()
+-> anyhow::Result<()> {
+    let state = paused_restore("pg").await?;
+    assert_eq!(
+        state[b"/t/k03".as_slice()],
+        b"v1",
+        "the rolled-back value is back"
+    );
+    assert_eq!(
+        state[b"/t/new3".as_slice()],
+        b"after",
+        "keys created after the backup are back"
+    );
+    assert_eq!(
+        state[b"/t/k08".as_slice()],
+        b"v0",
+        "PostgreSQL's value wins over etcd's"
+    );
+    assert_eq!(state[b"/t/k09".as_slice()], b"sql while paused");
+    Ok(())
+}

@@ -27,6 +27,7 @@ pub const DRIFTED_KEYS: &str = "etcd_pg_sync_drifted_keys";
 pub const UP: &str = "etcd_pg_sync_store_up";
 pub const KEYS_BLOCKED: &str = "etcd_pg_sync_keys_blocked";
 pub const CLOCK_SAMPLES_TOTAL: &str = "etcd_pg_sync_revision_clock_samples_total";
+pub const TIMELINE_PAUSED: &str = "etcd_pg_sync_timeline_paused";
 
 /// Describes every metric once (help texts in the exposition).
 pub fn describe() {
@@ -92,6 +93,10 @@ pub fn describe() {
         "keys that differed in the last anti-entropy check"
     );
     describe_gauge!(UP, "1 when the store answers, by store");
+    describe_gauge!(
+        TIMELINE_PAUSED,
+        "1 while sync is paused on a restored or replaced etcd, waiting for `etcd-pg-sync timeline resume`"
+    );
     describe_counter!(
         CLOCK_SAMPLES_TOTAL,
         "revision clock samples of this replica, by result (recorded, other-cluster, failed)"
@@ -150,6 +155,7 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
         WATCH_LAG_SECONDS,
         DRIFTED_KEYS,
         KEYS_BLOCKED,
+        TIMELINE_PAUSED,
     ] {
         metrics::gauge!(gauge).set(0.0);
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Supervised, WeakAddr};
+use eps_core::config::OnEtcdRestore;
 use eps_core::model::EtcdEvent;
+use eps_core::policy::Side;
 use eps_core::reconcile::KeyInput;
 use eps_etcd::{WatchItem, WatchSession};
 use eps_store::{ApplyRequest, KeyInputs};
@@ -103,10 +105,15 @@ async fn run(
     if state.timeline_resync {
         // A resync onto a new timeline was interrupted: finish it.
         checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
+        carry_out_decision(&ctx).await?;
     } else if checkpoint == 0 {
         ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
         checkpoint = resync(&recovery, ResyncReason::Initial).await?;
     } else if let Some(evidence) = new_timeline(&ctx, &state, cluster_id, current).await? {
+        let decision = match ctx.config.sync.on_etcd_restore {
+            OnEtcdRestore::FollowEtcd => None,
+            OnEtcdRestore::Pause => Some(hold(&ctx, &progress, &evidence).await?),
+        };
         tracing::error!(
             %evidence,
             "etcd is not the one the mirror follows (restored from a backup or replaced): \
@@ -119,11 +126,12 @@ async fn run(
             ),
         );
         ctx.store
-            .begin_timeline(&ctx.fence, cluster_id, &evidence)
+            .begin_timeline(&ctx.fence, cluster_id, &evidence, decision)
             .await?;
         ctx.timeline_epoch
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
+        carry_out_decision(&ctx).await?;
     } else if state.etcd_cluster_id != Some(cluster_id) {
         ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
     }
@@ -170,6 +178,61 @@ async fn run(
             }
         }
     }
+}
+
+/// `sync.on_etcd_restore = "pause"`: holds the new timeline (recorded,
+/// audited `timeline-paused`, `/readyz` failing and the alert firing on
+/// every replica) until an operator answers with `etcd-pg-sync timeline
+/// resume --take etcd|pg`; nothing is applied or written to etcd meanwhile
+/// (the etcd check stays unpassed). Any leader picks the hold up again.
+async fn hold(
+    ctx: &SyncContext,
+    progress: &Progress,
+    evidence: &serde_json::Value,
+) -> Result<Side, ActorError> {
+    if ctx.store.hold_timeline(&ctx.fence, evidence).await? {
+        tracing::error!(
+            %evidence,
+            "etcd is not the one the mirror follows (restored from a backup or replaced): \
+             sync paused until an operator runs `etcd-pg-sync timeline resume --take etcd|pg`"
+        );
+    }
+    ctx.board.record_error(
+        "etcd_watcher",
+        "etcd restored or replaced: sync paused for an operator (`etcd-pg-sync timeline resume`)",
+    );
+    loop {
+        progress.tick();
+        if let Some(decision) = ctx.store.state().await?.timeline_decision {
+            tracing::warn!(
+                decision = decision.as_str(),
+                "operator answered the paused timeline: resuming"
+            );
+            return Ok(decision);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// After a timeline resync, an operator's `--take pg` answer puts back
+/// every value the resync rolled back (as `conflicts resolve
+/// --timeline-changes --take pg` would, for this timeline change only).
+async fn carry_out_decision(ctx: &SyncContext) -> Result<(), ActorError> {
+    let state = ctx.store.state().await?;
+    if state.timeline_decision == Some(Side::Pg) {
+        let ids = ctx
+            .store
+            .request_timeline_resolutions(Side::Pg, true)
+            .await?;
+        tracing::info!(
+            values = ids.len(),
+            "putting PostgreSQL's rolled-back values back into etcd, as the operator chose"
+        );
+    }
+    if state.timeline_decision.is_some() {
+        ctx.store.clear_timeline_decision(&ctx.fence).await?;
+    }
+    Ok(())
 }
 
 enum StreamEnd {

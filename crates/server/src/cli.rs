@@ -54,6 +54,12 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadLettersCommand,
     },
+    /// An etcd restored from a backup or replaced, while sync is paused on
+    /// it (`sync.on_etcd_restore = "pause"`).
+    Timeline {
+        #[command(subcommand)]
+        command: TimelineCommand,
+    },
     /// Rebuild an empty etcd (or one prefix) from the PostgreSQL mirror.
     RestoreEtcd {
         /// Only keys under this prefix.
@@ -92,10 +98,31 @@ pub enum ConflictsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TimelineCommand {
+    /// Resume sync on the new etcd: `--take etcd` makes PostgreSQL follow
+    /// it (every value this rolls back is recorded as a `timeline-change`
+    /// conflict); `--take pg` does the same and then puts every rolled-back
+    /// value back into etcd through the fenced path.
+    Resume {
+        #[arg(long, value_enum)]
+        take: TakeSide,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TakeSide {
     Etcd,
     Pg,
+}
+
+impl From<TakeSide> for eps_core::policy::Side {
+    fn from(take: TakeSide) -> Self {
+        match take {
+            TakeSide::Etcd => eps_core::policy::Side::Etcd,
+            TakeSide::Pg => eps_core::policy::Side::Pg,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -31,6 +31,9 @@ struct Snapshot {
     conflicts_pending: i64,
     dead_letters: i64,
     last_error: Option<String>,
+    /// A new etcd timeline held for an operator (`sync.on_etcd_restore =
+    /// "pause"`): what was detected.
+    timeline_paused: Option<serde_json::Value>,
 }
 
 /// The `/status` document (SPEC 4 fields first).
@@ -52,12 +55,15 @@ pub struct StatusDocument {
     pub etcd_connected: bool,
     pub postgres_connected: bool,
     pub actors: std::collections::BTreeMap<&'static str, eps_actors::shell::ActorStatus>,
+    /// Set while sync is paused on a restored or replaced etcd, waiting for
+    /// `etcd-pg-sync timeline resume`: what was detected.
+    pub timeline_paused: Option<serde_json::Value>,
 }
 
 impl Health {
     pub fn ready(&self) -> bool {
         let s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        fresh(s.etcd_ok_at) && fresh(s.pg_ok_at)
+        fresh(s.etcd_ok_at) && fresh(s.pg_ok_at) && s.timeline_paused.is_none()
     }
 
     pub fn document(
@@ -85,10 +91,11 @@ impl Health {
             last_error: board.last_error().or(s.last_error),
             cluster: cluster.to_owned(),
             leader: node.leader(),
-            ready: fresh(s.etcd_ok_at) && fresh(s.pg_ok_at),
+            ready: fresh(s.etcd_ok_at) && fresh(s.pg_ok_at) && s.timeline_paused.is_none(),
             etcd_connected: fresh(s.etcd_ok_at),
             postgres_connected: fresh(s.pg_ok_at),
             actors: board.actors(),
+            timeline_paused: s.timeline_paused,
         }
     }
 }
@@ -144,6 +151,14 @@ pub async fn run(
                     s.applied_revision = state.applied_revision;
                     s.stored_term = state.term;
                     s.last_error = None;
+                    metrics::gauge!(telemetry::TIMELINE_PAUSED).set(
+                        if state.timeline_hold.is_some() {
+                            1.0
+                        } else {
+                            0.0
+                        },
+                    );
+                    s.timeline_paused = state.timeline_hold;
                 }
                 Some(Err(error)) => s.last_error = Some(format!("postgres: {error}")),
                 None => s.last_error = Some("postgres: no answer within 2 s".into()),

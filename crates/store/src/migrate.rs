@@ -64,6 +64,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000005_revision_clock",
         up: include_str!("../../../migrations/2026-12-01-000005_revision_clock/up.sql"),
     },
+    SqlFile {
+        version: "20261201000006",
+        name: "2026-12-01-000006_timeline_pause",
+        up: include_str!("../../../migrations/2026-12-01-000006_timeline_pause/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

@@ -18,6 +18,8 @@ diesel::table! {
         timeline_resync -> Bool,
         timeline_mark -> Nullable<Text>,
         timeline_mark_pending -> Nullable<Text>,
+        timeline_hold -> Nullable<Jsonb>,
+        timeline_decision -> Nullable<Text>,
     }
 }
 

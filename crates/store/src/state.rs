@@ -3,6 +3,8 @@
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use eps_core::policy::Side;
+
 use crate::error::StoreError;
 use crate::schema::sync_state;
 
@@ -22,6 +24,12 @@ pub struct SyncState {
     pub timeline_mark: Option<String>,
     /// A token being written to the mark.
     pub timeline_mark_pending: Option<String>,
+    /// A new etcd timeline detected and held for an operator
+    /// (`sync.on_etcd_restore = "pause"`): what was detected.
+    pub timeline_hold: Option<serde_json::Value>,
+    /// The operator's answer to the hold: follow etcd, or put PostgreSQL's
+    /// state into it.
+    pub timeline_decision: Option<Side>,
 }
 
 pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError> {
@@ -34,6 +42,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         Option<i64>,
         bool,
         Option<String>,
+        Option<String>,
+        Option<serde_json::Value>,
         Option<String>,
     );
     let row: Option<Row> = sync_state::table
@@ -48,6 +58,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
             sync_state::timeline_resync,
             sync_state::timeline_mark,
             sync_state::timeline_mark_pending,
+            sync_state::timeline_hold,
+            sync_state::timeline_decision,
         ))
         .first(conn)
         .await
@@ -62,6 +74,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         timeline_resync,
         timeline_mark,
         timeline_mark_pending,
+        timeline_hold,
+        timeline_decision,
     ) = row.ok_or_else(|| {
         StoreError::Invalid("sync_state is empty: run `etcd-pg-sync migrate`".into())
     })?;
@@ -75,6 +89,8 @@ pub async fn read(conn: &mut AsyncPgConnection) -> Result<SyncState, StoreError>
         timeline_resync,
         timeline_mark,
         timeline_mark_pending,
+        timeline_hold,
+        timeline_decision: timeline_decision.as_deref().and_then(Side::parse),
     })
 }
 
@@ -308,7 +324,9 @@ pub async fn record_cluster_id(
 /// (`pg-to-etcd`), which are dropped: the table's rows are their source,
 /// and every row etcd lacks is queued again from its current value after
 /// the resync — inputs deferred from the old etcd are dropped, and a
-/// `timeline-change` audit event says what was seen.
+/// `timeline-change` audit event says what was seen. An operator's
+/// `decision` on a held timeline replaces the hold, to be carried out once
+/// the resync is done.
 pub async fn begin_timeline(
     conn: &mut AsyncPgConnection,
     schema: &eps_core::ident::Ident,
@@ -317,6 +335,7 @@ pub async fn begin_timeline(
     one_way: &[&str],
     cluster_id: i64,
     detail: &serde_json::Value,
+    decision: Option<Side>,
 ) -> Result<i32, StoreError> {
     use diesel_async::AsyncConnection;
     #[derive(diesel::QueryableByName)]
@@ -328,10 +347,11 @@ pub async fn begin_timeline(
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
         let next: Timeline = diesel::sql_query(
             "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, timeline_resync = true, \
-                 timeline_mark = NULL, timeline_mark_pending = NULL \
+                 timeline_mark = NULL, timeline_mark_pending = NULL, timeline_hold = NULL, timeline_decision = $2 \
              WHERE id = 1 RETURNING timeline",
         )
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Text>, _>(decision.map(Side::as_str))
         .get_result(conn)
         .await?;
         for table in tables {
@@ -361,8 +381,75 @@ pub async fn begin_timeline(
             .await?;
         let mut detail = detail.clone();
         detail["timeline"] = serde_json::json!(next.timeline);
+        if let Some(decision) = decision {
+            detail["decision"] = serde_json::json!(decision.as_str());
+        }
         crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
         Ok(next.timeline)
+    })
+    .await
+}
+
+/// Holds a new etcd timeline for an operator (`sync.on_etcd_restore =
+/// "pause"`): records what was detected and an audit event
+/// `timeline-paused`, once. Returns false when one was held already.
+pub async fn hold_timeline(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    detail: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        let held = diesel::update(sync_state::table)
+            .filter(sync_state::id.eq(1))
+            .filter(sync_state::timeline_hold.is_null())
+            .set(sync_state::timeline_hold.eq(Some(detail)))
+            .execute(conn)
+            .await?;
+        if held > 0 {
+            crate::events::record(conn, fence, "timeline-paused", None, detail).await?;
+        }
+        Ok(held > 0)
+    })
+    .await
+}
+
+/// An operator's answer to a held timeline: `etcd` follows the new etcd,
+/// `pg` follows it and puts back every value that rolled back. Carried out
+/// by the leader, whose `timeline-change` audit event names the decision.
+/// Returns what was held, `None` when nothing is (then nothing changes).
+pub async fn decide_timeline(
+    conn: &mut AsyncPgConnection,
+    side: Side,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    let held: Option<Option<serde_json::Value>> = diesel::update(sync_state::table)
+        .filter(sync_state::id.eq(1))
+        .filter(sync_state::timeline_hold.is_not_null())
+        .set(sync_state::timeline_decision.eq(side.as_str()))
+        .returning(sync_state::timeline_hold)
+        .get_result(conn)
+        .await
+        .optional()?;
+    Ok(held.flatten())
+}
+
+/// Forgets the operator's answer to a held timeline (kept through the
+/// resync by [`begin_timeline`], carried out after it).
+pub async fn clear_timeline_decision(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::update(sync_state::table)
+            .filter(sync_state::id.eq(1))
+            .filter(sync_state::timeline_hold.is_null())
+            .set(sync_state::timeline_decision.eq(None::<String>))
+            .execute(conn)
+            .await?;
+        Ok(())
     })
     .await
 }

@@ -165,7 +165,10 @@ async fn a_users_change_is_timed_when_written_not_when_its_transaction_began() -
         .await?;
     let (outbox, mirror_row): (f64, f64) = (row.get(0), row.get(1));
     assert!(outbox >= 0.9, "outbox created_at {outbox} s after BEGIN");
-    assert!(mirror_row >= 0.9, "row updated_at {mirror_row} s after BEGIN");
+    assert!(
+        mirror_row >= 0.9,
+        "row updated_at {mirror_row} s after BEGIN"
+    );
     Ok(())
 }
 

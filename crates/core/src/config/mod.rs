@@ -408,6 +408,24 @@ pub struct SyncConfig {
     /// them forever (a row per sample that saw a new revision).
     #[serde(default = "default_clock_retention_days")]
     pub clock_retention_days: u32,
+    /// What the leader does when etcd turns out to be restored from a
+    /// backup or replaced (a new timeline): follow it, or pause for an
+    /// operator.
+    #[serde(default)]
+    pub on_etcd_restore: OnEtcdRestore,
+}
+
+/// `sync.on_etcd_restore`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnEtcdRestore {
+    /// The mirror converges to the restored etcd; every value this rolls
+    /// back is recorded (and can be put back).
+    #[default]
+    FollowEtcd,
+    /// Syncing stops, `/readyz` fails and an alert fires until an operator
+    /// runs `etcd-pg-sync timeline resume --take etcd|pg`.
+    Pause,
 }
 
 impl Default for SyncConfig {
@@ -428,6 +446,7 @@ impl Default for SyncConfig {
             newest_wins_tie: default_newest_wins_tie(),
             clock_interval_ms: default_clock_interval_ms(),
             clock_retention_days: default_clock_retention_days(),
+            on_etcd_restore: OnEtcdRestore::default(),
         }
     }
 }

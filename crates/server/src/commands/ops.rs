@@ -10,7 +10,7 @@ use eps_core::policy::Side;
 use eps_etcd::EtcdClient;
 use eps_store::{Store, ledger};
 
-use crate::cli::{Command, ConflictsCommand, DeadLettersCommand, TakeSide};
+use crate::cli::{Command, ConflictsCommand, DeadLettersCommand, TimelineCommand};
 
 pub fn check_config(config: &Config) -> ExitCode {
     print!("{}", config.to_redacted_toml());
@@ -63,6 +63,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             prefix,
             leased_keys_ttl,
         } => super::repair::run_restore(&config, &store, prefix, leased_keys_ttl).await,
+        Command::Timeline {
+            command: TimelineCommand::Resume { take },
+        } => resume_timeline(&store, take.into()).await,
         Command::Run { .. } | Command::CheckConfig => unreachable!("dispatched elsewhere"),
     }
 }
@@ -96,6 +99,8 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
         "outbox_pending": counts.outbox_pending,
         "conflicts_pending": counts.conflicts_pending,
         "dead_letters": counts.dead_letters,
+        "timeline": state.timeline,
+        "timeline_paused": state.timeline_hold,
     });
     let recent = ledger::recent_events(
         &mut *store
@@ -130,6 +135,12 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
         println!("outbox pending:    {}", counts.outbox_pending);
         println!("conflicts pending: {}", counts.conflicts_pending);
         println!("dead letters:      {}", counts.dead_letters);
+        println!("etcd timeline:     {}", state.timeline);
+        if let Some(held) = &state.timeline_hold {
+            println!(
+                "PAUSED:            etcd was restored or replaced ({held}); resume with `etcd-pg-sync timeline resume --take etcd|pg`"
+            );
+        }
         let summary: Vec<String> = recent
             .iter()
             .map(|(kind, n)| format!("{kind} {n}"))
@@ -210,10 +221,7 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
             timeline_changes,
             take,
         } => {
-            let side = match take {
-                TakeSide::Etcd => Side::Etcd,
-                TakeSide::Pg => Side::Pg,
-            };
+            let side = Side::from(take);
             let Some(id) = id.filter(|_| !timeline_changes) else {
                 return resolve_timeline_changes(store, side).await;
             };
@@ -299,11 +307,46 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
     }
 }
 
+/// `timeline resume --take SIDE`: answers a paused timeline; the leader
+/// carries it out. Waits until it has (the hold is gone and the decision
+/// carried out).
+async fn resume_timeline(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
+    let Some(held) = store.decide_timeline(side).await? else {
+        eprintln!("nothing to resume: sync is not paused on a new etcd timeline");
+        return Ok(ExitCode::FAILURE);
+    };
+    println!(
+        "etcd was restored or replaced ({held}); the leader resumes with take {}…",
+        side.as_str()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = store.state().await?;
+        if state.timeline_hold.is_none() && state.timeline_decision.is_none() {
+            println!(
+                "resumed on etcd timeline {}{}",
+                state.timeline,
+                match side {
+                    Side::Etcd =>
+                        "; values rolled back: `conflicts list --all` (reason timeline-change)",
+                    Side::Pg => "; rolled-back values are being put back into etcd",
+                }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            eprintln!("error: recorded, but not carried out within 120 s: is a replica running?");
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `conflicts resolve --timeline-changes --take SIDE`: every value a new
 /// etcd timeline rolled back (and nobody resolved since), carried out by
 /// the leader.
 async fn resolve_timeline_changes(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
-    let ids = store.request_timeline_resolutions(side).await?;
+    let ids = store.request_timeline_resolutions(side, false).await?;
     let requested = ids.len();
     println!(
         "requested: take {} for {requested} value(s) a new etcd timeline rolled back; waiting for the leader…",
