@@ -80,7 +80,7 @@ async fn timeline_conflicts(admin: &tokio_postgres::Client) -> anyhow::Result<Ve
 async fn a_retried_timeline_resync_records_each_rollback_once() -> anyhow::Result<()> {
     let (store, _db, fence, admin) = store_with_one_key().await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
         .await?;
     let first = timeline_resync(&store, &fence, &resynced("/a", "restored", 3)).await?;
     assert_eq!(first.rolled_back, 1);
@@ -98,7 +98,7 @@ async fn a_retried_timeline_resync_records_each_rollback_once() -> anyhow::Resul
 async fn a_rollback_deferred_behind_an_open_transaction_is_recorded() -> anyhow::Result<()> {
     let (store, db, fence, admin) = store_with_one_key().await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
         .await?;
     let holder = db.client().await?;
     holder
@@ -131,7 +131,7 @@ async fn a_queued_change_settled_on_a_new_timeline_says_so() -> anyhow::Result<(
         )
         .await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
         .await?;
     timeline_resync(&store, &fence, &resynced("/a", "restored", 3)).await?;
     assert_eq!(
