@@ -25,6 +25,7 @@ struct Conflict {
     pg_changed_at: f64,
     etcd_changed_after: Option<f64>,
     etcd_changed_by: Option<f64>,
+    pg_committed_by: Option<f64>,
 }
 
 async fn conflict_of(pg: &tokio_postgres::Client, key: &str) -> anyhow::Result<Conflict> {
@@ -33,7 +34,8 @@ async fn conflict_of(pg: &tokio_postgres::Client, key: &str) -> anyhow::Result<C
             "SELECT convert_from(key, 'UTF8'), winner, decided_by_tie, \
                     extract(epoch FROM pg_changed_at)::float8, \
                     extract(epoch FROM etcd_changed_after)::float8, \
-                    extract(epoch FROM etcd_changed_by)::float8 \
+                    extract(epoch FROM etcd_changed_by)::float8, \
+                    extract(epoch FROM pg_committed_by)::float8 \
              FROM conflicts WHERE key = convert_to($1, 'UTF8')",
             &[&key],
         )
@@ -44,6 +46,7 @@ async fn conflict_of(pg: &tokio_postgres::Client, key: &str) -> anyhow::Result<C
         pg_changed_at: row.get(3),
         etcd_changed_after: row.get(4),
         etcd_changed_by: row.get(5),
+        pg_committed_by: row.get(6),
     })
 }
 
@@ -214,5 +217,50 @@ async fn with_every_replica_stopped_the_tie_rule_decides_and_the_row_says_so() -
     assert!(after <= stopped, "{a:?}");
     assert!(by >= etcd_written, "{a:?}");
     assert!(a.pg_changed_at > after && a.pg_changed_at <= by, "{a:?}");
+    Ok(())
+}
+
+/// A user's transaction that wrote before etcd's change and committed after
+/// it cannot be called older than it: its change took effect at the commit.
+/// The conflict (found once the commit frees the row) is a tie, which the
+/// rule configured here (`pg`) gives to the user's write.
+#[tokio::test]
+async fn a_transaction_open_across_etcds_change_is_not_older_than_it() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__NEWEST_WINS_TIE".into(), "pg".into());
+    let replica = world.start("n1").await?;
+    wait_leader(&[&replica], Duration::from_secs(20)).await?;
+    seed(&world).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut user = world.db.client().await?;
+    let pg = world.pg().await?;
+    let mut etcd = world.etcd_client().await?;
+
+    let tx = user.transaction().await?;
+    tx.execute(
+        "UPDATE etcd_sync.kv_c_text SET value = 'pg, committed late' WHERE key = '/c/a'",
+        &[],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    etcd.put("/c/a", "etcd, while the user's transaction was open", None)
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tx.commit().await?;
+
+    wait_conflicts(&pg, 1).await?;
+    let state = wait_converged(&world, "kv_c", b"/c/", Duration::from_secs(20)).await?;
+    let a = conflict_of(&pg, "/c/a").await?;
+    println!("{a:?}");
+    assert!(a.decided_by_tie, "written before, committed after: {a:?}");
+    assert_eq!(a.winner.as_deref(), Some("pg"));
+    assert_eq!(
+        state.get(b"/c/a".as_slice()).map(Vec::as_slice),
+        Some(&b"pg, committed late"[..])
+    );
+    let committed_by = a.pg_committed_by.expect("the commit is stamped");
+    assert!(committed_by - a.pg_changed_at >= 3.5, "{a:?}");
     Ok(())
 }

@@ -26,7 +26,43 @@ CREATE TABLE @schema@.revision_clock (
 ALTER TABLE @schema@.conflicts
     ADD COLUMN etcd_changed_after timestamptz,
     ADD COLUMN etcd_changed_by timestamptz,
-    ADD COLUMN decided_by_tie boolean NOT NULL DEFAULT false;
+    ADD COLUMN decided_by_tie boolean NOT NULL DEFAULT false,
+    -- When the PostgreSQL side's transaction committed (at the latest): its
+    -- write took effect between `pg_changed_at` and this.
+    ADD COLUMN pg_committed_by timestamptz;
+
+-- When each transaction that queued changes committed. A change written at
+-- t takes effect at its commit, maybe much later (a transaction left open):
+-- newest-wins may call etcd's change newer only if it was made after the
+-- commit. A deferred trigger stamps the transaction once, at commit time
+-- (deferred triggers run as the transaction commits; `clock_timestamp()`
+-- then is the commit's time, to within the commit's own work). The leader
+-- deletes stamps older than 15 minutes; a change queued longer than that
+-- is known to have committed only by the time it is read (a looser bound:
+-- more ties, never a wrong order).
+CREATE TABLE @schema@.xact_commits (
+    xact         xid8 PRIMARY KEY,
+    committed_at timestamptz NOT NULL
+);
+CREATE INDEX xact_commits_committed_at ON @schema@.xact_commits (committed_at);
+
+CREATE FUNCTION @schema@.outbox_stamp_commit() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_setting('etcd_sync.commit_stamped', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_catalog.set_config('etcd_sync.commit_stamped', 'on', true);
+        INSERT INTO @schema@.xact_commits (xact, committed_at)
+        VALUES (pg_catalog.pg_current_xact_id(), pg_catalog.clock_timestamp())
+        ON CONFLICT (xact) DO UPDATE SET committed_at = EXCLUDED.committed_at;
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION @schema@.outbox_stamp_commit() FROM PUBLIC;
+
+CREATE CONSTRAINT TRIGGER outbox_commit_time AFTER INSERT ON @schema@.outbox
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION @schema@.outbox_stamp_commit();
 
 -- A user's write records when it was made, not when its transaction began
 -- (`clock_timestamp()`, as the outbox's `created_at`): newest-wins compares

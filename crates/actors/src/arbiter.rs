@@ -69,8 +69,10 @@ impl Handler<ResolveStale> for ConflictArbiter {
 }
 
 async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), ActorError> {
-    let observed_at = Instant::now();
     let (state, revision) = ctx.etcd.get(&msg.key).await?;
+    // After the read: the state it returned existed by then (taken before
+    // the read, a slow answer could carry a change made after it).
+    let observed_at = Instant::now();
     let keys = [KeyInputs {
         key: msg.key.clone(),
         inputs: vec![KeyInput::Observed {

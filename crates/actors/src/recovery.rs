@@ -107,9 +107,17 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
     let retention_every = Duration::from_secs(3600);
     let mut next_verify = verify_every.map(|every| Instant::now() + every);
     let mut next_retention = Instant::now() + Duration::from_secs(60);
+    let commits_every = Duration::from_secs(60);
+    let mut next_commits = Instant::now() + commits_every;
     loop {
-        let wake = next_verify.map_or(next_retention, |v| v.min(next_retention));
+        let wake = next_verify
+            .map_or(next_retention, |v| v.min(next_retention))
+            .min(next_commits);
         tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() >= next_commits {
+            ctx.store.forget_old_commits().await?;
+            next_commits = Instant::now() + commits_every;
+        }
         if Instant::now() >= next_retention {
             retention(&ctx).await?;
             next_retention = Instant::now() + retention_every;

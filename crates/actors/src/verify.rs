@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eps_core::mapping::{Direction, Mapping, MappingSet, Policy};
 use eps_core::model::Origin;
-use eps_core::policy::{ChangeWindow, Side, decide};
+use eps_core::policy::{ChangeWindow, PgWrite, Side, decide};
 use eps_core::reconcile::KeyInput;
 use eps_etcd::EtcdClient;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
@@ -197,29 +197,40 @@ fn etcd_moved(
 /// `newest-wins`, a row written in PostgreSQL is compared with when etcd's
 /// value was made (the revision clock), as a conflict would be; a row the
 /// mirror wrote from etcd is not a local change, and etcd's state wins.
+/// `diff_revision`: the etcd revision the diff read.
 async fn repair_side(
     store: &Store,
     mapping: &Mapping,
     difference: &Difference,
+    diff_revision: i64,
 ) -> Result<Option<Side>, ActorError> {
     if mapping.policy != Policy::NewestWins {
-        return Ok(decide(mapping.policy, 0, ChangeWindow::exactly(0), mapping.tie).side());
+        let any = (PgWrite::at(0), ChangeWindow::exactly(0));
+        return Ok(decide(mapping.policy, any.0, any.1, mapping.tie).side());
     }
     let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
         return Ok(Some(Side::Etcd));
     };
-    let Some(kv) = &difference.etcd else {
-        // etcd has no value: nothing of etcd's is newer than the row.
-        return Ok(Some(Side::Pg));
+    let now = store.clock().await?;
+    // etcd's change: its value's revision, or for a key etcd lacks, a
+    // delete after the row's base revision (none: etcd never had it).
+    let (span, seen) = match &difference.etcd {
+        Some(kv) => {
+            let revision = kv.meta.mod_revision;
+            // It existed when the mirror recorded it, or at the latest now.
+            let recorded = store.recorded_at(&kv.key, revision).await?;
+            ((revision, revision), recorded.unwrap_or(now))
+        }
+        None if row.mod_revision > 0 => ((row.mod_revision + 1, diff_revision), now),
+        None => return Ok(Some(Side::Pg)),
     };
-    // It existed when the mirror recorded it, or at the latest now.
-    let seen = match store.recorded_at(&kv.key, kv.meta.mod_revision).await? {
-        Some(recorded) => recorded,
-        None => store.clock().await?,
+    let window = store.change_window(span, seen).await?;
+    // The row was committed before the diff read it.
+    let pg = PgWrite {
+        written_us: row.updated_at.timestamp_micros(),
+        committed_by_us: now.timestamp_micros(),
     };
-    let window = store.change_window(kv.meta.mod_revision, seen).await?;
-    let pg_written_us = row.updated_at.timestamp_micros();
-    Ok(decide(mapping.policy, pg_written_us, window, mapping.tie).side())
+    Ok(decide(mapping.policy, pg, window, mapping.tie).side())
 }
 
 /// `at`: the diff's etcd revision and PostgreSQL's clock before it.
@@ -235,7 +246,7 @@ async fn repair(
     let side = match mapping.direction {
         Direction::EtcdToPg => Side::Etcd,
         Direction::PgToEtcd => Side::Pg,
-        Direction::Both => match repair_side(store, mapping, difference).await? {
+        Direction::Both => match repair_side(store, mapping, difference, at.0).await? {
             Some(side) => side,
             None => return Ok(Outcome::NeedsOperator),
         },

@@ -620,6 +620,11 @@ struct Batch {
     events: Vec<EtcdEvent>,
     bytes: usize,
     progress: Option<i64>,
+    /// When the batch's first events were taken (latency is counted from it).
+    first_seen: Option<Instant>,
+    /// When its last events were taken: every event of the batch existed
+    /// by then (the bound newest-wins uses; the first would be too early
+    /// for events that came later).
     observed_at: Option<Instant>,
 }
 
@@ -629,7 +634,9 @@ impl Batch {
     fn add(&mut self, item: WatchItem) -> Option<i64> {
         match item {
             WatchItem::Events(events) => {
-                self.observed_at.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                self.first_seen.get_or_insert(now);
+                self.observed_at = Some(now);
                 self.bytes += events.iter().map(EtcdEvent::size_bytes).sum::<usize>();
                 self.events.extend(events);
                 None
@@ -743,7 +750,7 @@ async fn apply(
         }
         metrics::histogram!(telemetry::BATCH_SIZE, "direction" => telemetry::ETCD_TO_PG)
             .record(batch.events.len() as f64);
-        if let Some(observed) = batch.observed_at {
+        if let Some(observed) = batch.first_seen {
             metrics::histogram!(telemetry::APPLY_LATENCY_SECONDS, "direction" => telemetry::ETCD_TO_PG)
                 .record(observed.elapsed().as_secs_f64());
         }

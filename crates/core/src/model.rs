@@ -96,6 +96,9 @@ pub struct PendingChange {
     pub base_revision: i64,
     /// When the change was written, microseconds on PostgreSQL's clock.
     pub changed_at_us: i64,
+    /// When its transaction committed, at the latest (the change took
+    /// effect between the two).
+    pub committed_by_us: i64,
     /// Set while the change is parked behind a pending `manual` conflict.
     pub conflict_id: Option<i64>,
     /// The poller may have sent it to etcd (marked before the txn). A

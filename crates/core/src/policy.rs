@@ -71,21 +71,42 @@ impl ChangeWindow {
     }
 }
 
-/// Decides a conflict between a PostgreSQL change written at
-/// `pg_changed_at_us` and an etcd change made within `etcd`, both on
-/// PostgreSQL's clock (the service's own clock never matters).
-/// `newest-wins` keeps PostgreSQL's change when it was written after the
-/// window, etcd's when it was written no later than the window's start, and
-/// otherwise `tie`'s side (a [`Decision::Tie`]).
-pub fn decide(policy: Policy, pg_changed_at_us: i64, etcd: ChangeWindow, tie: Side) -> Decision {
+/// When a PostgreSQL change took effect, in microseconds on PostgreSQL's
+/// clock: written at `written_us`, visible once its transaction committed,
+/// no later than `committed_by_us`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgWrite {
+    pub written_us: i64,
+    pub committed_by_us: i64,
+}
+
+impl PgWrite {
+    /// A change written and committed at `at_us`.
+    pub fn at(at_us: i64) -> PgWrite {
+        PgWrite {
+            written_us: at_us,
+            committed_by_us: at_us,
+        }
+    }
+}
+
+/// Decides a conflict between a PostgreSQL change `pg` and an etcd change
+/// made within `etcd`, both on PostgreSQL's clock (the service's own clock
+/// never matters). `newest-wins` keeps PostgreSQL's change when it was
+/// written after etcd's window, etcd's when PostgreSQL's had committed
+/// before the window began, and otherwise `tie`'s side (a
+/// [`Decision::Tie`]): a transaction that wrote before etcd's change and
+/// committed after it cannot be ordered with it.
+pub fn decide(policy: Policy, pg: PgWrite, etcd: ChangeWindow, tie: Side) -> Decision {
+    let etcd_after_commit = etcd
+        .after_us
+        .is_some_and(|after| pg.committed_by_us <= after);
     match policy {
         Policy::EtcdWins => Decision::Keep(Side::Etcd),
         Policy::PgWins => Decision::Keep(Side::Pg),
         Policy::Manual => Decision::Park,
-        Policy::NewestWins if pg_changed_at_us > etcd.by_us => Decision::Keep(Side::Pg),
-        Policy::NewestWins if etcd.after_us.is_some_and(|after| pg_changed_at_us <= after) => {
-            Decision::Keep(Side::Etcd)
-        }
+        Policy::NewestWins if pg.written_us > etcd.by_us => Decision::Keep(Side::Pg),
+        Policy::NewestWins if etcd_after_commit => Decision::Keep(Side::Etcd),
         Policy::NewestWins => Decision::Tie(tie),
     }
 }
@@ -102,57 +123,64 @@ mod tests {
         }
     }
 
+    fn at(t: i64) -> PgWrite {
+        PgWrite::at(t)
+    }
+
     #[test]
     fn fixed_policies_ignore_time() {
         let w = window(Some(0), 10);
-        assert_eq!(
-            decide(Policy::EtcdWins, 100, w, Side::Pg),
-            Decision::Keep(Side::Etcd)
-        );
-        assert_eq!(
-            decide(Policy::PgWins, -100, w, Side::Etcd),
-            Decision::Keep(Side::Pg)
-        );
-        assert_eq!(decide(Policy::Manual, 5, w, Side::Etcd), Decision::Park);
+        let etcd = Decision::Keep(Side::Etcd);
+        assert_eq!(decide(Policy::EtcdWins, at(100), w, Side::Pg), etcd);
+        let pg = Decision::Keep(Side::Pg);
+        assert_eq!(decide(Policy::PgWins, at(-100), w, Side::Etcd), pg);
+        assert_eq!(decide(Policy::Manual, at(5), w, Side::Etcd), Decision::Park);
     }
 
     #[test]
     fn newest_wins_compares_with_the_window_and_ties_inside_it() {
         let w = window(Some(10), 20);
-        assert_eq!(
-            decide(Policy::NewestWins, 21, w, Side::Etcd),
-            Decision::Keep(Side::Pg)
-        );
-        assert_eq!(
-            decide(Policy::NewestWins, 10, w, Side::Pg),
-            Decision::Keep(Side::Etcd)
-        );
-        assert_eq!(
-            decide(Policy::NewestWins, 11, w, Side::Etcd),
-            Decision::Tie(Side::Etcd)
-        );
-        assert_eq!(
-            decide(Policy::NewestWins, 20, w, Side::Pg),
-            Decision::Tie(Side::Pg)
-        );
+        let decided = |t: i64, tie: Side| decide(Policy::NewestWins, at(t), w, tie);
+        assert_eq!(decided(21, Side::Etcd), Decision::Keep(Side::Pg));
+        assert_eq!(decided(10, Side::Pg), Decision::Keep(Side::Etcd));
+        assert_eq!(decided(11, Side::Etcd), Decision::Tie(Side::Etcd));
+        assert_eq!(decided(20, Side::Pg), Decision::Tie(Side::Pg));
         // Nothing known of the start: any write up to the end is a tie.
         let open = window(None, 20);
-        assert_eq!(
-            decide(Policy::NewestWins, -1_000_000, open, Side::Pg),
-            Decision::Tie(Side::Pg)
-        );
-        assert_eq!(
-            decide(Policy::NewestWins, 21, open, Side::Etcd),
-            Decision::Keep(Side::Pg)
-        );
+        let early = decide(Policy::NewestWins, at(-1_000_000), open, Side::Pg);
+        assert_eq!(early, Decision::Tie(Side::Pg));
+        let late = decide(Policy::NewestWins, at(21), open, Side::Etcd);
+        assert_eq!(late, Decision::Keep(Side::Pg));
+    }
+
+    /// A transaction that wrote before etcd's change and committed after it
+    /// is not older than it.
+    #[test]
+    fn a_write_committed_after_etcds_change_is_not_older() {
+        let w = window(Some(30), 31);
+        let open_long = PgWrite {
+            written_us: 0,
+            committed_by_us: 60,
+        };
+        let decision = decide(Policy::NewestWins, open_long, w, Side::Pg);
+        assert_eq!(decision, Decision::Tie(Side::Pg));
+        let committed = PgWrite {
+            written_us: 0,
+            committed_by_us: 30,
+        };
+        let decision = decide(Policy::NewestWins, committed, w, Side::Pg);
+        assert_eq!(decision, Decision::Keep(Side::Etcd));
     }
 
     proptest! {
-        /// Whatever the true time of the etcd change inside its window, a
-        /// decision that is not a tie keeps the change made later.
+        /// Whatever the true times of both changes inside their windows, a
+        /// decision that is not a tie keeps the change that took effect
+        /// later.
         #[test]
         fn newest_wins_keeps_the_later_change(
-            pg in -1_000i64..1_000,
+            written in -1_000i64..1_000,
+            open_for in 0i64..300,
+            effective in 0i64..300,
             after in proptest::option::of(-1_000i64..1_000),
             width in 1i64..500,
             at in 0i64..500,
@@ -161,13 +189,14 @@ mod tests {
             let start = after.unwrap_or(-2_000);
             let by = start + width;
             let etcd_at = start + 1 + at % width;
-            let decision = decide(Policy::NewestWins, pg, window(after, by), tie);
-            match decision {
-                Decision::Keep(Side::Pg) => prop_assert!(pg > etcd_at),
-                Decision::Keep(Side::Etcd) => prop_assert!(pg < etcd_at),
+            let pg = PgWrite { written_us: written, committed_by_us: written + open_for };
+            let pg_at = written + effective % (open_for + 1);
+            match decide(Policy::NewestWins, pg, window(after, by), tie) {
+                Decision::Keep(Side::Pg) => prop_assert!(pg_at > etcd_at),
+                Decision::Keep(Side::Etcd) => prop_assert!(pg_at < etcd_at),
                 Decision::Tie(side) => {
                     prop_assert_eq!(side, tie);
-                    prop_assert!(pg <= by && after.is_none_or(|a| pg > a));
+                    prop_assert!(written <= by && after.is_none_or(|a| pg.committed_by_us > a));
                 }
                 Decision::Park => prop_assert!(false, "newest-wins never parks"),
             }
@@ -176,7 +205,8 @@ mod tests {
         #[test]
         fn only_manual_parks(pg in any::<i64>(), after in any::<Option<i64>>(), by in any::<i64>()) {
             for policy in [Policy::NewestWins, Policy::EtcdWins, Policy::PgWins] {
-                prop_assert_ne!(decide(policy, pg, window(after, by), Side::Etcd), Decision::Park);
+                let decision = decide(policy, PgWrite::at(pg), window(after, by), Side::Etcd);
+                prop_assert_ne!(decision, Decision::Park);
             }
         }
     }

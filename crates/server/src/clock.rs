@@ -59,9 +59,10 @@ pub async fn run(
 /// (whose insert reads PostgreSQL's clock again). The linearizable read
 /// happened between the two readings.
 async fn sample(store: &Store, etcd: &EtcdClient, probe: &[u8]) -> anyhow::Result<bool> {
-    let read_started = store.clock().await?;
+    let started = store.clock_sample_start().await?;
     let (cluster_id, revision) = etcd.identity(probe).await?;
+    anyhow::ensure!(revision > 0, "etcd's answer carried no revision");
     Ok(store
-        .record_clock_sample(cluster_id, revision, read_started)
+        .record_clock_sample(cluster_id, revision, started)
         .await?)
 }

@@ -146,6 +146,10 @@ struct PendingRow {
     base_revision: i64,
     #[diesel(sql_type = BigInt)]
     changed_at_us: i64,
+    /// Its transaction's commit stamp, or this read (which sees it
+    /// committed) when there is none.
+    #[diesel(sql_type = BigInt)]
+    committed_by_us: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     conflict_id: Option<i64>,
     #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -329,7 +333,11 @@ async fn apply_table(
     let locked_keys: Vec<&[u8]> = keys_locked.locked.iter().map(Vec::as_slice).collect();
     let pending_rows: Vec<PendingRow> = diesel::sql_query(
         "SELECT id, key, op, value, base_revision, \
-                (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, conflict_id, sent \
+                (extract(epoch FROM created_at) * 1000000)::int8 AS changed_at_us, \
+                (extract(epoch FROM least(clock_timestamp(), \
+                    (SELECT c.committed_at FROM xact_commits c WHERE c.xact = o.xact))) * 1000000)::int8 \
+                    AS committed_by_us, \
+                conflict_id, sent \
          FROM outbox o WHERE mirror_table = $1 AND key = ANY($2) \
            AND (key = ANY($3) OR xact IS NULL \
                 OR EXISTS (SELECT 1 FROM unnest($4::bytea[], $5::text[]) AS a(key, snapshot) \
@@ -369,6 +377,7 @@ async fn apply_table(
             value: row.value,
             base_revision: row.base_revision,
             changed_at_us: row.changed_at_us,
+            committed_by_us: row.committed_by_us,
             conflict_id: row.conflict_id,
             sent: row.sent,
         });
@@ -1132,12 +1141,13 @@ async fn insert_conflict(
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
-             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie) \
+             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by) \
          VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
              CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17, \
-             to_timestamp($18::float8 / 1000000), to_timestamp($19::float8 / 1000000), $20) \
+             to_timestamp($18::float8 / 1000000), to_timestamp($19::float8 / 1000000), $20, \
+             to_timestamp($21::float8 / 1000000)) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at, \
@@ -1164,6 +1174,7 @@ async fn insert_conflict(
     .bind::<Nullable<BigInt>, _>(conflict.etcd.changed.after_us)
     .bind::<BigInt, _>(conflict.etcd.changed.by_us)
     .bind::<diesel::sql_types::Bool, _>(conflict.decided_by_tie)
+    .bind::<BigInt, _>(conflict.pg_committed_by_us)
     .load(&mut &*conn)
     .await?;
     rows.into_iter()

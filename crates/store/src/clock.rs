@@ -14,21 +14,47 @@ use crate::error::StoreError;
 /// any sample is valid evidence, the nearest are the tightest.
 const NEAREST: i64 = 8;
 
+/// PostgreSQL's clock and the mirror's timeline now: the start of a
+/// sample.
+pub async fn sample_start(
+    conn: &mut AsyncPgConnection,
+) -> Result<(chrono::DateTime<chrono::Utc>, i32), StoreError> {
+    #[derive(QueryableByName)]
+    struct Start {
+        #[diesel(sql_type = Timestamptz)]
+        now: chrono::DateTime<chrono::Utc>,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        timeline: i32,
+    }
+    let start: Start =
+        diesel::sql_query("SELECT clock_timestamp() AS now, timeline FROM sync_state WHERE id = 1")
+            .get_result(conn)
+            .await?;
+    Ok((start.now, start.timeline))
+}
+
 /// Records that etcd (cluster `cluster_id`) was at `revision` at some
-/// moment between `read_started` and now. Recorded under the mirror's
-/// current timeline, and only while etcd's cluster id is the one the mirror
-/// follows (a replaced etcd's revisions mean other changes). Returns false
-/// when it was not recorded.
+/// moment between `read_started` and now — only while the mirror still
+/// follows `timeline` (read at `read_started`: a sample taken across the
+/// start of a new timeline may have read the old etcd) and etcd's cluster
+/// id is the one it follows (a replaced etcd's revisions mean other
+/// changes). Returns false when it was not recorded.
 pub async fn record_sample(
     conn: &mut AsyncPgConnection,
     cluster_id: i64,
     revision: i64,
-    read_started: chrono::DateTime<chrono::Utc>,
+    started: (chrono::DateTime<chrono::Utc>, i32),
 ) -> Result<bool, StoreError> {
+    let (read_started, timeline) = started;
+    if revision <= 0 {
+        // An answer without a header says nothing.
+        return Ok(false);
+    }
     let recorded = diesel::sql_query(
         "INSERT INTO revision_clock AS c (timeline, revision, read_started, read_finished) \
          SELECT s.timeline, $2, $3, clock_timestamp() FROM sync_state s \
-         WHERE s.id = 1 AND (s.etcd_cluster_id IS NULL OR s.etcd_cluster_id = $1) \
+         WHERE s.id = 1 AND s.timeline = $4 \
+           AND (s.etcd_cluster_id IS NULL OR s.etcd_cluster_id = $1) \
          ON CONFLICT (timeline, revision) DO UPDATE SET \
              read_started = greatest(c.read_started, EXCLUDED.read_started), \
              read_finished = least(c.read_finished, EXCLUDED.read_finished)",
@@ -36,6 +62,7 @@ pub async fn record_sample(
     .bind::<BigInt, _>(cluster_id)
     .bind::<BigInt, _>(revision)
     .bind::<Timestamptz, _>(read_started)
+    .bind::<diesel::sql_types::Integer, _>(timeline)
     .execute(conn)
     .await?;
     Ok(recorded > 0)
@@ -90,6 +117,20 @@ pub fn window_of(clock: (Option<i64>, Option<i64>), observed_at_us: i64) -> Chan
         after_us,
         by_us: by_us.map_or(observed_at_us, |by| by.min(observed_at_us)),
     }
+}
+
+/// How long a transaction's commit stamp is kept (see the migration).
+pub const COMMIT_STAMPS_KEPT_SECS: i64 = 15 * 60;
+
+/// Deletes commit stamps older than [`COMMIT_STAMPS_KEPT_SECS`]; returns
+/// how many.
+pub async fn forget_old_commits(conn: &mut AsyncPgConnection) -> Result<usize, StoreError> {
+    Ok(diesel::sql_query(
+        "DELETE FROM xact_commits WHERE committed_at < clock_timestamp() - make_interval(secs => $1)",
+    )
+    .bind::<diesel::sql_types::Double, _>(COMMIT_STAMPS_KEPT_SECS as f64)
+    .execute(conn)
+    .await?)
 }
 
 /// Deletes samples older than `days` (0: none), a chunk per statement.

@@ -621,27 +621,42 @@ impl Store {
         ledger::purge(&mut conn, fence, events_days, history_days, clock_days).await
     }
 
+    /// See [`clock::forget_old_commits`].
+    pub async fn forget_old_commits(&self) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        clock::forget_old_commits(&mut conn).await
+    }
+
+    /// The start of a revision clock sample (see [`clock::sample_start`]).
+    pub async fn clock_sample_start(
+        &self,
+    ) -> Result<(chrono::DateTime<chrono::Utc>, i32), StoreError> {
+        let mut conn = self.pool.get().await?;
+        clock::sample_start(&mut conn).await
+    }
+
     /// Records a revision clock sample (see [`clock::record_sample`]).
     pub async fn record_clock_sample(
         &self,
         cluster_id: u64,
         revision: i64,
-        read_started: chrono::DateTime<chrono::Utc>,
+        started: (chrono::DateTime<chrono::Utc>, i32),
     ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
         // Stored as PostgreSQL's bigint: the same 64 bits.
-        clock::record_sample(&mut conn, cluster_id as i64, revision, read_started).await
+        clock::record_sample(&mut conn, cluster_id as i64, revision, started).await
     }
 
-    /// When the etcd change at `revision` was made, as far as the revision
-    /// clock tells; it existed at `observed_at` at the latest.
+    /// When an etcd change at a revision in `span` (first, last) was made,
+    /// as far as the revision clock tells; it existed at `observed_at` at
+    /// the latest.
     pub async fn change_window(
         &self,
-        revision: i64,
+        span: (i64, i64),
         observed_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<eps_core::policy::ChangeWindow, StoreError> {
         let mut conn = self.pool.get().await?;
-        let clock = clock::windows(&mut conn, &[(revision, revision)]).await?;
+        let clock = clock::windows(&mut conn, &[span]).await?;
         let clock = clock.into_iter().next().unwrap_or((None, None));
         Ok(clock::window_of(clock, observed_at.timestamp_micros()))
     }

@@ -27,7 +27,7 @@
 
 use crate::mapping::{Direction, Policy};
 use crate::model::{EtcdEvent, KeyMeta, KeyValue, Op, Origin, PendingChange};
-use crate::policy::{ChangeWindow, Decision, Side, decide};
+use crate::policy::{ChangeWindow, Decision, PgWrite, Side, decide};
 
 /// An etcd input for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +124,8 @@ pub struct ConflictEntry {
     pub pg_superseded: Vec<Option<Vec<u8>>>,
     pub pg_base_revision: i64,
     pub pg_changed_at_us: i64,
+    /// When the last pending change's transaction committed, at the latest.
+    pub pg_committed_by_us: i64,
     pub policy: Policy,
     /// `None` while parked (`manual`).
     pub winner: Option<Side>,
@@ -369,12 +371,11 @@ impl Planner {
     fn conflict(&mut self, input: &KeyInput) {
         self.record_history(input, default_origin(input));
         let mut entry = self.conflict_entry(input);
-        let decision = decide(
-            self.ctx.policy,
-            entry.pg_changed_at_us,
-            self.time.changed,
-            self.ctx.tie,
-        );
+        let pg = PgWrite {
+            written_us: entry.pg_changed_at_us,
+            committed_by_us: entry.pg_committed_by_us,
+        };
+        let decision = decide(self.ctx.policy, pg, self.time.changed, self.ctx.tie);
         entry.decided_by_tie = matches!(decision, Decision::Tie(_));
         match decision.side() {
             Some(Side::Etcd) => {
@@ -445,6 +446,7 @@ impl Planner {
                 .collect(),
             pg_base_revision: first.base_revision,
             pg_changed_at_us: last.changed_at_us,
+            pg_committed_by_us: last.committed_by_us,
             policy: self.ctx.policy,
             winner: None,
             decided_by_tie: false,

@@ -54,6 +54,7 @@ fn pending_put(id: i64, value: &str, base: i64, at: i64) -> PendingChange {
         value: Some(value.as_bytes().to_vec()),
         base_revision: base,
         changed_at_us: at,
+        committed_by_us: at,
         conflict_id: None,
         sent: true,
     }
@@ -66,6 +67,7 @@ fn pending_delete(id: i64, base: i64, at: i64) -> PendingChange {
         value: None,
         base_revision: base,
         changed_at_us: at,
+        committed_by_us: at,
         conflict_id: None,
         sent: true,
     }
