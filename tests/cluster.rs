@@ -1,4 +1,4 @@
-//! Three replicas, one leader, fencing, failover (SPEC 3.6), under a steady
+//! Three replicas, one leader, fencing, failover (docs/design.md G6), under a steady
 //! write load on both sides.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Compaction recovery (SPEC 3.5), drift verification and repair, restore
+//! Compaction recovery (docs/design.md G5), drift verification and repair, restore
 //! of a lost etcd from the mirror, and time travel with `value_at`.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Conflicts, retries and dead letters (SPEC 2, 3.3, 3.7, 3.8).
+//! Conflicts, retries and dead letters (docs/design.md D1, D2, G3, G7, G8).
 #![allow(clippy::type_complexity, clippy::unwrap_used)] // test tables and setup
 
 mod support;

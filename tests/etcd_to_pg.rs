@@ -1,4 +1,4 @@
-//! etcd → PostgreSQL (SPEC 3.1, 3.2, 3.4, 3.7): snapshot, streaming,
+//! etcd → PostgreSQL (docs/design.md G1, G2, G4, G7): snapshot, streaming,
 //! exactly-once ordered apply, history, restarts and faults.
 
 mod support;
@@ -44,7 +44,7 @@ async fn ten_thousand_changes_converge_and_history_is_etcds_log() -> anyhow::Res
     etcd_workload(&world, &["/a/", "/b/", "/c/", "/x/"], 10_000, 8, 1).await?;
     let wrote = started.elapsed();
     let quiet = Instant::now();
-    // SPEC 3.1: converged within 2 s of the writes stopping.
+    // docs/design.md G1: converged within 2 s of the writes stopping.
     converge_all(&world, Duration::from_secs(2)).await?;
     println!(
         "10,000 ops written in {wrote:?}, converged {:?} after the last write",

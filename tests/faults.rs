@@ -1,5 +1,5 @@
-//! Randomized fault injection with a consistency checker (SPEC 3 as a
-//! whole). Three replicas reach etcd and PostgreSQL through their own
+//! Randomized fault injection with a consistency checker (the guarantees
+//! of docs/design.md as a whole). Three replicas reach etcd and PostgreSQL through their own
 //! proxies; a seeded random workload writes both sides (puts, deletes,
 //! multi-key txns, expiring leases, SQL inserts/updates/deletes and
 //! multi-row statements, SQL edits of leased keys, refused TRUNCATEs, often
@@ -247,7 +247,7 @@ struct Cluster {
     paused: HashSet<usize>,
     down: HashSet<usize>,
     /// Compactions of history the leader had not applied: what was
-    /// overwritten there is unknowable (SPEC 3.5).
+    /// overwritten there is unknowable (docs/design.md G5).
     gaps: Vec<Gap>,
     /// The replicas' mapping (TOML).
     mapping: String,

@@ -1,4 +1,4 @@
-//! Observability (SPEC 2 monitoring, 3.7 auditability, 4 HTTP/metrics):
+//! Observability (docs/design.md G7; README "Observability"):
 //! endpoints, metrics that move, traces that reach a real OTLP receiver,
 //! the audit trail, and secrets that never leak.
 

@@ -1,4 +1,4 @@
-//! PostgreSQL → etcd (SPEC 3.3, 3.4): the outbox, LISTEN/NOTIFY and
+//! PostgreSQL → etcd (docs/design.md G3, G4): the outbox, LISTEN/NOTIFY and
 //! polling, fenced compare-and-swap, no echo, durability across a crash
 //! between the etcd write and the PostgreSQL commit, dead letters.
 

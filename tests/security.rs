@@ -1,4 +1,4 @@
-//! Security (SPEC 2 security row, 3.8): mutual TLS to both stores, SCRAM and
+//! Security (docs/design.md G8, G9; SECURITY.md): mutual TLS to both stores, SCRAM and
 //! etcd passwords, RBAC limited to the mapped prefix; wrong CAs, missing or
 //! expired certificates and wrong passwords fail once, clearly, without a
 //! retry storm; hostile input.

@@ -1,13 +1,13 @@
-//! The sync actors (SPEC 5): `EtcdWatcher` (etcd → PostgreSQL),
+//! The sync actors (ARCHITECTURE.md): `EtcdWatcher` (etcd → PostgreSQL),
 //! `CompactionRecovery` (snapshot and resync), `PgPoller` (PostgreSQL →
 //! etcd), `ConflictArbiter` (conflicts the watcher could not settle inline,
 //! operator resolutions) and `Retrier` (per-change retries, dead letters).
 //!
 //! They run only on the leader, all under one [`Pipeline`] per leadership
-//! term: one kill switch stops them together (STYLE 4). Each is an actix
+//! term: one kill switch stops them together (docs/design.md D7). Each is an actix
 //! actor under a `Supervisor`: its work is one loop future; a failure stops
 //! the actor deliberately and the supervisor restarts it with backoff, from
-//! durable state (STYLE 3, DEPENDENCIES pitfall 1).
+//! durable state (docs/design.md D7: an actor's memory may be stale after a failure).
 
 pub mod arbiter;
 pub mod diff;

@@ -1,5 +1,5 @@
 //! `CompactionRecovery`: brings the mirror to etcd's state at one revision R
-//! when the watch cannot (SPEC 3.5): the initial snapshot (empty checkpoint)
+//! when the watch cannot (docs/design.md G5): the initial snapshot (empty checkpoint)
 //! and the resync after the watch's revision was compacted away.
 //!
 //! Both are one algorithm: walk etcd (range reads at R) and the mirror in key

@@ -1,4 +1,4 @@
-//! `Retrier`: the fate of a single change that etcd refused (SPEC 2,
+//! `Retrier`: the fate of a single change that etcd refused (docs/design.md D2,
 //! retry/backoff). Each failure is counted on the outbox row (so a restart
 //! does not reset it) and answered with a backoff delay — exponential, full
 //! jitter, capped — until `retry.max_attempts`, then the change goes to the

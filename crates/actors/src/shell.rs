@@ -1,4 +1,4 @@
-//! The contract every sync actor follows (STYLE 3): one loop future per
+//! The contract every sync actor follows (docs/design.md D7): one loop future per
 //! incarnation; a typed exit; restart with capped backoff by the actix
 //! `Supervisor`; a progress watchdog that restarts a stuck loop; a status
 //! entry for `/status`.

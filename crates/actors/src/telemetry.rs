@@ -1,5 +1,5 @@
-//! Metric names (SPEC 4: all start with `etcd_pg_sync_`) and the named
-//! events that log and count together (STYLE 10). Labels take values from
+//! Metric names (README "Observability": all start with `etcd_pg_sync_`) and the named
+//! events that log and count together (docs/design.md D9). Labels take values from
 //! fixed sets: never a key or an error text.
 
 pub const IS_LEADER: &str = "etcd_pg_sync_is_leader";

@@ -1,4 +1,4 @@
-//! `EtcdWatcher`: etcd → PostgreSQL. A state machine (STYLE 6): no
+//! `EtcdWatcher`: etcd → PostgreSQL. A state machine: no
 //! checkpoint → snapshot at R → watch from R+1; compacted → resync; then
 //! stream events in batches, each batch one PostgreSQL transaction together
 //! with the new checkpoint.

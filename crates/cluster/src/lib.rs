@@ -1,4 +1,4 @@
-//! Leader election (SPEC 3.6, 6). Every replica campaigns with a key under
+//! Leader election (docs/design.md G6). Every replica campaigns with a key under
 //! `__etcd_pg_sync/<cluster>/election/`, bound to a lease it keeps alive.
 //! The key with the lowest create revision leads; the others wait for the
 //! key just before theirs to go. The leader's **term** is its key's create

@@ -1,4 +1,4 @@
-//! Exponential backoff with full jitter (SPEC 2): the n-th retry waits a
+//! Exponential backoff with full jitter (docs/design.md D2): the n-th retry waits a
 //! uniformly random time in `[0, min(cap, initial * multiplier^n)]`.
 
 use std::time::Duration;

@@ -21,7 +21,7 @@ pub use mapping::{Direction, Mapping, MappingSet, Policy};
 /// mirrored, whatever the mappings say.
 pub const INTERNAL_PREFIX: &[u8] = b"__etcd_pg_sync/";
 
-/// Classifies a failure for the retry machinery (STYLE 5): may a retry
+/// Classifies a failure for the retry machinery (docs/design.md D8): may a retry
 /// succeed, and is the failure about the connection (pause the whole pipeline)
 /// rather than about one change.
 pub trait Classify {

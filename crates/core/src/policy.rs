@@ -1,4 +1,4 @@
-//! The conflict decision (SPEC 2): pure, so it can be tested exhaustively and
+//! The conflict decision (docs/design.md D1, G12): pure, so it can be tested exhaustively and
 //! called inside the store's apply transaction.
 
 use crate::mapping::Policy;

@@ -1,4 +1,4 @@
-//! Errors of the etcd layer, classified twice (STYLE 5): retryable or
+//! Errors of the etcd layer, classified twice (docs/design.md D8): retryable or
 //! permanent, and connection-level or about one request.
 
 use eps_core::Classify;

@@ -1,6 +1,6 @@
 //! Free loopback ports. A port is handed out once per process, and checked
-//! free by binding it (DEPENDENCIES pitfall 8: a busy port silently gives
-//! you someone else's server).
+//! free by binding it (a server started on a busy port can fail silently,
+//! and a test then talks to someone else's server).
 
 use std::collections::HashSet;
 use std::net::TcpListener;

@@ -94,7 +94,7 @@ pub fn pg_bindir() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs a command as the `postgres` user when we are root (initdb refuses
-/// to run as root, DEPENDENCIES pitfall 7).
+/// to run as root).
 fn as_server_user(command: &mut Command) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         let user = nix::unistd::User::from_name("postgres")?

@@ -1,4 +1,4 @@
-//! The command line (SPEC 4).
+//! The command line (README "Commands"; a public interface: scripts rely on it).
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! The HTTP endpoints (SPEC 4): `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! The HTTP endpoints (README "Observability"): `/healthz`, `/readyz`, `/status`, `/metrics`.
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! The `etcd-pg-sync` binary's library: command line (SPEC 4), the `run`
+//! The `etcd-pg-sync` binary's library: command line (README "Commands"), the `run`
 //! service (HTTP endpoints, health monitor, election and sync actors), the
 //! operator commands, logging and metrics.
 //!

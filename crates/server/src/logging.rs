@@ -1,4 +1,4 @@
-//! Structured logs (STYLE 11) and, with `telemetry.otlp_endpoint` set,
+//! Structured logs (one JSON object per event, fields not prose) and, with `telemetry.otlp_endpoint` set,
 //! OpenTelemetry traces exported over OTLP/gRPC.
 //!
 //! Spans of the sync (`etcd_to_pg.batch`, `pg_to_etcd.txn`,

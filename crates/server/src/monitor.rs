@@ -36,7 +36,7 @@ struct Snapshot {
     timeline_paused: Option<serde_json::Value>,
 }
 
-/// The `/status` document (SPEC 4 fields first).
+/// The `/status` document (the fields README documents first).
 #[derive(Debug, Serialize)]
 pub struct StatusDocument {
     pub node_id: String,

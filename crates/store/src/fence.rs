@@ -1,4 +1,4 @@
-//! Fencing (SPEC 3.6): every transaction of the sync starts by proving that
+//! Fencing (docs/design.md G6): every transaction of the sync starts by proving that
 //! its term is still the stored one, and holds the `sync_state` row lock
 //! until it commits, so a new leader's term bump waits for it and every
 //! later transaction of the old leader fails.

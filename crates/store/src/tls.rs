@@ -1,6 +1,6 @@
 //! TLS for PostgreSQL connections through rustls, with libpq's `sslmode`
-//! semantics (tokio-postgres itself knows only disable/prefer/require,
-//! DEPENDENCIES pitfall 11):
+//! semantics (tokio-postgres itself knows only disable/prefer/require and
+//! never verifies a certificate by itself):
 //!
 //! - `disable`: plain TCP;
 //! - `require`: encrypted, any server certificate accepted;

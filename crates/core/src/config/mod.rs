@@ -1,8 +1,8 @@
-//! Configuration (SPEC 4): a TOML file, every key overridable by
+//! Configuration (README "Configuration"): a TOML file, every key overridable by
 //! `ETCD_PG_SYNC__SECTION__KEY` environment variables, deserialized into typed
 //! structs with named defaults, then validated with errors that name the key.
 //!
-//! The environment is passed in as a map so tests control it (STYLE 7).
+//! The environment is passed in as a map so tests control it (docs/design.md D10).
 
 use std::collections::HashMap;
 use std::fmt;

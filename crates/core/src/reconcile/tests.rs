@@ -728,7 +728,7 @@ proptest! {
         prop_assert_eq!(&plan.consumed[..], &ids[..plan.consumed.len()]);
     }
 
-    /// SPEC 3.3 at the planner: a consumed local change either came back
+    /// docs/design.md G3 at the planner: a consumed local change either came back
     /// as an echo (a history row of origin `pg` with its op and value) or
     /// is in a conflict record (`pg_value` or `pg_superseded`).
     #[test]
