@@ -9,6 +9,7 @@
 //! The history marks what it learns this way `snapshot` or `resync`: the
 //! revisions in between are unknown and are not invented.
 
+use eps_core::audit::AuditKind;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,7 +156,7 @@ async fn retention(ctx: &SyncContext) -> Result<(), ActorError> {
             "clock_samples": clock_samples,
         });
         ctx.store
-            .record_event(&ctx.fence, "retention", None, &detail)
+            .record_event(&ctx.fence, AuditKind::Retention, None, &detail)
             .await?;
     }
     Ok(())
@@ -189,7 +190,7 @@ async fn anti_entropy(ctx: &SyncContext) -> Result<(), ActorError> {
     metrics::gauge!(telemetry::DRIFTED_KEYS).set(report.differences() as f64);
     let detail = serde_json::json!({"source": "anti-entropy", "report": report});
     ctx.store
-        .record_event(&ctx.fence, "verify", None, &detail)
+        .record_event(&ctx.fence, AuditKind::Verify, None, &detail)
         .await?;
     if report.differences() > 0 {
         tracing::warn!(
@@ -361,10 +362,12 @@ async fn resync_once(
         .finish_resync(&ctx.fence, revision, &walked_relids)
         .await?;
     let (kind, from) = match reason {
-        ResyncReason::Initial => ("snapshot", 0),
-        ResyncReason::Compacted { checkpoint, .. } => ("compaction-recovery", checkpoint),
-        ResyncReason::TimelineChanged { checkpoint } => ("timeline-resync", checkpoint),
-        ResyncReason::MirrorTablesCreated { checkpoint } => ("mirror-tables-filled", checkpoint),
+        ResyncReason::Initial => (AuditKind::Snapshot, 0),
+        ResyncReason::Compacted { checkpoint, .. } => (AuditKind::CompactionRecovery, checkpoint),
+        ResyncReason::TimelineChanged { checkpoint } => (AuditKind::TimelineResync, checkpoint),
+        ResyncReason::MirrorTablesCreated { checkpoint } => {
+            (AuditKind::MirrorTablesFilled, checkpoint)
+        }
     };
     let compact_revision = match reason {
         ResyncReason::Compacted {
@@ -383,11 +386,11 @@ async fn resync_once(
     ctx.store
         .record_event(&ctx.fence, kind, None, &detail)
         .await?;
-    if kind == "compaction-recovery" {
+    if kind == AuditKind::CompactionRecovery {
         metrics::counter!(telemetry::COMPACTION_RECOVERIES_TOTAL).increment(1);
     }
     tracing::info!(
-        kind,
+        kind = kind.as_str(),
         revision,
         keys = counts.keys_scanned,
         differences = counts.differences,

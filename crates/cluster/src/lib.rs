@@ -11,6 +11,7 @@
 //! fenced stops the whole pipeline at once; the replica campaigns again.
 //! Shutdown resigns (revokes the lease) so a standby takes over at once.
 
+use eps_core::audit::AuditKind;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -284,7 +285,7 @@ impl Node {
         let event = serde_json::json!({"node": cluster.node_id, "term": term, "event": "elected"});
         if let Err(error) = self
             .store
-            .record_event(&fence, "leadership", None, &event)
+            .record_event(&fence, AuditKind::Leadership, None, &event)
             .await
         {
             tracing::warn!(%error, "cannot record the leadership change");
@@ -316,7 +317,7 @@ impl Node {
                 serde_json::json!({"node": cluster.node_id, "term": term, "event": "resigned"});
             let _ = self
                 .store
-                .record_event(&fence, "leadership", None, &event)
+                .record_event(&fence, AuditKind::Leadership, None, &event)
                 .await;
         }
         // The caller revokes the lease: the key goes, a standby takes over.

@@ -4,6 +4,7 @@
 //!
 //! *Architecture invariant*: this crate knows neither etcd-client nor diesel.
 
+pub mod audit;
 pub mod backoff;
 pub mod config;
 pub mod ident;

@@ -4,6 +4,7 @@
 //! bulk statements per mirror table (`unnest` of arrays, not one statement per
 //! row: PostgreSQL absorbs batched rows 15x faster than single commits).
 
+use eps_core::audit::AuditKind;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -1069,10 +1070,10 @@ async fn record_conflicts(
             "pg_revision": conflict.pg_base_revision,
         });
         if conflict.winner.is_some() {
-            events.push(("conflict", detail.clone()));
-            events.push(("resolution", detail));
+            events.push((AuditKind::Conflict, detail.clone()));
+            events.push((AuditKind::Resolution, detail));
         } else {
-            events.push(("conflict", detail));
+            events.push((AuditKind::Conflict, detail));
         }
         report.conflicts.push(ConflictSummary {
             id: *id,
@@ -1234,7 +1235,7 @@ async fn record_batch(
     crate::events::record(
         conn,
         request.fence,
-        "batch-applied",
+        AuditKind::BatchApplied,
         request.trace_id,
         &detail,
     )

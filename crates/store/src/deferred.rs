@@ -4,6 +4,7 @@
 //! the other keys; a later apply, once the row is free, takes them back in
 //! order before any newer input of the key.
 
+use eps_core::audit::AuditKind;
 use std::collections::HashMap;
 
 use diesel::QueryableByName;
@@ -432,7 +433,7 @@ pub async fn report_blocked(
                 "blocked_secs": blocked.blocked_secs,
                 "pid": pid,
             });
-            crate::events::record(conn, fence, "key-blocked", None, &detail).await?;
+            crate::events::record(conn, fence, AuditKind::KeyBlocked, None, &detail).await?;
             reports.push(BlockedReport {
                 mirror_table: blocked.mirror_table,
                 key: blocked.key,

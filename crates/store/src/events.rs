@@ -2,6 +2,7 @@
 
 use diesel::ExpressionMethods;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use eps_core::audit::AuditKind;
 
 use crate::error::StoreError;
 use crate::fence::Fence;
@@ -11,13 +12,13 @@ use crate::schema::sync_events;
 pub async fn record(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
-    kind: &str,
+    kind: AuditKind,
     trace_id: Option<&str>,
     detail: &serde_json::Value,
 ) -> Result<(), StoreError> {
     diesel::insert_into(sync_events::table)
         .values((
-            sync_events::kind.eq(kind),
+            sync_events::kind.eq(kind.as_str()),
             sync_events::node.eq(&fence.node),
             sync_events::term.eq(fence.term),
             sync_events::trace_id.eq(trace_id),
@@ -35,14 +36,14 @@ pub async fn record_many(
     conn: &AsyncPgConnection,
     fence: &Fence,
     trace_id: Option<&str>,
-    events: &[(&str, serde_json::Value)],
+    events: &[(AuditKind, serde_json::Value)],
 ) -> Result<(), StoreError> {
     for chunk in events.chunks(10_000) {
         let rows: Vec<_> = chunk
             .iter()
             .map(|(kind, detail)| {
                 (
-                    sync_events::kind.eq(*kind),
+                    sync_events::kind.eq(kind.as_str()),
                     sync_events::node.eq(&fence.node),
                     sync_events::term.eq(fence.term),
                     sync_events::trace_id.eq(trace_id),

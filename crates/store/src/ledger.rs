@@ -4,6 +4,7 @@
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use eps_core::audit::AuditKind;
 use eps_core::ident::Ident;
 use eps_core::model::KeyValue;
 use eps_core::policy::Side;
@@ -227,7 +228,7 @@ pub async fn execute_resolution(
                 .await?;
             let mut detail = resolution_detail(conflict, take);
             detail["skipped"] = serde_json::json!(why);
-            crate::events::record(conn, fence, "resolution", None, &detail).await?;
+            crate::events::record(conn, fence, AuditKind::Resolution, None, &detail).await?;
             return Ok(Resolution::Skipped);
         }
         match (pending, take) {
@@ -302,7 +303,7 @@ pub async fn execute_resolution(
         .execute(conn)
         .await?;
         let detail = resolution_detail(conflict, take);
-        crate::events::record(conn, fence, "resolution", None, &detail).await?;
+        crate::events::record(conn, fence, AuditKind::Resolution, None, &detail).await?;
         Ok(Resolution::Carried)
     })
     .await

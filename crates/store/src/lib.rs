@@ -354,7 +354,7 @@ impl Store {
     pub async fn record_event(
         &self,
         fence: &Fence,
-        kind: &str,
+        kind: eps_core::audit::AuditKind,
         trace_id: Option<&str>,
         detail: &serde_json::Value,
     ) -> Result<(), StoreError> {

@@ -3,6 +3,7 @@
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use eps_core::audit::AuditKind;
 use eps_core::model::Op;
 
 use crate::error::StoreError;
@@ -213,9 +214,9 @@ pub async fn dead_letter(
             "kind": kind.as_str(),
             "reason": reason,
         });
-        crate::events::record(conn, fence, "dead-letter", trace_id, &detail).await?;
+        crate::events::record(conn, fence, AuditKind::DeadLetter, trace_id, &detail).await?;
         if kind == DeadLetterKind::RetriesExhausted {
-            crate::events::record(conn, fence, "retry-exhausted", trace_id, &detail).await?;
+            crate::events::record(conn, fence, AuditKind::RetryExhausted, trace_id, &detail).await?;
         }
         Ok(id)
     })

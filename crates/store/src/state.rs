@@ -2,6 +2,7 @@
 
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use eps_core::audit::AuditKind;
 
 use eps_core::policy::Side;
 
@@ -384,7 +385,7 @@ pub async fn begin_timeline(
         if let Some(decision) = decision {
             detail["decision"] = serde_json::json!(decision.as_str());
         }
-        crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
+        crate::events::record(conn, fence, AuditKind::TimelineChange, None, &detail).await?;
         Ok(next.timeline)
     })
     .await
@@ -408,7 +409,7 @@ pub async fn hold_timeline(
             .execute(conn)
             .await?;
         if held > 0 {
-            crate::events::record(conn, fence, "timeline-paused", None, detail).await?;
+            crate::events::record(conn, fence, AuditKind::TimelinePaused, None, detail).await?;
         }
         Ok(held > 0)
     })
@@ -501,7 +502,7 @@ pub async fn adopt_timeline(
         .await?;
         let mut detail = detail.clone();
         detail["timeline"] = serde_json::json!(next.timeline);
-        crate::events::record(conn, fence, "timeline-change", None, &detail).await?;
+        crate::events::record(conn, fence, AuditKind::TimelineChange, None, &detail).await?;
         Ok(next.timeline)
     })
     .await

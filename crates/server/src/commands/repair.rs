@@ -1,6 +1,7 @@
 //! `verify` and `restore-etcd`: long operations over the whole keyspace,
 //! with a progress bar on a terminal (periodic lines otherwise).
 
+use eps_core::audit::AuditKind;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -159,7 +160,10 @@ pub async fn run_verify(
         }
     );
     let detail = serde_json::json!({"source": "command", "repair": repair, "report": report});
-    if let Err(error) = store.record_event(&fence, "verify", None, &detail).await {
+    if let Err(error) = store
+        .record_event(&fence, AuditKind::Verify, None, &detail)
+        .await
+    {
         eprintln!("warning: cannot record the verify run: {error}");
     }
     let clean = report.differences() == 0 || (repair && report.repaired == report.differences());
@@ -300,7 +304,7 @@ pub async fn run_restore(
         "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
     });
     store
-        .record_event(&fence, "restore-etcd", None, &detail)
+        .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
         .await?;
     println!(
         "restored {restored} keys into etcd in {txns} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
