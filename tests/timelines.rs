@@ -642,3 +642,58 @@ async fn a_paused_restore_resumed_with_take_pg_puts_postgresqls_state_into_etcd(
     assert_eq!(state[b"/t/k09".as_slice()], b"sql while paused");
     Ok(())
 }
+
+/// A pause whose cause goes away — the original etcd put back — ends by
+/// itself: the hold is released (`timeline-released`), every replica is
+/// ready again, and sync goes on with nothing rolled back.
+#[tokio::test]
+async fn a_pause_ends_when_the_original_etcd_is_put_back() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__ON_ETCD_RESTORE".into(), "pause".into());
+    put_many(
+        &world,
+        (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
+    )
+    .await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    let old = world.etcd.backup().await?;
+    put_many(
+        &world,
+        (0..5).map(|i| (format!("/t/k{i:02}"), "v1".to_string())),
+    )
+    .await?;
+    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    // Long enough for the timeline mark to record the newer state.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    service.terminate(Duration::from_secs(10)).await?;
+    let original = world.etcd.backup().await?;
+    world.etcd.restore(old.path()).await?;
+    service.restart()?;
+    eps_harness::wait_for("the pause", Duration::from_secs(30), || {
+        let service = &service;
+        async move {
+            let paused = status(service).await?["timeline_paused"].is_object();
+            Ok(paused.then_some(()))
+        }
+    })
+    .await?;
+
+    world.etcd.restore(original.path()).await?;
+    eps_harness::wait_for("ready again", Duration::from_secs(30), || {
+        let service = &service;
+        async move { Ok((service.get("/readyz").await?.0 == 200).then_some(())) }
+    })
+    .await?;
+    let pg = world.pg().await?;
+    assert_eq!(event_details(&pg, "timeline-released").await?.len(), 1);
+    assert!(event_details(&pg, "timeline-change").await?.is_empty());
+    put_many(&world, [("/t/after".to_string(), "x".to_string())]).await?;
+    let state = wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/t/k03".as_slice()], b"v1", "nothing rolled back");
+    assert_eq!(state.len(), 11);
+    Ok(())
+}

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Context, Supervised, WeakAddr};
 use eps_core::config::OnEtcdRestore;
 use eps_core::model::EtcdEvent;
-use eps_core::policy::Side;
 use eps_core::reconcile::KeyInput;
 use eps_etcd::{WatchItem, WatchSession};
 use eps_store::{ApplyRequest, KeyInputs};
@@ -105,35 +104,25 @@ async fn run(
     if state.timeline_resync {
         // A resync onto a new timeline was interrupted: finish it.
         checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
-        carry_out_decision(&ctx).await?;
     } else if checkpoint == 0 {
         ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
         checkpoint = resync(&recovery, ResyncReason::Initial).await?;
     } else if let Some(evidence) = new_timeline(&ctx, &state, cluster_id, current).await? {
-        let decision = match ctx.config.sync.on_etcd_restore {
-            OnEtcdRestore::FollowEtcd => None,
-            OnEtcdRestore::Pause => Some(hold(&ctx, &progress, &evidence).await?),
+        let follow = match ctx.config.sync.on_etcd_restore {
+            OnEtcdRestore::FollowEtcd => true,
+            OnEtcdRestore::Pause => hold(&ctx, &progress, &evidence, probe).await?,
         };
-        tracing::error!(
-            %evidence,
-            "etcd is not the one the mirror follows (restored from a backup or replaced): \
-             following its history as a new timeline"
-        );
-        ctx.board.record_error(
-            "etcd_watcher",
-            &format!(
-                "etcd restored or replaced: following its history as a new timeline ({evidence})"
-            ),
-        );
-        ctx.store
-            .begin_timeline(&ctx.fence, cluster_id, &evidence, decision)
-            .await?;
-        ctx.timeline_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
-        carry_out_decision(&ctx).await?;
-    } else if state.etcd_cluster_id != Some(cluster_id) {
-        ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
+        if follow {
+            checkpoint =
+                follow_new_timeline(&ctx, &recovery, cluster_id, &evidence, checkpoint).await?;
+        }
+    } else {
+        // etcd is the one the mirror follows: a hold left from an etcd put
+        // back since (or by an older leader) no longer applies.
+        release_hold(&ctx, &state).await?;
+        if state.etcd_cluster_id != Some(cluster_id) {
+            ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
+        }
     }
     // Tables this leader does not keep in sync are marked so: if their
     // mapping comes back, they are filled again.
@@ -180,16 +169,46 @@ async fn run(
     }
 }
 
+/// Follows etcd's history as a new timeline (restored from a backup or
+/// replaced): begins it — consuming an operator's answer to a hold — and
+/// resyncs the mirror onto it. Returns the new checkpoint.
+async fn follow_new_timeline(
+    ctx: &SyncContext,
+    recovery: &WeakAddr<CompactionRecovery>,
+    cluster_id: i64,
+    evidence: &serde_json::Value,
+    checkpoint: i64,
+) -> Result<i64, ActorError> {
+    tracing::error!(
+        %evidence,
+        "etcd is not the one the mirror follows (restored from a backup or replaced): \
+         following its history as a new timeline"
+    );
+    ctx.board.record_error(
+        "etcd_watcher",
+        &format!("etcd restored or replaced: following its history as a new timeline ({evidence})"),
+    );
+    ctx.store
+        .begin_timeline(&ctx.fence, cluster_id, evidence)
+        .await?;
+    ctx.timeline_epoch
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    resync(recovery, ResyncReason::TimelineChanged { checkpoint }).await
+}
+
 /// `sync.on_etcd_restore = "pause"`: holds the new timeline (recorded,
 /// audited `timeline-paused`, `/readyz` failing and the alert firing on
 /// every replica) until an operator answers with `etcd-pg-sync timeline
-/// resume --take etcd|pg`; nothing is applied or written to etcd meanwhile
-/// (the etcd check stays unpassed). Any leader picks the hold up again.
+/// resume --take etcd|pg` (true: follow it) or etcd turns out to be the
+/// one the mirror follows again — the original put back (false: the hold
+/// is released). Nothing is applied or written to etcd meanwhile (the etcd
+/// check stays unpassed). Any leader picks the hold up again.
 async fn hold(
     ctx: &SyncContext,
     progress: &Progress,
     evidence: &serde_json::Value,
-) -> Result<Side, ActorError> {
+    probe: &[u8],
+) -> Result<bool, ActorError> {
     if ctx.store.hold_timeline(&ctx.fence, evidence).await? {
         tracing::error!(
             %evidence,
@@ -203,34 +222,36 @@ async fn hold(
     );
     loop {
         progress.tick();
-        if let Some(decision) = ctx.store.state().await?.timeline_decision {
+        let state = ctx.store.state().await?;
+        if let Some(decision) = state.timeline_decision {
             tracing::warn!(
                 decision = decision.as_str(),
                 "operator answered the paused timeline: resuming"
             );
-            return Ok(decision);
+            return Ok(true);
+        }
+        let (cluster_id, current) = ctx.etcd.identity(probe).await?;
+        if new_timeline(ctx, &state, cluster_id as i64, current)
+            .await?
+            .is_none()
+        {
+            release_hold(ctx, &state).await?;
+            return Ok(false);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-/// After a timeline resync, an operator's `--take pg` answer puts back
-/// every value the resync rolled back (as `conflicts resolve
-/// --timeline-changes --take pg` would, for this timeline change only).
-async fn carry_out_decision(ctx: &SyncContext) -> Result<(), ActorError> {
-    let state = ctx.store.state().await?;
-    if state.timeline_decision == Some(Side::Pg) {
-        let ids = ctx
-            .store
-            .request_timeline_resolutions(Side::Pg, true)
-            .await?;
-        tracing::info!(
-            values = ids.len(),
-            "putting PostgreSQL's rolled-back values back into etcd, as the operator chose"
-        );
-    }
-    if state.timeline_decision.is_some() {
-        ctx.store.clear_timeline_decision(&ctx.fence).await?;
+/// Releases a hold that no longer applies: etcd is the one the mirror
+/// follows.
+async fn release_hold(ctx: &SyncContext, state: &eps_store::SyncState) -> Result<(), ActorError> {
+    let Some(held) = &state.timeline_hold else {
+        return Ok(());
+    };
+    let detail =
+        serde_json::json!({"held": held, "reason": "etcd is the one the mirror follows again"});
+    if ctx.store.release_timeline_hold(&ctx.fence, &detail).await? {
+        tracing::warn!("etcd is the one the mirror follows again: the paused timeline is released");
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ pub enum AuditKind {
     TimelineChange,
     /// The same, held for an operator (`sync.on_etcd_restore = "pause"`).
     TimelinePaused,
+    /// A held timeline released: etcd is the one the mirror follows again.
+    TimelineReleased,
     /// The resync onto a new timeline finished: counts.
     TimelineResync,
     /// Mirror tables created while a checkpoint existed, filled from etcd.
@@ -43,7 +45,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, in README's order.
-    pub const ALL: [AuditKind; 17] = [
+    pub const ALL: [AuditKind; 18] = [
         AuditKind::BatchApplied,
         AuditKind::Conflict,
         AuditKind::Resolution,
@@ -54,6 +56,7 @@ impl AuditKind {
         AuditKind::CompactionRecovery,
         AuditKind::TimelineChange,
         AuditKind::TimelinePaused,
+        AuditKind::TimelineReleased,
         AuditKind::TimelineResync,
         AuditKind::MirrorTablesFilled,
         AuditKind::TriggersRestored,
@@ -76,6 +79,7 @@ impl AuditKind {
             AuditKind::CompactionRecovery => "compaction-recovery",
             AuditKind::TimelineChange => "timeline-change",
             AuditKind::TimelinePaused => "timeline-paused",
+            AuditKind::TimelineReleased => "timeline-released",
             AuditKind::TimelineResync => "timeline-resync",
             AuditKind::MirrorTablesFilled => "mirror-tables-filled",
             AuditKind::TriggersRestored => "triggers-restored",

@@ -668,12 +668,14 @@ async fn record_rollbacks(
     let changed: Vec<Option<chrono::DateTime<chrono::Utc>>> = rows.iter().map(|r| r.4).collect();
     Ok(diesel::sql_query(
         "INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
-             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, reason) \
+             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, reason, \
+             requested_take) \
          SELECT $1, u.key, u.etcd_value, u.revision, clock_timestamp(), u.pg_value, 0, \
                 coalesce(u.changed, clock_timestamp()), $7, 'etcd', 'resolved', 'timeline-change', \
-                clock_timestamp(), $8, $9, 'timeline-change' \
+                clock_timestamp(), $8, $9, 'timeline-change', \
+                CASE WHEN s.timeline_take_pg THEN 'pg' END \
          FROM unnest($2::bytea[], $3::bytea[], $4::int8[], $5::bytea[], $6::timestamptz[]) \
-              AS u(key, etcd_value, revision, pg_value, changed)",
+              AS u(key, etcd_value, revision, pg_value, changed), sync_state s WHERE s.id = 1",
     )
     .bind::<Text, _>(mapping.table.as_str())
     .bind::<Array<Bytea>, _>(&keys)

@@ -117,16 +117,13 @@ pub async fn request_timeline_resolutions(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
     side: Side,
-    latest_only: bool,
 ) -> Result<Vec<i64>, StoreError> {
     let updated: Vec<IdRow> = diesel::sql_query(
         "UPDATE conflicts SET requested_take = $1 \
          WHERE reason = 'timeline-change' AND resolved_by = 'timeline-change' AND requested_take IS NULL \
-           AND (NOT $2 OR detected_at >= (SELECT max(e.at) FROM sync_events e WHERE e.kind = 'timeline-change')) \
          RETURNING id",
     )
     .bind::<Text, _>(side.as_str())
-    .bind::<diesel::sql_types::Bool, _>(latest_only)
     .load(conn)
     .await?;
     diesel::sql_query("SELECT pg_notify($1, 'resolve')")

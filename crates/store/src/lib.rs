@@ -214,7 +214,6 @@ impl Store {
         fence: &Fence,
         cluster_id: i64,
         detail: &serde_json::Value,
-        decision: Option<eps_core::policy::Side>,
     ) -> Result<i32, StoreError> {
         let tables: Vec<&Ident> = self.mappings.iter().map(|m| &m.table).collect();
         let one_way: Vec<&str> = self
@@ -232,7 +231,6 @@ impl Store {
             &one_way,
             cluster_id,
             detail,
-            decision,
         )
         .await
     }
@@ -431,22 +429,23 @@ impl Store {
         mirror::page_at_snapshot(&mut conn, self.connector.schema(), table, request).await
     }
 
-    /// See [`ledger::request_timeline_resolutions`]: those of the latest
-    /// timeline change only, or all.
+    /// See [`ledger::request_timeline_resolutions`].
     pub async fn request_timeline_resolutions(
         &self,
         side: eps_core::policy::Side,
-        latest_only: bool,
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.pool.get().await?;
-        ledger::request_timeline_resolutions(&mut conn, self.connector.schema(), side, latest_only)
-            .await
+        ledger::request_timeline_resolutions(&mut conn, self.connector.schema(), side).await
     }
 
-    /// Forgets the operator's answer to a held timeline once carried out.
-    pub async fn clear_timeline_decision(&self, fence: &Fence) -> Result<(), StoreError> {
+    /// See [`state::release_timeline_hold`].
+    pub async fn release_timeline_hold(
+        &self,
+        fence: &Fence,
+        detail: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.pool.get().await?;
-        state::clear_timeline_decision(&mut conn, fence).await
+        state::release_timeline_hold(&mut conn, fence, detail).await
     }
 
     /// Holds a new etcd timeline for an operator (see [`state::hold_timeline`]).
@@ -464,7 +463,7 @@ impl Store {
     pub async fn decide_timeline(
         &self,
         side: eps_core::policy::Side,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
+    ) -> Result<Option<(serde_json::Value, eps_core::policy::Side)>, StoreError> {
         let mut conn = self.pool.get().await?;
         state::decide_timeline(&mut conn, side).await
     }

@@ -20,6 +20,7 @@ diesel::table! {
         timeline_mark_pending -> Nullable<Text>,
         timeline_hold -> Nullable<Jsonb>,
         timeline_decision -> Nullable<Text>,
+        timeline_take_pg -> Bool,
     }
 }
 

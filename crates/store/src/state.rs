@@ -325,9 +325,10 @@ pub async fn record_cluster_id(
 /// (`pg-to-etcd`), which are dropped: the table's rows are their source,
 /// and every row etcd lacks is queued again from its current value after
 /// the resync — inputs deferred from the old etcd are dropped, and a
-/// `timeline-change` audit event says what was seen. An operator's
-/// `decision` on a held timeline replaces the hold, to be carried out once
-/// the resync is done.
+/// `timeline-change` audit event says what was seen. An operator's answer
+/// to a held timeline (`timeline_decision`) is consumed here, in the same
+/// transaction: `pg` makes the new timeline's rollbacks requests to put
+/// the values back (`timeline_take_pg`).
 pub async fn begin_timeline(
     conn: &mut AsyncPgConnection,
     schema: &eps_core::ident::Ident,
@@ -336,25 +337,28 @@ pub async fn begin_timeline(
     one_way: &[&str],
     cluster_id: i64,
     detail: &serde_json::Value,
-    decision: Option<Side>,
 ) -> Result<i32, StoreError> {
     use diesel_async::AsyncConnection;
     #[derive(diesel::QueryableByName)]
     struct Timeline {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         timeline: i32,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        decision: Option<String>,
     }
     conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
         let next: Timeline = diesel::sql_query(
-            "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, timeline_resync = true, \
-                 timeline_mark = NULL, timeline_mark_pending = NULL, timeline_hold = NULL, timeline_decision = $2 \
-             WHERE id = 1 RETURNING timeline",
+            "UPDATE sync_state s SET timeline = s.timeline + 1, etcd_cluster_id = $1, timeline_resync = true, \
+                 timeline_mark = NULL, timeline_mark_pending = NULL, timeline_hold = NULL, \
+                 timeline_decision = NULL, timeline_take_pg = (o.decision IS NOT DISTINCT FROM 'pg') \
+             FROM (SELECT timeline_decision AS decision FROM sync_state WHERE id = 1) o \
+             WHERE s.id = 1 RETURNING s.timeline, o.decision",
         )
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)
-        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Text>, _>(decision.map(Side::as_str))
         .get_result(conn)
         .await?;
+        let decision = next.decision.as_deref().and_then(Side::parse);
         for table in tables {
             diesel::sql_query(format!(
                 "UPDATE {}.{} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",
@@ -417,40 +421,58 @@ pub async fn hold_timeline(
 }
 
 /// An operator's answer to a held timeline: `etcd` follows the new etcd,
-/// `pg` follows it and puts back every value that rolled back. Carried out
-/// by the leader, whose `timeline-change` audit event names the decision.
-/// Returns what was held, `None` when nothing is (then nothing changes).
+/// `pg` follows it and puts back every value that rolled back. Consumed by
+/// the leader's [`begin_timeline`], whose `timeline-change` event names it.
+/// The first answer stands (two operators cannot overwrite each other):
+/// returns what was held and the answer recorded, `None` when nothing is
+/// held.
 pub async fn decide_timeline(
     conn: &mut AsyncPgConnection,
     side: Side,
-) -> Result<Option<serde_json::Value>, StoreError> {
-    let held: Option<Option<serde_json::Value>> = diesel::update(sync_state::table)
-        .filter(sync_state::id.eq(1))
-        .filter(sync_state::timeline_hold.is_not_null())
-        .set(sync_state::timeline_decision.eq(side.as_str()))
-        .returning(sync_state::timeline_hold)
-        .get_result(conn)
-        .await
-        .optional()?;
-    Ok(held.flatten())
+) -> Result<Option<(serde_json::Value, Side)>, StoreError> {
+    #[derive(diesel::QueryableByName)]
+    struct Held {
+        #[diesel(sql_type = diesel::sql_types::Jsonb)]
+        hold: serde_json::Value,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        decision: String,
+    }
+    let held: Option<Held> = diesel::sql_query(
+        "UPDATE sync_state SET timeline_decision = coalesce(timeline_decision, $1) \
+         WHERE id = 1 AND timeline_hold IS NOT NULL \
+         RETURNING timeline_hold AS hold, timeline_decision AS decision",
+    )
+    .bind::<diesel::sql_types::Text, _>(side.as_str())
+    .get_result(conn)
+    .await
+    .optional()?;
+    Ok(held.and_then(|h| Some((h.hold, Side::parse(&h.decision)?))))
 }
 
-/// Forgets the operator's answer to a held timeline (kept through the
-/// resync by [`begin_timeline`], carried out after it).
-pub async fn clear_timeline_decision(
+/// Releases a held timeline that no longer applies — etcd is the one the
+/// mirror follows again (the original put back) — with a
+/// `timeline-released` event. Returns false when nothing was held.
+pub async fn release_timeline_hold(
     conn: &mut AsyncPgConnection,
     fence: &crate::Fence,
-) -> Result<(), StoreError> {
+    detail: &serde_json::Value,
+) -> Result<bool, StoreError> {
     use diesel_async::AsyncConnection;
     conn.transaction::<_, StoreError, _>(async |conn| {
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
-        diesel::update(sync_state::table)
+        let released = diesel::update(sync_state::table)
             .filter(sync_state::id.eq(1))
-            .filter(sync_state::timeline_hold.is_null())
-            .set(sync_state::timeline_decision.eq(None::<String>))
+            .filter(sync_state::timeline_hold.is_not_null())
+            .set((
+                sync_state::timeline_hold.eq(None::<serde_json::Value>),
+                sync_state::timeline_decision.eq(None::<String>),
+            ))
             .execute(conn)
             .await?;
-        Ok(())
+        if released > 0 {
+            crate::events::record(conn, fence, AuditKind::TimelineReleased, None, detail).await?;
+        }
+        Ok(released > 0)
     })
     .await
 }
@@ -494,7 +516,8 @@ pub async fn adopt_timeline(
         crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
         let next: Timeline = diesel::sql_query(
             "UPDATE sync_state SET timeline = timeline + 1, etcd_cluster_id = $1, \
-                 timeline_mark = NULL, timeline_mark_pending = NULL \
+                 timeline_mark = NULL, timeline_mark_pending = NULL, \
+                 timeline_hold = NULL, timeline_decision = NULL, timeline_take_pg = false \
              WHERE id = 1 RETURNING timeline",
         )
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)

@@ -9,6 +9,7 @@ mod common;
 use std::time::Instant;
 
 use eps_core::model::{KeyMeta, KeyValue, Origin};
+use eps_core::policy::Side;
 use eps_core::reconcile::KeyInput;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Store};
 
@@ -80,7 +81,7 @@ async fn timeline_conflicts(admin: &tokio_postgres::Client) -> anyhow::Result<Ve
 async fn a_retried_timeline_resync_records_each_rollback_once() -> anyhow::Result<()> {
     let (store, _db, fence, admin) = store_with_one_key().await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
         .await?;
     let first = timeline_resync(&store, &fence, &resynced("/a", "restored", 3)).await?;
     assert_eq!(first.rolled_back, 1);
@@ -98,7 +99,7 @@ async fn a_retried_timeline_resync_records_each_rollback_once() -> anyhow::Resul
 async fn a_rollback_deferred_behind_an_open_transaction_is_recorded() -> anyhow::Result<()> {
     let (store, db, fence, admin) = store_with_one_key().await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
         .await?;
     let holder = db.client().await?;
     holder
@@ -131,12 +132,60 @@ async fn a_queued_change_settled_on_a_new_timeline_says_so() -> anyhow::Result<(
         )
         .await?;
     store
-        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}), None)
+        .begin_timeline(&fence, 7, &serde_json::json!({"reason": "test"}))
         .await?;
     timeline_resync(&store, &fence, &resynced("/a", "restored", 3)).await?;
     assert_eq!(
         timeline_conflicts(&admin).await?,
         vec![b"from sql".to_vec()]
     );
+    Ok(())
+}
+
+/// An operator's answer to a held timeline: the first one stands (a second
+/// operator's other answer is refused, not swapped in under the leader),
+/// and `pg` makes every rollback of the new timeline — also one deferred
+/// behind a user's transaction and recorded after the resync — a request
+/// to put the value back.
+#[tokio::test]
+async fn the_first_answer_to_a_held_timeline_stands_and_pg_requests_every_rollback()
+-> anyhow::Result<()> {
+    let (store, db, fence, admin) = store_with_one_key().await?;
+    assert!(
+        store.decide_timeline(Side::Pg).await?.is_none(),
+        "nothing held"
+    );
+    let evidence = serde_json::json!({"reason": "test"});
+    assert!(store.hold_timeline(&fence, &evidence).await?);
+    assert!(!store.hold_timeline(&fence, &evidence).await?, "held once");
+    let (_, first) = store.decide_timeline(Side::Pg).await?.expect("held");
+    assert_eq!(first, Side::Pg);
+    let (_, second) = store.decide_timeline(Side::Etcd).await?.expect("held");
+    assert_eq!(second, Side::Pg, "the first answer stands");
+    store.begin_timeline(&fence, 7, &evidence).await?;
+    let state = store.state().await?;
+    assert!(state.timeline_hold.is_none() && state.timeline_decision.is_none());
+
+    let holder = db.client().await?;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM etcd_sync.kv WHERE key = '/a' FOR UPDATE")
+        .await?;
+    let held = timeline_resync(&store, &fence, &resynced("/a", "restored", 3)).await?;
+    assert_eq!(held.deferred_keys, 1);
+    holder.batch_execute("COMMIT").await?;
+    let later = resynced("/a", "restored", 3);
+    let drained = store
+        .apply(&ApplyRequest::new(&fence, &later, Instant::now()))
+        .await?;
+    assert_eq!(drained.rolled_back, 1);
+    let requested: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM etcd_sync.conflicts \
+             WHERE reason = 'timeline-change' AND requested_take = 'pg'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(requested, 1, "the deferred rollback is a request too");
     Ok(())
 }

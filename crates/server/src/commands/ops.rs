@@ -311,10 +311,17 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
 /// carries it out. Waits until it has (the hold is gone and the decision
 /// carried out).
 async fn resume_timeline(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
-    let Some(held) = store.decide_timeline(side).await? else {
+    let Some((held, recorded)) = store.decide_timeline(side).await? else {
         eprintln!("nothing to resume: sync is not paused on a new etcd timeline");
         return Ok(ExitCode::FAILURE);
     };
+    if recorded != side {
+        eprintln!(
+            "error: another answer was recorded first: take {}; it stands",
+            recorded.as_str()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     println!(
         "etcd was restored or replaced ({held}); the leader resumes with take {}…",
         side.as_str()
@@ -322,20 +329,22 @@ async fn resume_timeline(store: &Store, side: Side) -> anyhow::Result<ExitCode> 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let state = store.state().await?;
-        if state.timeline_hold.is_none() && state.timeline_decision.is_none() {
+        if state.timeline_hold.is_none() {
             println!(
-                "resumed on etcd timeline {}{}",
+                "resumed: following etcd timeline {}; the resync runs now{}",
                 state.timeline,
                 match side {
                     Side::Etcd =>
-                        "; values rolled back: `conflicts list --all` (reason timeline-change)",
-                    Side::Pg => "; rolled-back values are being put back into etcd",
+                        "; what it rolls back: `conflicts list --all` (reason timeline-change)",
+                    Side::Pg => "; every value it rolls back is then put back into etcd",
                 }
             );
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() > deadline {
-            eprintln!("error: recorded, but not carried out within 120 s: is a replica running?");
+            eprintln!(
+                "error: recorded, but no leader resumed within 120 s: is a replica running? (the answer stays recorded)"
+            );
             return Ok(ExitCode::FAILURE);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -346,7 +355,7 @@ async fn resume_timeline(store: &Store, side: Side) -> anyhow::Result<ExitCode> 
 /// etcd timeline rolled back (and nobody resolved since), carried out by
 /// the leader.
 async fn resolve_timeline_changes(store: &Store, side: Side) -> anyhow::Result<ExitCode> {
-    let ids = store.request_timeline_resolutions(side, false).await?;
+    let ids = store.request_timeline_resolutions(side).await?;
     let requested = ids.len();
     println!(
         "requested: take {} for {requested} value(s) a new etcd timeline rolled back; waiting for the leader…",
