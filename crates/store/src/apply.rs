@@ -849,9 +849,12 @@ async fn write_mirror(
         conn,
         table,
         &upserts,
+        // The echo of a user's change keeps the time the user wrote it.
         "DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
              mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
-             updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
+             updated_at = CASE WHEN EXCLUDED.origin = 'pg' AND t.origin = 'pg' AND t.value = EXCLUDED.value \
+                               THEN t.updated_at ELSE EXCLUDED.updated_at END, \
+             origin = EXCLUDED.origin \
          WHERE CASE WHEN $8 < 0 THEN t.mod_revision < EXCLUDED.mod_revision ELSE t.mod_revision <= $8 END",
         repair_revision,
     )

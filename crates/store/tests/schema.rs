@@ -555,3 +555,47 @@ async fn copy_and_idempotent_upserts_reach_the_outbox_as_changes() -> anyhow::Re
     assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 5);
     Ok(())
 }
+
+/// The echo of a user's change (etcd holding the value the user wrote)
+/// gives the row etcd's metadata but keeps the time the user wrote it:
+/// `newest-wins` in `verify --repair` compares that time, and the echo's
+/// arrival (late after a failover) is not a write.
+#[tokio::test]
+async fn an_echo_keeps_the_time_the_user_wrote_the_value() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    common::insert_as_service(&client, "k", "old", 5).await?;
+    client
+        .batch_execute("UPDATE etcd_sync.kv SET value = 'new' WHERE key = 'k'")
+        .await?;
+    let written: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM updated_at)::float8 FROM etcd_sync.kv WHERE key = 'k'",
+            &[],
+        )
+        .await?
+        .get(0);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let keys = [KeyInputs {
+        key: b"k".to_vec(),
+        inputs: vec![put("k", b"new", 9, Some((5, b"old")))],
+    }];
+    let report = store
+        .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
+        .await?;
+    assert_eq!(report.echoes, 1);
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM updated_at)::float8, mod_revision, origin \
+             FROM etcd_sync.kv WHERE key = 'k'",
+            &[],
+        )
+        .await?;
+    let (after, mod_revision, origin): (f64, i64, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(mod_revision, 9);
+    assert_eq!(origin, "pg");
+    assert!((after - written).abs() < 0.001, "updated_at moved from {written} to {after}");
+    Ok(())
+}
