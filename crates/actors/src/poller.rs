@@ -151,7 +151,8 @@ async fn listen(ctx: Arc<SyncContext>, wake: Arc<Notify>) {
     let backoff = ctx.config.backoff();
     let mut attempt = 0u32;
     loop {
-        match Notifications::listen(ctx.store.connector(), "outbox").await {
+        match Notifications::listen(ctx.store.connector(), eps_store::notify::Channel::Outbox).await
+        {
             Ok(mut notifications) => {
                 attempt = 0;
                 wake.notify_one();

@@ -59,6 +59,12 @@ impl Ident {
     pub fn quoted(&self) -> String {
         format!("\"{}\"", self.0.replace('"', "\"\""))
     }
+
+    /// `name` in this schema, both quoted: how SQL names a table of the
+    /// service's schema.
+    pub fn qualify(&self, name: &Ident) -> String {
+        format!("{}.{}", self.quoted(), name.quoted())
+    }
 }
 
 impl fmt::Display for Ident {
@@ -98,5 +104,12 @@ mod tests {
     #[test]
     fn quoted_wraps_in_double_quotes() {
         assert_eq!(Ident::parse("kv").unwrap().quoted(), "\"kv\"");
+    }
+
+    #[test]
+    fn qualify_quotes_both_names() {
+        let schema = Ident::parse("etcd_sync").unwrap();
+        let table = Ident::parse("kv").unwrap();
+        assert_eq!(schema.qualify(&table), "\"etcd_sync\".\"kv\"");
     }
 }

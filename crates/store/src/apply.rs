@@ -309,7 +309,7 @@ async fn apply_table(
     request: &ApplyRequest<'_>,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
-    let table = format!("{}.{}", schema.quoted(), mapping.table.quoted());
+    let table = schema.qualify(&mapping.table);
     let mut key_list: Vec<&[u8]> = keys.iter().map(|k| k.key.as_slice()).collect();
     key_list.sort_unstable();
     key_list.dedup();

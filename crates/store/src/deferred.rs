@@ -389,9 +389,8 @@ pub async fn blocking_pid(
         "SELECT (SELECT l.pid FROM pg_locks l \
                  WHERE l.locktype = 'transactionid' AND l.transactionid = t.xmax AND l.granted \
                  LIMIT 1) AS pid \
-         FROM {}.{} AS t WHERE t.key = $1",
-        schema.quoted(),
-        table.quoted()
+         FROM {} AS t WHERE t.key = $1",
+        schema.qualify(table)
     ))
     .bind::<Bytea, _>(key)
     .load(conn)

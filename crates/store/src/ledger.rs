@@ -95,7 +95,6 @@ pub async fn conflict(
 /// out by the leader's arbiter through the fenced paths.
 pub async fn request_resolution(
     conn: &mut AsyncPgConnection,
-    schema: &Ident,
     id: i64,
     side: Side,
 ) -> Result<bool, StoreError> {
@@ -104,10 +103,7 @@ pub async fn request_resolution(
         .bind::<Text, _>(side.as_str())
         .execute(conn)
         .await?;
-    diesel::sql_query("SELECT pg_notify($1, 'resolve')")
-        .bind::<Text, _>(format!("{schema}_conflicts"))
-        .execute(conn)
-        .await?;
+    crate::notify::notify(conn, crate::notify::Channel::Conflicts, "resolve").await?;
     Ok(updated == 1)
 }
 
@@ -115,7 +111,6 @@ pub async fn request_resolution(
 /// nobody has resolved since; returns their conflict ids.
 pub async fn request_timeline_resolutions(
     conn: &mut AsyncPgConnection,
-    schema: &Ident,
     side: Side,
 ) -> Result<Vec<i64>, StoreError> {
     let updated: Vec<IdRow> = diesel::sql_query(
@@ -126,10 +121,7 @@ pub async fn request_timeline_resolutions(
     .bind::<Text, _>(side.as_str())
     .load(conn)
     .await?;
-    diesel::sql_query("SELECT pg_notify($1, 'resolve')")
-        .bind::<Text, _>(format!("{schema}_conflicts"))
-        .execute(conn)
-        .await?;
+    crate::notify::notify(conn, crate::notify::Channel::Conflicts, "resolve").await?;
     Ok(updated.into_iter().map(|row| row.id).collect())
 }
 
@@ -195,7 +187,7 @@ pub async fn execute_resolution(
             conflict.id, conflict.mirror_table
         ))
     })?;
-    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let qualified = schema.qualify(&table);
     let etcd_revision = etcd_now.map_or(0, |kv| kv.meta.mod_revision);
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
@@ -400,7 +392,7 @@ pub async fn enqueue_change(
     etcd_now: Option<&KeyValue>,
     seen: Option<&crate::mirror::MirrorRow>,
 ) -> Result<bool, StoreError> {
-    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let qualified = schema.qualify(table);
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let now = lock_row(conn, &qualified, table, key).await?;
@@ -432,7 +424,7 @@ pub async fn adopt_etcd_meta(
     if etcd_now.value != seen.value || etcd_now.key != seen.key {
         return Ok(false);
     }
-    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let qualified = schema.qualify(table);
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let now = lock_row(conn, &qualified, table, &seen.key).await?;
@@ -519,7 +511,7 @@ pub async fn mark_restored(
     revision: i64,
     snapshot: &str,
 ) -> Result<usize, StoreError> {
-    let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+    let qualified = schema.qualify(table);
     let keys: Vec<&[u8]> = restored.iter().map(|r| r.0).collect();
     let read_at: Vec<i64> = restored.iter().map(|r| r.1).collect();
     let leases: Vec<i64> = restored.iter().map(|r| r.2).collect();
@@ -653,9 +645,7 @@ async fn requeue_as_local_change(
     .bind::<BigInt, _>(meta.mod_revision)
     .execute(conn)
     .await?;
-    diesel::sql_query("SELECT pg_notify(current_schema() || '_outbox', '')")
-        .execute(conn)
-        .await?;
+    crate::notify::notify(conn, crate::notify::Channel::Outbox, "").await?;
     Ok(())
 }
 
@@ -731,9 +721,8 @@ pub async fn retry_dead_letters(
                 base: i64,
             }
             let base: Vec<Base> = diesel::sql_query(format!(
-                "SELECT COALESCE((SELECT mod_revision FROM {}.{} WHERE key = $1), 0) AS base",
-                schema.quoted(),
-                table.quoted()
+                "SELECT COALESCE((SELECT mod_revision FROM {} WHERE key = $1), 0) AS base",
+                schema.qualify(&table)
             ))
             .bind::<Bytea, _>(&letter.key)
             .load(conn)
@@ -753,10 +742,7 @@ pub async fn retry_dead_letters(
                 .execute(conn)
                 .await?;
         }
-        diesel::sql_query("SELECT pg_notify($1, '')")
-            .bind::<Text, _>(format!("{schema}_outbox"))
-            .execute(conn)
-            .await?;
+        crate::notify::notify(conn, crate::notify::Channel::Outbox, "").await?;
         Ok(letters.len())
     })
     .await

@@ -435,7 +435,7 @@ impl Store {
         side: eps_core::policy::Side,
     ) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.pool.get().await?;
-        ledger::request_timeline_resolutions(&mut conn, self.connector.schema(), side).await
+        ledger::request_timeline_resolutions(&mut conn, side).await
     }
 
     /// See [`state::release_timeline_hold`].
@@ -579,9 +579,8 @@ impl Store {
         }
         let mut conn = self.pool.get().await?;
         let rows: Vec<Count> = diesel::sql_query(format!(
-            "SELECT count(*) AS n FROM {}.{}",
-            self.schema().quoted(),
-            table.quoted()
+            "SELECT count(*) AS n FROM {}",
+            self.schema().qualify(table)
         ))
         .load(&mut conn)
         .await?;

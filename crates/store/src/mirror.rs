@@ -79,12 +79,11 @@ pub async fn page(
              SELECT *, count(*) OVER () AS fetched, \
                     sum(octet_length(key) + octet_length(value)) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) \
                         - (octet_length(key) + octet_length(value)) AS before \
-             FROM (SELECT key, value, mod_revision, lease, origin, updated_at FROM {}.{} \
+             FROM (SELECT key, value, mod_revision, lease, origin, updated_at FROM {} \
                    WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) AND ($3::bytea IS NULL OR key > $3) \
                    ORDER BY key LIMIT $4) AS limited \
          ) AS sized WHERE before < $5 ORDER BY key",
-        schema.quoted(),
-        table.quoted()
+        schema.qualify(table)
     ))
     .bind::<Bytea, _>(request.start)
     .bind::<diesel::sql_types::Nullable<Bytea>, _>(request.end)

@@ -361,9 +361,8 @@ pub async fn begin_timeline(
         let decision = next.decision.as_deref().and_then(Side::parse);
         for table in tables {
             diesel::sql_query(format!(
-                "UPDATE {}.{} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",
-                schema.quoted(),
-                table.quoted()
+                "UPDATE {} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",
+                schema.qualify(table)
             ))
             .execute(conn)
             .await?;

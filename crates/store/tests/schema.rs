@@ -596,6 +596,9 @@ async fn an_echo_keeps_the_time_the_user_wrote_the_value() -> anyhow::Result<()>
     let (after, mod_revision, origin): (f64, i64, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(mod_revision, 9);
     assert_eq!(origin, "pg");
-    assert!((after - written).abs() < 0.001, "updated_at moved from {written} to {after}");
+    assert!(
+        (after - written).abs() < 0.001,
+        "updated_at moved from {written} to {after}"
+    );
     Ok(())
 }

@@ -228,7 +228,7 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
             let before = ledger::conflict(&mut conn, id)
                 .await?
                 .with_context(|| format!("no conflict #{id}"))?;
-            if !ledger::request_resolution(&mut conn, store.schema(), id, side).await? {
+            if !ledger::request_resolution(&mut conn, id, side).await? {
                 anyhow::bail!("no conflict #{id}");
             }
             println!(
