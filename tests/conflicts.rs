@@ -27,7 +27,7 @@ struct Conflict {
     winner: Option<String>,
     status: String,
     /// By the revision clock: "pg" (written after etcd's change was made),
-    /// "etcd" (before it), "tie" (inside its window).
+    /// "etcd" (committed before it), "tie" (neither).
     newer: String,
     decided_by_tie: bool,
 }
@@ -37,7 +37,7 @@ async fn conflicts(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<Conflict>>
         .query(
             "SELECT id, key, etcd_value, etcd_revision, pg_value, winner, status, \
                     CASE WHEN pg_changed_at > etcd_changed_by THEN 'pg' \
-                         WHEN pg_changed_at <= etcd_changed_after THEN 'etcd' ELSE 'tie' END, \
+                         WHEN pg_committed_by <= etcd_changed_after THEN 'etcd' ELSE 'tie' END, \
                     pg_superseded, decided_by_tie \
              FROM etcd_sync.conflicts ORDER BY id",
             &[],
