@@ -924,8 +924,19 @@ async fn vs_make_mirror(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> 
     )
     .await?;
     let theirs_load = started.elapsed();
-    let mut source_client = source.client().await?;
-    let mut dest_client = destination.client().await?;
+    // The whole prefix in one answer: past gRPC's default 4 MiB decode
+    // limit at full size.
+    const WHOLE_PREFIX_BYTES: usize = 1 << 30;
+    let mut source_client = source
+        .client()
+        .await?
+        .kv_client()
+        .max_decoding_message_size(WHOLE_PREFIX_BYTES);
+    let mut dest_client = destination
+        .client()
+        .await?
+        .kv_client()
+        .max_decoding_message_size(WHOLE_PREFIX_BYTES);
     let options = || etcd_client::GetOptions::new().with_prefix();
     let expected: HashMap<Vec<u8>, Vec<u8>> = source_client
         .get("/bench/m/", Some(options()))
