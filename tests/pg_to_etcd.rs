@@ -496,3 +496,117 @@ async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides() 
     .await?;
     Ok(())
 }
+
+/// A PostgreSQL transaction reaches etcd in one txn (one revision): 8
+/// sessions commit 168 transactions of 2 to 8 keys each over 40 shared keys;
+/// every transaction's values appear in etcd's history at one revision,
+/// never a torn update a watcher could see half of.
+#[tokio::test]
+async fn each_sql_transaction_reaches_etcd_in_one_revision() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    let mut sessions = Vec::new();
+    for session in 0..8u64 {
+        let db = world.db.clone();
+        sessions.push(tokio::spawn(async move {
+            use rand::{Rng, SeedableRng};
+            let mut pg = db.client().await?;
+            pg.batch_execute("SET search_path TO etcd_sync").await?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(session);
+            let mut transactions: Vec<Vec<(Vec<u8>, Vec<u8>)>> = Vec::new();
+            for n in 0..21 {
+                let size = rng.random_range(2..=8);
+                let mut keys: Vec<usize> = rand::seq::index::sample(&mut rng, 40, size).into_vec();
+                // One order for every session: no deadlocks.
+                keys.sort_unstable();
+                let tx = pg.transaction().await?;
+                let mut written = Vec::new();
+                for k in keys {
+                    let key = format!("/a/t{k:02}").into_bytes();
+                    let value = format!("s{session}-t{n}-k{k}").into_bytes();
+                    tx.execute(
+                        "INSERT INTO kv_a (key, value) VALUES ($1, $2) \
+                         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&key, &value],
+                    )
+                    .await?;
+                    written.push((key, value));
+                }
+                tx.commit().await?;
+                transactions.push(written);
+            }
+            anyhow::Ok(transactions)
+        }));
+    }
+    let mut transactions = Vec::new();
+    for session in sessions {
+        transactions.extend(session.await??);
+    }
+    wait_outbox_empty(&world, Duration::from_secs(30)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    let mut torn = 0;
+    for written in &transactions {
+        let keys: Vec<&[u8]> = written.iter().map(|(k, _)| k.as_slice()).collect();
+        let values: Vec<&[u8]> = written.iter().map(|(_, v)| v.as_slice()).collect();
+        let revisions: Vec<i64> = pg
+            .query(
+                "SELECT DISTINCT h.revision FROM history h \
+                 JOIN unnest($1::bytea[], $2::bytea[]) AS w(key, value) \
+                   ON h.key = w.key AND h.value = w.value",
+                &[&keys, &values],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if revisions.len() != 1 {
+            torn += 1;
+            println!(
+                "transaction of {} keys at revisions {revisions:?}",
+                written.len()
+            );
+        }
+    }
+    assert!(
+        event_details(&pg, "transaction-split").await?.is_empty(),
+        "no transaction was too large for one txn"
+    );
+    assert_eq!(transactions.len(), 168);
+    assert_eq!(torn, 0, "transactions spread over several etcd revisions");
+    Ok(())
+}
+
+/// A transaction larger than one etcd txn (`etcd.max_txn_ops` 4 here: 3
+/// changes and the leader's fence) is split in order, and says so.
+#[tokio::test]
+async fn a_transaction_too_large_for_one_txn_is_split_and_audited() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    world
+        .env
+        .insert("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS".into(), "4".into());
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    let mut pg = world.pg().await?;
+    let tx = pg.transaction().await?;
+    for k in 0..10 {
+        tx.execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ($1, 'big')",
+            &[&format!("/a/big{k}")],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    wait_outbox_empty(&world, Duration::from_secs(20)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    let splits = event_details(&pg, "transaction-split").await?;
+    assert_eq!(splits.len(), 1, "{splits:?}");
+    assert_eq!(splits[0]["changes"], 10);
+    assert_eq!(splits[0]["etcd_txns"], 4);
+    let (_, metrics) = service.get("/metrics").await?;
+    assert!(metrics.contains("etcd_pg_sync_transaction_splits_total 1"));
+    Ok(())
+}

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::{Actor, Context, Supervised, WeakAddr};
 use eps_core::Classify;
+use eps_core::audit::AuditKind;
 use eps_core::model::Op;
 use eps_etcd::txn::compare_and_swap;
 use eps_etcd::{CasOutcome, CasWrite, EtcdError};
@@ -391,9 +392,12 @@ async fn drain(
             .pending_outbox(ctx.config.sync.outbox_batch_size, OUTBOX_READ_BYTES)
             .await?;
         state.prune(&rows, applied);
+        let window_full = rows.len() >= ctx.config.sync.outbox_batch_size
+            || rows.iter().map(request_bytes).sum::<usize>() >= OUTBOX_READ_BYTES;
         let candidates = state.select(&rows, applied, Instant::now())?;
-        if candidates.is_empty() {
-            return Ok(if rows.len() >= ctx.config.sync.outbox_batch_size {
+        let grouped = whole_transactions(&rows, candidates, window_full);
+        if grouped.groups.is_empty() {
+            return Ok(if window_full {
                 Drained::WindowAwaitingEchoes
             } else {
                 Drained::Done
@@ -401,29 +405,41 @@ async fn drain(
         }
         progress.tick();
         metrics::gauge!(telemetry::OUTBOX_DEPTH).set(rows.len() as f64);
-        let mut sendable = Vec::with_capacity(candidates.len());
-        for candidate in candidates {
-            match validate(ctx, &candidate) {
-                Ok(()) => sendable.push(candidate),
-                Err((kind, reason)) => {
-                    tracing::warn!(outbox_id = candidate.row.id, kind = kind.as_str(), %reason, "change dead-lettered");
-                    ctx.store
-                        .dead_letter(&ctx.fence, &candidate.row, kind, &reason, None)
-                        .await?;
-                    metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
-                        .increment(1);
+        let mut sendable = Vec::with_capacity(grouped.groups.len());
+        for group in grouped.groups {
+            let mut valid = Vec::with_capacity(group.len());
+            for candidate in group {
+                match validate(ctx, &candidate) {
+                    Ok(()) => valid.push(candidate),
+                    Err((kind, reason)) => {
+                        tracing::warn!(outbox_id = candidate.row.id, kind = kind.as_str(), %reason, "change dead-lettered");
+                        ctx.store
+                            .dead_letter(&ctx.fence, &candidate.row, kind, &reason, None)
+                            .await?;
+                        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
+                            .increment(1);
+                    }
                 }
+            }
+            if !valid.is_empty() {
+                sendable.push(valid);
             }
         }
         // Durably "may have been sent" before etcd sees them: a resync
         // takes only such a change for landed when etcd holds its value.
-        let ids: Vec<i64> = sendable.iter().map(|c| c.row.id).collect();
+        let ids: Vec<i64> = sendable.iter().flatten().map(|c| c.row.id).collect();
         if !ids.is_empty() {
             ctx.store.mark_sent(&ctx.fence, &ids).await?;
         }
         // Several txns in flight: each holds distinct keys and every key
         // has one change per round, so they commute.
-        let txns = chunks(sendable, ctx);
+        let (txns, mut splits) = chunks(sendable, txn_limits(ctx));
+        splits.extend(grouped.released.into_iter().map(|(xact, keys)| Split {
+            xact,
+            keys,
+            txns: None,
+        }));
+        record_splits(ctx, &splits).await?;
         for group in txns.chunks(TXNS_IN_FLIGHT) {
             let outcomes =
                 futures_util::future::join_all(group.iter().map(|txn| attempt(ctx, txn))).await;
@@ -452,8 +468,153 @@ enum Drained {
     WindowAwaitingEchoes,
 }
 
-/// Splits candidates into txns within etcd's op and size limits.
-fn chunks(candidates: Vec<Candidate>, ctx: &SyncContext) -> Vec<Vec<Candidate>> {
+/// This round's candidates grouped by the PostgreSQL transaction that
+/// wrote them.
+#[derive(Debug, Default)]
+struct Grouped {
+    /// In the order of their first change; a change written before
+    /// transactions were recorded is a group of its own.
+    groups: Vec<Vec<Candidate>>,
+    /// Transactions sent without the rest of their changes (transaction id,
+    /// changes sent): the window of oldest rows was full of changes held
+    /// back, one transaction larger than it.
+    released: Vec<(i64, usize)>,
+}
+
+/// Keeps a PostgreSQL transaction together: it goes only when every change
+/// of it is in the window (the read leaves out keys the watcher or an
+/// operator must settle first) and, for each of its keys, its first change
+/// is a candidate — a key whose earlier change (another transaction's) is
+/// still to go, blocked, or waiting for a retry holds the whole transaction
+/// back, and it goes once that change is on its way. Per key, changes are in commit order (the
+/// mirror row's lock orders writers), so the oldest transaction waiting
+/// never waits on a younger one. When the window is full and nothing could
+/// go, the held-back changes go as they are, in order (a split).
+fn whole_transactions(
+    rows: &[OutboxRow],
+    candidates: Vec<Candidate>,
+    window_full: bool,
+) -> Grouped {
+    let candidate_ids: HashSet<i64> = candidates.iter().map(|c| c.row.id).collect();
+    let mut first_of_key: HashSet<(i64, KeyId)> = HashSet::new();
+    let mut complete: HashMap<i64, bool> = HashMap::new();
+    let mut in_window: HashMap<i64, i64> = HashMap::new();
+    for row in rows {
+        let Some(xact) = row.xact else { continue };
+        *in_window.entry(xact).or_default() += 1;
+        let ready = !first_of_key.insert((xact, key_id(row))) || candidate_ids.contains(&row.id);
+        *complete.entry(xact).or_insert(true) &= ready;
+    }
+    for row in rows {
+        if let Some(xact) = row.xact
+            && in_window.get(&xact).is_some_and(|n| *n < row.xact_rows)
+        {
+            complete.insert(xact, false);
+        }
+    }
+    let mut grouped = Grouped::default();
+    let mut held: Vec<Candidate> = Vec::new();
+    let mut index: HashMap<i64, usize> = HashMap::new();
+    for candidate in candidates {
+        match candidate.row.xact {
+            None => grouped.groups.push(vec![candidate]),
+            Some(xact) if complete.get(&xact) == Some(&true) => match index.get(&xact) {
+                Some(i) => grouped.groups[*i].push(candidate),
+                None => {
+                    index.insert(xact, grouped.groups.len());
+                    grouped.groups.push(vec![candidate]);
+                }
+            },
+            Some(_) => held.push(candidate),
+        }
+    }
+    if grouped.groups.is_empty() && window_full {
+        for candidate in held {
+            let xact = candidate.row.xact.unwrap_or_default();
+            match index.get(&xact) {
+                Some(i) => grouped.groups[*i].push(candidate),
+                None => {
+                    index.insert(xact, grouped.groups.len());
+                    grouped.groups.push(vec![candidate]);
+                }
+            }
+        }
+        grouped.released = grouped
+            .groups
+            .iter()
+            .map(|g| (g[0].row.xact.unwrap_or_default(), g.len()))
+            .collect();
+    }
+    grouped
+}
+
+/// A transaction that reached etcd in more than one txn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Split {
+    xact: i64,
+    /// Its changes sent in this round.
+    keys: usize,
+    /// The etcd txns they took (`None`: the rest did not fit the window).
+    txns: Option<usize>,
+}
+
+/// Packs transactions into txns within etcd's op and size limits, never
+/// splitting one that fits in a txn by itself; one that does not is split
+/// in order (reported).
+fn chunks(
+    groups: Vec<Vec<Candidate>>,
+    (max_ops, max_bytes): (usize, usize),
+) -> (Vec<Vec<Candidate>>, Vec<Split>) {
+    let mut out: Vec<Vec<Candidate>> = Vec::new();
+    let mut splits = Vec::new();
+    let mut current: Vec<Candidate> = Vec::new();
+    let mut bytes = 0usize;
+    for group in groups {
+        let size: usize = group.iter().map(|c| request_bytes(&c.row)).sum();
+        if group.len() <= max_ops && size <= max_bytes {
+            if current.len() + group.len() > max_ops || bytes + size > max_bytes {
+                out.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += size;
+            current.extend(group);
+            continue;
+        }
+        // Larger than one txn: in order, in as many as it takes.
+        if !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        let xact = group[0].row.xact;
+        let keys = group.len();
+        let before = out.len();
+        for candidate in group {
+            let size = request_bytes(&candidate.row);
+            if !current.is_empty() && (current.len() >= max_ops || bytes + size > max_bytes) {
+                out.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += size;
+            current.push(candidate);
+        }
+        out.push(std::mem::take(&mut current));
+        bytes = 0;
+        if let Some(xact) = xact {
+            splits.push(Split {
+                xact,
+                keys,
+                txns: Some(out.len() - before),
+            });
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    (out, splits)
+}
+
+/// Changes and bytes one etcd txn of the poller takes.
+fn txn_limits(ctx: &SyncContext) -> (usize, usize) {
     // One compare slot goes to the leader fence.
     let max_ops = ctx.config.etcd.max_txn_ops.saturating_sub(1).max(1);
     let max_bytes = ctx
@@ -462,22 +623,28 @@ fn chunks(candidates: Vec<Candidate>, ctx: &SyncContext) -> Vec<Vec<Candidate>> 
         .max_request_bytes
         .saturating_sub(64 * 1024)
         .max(1);
-    let mut out: Vec<Vec<Candidate>> = Vec::new();
-    let mut current: Vec<Candidate> = Vec::new();
-    let mut bytes = 0usize;
-    for candidate in candidates {
-        let size = request_bytes(&candidate.row);
-        if !current.is_empty() && (current.len() >= max_ops || bytes + size > max_bytes) {
-            out.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += size;
-        current.push(candidate);
+    (max_ops, max_bytes)
+}
+
+/// Audits and counts transactions that reached etcd in several txns.
+async fn record_splits(ctx: &SyncContext, splits: &[Split]) -> Result<(), ActorError> {
+    for split in splits {
+        let detail = serde_json::json!({
+            "transaction": split.xact,
+            "changes": split.keys,
+            "etcd_txns": split.txns,
+            "reason": match split.txns {
+                Some(_) => "more changes than one etcd txn takes (etcd.max_txn_ops, etcd.max_request_bytes)",
+                None => "more changes than the outbox read window holds (sync.outbox_batch_size)",
+            },
+        });
+        tracing::warn!(%detail, "a PostgreSQL transaction reaches etcd in several txns");
+        metrics::counter!(telemetry::TRANSACTION_SPLITS_TOTAL).increment(1);
+        ctx.store
+            .record_event(&ctx.fence, AuditKind::TransactionSplit, None, &detail)
+            .await?;
     }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
+    Ok(())
 }
 
 /// One fenced compare-and-swap txn for `txn` (distinct keys), traced.
@@ -711,6 +878,8 @@ mod tests {
             base_revision,
             attempts: 0,
             created_at_us: 0,
+            xact: None,
+            xact_rows: 1,
         }
     }
 
@@ -794,5 +963,95 @@ mod tests {
         let next = state.select(&rows, 9, Instant::now()).unwrap();
         assert_eq!(next[0].row.id, 2);
         assert_eq!(next[0].expected, 0, "after our delete the key is absent");
+    }
+
+    fn in_xact(mut row: OutboxRow, xact: i64) -> OutboxRow {
+        row.xact = Some(xact);
+        row
+    }
+
+    fn ids(groups: &[Vec<Candidate>]) -> Vec<Vec<i64>> {
+        groups
+            .iter()
+            .map(|g| g.iter().map(|c| c.row.id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_transaction_goes_whole_or_waits() {
+        // Transaction 7 wrote /a and /b; transaction 8 wrote /b (after 7's
+        // change of /b: the row lock orders them) and /c.
+        let rows = [
+            in_xact(row(1, "/a", 1), 7),
+            in_xact(row(2, "/b", 2), 7),
+            in_xact(row(3, "/c", 3), 8),
+            in_xact(row(4, "/b", 2), 8),
+        ];
+        let mut state = PollerState::default();
+        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
+        let grouped = whole_transactions(&rows, candidates, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![1, 2]], "8 waits for 7's /b");
+        for candidate in &grouped.groups[0] {
+            state.record_applied(candidate, 10);
+        }
+        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
+        let grouped = whole_transactions(&rows, candidates, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![3, 4]], "then 8 goes whole");
+        assert!(grouped.released.is_empty());
+    }
+
+    #[test]
+    fn a_full_window_of_held_changes_goes_as_it_is() {
+        // Transaction 7 also wrote /a twice; the window ends inside it.
+        let rows = [in_xact(row(1, "/a", 1), 7), in_xact(row(2, "/a", 1), 7)];
+        let state = PollerState::default();
+        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
+        let held = whole_transactions(&rows, candidates.clone(), false);
+        assert_eq!(
+            ids(&held.groups),
+            vec![vec![1]],
+            "its first change of /a goes"
+        );
+        let rows = [in_xact(row(1, "/a", 1), 7), in_xact(row(5, "/b", 1), 9)];
+        let mut state = PollerState::default();
+        state.blocked.insert(
+            key_id(&rows[0]),
+            Blocked {
+                until: 10,
+                etcd_revision: 8,
+            },
+        );
+        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
+        assert_eq!(candidates.len(), 1, "/a is blocked");
+        let grouped = whole_transactions(&rows, candidates, true);
+        assert_eq!(ids(&grouped.groups), vec![vec![5]]);
+        assert!(grouped.released.is_empty(), "9 is whole");
+    }
+
+    #[test]
+    fn transactions_share_a_txn_and_only_an_oversized_one_is_split() {
+        let candidate = |id: i64, xact: i64| Candidate {
+            row: in_xact(row(id, &format!("/k{id}"), 1), xact),
+            op: Op::Put,
+            expected: 1,
+        };
+        let groups = vec![
+            vec![candidate(1, 7), candidate(2, 7)],
+            vec![candidate(3, 8), candidate(4, 8), candidate(5, 8)],
+            vec![candidate(6, 9)],
+        ];
+        let (txns, splits) = chunks(groups.clone(), (3, usize::MAX));
+        assert_eq!(ids(&txns), vec![vec![1, 2], vec![3, 4, 5], vec![6]]);
+        assert!(splits.is_empty(), "no transaction split: {splits:?}");
+        let (txns, splits) = chunks(groups, (2, usize::MAX));
+        assert_eq!(ids(&txns), vec![vec![1, 2], vec![3, 4], vec![5], vec![6]]);
+        assert_eq!(
+            splits,
+            vec![Split {
+                xact: 8,
+                keys: 3,
+                txns: Some(2)
+            }]
+        );
     }
 }

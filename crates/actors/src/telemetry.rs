@@ -28,6 +28,7 @@ pub const UP: &str = "etcd_pg_sync_store_up";
 pub const KEYS_BLOCKED: &str = "etcd_pg_sync_keys_blocked";
 pub const CLOCK_SAMPLES_TOTAL: &str = "etcd_pg_sync_revision_clock_samples_total";
 pub const TIMELINE_PAUSED: &str = "etcd_pg_sync_timeline_paused";
+pub const TRANSACTION_SPLITS_TOTAL: &str = "etcd_pg_sync_transaction_splits_total";
 
 /// Describes every metric once (help texts in the exposition).
 pub fn describe() {
@@ -98,6 +99,10 @@ pub fn describe() {
         "1 while sync is paused on a restored or replaced etcd, waiting for `etcd-pg-sync timeline resume`"
     );
     describe_counter!(
+        TRANSACTION_SPLITS_TOTAL,
+        "PostgreSQL transactions that reached etcd in more than one txn (audit transaction-split)"
+    );
+    describe_counter!(
         CLOCK_SAMPLES_TOTAL,
         "revision clock samples of this replica, by result (recorded, other-cluster, failed)"
     );
@@ -143,6 +148,7 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
         metrics::counter!(ACTOR_RESTARTS, "actor" => actor).increment(0);
     }
     metrics::counter!(COMPACTION_RECOVERIES_TOTAL).increment(0);
+    metrics::counter!(TRANSACTION_SPLITS_TOTAL).increment(0);
     metrics::counter!(LEADER_CHANGES_TOTAL).increment(0);
     metrics::counter!(SNAPSHOT_KEYS_TOTAL).increment(0);
     metrics::gauge!(IS_LEADER).set(0.0);

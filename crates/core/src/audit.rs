@@ -14,6 +14,8 @@ pub enum AuditKind {
     DeadLetter,
     /// A change whose retries ran out.
     RetryExhausted,
+    /// A PostgreSQL transaction that reached etcd in more than one txn.
+    TransactionSplit,
     /// Elected, resigned or stepped down; node and term.
     Leadership,
     /// The initial snapshot.
@@ -45,12 +47,13 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, in README's order.
-    pub const ALL: [AuditKind; 18] = [
+    pub const ALL: [AuditKind; 19] = [
         AuditKind::BatchApplied,
         AuditKind::Conflict,
         AuditKind::Resolution,
         AuditKind::DeadLetter,
         AuditKind::RetryExhausted,
+        AuditKind::TransactionSplit,
         AuditKind::Leadership,
         AuditKind::Snapshot,
         AuditKind::CompactionRecovery,
@@ -74,6 +77,7 @@ impl AuditKind {
             AuditKind::Resolution => "resolution",
             AuditKind::DeadLetter => "dead-letter",
             AuditKind::RetryExhausted => "retry-exhausted",
+            AuditKind::TransactionSplit => "transaction-split",
             AuditKind::Leadership => "leadership",
             AuditKind::Snapshot => "snapshot",
             AuditKind::CompactionRecovery => "compaction-recovery",

@@ -69,6 +69,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000006_timeline_pause",
         up: include_str!("../../../migrations/2026-12-01-000006_timeline_pause/up.sql"),
     },
+    SqlFile {
+        version: "20261201000007",
+        name: "2026-12-01-000007_transactions",
+        up: include_str!("../../../migrations/2026-12-01-000007_transactions/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

@@ -29,6 +29,14 @@ pub struct OutboxRow {
     /// When it was written, microseconds on PostgreSQL's clock.
     #[diesel(sql_type = BigInt)]
     pub created_at_us: i64,
+    /// The PostgreSQL transaction that wrote it (`None`: written before
+    /// transactions were recorded).
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub xact: Option<i64>,
+    /// How many changes of that transaction the outbox holds, whether this
+    /// read returned them or not (1 without a transaction).
+    #[diesel(sql_type = BigInt)]
+    pub xact_rows: i64,
 }
 
 impl OutboxRow {
@@ -72,10 +80,13 @@ pub async fn pending(
     max_bytes: usize,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let rows = diesel::sql_query(
-        "SELECT id, mirror_table, key, op, value, base_revision, attempts, created_at_us FROM ( \
+        "SELECT id, mirror_table, key, op, value, base_revision, attempts, created_at_us, xact, xact_rows FROM ( \
              SELECT *, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM ( \
                  SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
                         (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us, \
+                        o.xact::text::int8 AS xact, \
+                        CASE WHEN o.xact IS NULL THEN 1 \
+                             ELSE (SELECT count(*) FROM outbox x WHERE x.xact = o.xact) END AS xact_rows, \
                         octet_length(o.key) + coalesce(octet_length(o.value), 0) AS size \
                  FROM outbox o \
                  WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
