@@ -56,7 +56,8 @@ async fn wait_until_blocked(admin: &tokio_postgres::Client) -> anyhow::Result<()
         let waiting: i64 = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE application_name = 'etcd-pg-sync' AND wait_event_type = 'Lock'",
+                 WHERE application_name = 'etcd-pg-sync' AND wait_event_type = 'Lock' \
+                   AND datname = current_database()",
                 &[],
             )
             .await?
@@ -325,10 +326,11 @@ async fn a_repair_from_postgres_does_not_resurrect_a_row_deleted_since_the_diff(
     Ok(())
 }
 
-/// The apply waits for a user's transaction that deletes a row it is about
-/// to update with the echo of that user's own earlier change. The delete
-/// was made on top of that change: it must be rebased onto the echo's
-/// revision, and the row must not come back.
+/// A user's transaction deletes a row the apply is about to update with the
+/// echo of that user's own earlier change. The apply does not wait for it:
+/// the echo is deferred, and applied once the transaction committed. The
+/// delete was made on top of that change: it must be rebased onto the
+/// echo's revision, and the row must not come back.
 #[tokio::test]
 async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> anyhow::Result<()> {
     let (store, db) =
@@ -348,41 +350,44 @@ async fn a_row_deleted_while_the_apply_waits_for_its_lock_stays_deleted() -> any
     holder
         .batch_execute("BEGIN; DELETE FROM etcd_sync.kv WHERE key = '/k'")
         .await?;
-    let apply = tokio::spawn({
-        let store = store.clone();
-        async move {
-            let fence = Fence {
-                term: 1,
-                node: "n1".into(),
-            };
-            // The echo of the user's update to 'a'.
-            let keys = vec![KeyInputs {
-                key: b"/k".to_vec(),
-                inputs: vec![KeyInput::Event(EtcdEvent {
-                    op: Op::Put,
-                    key: b"/k".to_vec(),
-                    revision: 20,
-                    value: b"a".to_vec(),
-                    meta: KeyMeta {
-                        create_revision: 10,
-                        mod_revision: 20,
-                        version: 2,
-                        lease: 0,
-                    },
-                    prev: Some(eps_core::model::PrevKv {
-                        value: b"v0".to_vec(),
-                        mod_revision: 10,
-                    }),
-                })],
-            }];
-            store
-                .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
-                .await
-        }
-    });
-    wait_until_blocked(&admin).await?;
+    let fence = Fence {
+        term: 1,
+        node: "n1".into(),
+    };
+    // The echo of the user's update to 'a'.
+    let keys = vec![KeyInputs {
+        key: b"/k".to_vec(),
+        inputs: vec![KeyInput::Event(EtcdEvent {
+            op: Op::Put,
+            key: b"/k".to_vec(),
+            revision: 20,
+            value: b"a".to_vec(),
+            meta: KeyMeta {
+                create_revision: 10,
+                mod_revision: 20,
+                version: 2,
+                lease: 0,
+            },
+            prev: Some(eps_core::model::PrevKv {
+                value: b"v0".to_vec(),
+                mod_revision: 10,
+            }),
+        })],
+    }];
+    let held = store
+        .apply(&ApplyRequest::new(&fence, &keys, Instant::now()))
+        .await?;
+    assert_eq!(held.deferred_keys, 1, "the held row is not waited for");
     holder.batch_execute("COMMIT").await?;
-    apply.await??;
+    // The watcher's retry of the key's deferred inputs.
+    let retry = vec![KeyInputs {
+        key: b"/k".to_vec(),
+        inputs: Vec::new(),
+    }];
+    let drained = store
+        .apply(&ApplyRequest::new(&fence, &retry, Instant::now()))
+        .await?;
+    assert_eq!(drained.drained_keys, 1);
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM etcd_sync.kv WHERE key = '/k'", &[])
         .await?
