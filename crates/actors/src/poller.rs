@@ -261,6 +261,13 @@ impl PollerState {
             .retain(|key, blocked| applied < blocked.until || oldest_present.contains_key(key));
     }
 
+    /// Sent by this poller, its echo not consumed yet.
+    fn in_flight(&self, row: &OutboxRow) -> bool {
+        self.chains
+            .get(&key_id(row))
+            .is_some_and(|c| row.id <= c.last_id)
+    }
+
     /// The first unsent change of every key that may go now.
     fn select(
         &self,
@@ -392,10 +399,19 @@ async fn drain(
             .pending_outbox(ctx.config.sync.outbox_batch_size, OUTBOX_READ_BYTES)
             .await?;
         state.prune(&rows, applied);
-        let window_full = rows.len() >= ctx.config.sync.outbox_batch_size
-            || rows.iter().map(request_bytes).sum::<usize>() >= OUTBOX_READ_BYTES;
+        // As the read counts: keys and values.
+        let read_bytes: usize = rows
+            .iter()
+            .map(|r| r.key.len() + r.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        let window_full =
+            rows.len() >= ctx.config.sync.outbox_batch_size || read_bytes >= OUTBOX_READ_BYTES;
         let candidates = state.select(&rows, applied, Instant::now())?;
-        let grouped = whole_transactions(&rows, candidates, window_full);
+        let window = Window {
+            state,
+            full: window_full,
+        };
+        let grouped = whole_transactions(&rows, candidates, window);
         if grouped.groups.is_empty() {
             return Ok(if window_full {
                 Drained::WindowAwaitingEchoes
@@ -481,35 +497,54 @@ struct Grouped {
     released: Vec<(i64, usize)>,
 }
 
+/// What [`whole_transactions`] knows of the window besides the candidates.
+#[derive(Debug, Clone, Copy)]
+struct Window<'a> {
+    state: &'a PollerState,
+    /// The read stopped at its row or byte limit: rows may lie beyond it.
+    full: bool,
+}
+
 /// Keeps a PostgreSQL transaction together: it goes only when every change
 /// of it is in the window (the read leaves out keys the watcher or an
 /// operator must settle first) and, for each of its keys, its first change
-/// is a candidate — a key whose earlier change (another transaction's) is
-/// still to go, blocked, or waiting for a retry holds the whole transaction
-/// back, and it goes once that change is on its way. Per key, changes are in commit order (the
-/// mirror row's lock orders writers), so the oldest transaction waiting
-/// never waits on a younger one. When the window is full and nothing could
-/// go, the held-back changes go as they are, in order (a split).
-fn whole_transactions(
-    rows: &[OutboxRow],
-    candidates: Vec<Candidate>,
-    window_full: bool,
-) -> Grouped {
+/// not yet sent is a candidate — a key whose earlier change (another
+/// transaction's) is still to go, blocked, or waiting for a retry holds the
+/// whole transaction back, and it goes once that change is on its way.
+///
+/// Per key, a user's changes are in commit order (the mirror row's lock
+/// orders writers), so a transaction held back waits on an older one. The
+/// service's own writes (a dead-letter retry of several keys) need not
+/// follow that order, and a transaction can outgrow the window: when
+/// nothing can go and every held-back transaction waits only on another
+/// held-back one (or on rows beyond a full window no echo will free), the
+/// oldest goes as it is (a split, reported in `released`).
+fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Window) -> Grouped {
     let candidate_ids: HashSet<i64> = candidates.iter().map(|c| c.row.id).collect();
-    let mut first_of_key: HashSet<(i64, KeyId)> = HashSet::new();
+    let mut first_unsent: HashSet<(i64, KeyId)> = HashSet::new();
+    // Per transaction: complete, and the keys it waits for (none when complete).
     let mut complete: HashMap<i64, bool> = HashMap::new();
+    let mut waits_on: HashMap<i64, Vec<KeyId>> = HashMap::new();
     let mut in_window: HashMap<i64, i64> = HashMap::new();
     for row in rows {
         let Some(xact) = row.xact else { continue };
         *in_window.entry(xact).or_default() += 1;
-        let ready = !first_of_key.insert((xact, key_id(row))) || candidate_ids.contains(&row.id);
-        *complete.entry(xact).or_insert(true) &= ready;
+        let entry = complete.entry(xact).or_insert(true);
+        if window.state.in_flight(row) || !first_unsent.insert((xact, key_id(row))) {
+            continue;
+        }
+        if !candidate_ids.contains(&row.id) {
+            *entry = false;
+            waits_on.entry(xact).or_default().push(key_id(row));
+        }
     }
+    let mut beyond: HashSet<i64> = HashSet::new();
     for row in rows {
         if let Some(xact) = row.xact
             && in_window.get(&xact).is_some_and(|n| *n < row.xact_rows)
         {
             complete.insert(xact, false);
+            beyond.insert(xact);
         }
     }
     let mut grouped = Grouped::default();
@@ -528,23 +563,37 @@ fn whole_transactions(
             Some(_) => held.push(candidate),
         }
     }
-    if grouped.groups.is_empty() && window_full {
-        for candidate in held {
-            let xact = candidate.row.xact.unwrap_or_default();
-            match index.get(&xact) {
-                Some(i) => grouped.groups[*i].push(candidate),
-                None => {
-                    index.insert(xact, grouped.groups.len());
-                    grouped.groups.push(vec![candidate]);
-                }
-            }
-        }
-        grouped.released = grouped
-            .groups
-            .iter()
-            .map(|g| (g[0].row.xact.unwrap_or_default(), g.len()))
-            .collect();
+    if !grouped.groups.is_empty() || held.is_empty() {
+        return grouped;
     }
+    // Nothing can go. Release the oldest held-back transaction only if no
+    // held-back one waits on something outside the held-back set.
+    let held_keys: HashSet<KeyId> = held.iter().map(|c| key_id(&c.row)).collect();
+    let held_xacts: HashSet<i64> = held.iter().filter_map(|c| c.row.xact).collect();
+    let awaiting_echoes = !window.state.chains.is_empty();
+    let waits_outside = held_xacts.iter().any(|xact| {
+        let on_keys = waits_on
+            .get(xact)
+            .is_some_and(|keys| keys.iter().any(|k| !held_keys.contains(k)));
+        let on_rows = beyond.contains(xact) && (!window.full || awaiting_echoes);
+        on_keys || on_rows
+    });
+    if waits_outside {
+        return grouped;
+    }
+    let Some(oldest) = held
+        .iter()
+        .min_by_key(|c| c.row.id)
+        .and_then(|c| c.row.xact)
+    else {
+        return grouped;
+    };
+    let released: Vec<Candidate> = held
+        .into_iter()
+        .filter(|c| c.row.xact == Some(oldest))
+        .collect();
+    grouped.released = vec![(oldest, released.len())];
+    grouped.groups.push(released);
     grouped
 }
 
@@ -965,8 +1014,9 @@ mod tests {
         assert_eq!(next[0].expected, 0, "after our delete the key is absent");
     }
 
-    fn in_xact(mut row: OutboxRow, xact: i64) -> OutboxRow {
+    fn in_xact(mut row: OutboxRow, xact: i64, rows: i64) -> OutboxRow {
         row.xact = Some(xact);
+        row.xact_rows = rows;
         row
     }
 
@@ -977,42 +1027,101 @@ mod tests {
             .collect()
     }
 
+    fn group(state: &PollerState, rows: &[OutboxRow], full: bool) -> Grouped {
+        let candidates = state.select(rows, 0, Instant::now()).unwrap();
+        whole_transactions(rows, candidates, Window { state, full })
+    }
+
     #[test]
     fn a_transaction_goes_whole_or_waits() {
         // Transaction 7 wrote /a and /b; transaction 8 wrote /b (after 7's
         // change of /b: the row lock orders them) and /c.
         let rows = [
-            in_xact(row(1, "/a", 1), 7),
-            in_xact(row(2, "/b", 2), 7),
-            in_xact(row(3, "/c", 3), 8),
-            in_xact(row(4, "/b", 2), 8),
+            in_xact(row(1, "/a", 1), 7, 2),
+            in_xact(row(2, "/b", 2), 7, 2),
+            in_xact(row(3, "/c", 3), 8, 2),
+            in_xact(row(4, "/b", 2), 8, 2),
         ];
         let mut state = PollerState::default();
-        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
-        let grouped = whole_transactions(&rows, candidates, false);
+        let grouped = group(&state, &rows, false);
         assert_eq!(ids(&grouped.groups), vec![vec![1, 2]], "8 waits for 7's /b");
         for candidate in &grouped.groups[0] {
             state.record_applied(candidate, 10);
         }
-        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
-        let grouped = whole_transactions(&rows, candidates, false);
+        let grouped = group(&state, &rows, false);
         assert_eq!(ids(&grouped.groups), vec![vec![3, 4]], "then 8 goes whole");
         assert!(grouped.released.is_empty());
     }
 
     #[test]
-    fn a_full_window_of_held_changes_goes_as_it_is() {
-        // Transaction 7 also wrote /a twice; the window ends inside it.
-        let rows = [in_xact(row(1, "/a", 1), 7), in_xact(row(2, "/a", 1), 7)];
-        let state = PollerState::default();
-        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
-        let held = whole_transactions(&rows, candidates.clone(), false);
+    fn a_transaction_with_rows_left_out_of_the_read_waits() {
+        // Transaction 7 has 3 rows; the read returned 2 (one key waits for
+        // the watcher): it is held, and nothing is released.
+        let rows = [
+            in_xact(row(1, "/a", 1), 7, 3),
+            in_xact(row(2, "/b", 1), 7, 3),
+        ];
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert!(grouped.groups.is_empty());
+        // A full window, nothing in flight: the rest lies beyond it and
+        // nothing else will move it, so it goes as it is.
+        let grouped = group(&PollerState::default(), &rows, true);
+        assert_eq!(ids(&grouped.groups), vec![vec![1, 2]]);
+        assert_eq!(grouped.released, vec![(7, 2)]);
+    }
+
+    #[test]
+    fn two_transactions_waiting_on_each_other_are_untangled_oldest_first() {
+        // A dead-letter retry (transaction 9: /a then /b) took no row
+        // locks, so a user's transaction 8 (/b then /a) interleaves:
+        // each waits for the other's first change.
+        let rows = [
+            in_xact(row(100, "/b", 1), 8, 2),
+            in_xact(row(101, "/a", 1), 9, 2),
+            in_xact(row(102, "/b", 1), 9, 2),
+            in_xact(row(103, "/a", 1), 8, 2),
+        ];
+        let mut state = PollerState::default();
+        let grouped = group(&state, &rows, false);
         assert_eq!(
-            ids(&held.groups),
+            ids(&grouped.groups),
+            vec![vec![100]],
+            "the oldest goes first"
+        );
+        assert_eq!(grouped.released, vec![(8, 1)]);
+        for candidate in &grouped.groups[0] {
+            state.record_applied(candidate, 10);
+        }
+        let grouped = group(&state, &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![101, 102]], "then 9, whole");
+        for candidate in &grouped.groups[0] {
+            state.record_applied(candidate, 11);
+        }
+        let grouped = group(&state, &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![103]], "then the rest of 8");
+        assert!(grouped.released.is_empty());
+    }
+
+    #[test]
+    fn a_key_written_twice_in_a_transaction_does_not_hold_it() {
+        let rows = [
+            in_xact(row(1, "/a", 1), 7, 2),
+            in_xact(row(2, "/a", 1), 7, 2),
+        ];
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(
+            ids(&grouped.groups),
             vec![vec![1]],
             "its first change of /a goes"
         );
-        let rows = [in_xact(row(1, "/a", 1), 7), in_xact(row(5, "/b", 1), 9)];
+    }
+
+    #[test]
+    fn a_held_transaction_waiting_for_a_blocked_key_is_not_released() {
+        let rows = [
+            in_xact(row(1, "/a", 1), 7, 2),
+            in_xact(row(2, "/b", 1), 7, 2),
+        ];
         let mut state = PollerState::default();
         state.blocked.insert(
             key_id(&rows[0]),
@@ -1021,17 +1130,14 @@ mod tests {
                 etcd_revision: 8,
             },
         );
-        let candidates = state.select(&rows, 0, Instant::now()).unwrap();
-        assert_eq!(candidates.len(), 1, "/a is blocked");
-        let grouped = whole_transactions(&rows, candidates, true);
-        assert_eq!(ids(&grouped.groups), vec![vec![5]]);
-        assert!(grouped.released.is_empty(), "9 is whole");
+        let grouped = group(&state, &rows, true);
+        assert!(grouped.groups.is_empty(), "it waits for the watcher");
     }
 
     #[test]
     fn transactions_share_a_txn_and_only_an_oversized_one_is_split() {
         let candidate = |id: i64, xact: i64| Candidate {
-            row: in_xact(row(id, &format!("/k{id}"), 1), xact),
+            row: in_xact(row(id, &format!("/k{id}"), 1), xact, 1),
             op: Op::Put,
             expected: 1,
         };

@@ -751,6 +751,9 @@ async fn apply(
         };
         let report = ctx.store.apply(&request).instrument(span.clone()).await?;
         deferred = report.deferred_keys > 0;
+        if report.drained_keys > 0 {
+            ctx.wake_poller.notify_one();
+        }
         for key in &report.echoed_keys {
             if let Some(context) = ctx.echo_traces.consume(key) {
                 let echo =
@@ -883,6 +886,9 @@ impl Deferred {
                 keys = report.drained_keys,
                 "applied inputs deferred for held rows"
             );
+            // Their keys' queued changes (and the transactions they held
+            // back) may go now.
+            ctx.wake_poller.notify_one();
         }
         let after = Duration::from_secs(ctx.config.sync.key_blocked_alert_secs);
         for blocked in ctx.store.report_blocked_keys(&ctx.fence, after).await? {

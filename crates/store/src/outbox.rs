@@ -80,21 +80,30 @@ pub async fn pending(
     max_bytes: usize,
 ) -> Result<Vec<OutboxRow>, StoreError> {
     let rows = diesel::sql_query(
-        "SELECT id, mirror_table, key, op, value, base_revision, attempts, created_at_us, xact, xact_rows FROM ( \
-             SELECT *, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM ( \
-                 SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
-                        (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us, \
-                        o.xact::text::int8 AS xact, \
-                        CASE WHEN o.xact IS NULL THEN 1 \
-                             ELSE (SELECT count(*) FROM outbox x WHERE x.xact = o.xact) END AS xact_rows, \
-                        octet_length(o.key) + coalesce(octet_length(o.value), 0) AS size \
-                 FROM outbox o \
-                 WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
-                                   AND p.key = o.key AND p.conflict_id IS NOT NULL) \
-                   AND NOT EXISTS (SELECT 1 FROM deferred_inputs d WHERE d.mirror_table = o.mirror_table \
-                                   AND d.key = o.key) \
-                 ORDER BY o.id LIMIT $1) AS oldest \
-         ) AS sized WHERE before < $2 ORDER BY id",
+        // A transaction's rows are counted once per transaction in the
+        // read, and only up to one more than the read can hold: one larger
+        // cannot be whole in it anyway.
+        "WITH w AS ( \
+             SELECT * FROM ( \
+                 SELECT *, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before FROM ( \
+                     SELECT o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, \
+                            (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us, \
+                            o.xact AS xact8, o.xact::text::int8 AS xact, \
+                            octet_length(o.key) + coalesce(octet_length(o.value), 0) AS size \
+                     FROM outbox o \
+                     WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
+                                       AND p.key = o.key AND p.conflict_id IS NOT NULL) \
+                       AND NOT EXISTS (SELECT 1 FROM deferred_inputs d WHERE d.mirror_table = o.mirror_table \
+                                       AND d.key = o.key) \
+                     ORDER BY o.id LIMIT $1) AS oldest \
+             ) AS sized WHERE before < $2), \
+         c AS ( \
+             SELECT d.xact8, (SELECT count(*) FROM (SELECT 1 FROM outbox x WHERE x.xact = d.xact8 \
+                                                    LIMIT $1 + 1) AS capped) AS n \
+             FROM (SELECT DISTINCT xact8 FROM w WHERE xact8 IS NOT NULL) AS d) \
+         SELECT w.id, w.mirror_table, w.key, w.op, w.value, w.base_revision, w.attempts, w.created_at_us, \
+                w.xact, coalesce(c.n, 1) AS xact_rows \
+         FROM w LEFT JOIN c ON c.xact8 = w.xact8 ORDER BY w.id",
     )
     .bind::<BigInt, _>(limit as i64)
     .bind::<BigInt, _>(max_bytes as i64)
