@@ -454,6 +454,7 @@ async fn drain(
             xact,
             keys,
             txns: None,
+            reason: SplitReason::Released,
         }));
         record_splits(ctx, &splits).await?;
         for group in txns.chunks(TXNS_IN_FLIGHT) {
@@ -603,8 +604,63 @@ struct Split {
     xact: i64,
     /// Its changes sent in this round.
     keys: usize,
-    /// The etcd txns they took (`None`: the rest did not fit the window).
+    /// The etcd txns they took, when known.
     txns: Option<usize>,
+    reason: SplitReason,
+}
+
+/// Why a transaction reached etcd in several txns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SplitReason {
+    /// More changes or bytes than one etcd txn takes.
+    TooLarge,
+    /// Held back while nothing else could go (see [`whole_transactions`]).
+    Released,
+    /// A compare failed on one of its keys: the others went on.
+    Conflict,
+    /// etcd refused the txn and it was divided to find the change refused.
+    Refused,
+}
+
+impl SplitReason {
+    fn describe(self) -> &'static str {
+        match self {
+            SplitReason::TooLarge => {
+                "more changes than one etcd txn takes (etcd.max_txn_ops, etcd.max_request_bytes)"
+            }
+            SplitReason::Released => {
+                "held back while nothing else could go (larger than the outbox read, sync.outbox_batch_size, or waiting on a service write)"
+            }
+            SplitReason::Conflict => {
+                "a compare failed on one of its keys; its other changes went on (transactions are not yet settled whole)"
+            }
+            SplitReason::Refused => {
+                "etcd refused the txn; it was divided to find the change refused"
+            }
+        }
+    }
+}
+
+/// The transactions of `part` that also have changes in `rest`: divided
+/// between the two (the changes in `part` are reported).
+fn divided(part: &[Candidate], rest: &[Candidate], reason: SplitReason) -> Vec<Split> {
+    let in_rest: HashSet<i64> = rest.iter().filter_map(|c| c.row.xact).collect();
+    let mut splits: Vec<Split> = Vec::new();
+    for candidate in part {
+        let Some(xact) = candidate.row.xact.filter(|x| in_rest.contains(x)) else {
+            continue;
+        };
+        match splits.iter_mut().find(|s| s.xact == xact) {
+            Some(split) => split.keys += 1,
+            None => splits.push(Split {
+                xact,
+                keys: 1,
+                txns: None,
+                reason,
+            }),
+        }
+    }
+    splits
 }
 
 /// Packs transactions into txns within etcd's op and size limits, never
@@ -653,6 +709,7 @@ fn chunks(
                 xact,
                 keys,
                 txns: Some(out.len() - before),
+                reason: SplitReason::TooLarge,
             });
         }
     }
@@ -682,10 +739,7 @@ async fn record_splits(ctx: &SyncContext, splits: &[Split]) -> Result<(), ActorE
             "transaction": split.xact,
             "changes": split.keys,
             "etcd_txns": split.txns,
-            "reason": match split.txns {
-                Some(_) => "more changes than one etcd txn takes (etcd.max_txn_ops, etcd.max_request_bytes)",
-                None => "more changes than the outbox read window holds (sync.outbox_batch_size)",
-            },
+            "reason": split.reason.describe(),
         });
         tracing::warn!(%detail, "a PostgreSQL transaction reaches etcd in several txns");
         metrics::counter!(telemetry::TRANSACTION_SPLITS_TOTAL).increment(1);
@@ -770,13 +824,14 @@ async fn send(
                     on_compare_failed(ctx, state, &txn[index], etcd_revision, until, arbiter)
                         .await?;
                 }
-                let mut index = 0;
-                txn.retain(|_| {
-                    let keep = !failed.contains(&index);
-                    index += 1;
-                    keep
-                });
-                queue.push_front(txn);
+                let (lost, kept): (Vec<(usize, Candidate)>, Vec<(usize, Candidate)>) = txn
+                    .into_iter()
+                    .enumerate()
+                    .partition(|(i, _)| failed.contains(i));
+                let lost: Vec<Candidate> = lost.into_iter().map(|(_, c)| c).collect();
+                let kept: Vec<Candidate> = kept.into_iter().map(|(_, c)| c).collect();
+                record_splits(ctx, &divided(&kept, &lost, SplitReason::Conflict)).await?;
+                queue.push_front(kept);
             }
             Ok(CasOutcome::Fenced) => return Err(ActorError::Fenced),
             Err(error) if error.connection_level() || (error.retryable() && txn.len() > 1) => {
@@ -785,8 +840,11 @@ async fn send(
                 return Err(error.into());
             }
             Err(error) if txn.len() > 1 => {
-                // Find the change etcd rejects: split the txn.
-                let second = txn.split_off(txn.len() / 2);
+                // Find the change etcd rejects: split the txn, between
+                // transactions where it holds several.
+                let middle = split_point(&txn);
+                let second = txn.split_off(middle);
+                record_splits(ctx, &divided(&txn, &second, SplitReason::Refused)).await?;
                 queue.push_front(second);
                 queue.push_front(txn);
                 tracing::debug!(%error, "txn rejected, bisecting");
@@ -831,6 +889,16 @@ async fn send(
         }
     }
     Ok(())
+}
+
+/// Where to divide a txn etcd refused: at the transaction boundary nearest
+/// its middle, or its middle when it holds one transaction.
+fn split_point(txn: &[Candidate]) -> usize {
+    let middle = txn.len() / 2;
+    (1..txn.len())
+        .filter(|i| txn[*i].row.xact.is_none() || txn[*i].row.xact != txn[i - 1].row.xact)
+        .min_by_key(|i| i.abs_diff(middle))
+        .unwrap_or(middle)
 }
 
 async fn record_sent(
@@ -1156,8 +1224,41 @@ mod tests {
             vec![Split {
                 xact: 8,
                 keys: 3,
-                txns: Some(2)
+                txns: Some(2),
+                reason: SplitReason::TooLarge,
             }]
         );
+    }
+
+    #[test]
+    fn a_refused_txn_is_divided_between_transactions_and_a_divided_one_is_reported() {
+        let candidate = |id: i64, xact: i64| Candidate {
+            row: in_xact(row(id, &format!("/k{id}"), 1), xact, 1),
+            op: Op::Put,
+            expected: 1,
+        };
+        let txn = vec![
+            candidate(1, 7),
+            candidate(2, 7),
+            candidate(3, 7),
+            candidate(4, 8),
+            candidate(5, 8),
+            candidate(6, 8),
+        ];
+        assert_eq!(split_point(&txn), 3, "at the boundary of 7 and 8");
+        let one = vec![candidate(1, 7), candidate(2, 7), candidate(3, 7)];
+        assert_eq!(split_point(&one), 1, "one transaction: its middle");
+        let (first, second) = one.split_at(1);
+        assert_eq!(
+            divided(first, second, SplitReason::Refused),
+            vec![Split {
+                xact: 7,
+                keys: 1,
+                txns: None,
+                reason: SplitReason::Refused,
+            }]
+        );
+        let (first, second) = txn.split_at(3);
+        assert!(divided(first, second, SplitReason::Refused).is_empty());
     }
 }
