@@ -118,6 +118,40 @@ async fn migrate_applies_the_schema_once() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A command that cannot reach a store exits 3, not 1: a script tells "the
+/// check found a problem" from "the check could not run".
+#[tokio::test]
+async fn a_command_that_cannot_reach_a_store_exits_3() -> anyhow::Result<()> {
+    let db = eps_harness::Postgres::fresh_database().await?;
+    let url = db.url();
+    let (code, _, stderr) = run_cli(
+        &["migrate"],
+        &[("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())],
+    )
+    .await?;
+    assert_eq!(code, 0, "{stderr}");
+    // Nothing listens there.
+    let closed = format!("http://127.0.0.1:{}", eps_harness::free_port()?);
+    let env = [
+        ("ETCD_PG_SYNC__POSTGRES__URL", url.as_str()),
+        ("ETCD_PG_SYNC__ETCD__ENDPOINTS", closed.as_str()),
+        ("ETCD_PG_SYNC__ETCD__CONNECT_TIMEOUT_MS", "500"),
+    ];
+    let (code, _, stderr) = run_cli(&["verify"], &env).await?;
+    assert_eq!(code, 3, "etcd unreachable: {stderr}");
+    let closed_pg = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        eps_harness::free_port()?
+    );
+    let env = [
+        ("ETCD_PG_SYNC__POSTGRES__URL", closed_pg.as_str()),
+        ("ETCD_PG_SYNC__POSTGRES__CONNECT_TIMEOUT_MS", "500"),
+    ];
+    let (code, _, stderr) = run_cli(&["conflicts", "list"], &env).await?;
+    assert_eq!(code, 3, "PostgreSQL unreachable: {stderr}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn run_becomes_ready_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     let world = World::new("").await?;

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod service;
 
 pub use etcd::Etcd;
+pub use ports::free_port;
 pub use postgres::{Postgres, PostgresOptions, TestDatabase};
 pub use proxy::{FaultMode, Proxy};
 pub use service::{Service, ServiceConfig};

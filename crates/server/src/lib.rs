@@ -4,7 +4,8 @@
 //!
 //! Errors are typed in the layers below; here, at the edge, they get
 //! context and become exit codes: 0 success, 1 failure (or differences found
-//! by `verify`), 2 invalid configuration or usage.
+//! by `verify`), 2 invalid configuration or usage, 3 a store unreachable or
+//! refusing the service.
 
 mod cli;
 mod clock;
@@ -23,6 +24,9 @@ pub use cli::Cli;
 
 /// Exit code for an invalid configuration or command line.
 pub const EXIT_CONFIG: u8 = 2;
+
+/// Exit code when a store could not be reached or refused the service.
+pub const EXIT_UNREACHABLE: u8 = 3;
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {

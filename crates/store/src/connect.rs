@@ -17,6 +17,10 @@ use crate::error::StoreError;
 
 pub type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
+/// A connection checked out of [`Pool`].
+pub type PooledConnection<'a> =
+    bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+
 /// How to open one connection: URL, password and TLS settings resolved
 /// once, used by the pool and by dedicated connections (LISTEN, migrations).
 #[derive(Clone)]

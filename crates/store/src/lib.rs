@@ -78,6 +78,12 @@ impl Store {
         &self.pool
     }
 
+    /// A pooled connection, its failure typed (an unreachable server is
+    /// [`StoreError::Unavailable`]).
+    pub async fn connection(&self) -> Result<connect::PooledConnection<'_>, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
     pub fn connector(&self) -> &Connector {
         &self.connector
     }

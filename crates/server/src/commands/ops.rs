@@ -35,8 +35,37 @@ pub fn run_blocking(command: Command, config: Config) -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code_of(&error))
         }
+    }
+}
+
+/// Exit code of a failed command: 3 when a store could not be reached or
+/// refused this service (network, credentials, TLS), 1 otherwise — so a
+/// script tells "the check found a problem" from "the check could not run".
+fn exit_code_of(error: &anyhow::Error) -> u8 {
+    let unreachable = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<eps_store::StoreError>(),
+            Some(
+                eps_store::StoreError::Unavailable(_)
+                    | eps_store::StoreError::Auth(_)
+                    | eps_store::StoreError::Tls(_)
+            )
+        ) || matches!(
+            cause.downcast_ref::<eps_etcd::EtcdError>(),
+            Some(
+                eps_etcd::EtcdError::Unavailable(_)
+                    | eps_etcd::EtcdError::Timeout(_)
+                    | eps_etcd::EtcdError::PermissionDenied(_)
+                    | eps_etcd::EtcdError::Tls(_)
+            )
+        )
+    });
+    if unreachable {
+        crate::EXIT_UNREACHABLE
+    } else {
+        1
     }
 }
 
@@ -104,8 +133,7 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
     });
     let recent = ledger::recent_events(
         &mut *store
-            .pool()
-            .get()
+            .connection()
             .await
             .context("connecting to PostgreSQL")?,
     )
@@ -181,8 +209,7 @@ fn show_value(value: Option<&[u8]>) -> String {
 
 async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<ExitCode> {
     let mut conn = store
-        .pool()
-        .get()
+        .connection()
         .await
         .context("connecting to PostgreSQL")?;
     match command {
@@ -263,8 +290,7 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
 
 async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
     let mut conn = store
-        .pool()
-        .get()
+        .connection()
         .await
         .context("connecting to PostgreSQL")?;
     match command {
