@@ -824,12 +824,14 @@ async fn send(
                     on_compare_failed(ctx, state, &txn[index], etcd_revision, until, arbiter)
                         .await?;
                 }
-                let (lost, kept): (Vec<(usize, Candidate)>, Vec<(usize, Candidate)>) = txn
-                    .into_iter()
-                    .enumerate()
-                    .partition(|(i, _)| failed.contains(i));
-                let lost: Vec<Candidate> = lost.into_iter().map(|(_, c)| c).collect();
-                let kept: Vec<Candidate> = kept.into_iter().map(|(_, c)| c).collect();
+                let mut lost = Vec::new();
+                let mut kept = Vec::new();
+                for (i, candidate) in txn.into_iter().enumerate() {
+                    match failed.contains(&i) {
+                        true => lost.push(candidate),
+                        false => kept.push(candidate),
+                    }
+                }
                 record_splits(ctx, &divided(&kept, &lost, SplitReason::Conflict)).await?;
                 queue.push_front(kept);
             }

@@ -605,7 +605,17 @@ async fn record_rollbacks(
     pending: &HashMap<Vec<u8>, Vec<PendingChange>>,
     request: &ApplyRequest<'_>,
 ) -> Result<usize, StoreError> {
-    let sets: Vec<(&[u8], Option<&[u8]>, i64)> = plans
+    // (key, etcd's value, its revision)
+    type Set<'k> = (&'k [u8], Option<&'k [u8]>, i64);
+    // ... and PostgreSQL's value it replaces, written when
+    type Rollback<'k> = (
+        &'k [u8],
+        Option<&'k [u8]>,
+        i64,
+        Option<&'k [u8]>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    );
+    let sets: Vec<Set> = plans
         .iter()
         .filter(|(key, _)| keys.contains(key))
         .filter(|(key, _)| pending.get(*key).is_none_or(Vec::is_empty))
@@ -632,13 +642,7 @@ async fn record_rollbacks(
     .bind::<Array<Bytea>, _>(&keys)
     .load(conn)
     .await?;
-    let mut rows: Vec<(
-        &[u8],
-        Option<&[u8]>,
-        i64,
-        Option<&[u8]>,
-        Option<chrono::DateTime<chrono::Utc>>,
-    )> = Vec::new();
+    let mut rows: Vec<Rollback> = Vec::new();
     for ((key, new, revision), before) in sets.iter().zip(&old) {
         debug_assert_eq!(*key, before.key.as_slice());
         // A key the mirror never had is no value of PostgreSQL's, and a

@@ -382,6 +382,7 @@ async fn set_mirror_meta(
 /// is still the one the diff saw (`seen`, `None`: absent) and no change of
 /// the key is queued: otherwise a user wrote since, and their change wins
 /// over the diff's stale copy. Returns whether the change was queued.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a distinct role
 pub async fn enqueue_change(
     conn: &mut AsyncPgConnection,
     schema: &Ident,

@@ -92,7 +92,7 @@ pub async fn page(
     .bind::<BigInt, _>(request.bytes as i64)
     .load(conn)
     .await?;
-    let fetched = rows.iter().next().map_or(0, |r| r.fetched as usize);
+    let fetched = <[_]>::first(&rows).map_or(0, |r| r.fetched as usize);
     let more = fetched == request.rows || rows.len() < fetched;
     let rows = rows
         .into_iter()
