@@ -610,3 +610,55 @@ async fn a_transaction_too_large_for_one_txn_is_split_and_audited() -> anyhow::R
     assert!(metrics.contains("etcd_pg_sync_transaction_splits_total 1"));
     Ok(())
 }
+
+/// A change that can never go (too large) takes its whole transaction to
+/// the dead-letter list: etcd gets all of a transaction or none of it.
+#[tokio::test]
+async fn a_transaction_with_a_change_etcd_cannot_take_is_dead_lettered_whole() -> anyhow::Result<()>
+{
+    let mut world = World::new(MAPPINGS).await?;
+    world.env.insert(
+        "ETCD_PG_SYNC__ETCD__MAX_REQUEST_BYTES".into(),
+        "65536".into(),
+    );
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    let mut pg = world.pg().await?;
+    let tx = pg.transaction().await?;
+    tx.execute(
+        "INSERT INTO kv_a_text (key, value) VALUES ('/a/small', 'fits')",
+        &[],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO kv_a (key, value) VALUES ('/a/huge', $1)",
+        &[&vec![b'x'; 100_000]],
+    )
+    .await?;
+    tx.commit().await?;
+    wait_outbox_empty(&world, Duration::from_secs(20)).await?;
+    let letters: Vec<(String, String)> = pg
+        .query(
+            "SELECT convert_from(key, 'UTF8'), kind FROM dead_letters ORDER BY key",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        letters,
+        vec![
+            ("/a/huge".to_string(), "too-large".to_string()),
+            ("/a/small".to_string(), "too-large".to_string()),
+        ]
+    );
+    let mut etcd = world.etcd_client().await?;
+    let small = etcd.get("/a/small", None).await?;
+    assert!(
+        small.kvs().is_empty(),
+        "no part of the transaction reached etcd"
+    );
+    Ok(())
+}

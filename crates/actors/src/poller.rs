@@ -423,22 +423,37 @@ async fn drain(
         metrics::gauge!(telemetry::OUTBOX_DEPTH).set(rows.len() as f64);
         let mut sendable = Vec::with_capacity(grouped.groups.len());
         for group in grouped.groups {
-            let mut valid = Vec::with_capacity(group.len());
-            for candidate in group {
-                match validate(ctx, &candidate) {
-                    Ok(()) => valid.push(candidate),
-                    Err((kind, reason)) => {
-                        tracing::warn!(outbox_id = candidate.row.id, kind = kind.as_str(), %reason, "change dead-lettered");
-                        ctx.store
-                            .dead_letter(&ctx.fence, &candidate.row, kind, &reason, None)
-                            .await?;
-                        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
-                            .increment(1);
-                    }
-                }
-            }
-            if !valid.is_empty() {
-                sendable.push(valid);
+            let refused: HashMap<i64, (DeadLetterKind, String)> = group
+                .iter()
+                .filter_map(|c| validate(ctx, c).err().map(|why| (c.row.id, why)))
+                .collect();
+            let Some((kind, reason)) = group.iter().find_map(|c| refused.get(&c.row.id).cloned())
+            else {
+                sendable.push(group);
+                continue;
+            };
+            // A change that can never go takes its whole transaction with
+            // it: etcd gets all of a transaction or none of it.
+            let members: Vec<&OutboxRow> = match group[0].row.xact {
+                Some(xact) => rows
+                    .iter()
+                    .filter(|r| r.xact == Some(xact) && !state.in_flight(r))
+                    .collect(),
+                None => group.iter().map(|c| &c.row).collect(),
+            };
+            for row in members {
+                let (kind, reason) = refused.get(&row.id).cloned().unwrap_or_else(|| {
+                    (
+                        kind,
+                        format!("dead-lettered with its transaction, another change of which cannot go: {reason}"),
+                    )
+                });
+                tracing::warn!(outbox_id = row.id, kind = kind.as_str(), %reason, "change dead-lettered");
+                ctx.store
+                    .dead_letter(&ctx.fence, row, kind, &reason, None)
+                    .await?;
+                metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
+                    .increment(1);
             }
         }
         // Durably "may have been sent" before etcd sees them: a resync
