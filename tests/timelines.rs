@@ -492,14 +492,10 @@ async fn restored_past_the_checkpoint_with_the_last_change(
     Ok(())
 }
 
-/// `sync.on_etcd_restore = "pause"`: an etcd restored from a backup stops
-/// sync — nothing applied either way, `/readyz` failing, the alert's gauge
-/// at 1 — until `etcd-pg-sync timeline resume --take SIDE`; then the
-/// mirror follows the restored etcd, and with `pg` every value that rolled
-/// back is put back into etcd.
-async fn paused_restore(
-    take: &str,
-) -> anyhow::Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+/// A world with `sync.on_etcd_restore = "pause"`, `/t/k00`..`/t/k09` at
+/// `v0` in both stores, its replica, and a backup of etcd taken then.
+async fn paused_world_backed_up() -> anyhow::Result<(World, eps_harness::Service, tempfile::TempDir)>
+{
     let mut world = World::new(MAPPINGS).await?;
     world
         .env
@@ -509,10 +505,22 @@ async fn paused_restore(
         (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
     )
     .await?;
-    let mut service = world.start("n1").await?;
+    let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
     let backup = world.etcd.backup().await?;
+    Ok((world, service, backup))
+}
+
+/// `sync.on_etcd_restore = "pause"`: an etcd restored from a backup stops
+/// sync — nothing applied either way, `/readyz` failing, the alert's gauge
+/// at 1 — until `etcd-pg-sync timeline resume --take SIDE`; then the
+/// mirror follows the restored etcd, and with `pg` every value that rolled
+/// back is put back into etcd.
+async fn paused_restore(
+    take: &str,
+) -> anyhow::Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+    let (mut world, mut service, backup) = paused_world_backed_up().await?;
     put_many(
         &world,
         (0..5)
@@ -648,19 +656,7 @@ async fn a_paused_restore_resumed_with_take_pg_puts_postgresqls_state_into_etcd(
 /// ready again, and sync goes on with nothing rolled back.
 #[tokio::test]
 async fn a_pause_ends_when_the_original_etcd_is_put_back() -> anyhow::Result<()> {
-    let mut world = World::new(MAPPINGS).await?;
-    world
-        .env
-        .insert("ETCD_PG_SYNC__SYNC__ON_ETCD_RESTORE".into(), "pause".into());
-    put_many(
-        &world,
-        (0..10).map(|i| (format!("/t/k{i:02}"), "v0".to_string())),
-    )
-    .await?;
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_converged(&world, "kv_t", b"/t/", Duration::from_secs(10)).await?;
-    let old = world.etcd.backup().await?;
+    let (mut world, mut service, old) = paused_world_backed_up().await?;
     put_many(
         &world,
         (0..5).map(|i| (format!("/t/k{i:02}"), "v1".to_string())),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eps_core::mapping::{Direction, Mapping, MappingSet, Policy};
 use eps_core::model::Origin;
-use eps_core::policy::{ChangeWindow, PgWrite, Side, decide};
+use eps_core::policy::{PgWrite, Side, decide};
 use eps_core::reconcile::KeyInput;
 use eps_etcd::EtcdClient;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
@@ -204,9 +204,11 @@ async fn repair_side(
     difference: &Difference,
     diff_revision: i64,
 ) -> Result<Option<Side>, ActorError> {
-    if mapping.policy != Policy::NewestWins {
-        let any = (PgWrite::at(0), ChangeWindow::exactly(0));
-        return Ok(decide(mapping.policy, any.0, any.1, mapping.tie).side());
+    match mapping.policy {
+        Policy::EtcdWins => return Ok(Some(Side::Etcd)),
+        Policy::PgWins => return Ok(Some(Side::Pg)),
+        Policy::Manual => return Ok(None),
+        Policy::NewestWins => {}
     }
     let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
         return Ok(Some(Side::Etcd));
