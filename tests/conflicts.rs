@@ -490,3 +490,203 @@ async fn an_etcd_outage_longer_than_the_backoff_cap_loses_nothing() -> anyhow::R
     assert_history_is_etcd_log(&world, under_a).await?;
     Ok(())
 }
+
+/// One SQL transaction changes five keys while the replica is stopped, and
+/// etcd changes one of them (`/a/t2`) meanwhile: the policy must settle the
+/// transaction as a unit.
+async fn transaction_in_conflict(
+    policy: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(World, eps_harness::Service)> {
+    let mut world = World::new(&mappings(policy)).await?;
+    for (name, value) in env {
+        world.env.insert((*name).into(), (*value).into());
+    }
+    let mut etcd = world.etcd_client().await?;
+    for i in 0..5 {
+        etcd.put(format!("/a/t{i}"), "agreed", None).await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let mut pg = world.pg().await?;
+    let tx = pg.transaction().await?;
+    for i in 0..5 {
+        tx.execute(
+            "UPDATE kv_a_text SET value = $2 WHERE key = $1",
+            &[&format!("/a/t{i}"), &format!("pg {i}")],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    etcd.put("/a/t2", "etcd 2", None).await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    Ok((world, service))
+}
+
+/// The `pg_xact` of every conflict row, by key.
+async fn conflict_transactions(
+    pg: &tokio_postgres::Client,
+) -> anyhow::Result<BTreeMap<String, (Option<i64>, Option<String>, String)>> {
+    let rows = pg
+        .query(
+            "SELECT convert_from(key, 'UTF8'), pg_xact, winner, status FROM conflicts ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect())
+}
+
+/// The mod revision of each of the transaction's keys in etcd.
+async fn transaction_revisions(world: &World) -> anyhow::Result<BTreeMap<String, (String, i64)>> {
+    let mut etcd = world.etcd_client().await?;
+    let got = etcd
+        .get("/a/t", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    Ok(got
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Waits until etcd and PostgreSQL agree and the outbox is empty; returns
+/// etcd's values of the transaction's keys.
+async fn settled_transaction(world: &World) -> anyhow::Result<BTreeMap<String, (String, i64)>> {
+    wait_outbox_empty(world, Duration::from_secs(15)).await?;
+    wait_converged(world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
+    transaction_revisions(world).await
+}
+
+fn assert_dropped_whole(state: &BTreeMap<String, (String, i64)>) {
+    for (key, (value, _)) in state {
+        let expected = if key == "/a/t2" { "etcd 2" } else { "agreed" };
+        assert_eq!(
+            value, expected,
+            "{key}: the whole transaction lost: {state:?}"
+        );
+    }
+}
+
+fn assert_applied_whole(state: &BTreeMap<String, (String, i64)>) {
+    let revisions: HashSet<i64> = state.values().map(|(_, r)| *r).collect();
+    for (i, (key, (value, _))) in state.iter().enumerate() {
+        assert_eq!(value, &format!("pg {i}"), "{key}: {state:?}");
+    }
+    assert_eq!(
+        revisions.len(),
+        1,
+        "the transaction reached etcd in one txn: {state:?}"
+    );
+}
+
+/// Every key of the transaction is recorded as a conflict of the same
+/// transaction, with the same winner.
+async fn assert_conflicts_of_one_transaction(world: &World, winner: &str) -> anyhow::Result<()> {
+    let pg = world.pg().await?;
+    let found = conflict_transactions(&pg).await?;
+    assert_eq!(
+        found.len(),
+        5,
+        "one conflict row per key of the transaction: {found:?}"
+    );
+    let xacts: HashSet<Option<i64>> = found.values().map(|(x, _, _)| *x).collect();
+    assert_eq!(xacts.len(), 1, "linked by one transaction id: {found:?}");
+    assert!(xacts.iter().all(Option::is_some), "{found:?}");
+    for (key, (_, w, status)) in &found {
+        assert_eq!(w.as_deref(), Some(winner), "{key}: {found:?}");
+        assert_eq!(status, "resolved");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn etcd_wins_drops_every_change_of_a_transaction_in_conflict() -> anyhow::Result<()> {
+    let (world, _service) = transaction_in_conflict("etcd-wins", &[]).await?;
+    let state = settled_transaction(&world).await?;
+    assert_dropped_whole(&state);
+    assert_conflicts_of_one_transaction(&world, "etcd").await
+}
+
+#[tokio::test]
+async fn pg_wins_applies_a_transaction_in_conflict_whole_in_one_revision() -> anyhow::Result<()> {
+    let (world, _service) = transaction_in_conflict("pg-wins", &[]).await?;
+    let state = settled_transaction(&world).await?;
+    assert_applied_whole(&state);
+    Ok(())
+}
+
+#[tokio::test]
+async fn newest_wins_settles_a_transaction_as_one_by_its_tie_rule() -> anyhow::Result<()> {
+    // Every replica was stopped: the revision clock cannot order the two
+    // changes, so the tie rule decides, for the whole transaction.
+    let (world, _service) = transaction_in_conflict("newest-wins", &[]).await?;
+    assert_dropped_whole(&settled_transaction(&world).await?);
+    assert_conflicts_of_one_transaction(&world, "etcd").await?;
+    drop(world);
+    let tie_pg = [("ETCD_PG_SYNC__SYNC__NEWEST_WINS_TIE", "pg")];
+    let (world, _service) = transaction_in_conflict("newest-wins", &tie_pg).await?;
+    assert_applied_whole(&settled_transaction(&world).await?);
+    Ok(())
+}
+
+async fn manual_resolution_of_a_transaction(
+    take: &str,
+) -> anyhow::Result<BTreeMap<String, (String, i64)>> {
+    let (world, _service) = transaction_in_conflict("manual", &[]).await?;
+    let pg = world.pg().await?;
+    let pending = "SELECT count(*) FROM conflicts WHERE status = 'pending'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&pg, pending).await? < 1 {
+        anyhow::ensure!(Instant::now() < deadline, "conflict not parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let parked = transaction_revisions(&world).await?;
+    assert_dropped_whole(&parked);
+    assert_eq!(
+        count(&pg, pending).await?,
+        1,
+        "one pending conflict for the transaction"
+    );
+    let id: i64 = pg
+        .query_one("SELECT id FROM conflicts WHERE status = 'pending'", &[])
+        .await?
+        .get(0);
+    let url = world.db.url();
+    let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
+    let (code, stdout, stderr) = run_cli(
+        &["conflicts", "resolve", &id.to_string(), "--take", take],
+        &env,
+    )
+    .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    settled_transaction(&world).await
+}
+
+#[tokio::test]
+async fn manual_parks_a_transaction_whole_and_take_pg_releases_it_whole() -> anyhow::Result<()> {
+    assert_applied_whole(&manual_resolution_of_a_transaction("pg").await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn manual_parks_a_transaction_whole_and_take_etcd_drops_it_whole() -> anyhow::Result<()> {
+    assert_dropped_whole(&manual_resolution_of_a_transaction("etcd").await?);
+    Ok(())
+}

@@ -98,6 +98,7 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
         record_rollbacks: false,
     };
     let report = ctx.store.apply(&request).await?;
+    ctx.dropped_with_transactions(&report);
     if !report.held_skipped.is_empty() {
         tracing::debug!(table = %msg.table, "the key's row is held by a user's transaction: settled later");
     }
@@ -110,12 +111,17 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
     Ok(())
 }
 
-/// Carries out operators' resolution requests as they appear.
+/// Keys with dropped changes put back per round.
+const RESTORES_PER_ROUND: usize = 256;
+
+/// Carries out operators' resolution requests as they appear, and puts
+/// back the mirror rows of changes dropped with their transaction.
 async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), ActorError> {
     let interval = Duration::from_millis(ctx.config.sync.poll_interval_ms);
     loop {
         progress.tick();
         ctx.wait_etcd_checked(&progress).await?;
+        restore_dropped(&ctx, &progress).await?;
         for conflict in ctx.store.requested_resolutions().await? {
             let Some(take) = conflict.requested_take.as_deref().and_then(Side::parse) else {
                 continue;
@@ -146,6 +152,32 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
             }
             ctx.wake_poller.notify_one();
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = ctx.wake_arbiter.notified() => {}
+        }
     }
+}
+
+/// A change dropped with its transaction left its value in the mirror row:
+/// each such key takes etcd's current state (read now), or the value of a
+/// change of it still queued; the dropped change is consumed then. A row a
+/// user's transaction holds is tried again next round.
+async fn restore_dropped(ctx: &Arc<SyncContext>, progress: &Progress) -> Result<(), ActorError> {
+    let keys = ctx.store.dropped_keys(RESTORES_PER_ROUND).await?;
+    for key in &keys {
+        progress.tick();
+        resolve_stale(
+            ctx.clone(),
+            ResolveStale {
+                table: key.mirror_table.clone(),
+                key: key.key.clone(),
+            },
+        )
+        .await?;
+    }
+    if keys.len() == RESTORES_PER_ROUND {
+        ctx.wake_arbiter.notify_one();
+    }
+    Ok(())
 }

@@ -63,12 +63,23 @@ pub struct SyncContext {
     pub timeline_epoch: std::sync::atomic::AtomicU64,
     /// Wakes the poller (new work released by the arbiter or retrier).
     pub wake_poller: Notify,
+    /// Changes were dropped with their transaction: the arbiter puts their
+    /// mirror rows back.
+    pub wake_arbiter: Notify,
     /// Trace contexts of the poller's txns, joined by the watcher's echo.
     pub echo_traces: tracing_ids::EchoTraces,
     pub board: Arc<StatusBoard>,
 }
 
 impl SyncContext {
+    /// Wakes the arbiter when an apply dropped changes with their
+    /// transaction (it puts their mirror rows back).
+    pub fn dropped_with_transactions(&self, report: &eps_store::ApplyReport) {
+        if report.dropped_changes > 0 {
+            self.wake_arbiter.notify_one();
+        }
+    }
+
     /// Whether the watcher has checked etcd's timeline now.
     pub fn is_etcd_checked(&self) -> bool {
         *self.etcd_checked.borrow()
@@ -113,6 +124,7 @@ impl SyncContext {
             etcd_checked: watch::channel(false).0,
             timeline_epoch: std::sync::atomic::AtomicU64::new(0),
             wake_poller: Notify::new(),
+            wake_arbiter: Notify::new(),
             echo_traces: tracing_ids::EchoTraces::default(),
             board,
         })

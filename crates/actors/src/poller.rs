@@ -22,7 +22,7 @@ use eps_core::model::Op;
 use eps_etcd::txn::compare_and_swap;
 use eps_etcd::{CasOutcome, CasWrite, EtcdError};
 use eps_store::notify::Notifications;
-use eps_store::{DeadLetterKind, OutboxRow};
+use eps_store::{DeadLetterKind, OutboxRow, Refusal};
 use tokio::sync::{Notify, mpsc};
 use tracing::Instrument;
 
@@ -423,38 +423,29 @@ async fn drain(
         metrics::gauge!(telemetry::OUTBOX_DEPTH).set(rows.len() as f64);
         let mut sendable = Vec::with_capacity(grouped.groups.len());
         for group in grouped.groups {
-            let refused: HashMap<i64, (DeadLetterKind, String)> = group
+            let refused: Vec<(usize, DeadLetterKind, String)> = group
                 .iter()
-                .filter_map(|c| validate(ctx, c).err().map(|why| (c.row.id, why)))
+                .enumerate()
+                .filter_map(|(i, c)| validate(ctx, c).err().map(|(kind, why)| (i, kind, why)))
                 .collect();
-            let Some((kind, reason)) = group.iter().find_map(|c| refused.get(&c.row.id).cloned())
-            else {
+            if refused.is_empty() {
                 sendable.push(group);
                 continue;
-            };
+            }
             // A change that can never go takes its whole transaction with
             // it: etcd gets all of a transaction or none of it.
-            let members: Vec<&OutboxRow> = match group[0].row.xact {
-                Some(xact) => rows
-                    .iter()
-                    .filter(|r| r.xact == Some(xact) && !state.in_flight(r))
-                    .collect(),
-                None => group.iter().map(|c| &c.row).collect(),
-            };
-            for row in members {
-                let (kind, reason) = refused.get(&row.id).cloned().unwrap_or_else(|| {
-                    (
-                        kind,
-                        format!("dead-lettered with its transaction, another change of which cannot go: {reason}"),
-                    )
-                });
-                tracing::warn!(outbox_id = row.id, kind = kind.as_str(), %reason, "change dead-lettered");
-                ctx.store
-                    .dead_letter(&ctx.fence, row, kind, &reason, None)
-                    .await?;
-                metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => kind.as_str())
-                    .increment(1);
-            }
+            let refusals: Vec<Refusal> = refused
+                .iter()
+                .map(|(i, kind, reason)| {
+                    tracing::warn!(outbox_id = group[*i].row.id, kind = kind.as_str(), %reason, "change dead-lettered");
+                    Refusal {
+                        row: &group[*i].row,
+                        kind: *kind,
+                        reason,
+                    }
+                })
+                .collect();
+            dead_letter(ctx, &refusals).await?;
         }
         // Durably "may have been sent" before etcd sees them: a resync
         // takes only such a change for landed when etcd holds its value.
@@ -481,6 +472,29 @@ async fn drain(
         }
     }
     Ok(Drained::Done)
+}
+
+/// Dead-letters `refused` and the rest of their transactions, counted.
+async fn dead_letter(ctx: &SyncContext, refused: &[Refusal<'_>]) -> Result<(), ActorError> {
+    let moved = ctx.store.dead_letter(&ctx.fence, refused, None).await?;
+    for refusal in refused {
+        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => refusal.kind.as_str())
+            .increment(1);
+    }
+    if let Some(first) = refused.first() {
+        let with_them = moved.saturating_sub(refused.len()) as u64;
+        metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => first.kind.as_str())
+            .increment(with_them);
+    }
+    Ok(())
+}
+
+/// Takes the changes of `xacts` out of the txns still to send: a
+/// transaction goes whole or waits (the next round reads it again).
+fn hold_back(queue: &mut VecDeque<Vec<Candidate>>, xacts: &HashSet<i64>) {
+    for txn in queue.iter_mut() {
+        txn.retain(|c| c.row.xact.is_none_or(|x| !xacts.contains(&x)));
+    }
 }
 
 /// Concurrent etcd txns per round (4 in flight carry about 1.5 times the
@@ -631,8 +645,6 @@ enum SplitReason {
     TooLarge,
     /// Held back while nothing else could go (see [`whole_transactions`]).
     Released,
-    /// A compare failed on one of its keys: the others went on.
-    Conflict,
     /// etcd refused the txn and it was divided to find the change refused.
     Refused,
 }
@@ -645,9 +657,6 @@ impl SplitReason {
             }
             SplitReason::Released => {
                 "held back while nothing else could go (larger than the outbox read, sync.outbox_batch_size, or waiting on a service write)"
-            }
-            SplitReason::Conflict => {
-                "a compare failed on one of its keys; its other changes went on (transactions are not yet settled whole)"
             }
             SplitReason::Refused => {
                 "etcd refused the txn; it was divided to find the change refused"
@@ -839,16 +848,20 @@ async fn send(
                     on_compare_failed(ctx, state, &txn[index], etcd_revision, until, arbiter)
                         .await?;
                 }
-                let mut lost = Vec::new();
-                let mut kept = Vec::new();
-                for (i, candidate) in txn.into_iter().enumerate() {
-                    match failed.contains(&i) {
-                        true => lost.push(candidate),
-                        false => kept.push(candidate),
-                    }
-                }
-                record_splits(ctx, &divided(&kept, &lost, SplitReason::Conflict)).await?;
+                // A transaction with a failed compare waits whole for the
+                // policy's decision (the watcher or the arbiter settles the
+                // key, then the transaction goes or is dropped, whole); the
+                // other transactions of the txn go on.
+                let waiting: HashSet<i64> =
+                    failed.iter().filter_map(|i| txn[*i].row.xact).collect();
+                let kept: Vec<Candidate> = txn
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !failed.contains(i))
+                    .map(|(_, c)| c)
+                    .collect();
                 queue.push_front(kept);
+                hold_back(&mut queue, &waiting);
             }
             Ok(CasOutcome::Fenced) => return Err(ActorError::Fenced),
             Err(error) if error.connection_level() || (error.retryable() && txn.len() > 1) => {
@@ -869,17 +882,29 @@ async fn send(
             Err(EtcdError::TooLarge(message)) => {
                 let candidate = &txn[0];
                 let reason = format!("etcd rejected the change as too large: {message}");
-                ctx.store
-                    .dead_letter(
-                        &ctx.fence,
-                        &candidate.row,
-                        DeadLetterKind::TooLarge,
-                        &reason,
-                        None,
-                    )
-                    .await?;
-                metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => "too-large")
-                    .increment(1);
+                // Its transaction's changes still to send in this round were
+                // refused with it (etcd took none of the txn): they go too.
+                let with = format!(
+                    "dead-lettered with its transaction, another change of which cannot go: {reason}"
+                );
+                let siblings: Vec<Candidate> = queue
+                    .iter()
+                    .flatten()
+                    .filter(|c| candidate.row.xact.is_some() && c.row.xact == candidate.row.xact)
+                    .cloned()
+                    .collect();
+                let mut refusals = vec![Refusal {
+                    row: &candidate.row,
+                    kind: DeadLetterKind::TooLarge,
+                    reason: &reason,
+                }];
+                refusals.extend(siblings.iter().map(|c| Refusal {
+                    row: &c.row,
+                    kind: DeadLetterKind::TooLarge,
+                    reason: &with,
+                }));
+                dead_letter(ctx, &refusals).await?;
+                hold_back(&mut queue, &candidate.row.xact.into_iter().collect());
             }
             Err(error) => {
                 let candidate = &txn[0];
@@ -902,6 +927,9 @@ async fn send(
                         state.retry_at.remove(&candidate.row.id);
                     }
                 }
+                // Its transaction waits for the retry, or went to the dead
+                // letters with it.
+                hold_back(&mut queue, &candidate.row.xact.into_iter().collect());
             }
         }
     }

@@ -514,6 +514,7 @@ async fn flush(
         record_rollbacks: rollbacks,
     };
     let report = ctx.store.apply(&request).await?;
+    ctx.dropped_with_transactions(&report);
     counts.rolled_back += report.rolled_back as u64;
     counts.upserts += report.mirror_upserts as u64;
     counts.deletes += report.mirror_deletes as u64;

@@ -93,16 +93,16 @@ async fn decide(ctx: Arc<SyncContext>, msg: ChangeFailed) -> Result<RetryDecisio
     let mut row = msg.row;
     row.attempts = attempts;
     let reason = format!("failed {attempts} times; last error: {}", msg.error);
-    ctx.store
-        .dead_letter(
-            &ctx.fence,
-            &row,
-            DeadLetterKind::RetriesExhausted,
-            &reason,
-            None,
-        )
-        .await?;
-    metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => "retries-exhausted").increment(1);
+    // The rest of its transaction goes with it: etcd gets all of a
+    // transaction or none.
+    let refusal = eps_store::Refusal {
+        row: &row,
+        kind: DeadLetterKind::RetriesExhausted,
+        reason: &reason,
+    };
+    let moved = ctx.store.dead_letter(&ctx.fence, &[refusal], None).await?;
+    metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => "retries-exhausted")
+        .increment(moved.max(1) as u64);
     tracing::warn!(outbox_id = row.id, attempts, error = %reason, "retries exhausted, change dead-lettered");
     ctx.wake_poller.notify_one();
     Ok(RetryDecision::DeadLettered)

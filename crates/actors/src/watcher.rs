@@ -750,6 +750,7 @@ async fn apply(
             record_rollbacks: false,
         };
         let report = ctx.store.apply(&request).instrument(span.clone()).await?;
+        ctx.dropped_with_transactions(&report);
         deferred = report.deferred_keys > 0;
         if report.drained_keys > 0 {
             ctx.wake_poller.notify_one();
@@ -881,6 +882,7 @@ impl Deferred {
             .store
             .apply(&ApplyRequest::new(&ctx.fence, &inputs, Instant::now()))
             .await?;
+        ctx.dropped_with_transactions(&report);
         if report.drained_keys > 0 {
             tracing::info!(
                 keys = report.drained_keys,

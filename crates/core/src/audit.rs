@@ -16,6 +16,9 @@ pub enum AuditKind {
     RetryExhausted,
     /// A PostgreSQL transaction that reached etcd in more than one txn.
     TransactionSplit,
+    /// A PostgreSQL transaction settled whole by a conflict on one of its
+    /// keys: its changes of other keys dropped or parked with it.
+    TransactionSettled,
     /// Elected, resigned or stepped down; node and term.
     Leadership,
     /// The initial snapshot.
@@ -47,13 +50,14 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, in README's order.
-    pub const ALL: [AuditKind; 19] = [
+    pub const ALL: [AuditKind; 20] = [
         AuditKind::BatchApplied,
         AuditKind::Conflict,
         AuditKind::Resolution,
         AuditKind::DeadLetter,
         AuditKind::RetryExhausted,
         AuditKind::TransactionSplit,
+        AuditKind::TransactionSettled,
         AuditKind::Leadership,
         AuditKind::Snapshot,
         AuditKind::CompactionRecovery,
@@ -78,6 +82,7 @@ impl AuditKind {
             AuditKind::DeadLetter => "dead-letter",
             AuditKind::RetryExhausted => "retry-exhausted",
             AuditKind::TransactionSplit => "transaction-split",
+            AuditKind::TransactionSettled => "transaction-settled",
             AuditKind::Leadership => "leadership",
             AuditKind::Snapshot => "snapshot",
             AuditKind::CompactionRecovery => "compaction-recovery",

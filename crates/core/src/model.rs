@@ -104,6 +104,11 @@ pub struct PendingChange {
     /// The poller may have sent it to etcd (marked before the txn). A
     /// change never sent cannot have landed, whatever etcd holds.
     pub sent: bool,
+    /// The PostgreSQL transaction that wrote it (`None`: not recorded).
+    pub xact: Option<i64>,
+    /// Dropped with its transaction, another change of which lost a
+    /// conflict: it never goes to etcd, and the mirror row is put back.
+    pub dropped: bool,
 }
 
 /// Where a history row or mirror row came from.

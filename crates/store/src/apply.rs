@@ -16,7 +16,7 @@ use eps_core::mapping::{Mapping, MappingSet};
 use eps_core::model::{KeyMeta, Op, PendingChange};
 use eps_core::policy::Side;
 use eps_core::reconcile::{
-    ConflictEntry, EtcdSide, InputTime, KeyInput, KeyPlan, MirrorAction, PlanContext,
+    ConflictEntry, EtcdSide, InputTime, KeyInput, KeyPlan, MirrorAction, PlanContext, Restore,
     plan_key_timed,
 };
 
@@ -123,6 +123,12 @@ pub struct ApplyReport {
     pub held_skipped: Vec<Vec<u8>>,
     /// Values recorded as rolled back (`record_rollbacks`).
     pub rolled_back: usize,
+    /// Transactions a conflict settled for etcd (dropped) or parked, with
+    /// the conflict: their changes of other keys follow.
+    pub settled_transactions: Vec<crate::transactions::Settled>,
+    /// Changes of other keys dropped with their transaction: the arbiter
+    /// puts their mirror rows back.
+    pub dropped_changes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +161,10 @@ struct PendingRow {
     conflict_id: Option<i64>,
     #[diesel(sql_type = diesel::sql_types::Bool)]
     sent: bool,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    xact: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    dropped: bool,
 }
 
 #[derive(QueryableByName)]
@@ -292,6 +302,8 @@ pub async fn apply(
             )
             .await?;
         }
+        report.dropped_changes +=
+            crate::transactions::settle(conn, request.fence, &report.settled_transactions).await?;
         if request.audit_batch {
             record_batch(conn, request, &report).await?;
         }
@@ -338,7 +350,7 @@ async fn apply_table(
                 (extract(epoch FROM least(clock_timestamp(), \
                     (SELECT c.committed_at FROM xact_commits c WHERE c.xact = o.xact))) * 1000000)::int8 \
                     AS committed_by_us, \
-                conflict_id, sent \
+                conflict_id, sent, xact::text::int8 AS xact, dropped_by IS NOT NULL AS dropped \
          FROM outbox o WHERE mirror_table = $1 AND key = ANY($2) \
            AND (key = ANY($3) OR xact IS NULL \
                 OR EXISTS (SELECT 1 FROM unnest($4::bytea[], $5::text[]) AS a(key, snapshot) \
@@ -381,6 +393,8 @@ async fn apply_table(
             committed_by_us: row.committed_by_us,
             conflict_id: row.conflict_id,
             sent: row.sent,
+            xact: row.xact,
+            dropped: row.dropped,
         });
     }
 
@@ -816,8 +830,39 @@ async fn write_mirror(
     let mut inserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
     let mut deletes: Vec<(&[u8], i64)> = Vec::new();
     let mut metas: Vec<(&[u8], Option<i64>, &KeyMeta)> = Vec::new();
+    // Rows that show a dropped change (see `Restore`).
+    let mut restore_upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
+    let mut restore_deletes: Vec<(&[u8], i64)> = Vec::new();
+    let mut restore_local: Vec<(&[u8], Option<&[u8]>)> = Vec::new();
     for (key, plan) in plans {
         let present = locked.contains(*key);
+        match (&plan.restore, &plan.mirror.0) {
+            (
+                Restore::Etcd,
+                MirrorAction::Set {
+                    value: Some(value),
+                    meta,
+                    origin,
+                    ..
+                },
+            ) if present => {
+                restore_upserts.push((*key, value.as_slice(), meta, origin.row_origin()));
+                continue;
+            }
+            (
+                Restore::Etcd,
+                MirrorAction::Set {
+                    value: None,
+                    revision,
+                    ..
+                },
+            ) if present => {
+                restore_deletes.push((*key, *revision));
+                continue;
+            }
+            (Restore::Local(value), _) => restore_local.push((*key, value.as_deref())),
+            _ => {}
+        }
         match &plan.mirror.0 {
             MirrorAction::Leave => {}
             MirrorAction::Set {
@@ -877,6 +922,29 @@ async fn write_mirror(
         .execute(conn)
         .await?;
     }
+    report.mirror_upserts += write_rows(
+        conn,
+        table,
+        &restore_upserts,
+        "DO UPDATE SET value = EXCLUDED.value, create_revision = EXCLUDED.create_revision, \
+             mod_revision = EXCLUDED.mod_revision, version = EXCLUDED.version, lease = EXCLUDED.lease, \
+             updated_at = EXCLUDED.updated_at, origin = EXCLUDED.origin \
+         WHERE t.mod_revision <= EXCLUDED.mod_revision",
+        repair_revision,
+    )
+    .await?;
+    if !restore_deletes.is_empty() {
+        let keys: Vec<&[u8]> = restore_deletes.iter().map(|d| d.0).collect();
+        let revisions: Vec<i64> = restore_deletes.iter().map(|d| d.1).collect();
+        report.mirror_deletes += diesel::sql_query(format!(
+            "DELETE FROM {table} AS t USING unnest($1::bytea[], $2::int8[]) AS u(key, revision) \
+             WHERE t.key = u.key AND t.mod_revision <= u.revision"
+        ))
+        .bind::<Array<Bytea>, _>(&keys)
+        .bind::<Array<BigInt>, _>(&revisions)
+        .execute(conn)
+        .await?;
+    }
     if !metas.is_empty() {
         let keys: Vec<&[u8]> = metas.iter().map(|m| m.0).collect();
         let expect: Vec<Option<i64>> = metas.iter().map(|m| m.1).collect();
@@ -899,6 +967,49 @@ async fn write_mirror(
         .bind::<Array<BigInt>, _>(&lease)
         .execute(conn)
         .await?;
+    }
+    restore_local_values(conn, table, &restore_local, locked).await?;
+    Ok(())
+}
+
+/// Rows that show a dropped change while an earlier change of the key is
+/// still queued take that change's value (`None`: the row goes); their
+/// metadata stays. A row absent at lock time is created as a local row.
+async fn restore_local_values(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    rows: &[(&[u8], Option<&[u8]>)],
+    locked: &std::collections::HashSet<Vec<u8>>,
+) -> Result<(), StoreError> {
+    for (key, value) in rows {
+        match value {
+            Some(value) if locked.contains(*key) => {
+                diesel::sql_query(format!(
+                    "UPDATE {table} SET value = $2, origin = 'pg' WHERE key = $1"
+                ))
+                .bind::<Bytea, _>(*key)
+                .bind::<Bytea, _>(*value)
+                .execute(conn)
+                .await?;
+            }
+            Some(value) => {
+                diesel::sql_query(format!(
+                    "INSERT INTO {table} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
+                     VALUES ($1, $2, 0, 0, 0, 0, now(), 'pg') ON CONFLICT (key) DO NOTHING"
+                ))
+                .bind::<Bytea, _>(*key)
+                .bind::<Bytea, _>(*value)
+                .execute(conn)
+                .await?;
+            }
+            None if locked.contains(*key) => {
+                diesel::sql_query(format!("DELETE FROM {table} WHERE key = $1"))
+                    .bind::<Bytea, _>(*key)
+                    .execute(conn)
+                    .await?;
+            }
+            None => {}
+        }
     }
     Ok(())
 }
@@ -1013,12 +1124,15 @@ async fn record_conflicts(
         .iter()
         .flat_map(|(key, plan)| plan.conflicts.iter().map(move |c| (*key, c)))
         .collect();
-    let refreshed: Vec<(i64, &EtcdSide)> = plans
+    // A change parked with its transaction behind another key's conflict
+    // leaves that conflict's etcd side alone (`refresh_conflict` matches
+    // the key).
+    let refreshed: Vec<(i64, &[u8], &EtcdSide)> = plans
         .iter()
-        .flat_map(|(_, plan)| {
+        .flat_map(|(key, plan)| {
             plan.refreshed_conflicts
                 .iter()
-                .map(|(id, side)| (*id, side))
+                .map(move |(id, side)| (*id, *key, side))
         })
         .collect();
     if conflicts.is_empty() && refreshed.is_empty() {
@@ -1069,6 +1183,25 @@ async fn record_conflicts(
     for ((key, conflict), id) in conflicts.iter().zip(&ids) {
         park_ids.extend(conflict.parks.iter().copied());
         park_conflicts.extend(conflict.parks.iter().map(|_| *id));
+        let outcome = match conflict.winner {
+            Some(Side::Etcd) => Some(crate::transactions::Outcome::Dropped),
+            None => Some(crate::transactions::Outcome::Parked),
+            Some(Side::Pg) => None,
+        };
+        if let Some(outcome) = outcome {
+            report
+                .settled_transactions
+                .extend(
+                    conflict
+                        .xacts
+                        .iter()
+                        .map(|xact| crate::transactions::Settled {
+                            xact: *xact,
+                            conflict_id: *id,
+                            outcome,
+                        }),
+                );
+        }
         let detail = serde_json::json!({
             "conflict_id": id,
             "table": mapping.table.as_str(),
@@ -1107,7 +1240,7 @@ async fn record_conflicts(
     let refreshes = futures_util::future::try_join_all(
         refreshed
             .iter()
-            .map(|(id, side)| refresh_conflict(conn, *id, side)),
+            .map(|(id, key, side)| refresh_conflict(conn, *id, key, side)),
     );
     let audit = crate::events::record_many(conn, request.fence, request.trace_id, &events);
     futures_util::try_join!(parks, refreshes, audit)?;
@@ -1151,13 +1284,13 @@ async fn insert_conflict(
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
-             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by) \
+             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by, pg_xact) \
          VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
              CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17, \
              to_timestamp($18::float8 / 1000000), to_timestamp($19::float8 / 1000000), $20, \
-             to_timestamp($21::float8 / 1000000)) \
+             to_timestamp($21::float8 / 1000000), $22) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at, \
@@ -1185,6 +1318,7 @@ async fn insert_conflict(
     .bind::<BigInt, _>(conflict.etcd.changed.by_us)
     .bind::<diesel::sql_types::Bool, _>(conflict.decided_by_tie)
     .bind::<BigInt, _>(conflict.pg_committed_by_us)
+    .bind::<Nullable<BigInt>, _>(conflict.pg_xact)
     .load(&mut &*conn)
     .await?;
     rows.into_iter()
@@ -1196,6 +1330,7 @@ async fn insert_conflict(
 async fn refresh_conflict(
     conn: &AsyncPgConnection,
     id: i64,
+    key: &[u8],
     side: &EtcdSide,
 ) -> Result<(), StoreError> {
     diesel::sql_query(
@@ -1203,7 +1338,7 @@ async fn refresh_conflict(
              etcd_observed_at = to_timestamp($4::float8 / 1000000), \
              etcd_changed_after = to_timestamp($5::float8 / 1000000), \
              etcd_changed_by = to_timestamp($6::float8 / 1000000) \
-         WHERE id = $1 AND status = 'pending'",
+         WHERE id = $1 AND status = 'pending' AND key = $7",
     )
     .bind::<BigInt, _>(id)
     .bind::<Nullable<Bytea>, _>(side.value.as_deref())
@@ -1211,6 +1346,7 @@ async fn refresh_conflict(
     .bind::<BigInt, _>(side.observed_at_us)
     .bind::<Nullable<BigInt>, _>(side.changed.after_us)
     .bind::<BigInt, _>(side.changed.by_us)
+    .bind::<Bytea, _>(key)
     .execute(&mut &*conn)
     .await?;
     Ok(())

@@ -222,7 +222,15 @@ pub async fn execute_resolution(
         }
         match (pending, take) {
             (true, Side::Etcd) => {
-                // The parked changes (and those queued behind them) lose.
+                // The parked changes (and those queued behind them) lose,
+                // with the rest of their transactions.
+                let xacts = crate::transactions::parked_with(
+                    conn,
+                    conflict.id,
+                    &conflict.mirror_table,
+                    &conflict.key,
+                )
+                .await?;
                 diesel::sql_query(
                     "UPDATE conflicts SET pg_superseded = pg_superseded || COALESCE((SELECT array_agg(value ORDER BY id) \
                          FROM outbox WHERE mirror_table = $2 AND key = $3), '{}') WHERE id = $1",
@@ -263,6 +271,7 @@ pub async fn execute_resolution(
                             .await?;
                     }
                 }
+                crate::transactions::drop_parked(conn, fence, conflict.id, &xacts).await?;
             }
             (true, Side::Pg) => {
                 diesel::sql_query(
@@ -274,6 +283,8 @@ pub async fn execute_resolution(
                 .execute(conn)
                 .await?;
                 set_mirror_meta(conn, &qualified, &conflict.key, etcd_now).await?;
+                // The other changes of the parked transactions go with it.
+                crate::transactions::release(conn, conflict.id).await?;
             }
             (false, side) => {
                 let value = match side {
@@ -694,7 +705,9 @@ pub async fn list_dead_letters(
 }
 
 /// `dead-letters retry`: puts the changes back into the outbox, based on the
-/// key's current mirror row, and wakes the poller. `ids == None`: all.
+/// key's current mirror row, and wakes the poller. `ids == None`: all. A
+/// change dead-lettered with its transaction is retried with the rest of
+/// it, in one transaction: they reach etcd together.
 pub async fn retry_dead_letters(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
@@ -705,7 +718,9 @@ pub async fn retry_dead_letters(
     conn.transaction::<_, StoreError, _>(async |conn| {
         let letters: Vec<DeadLetterRow> = diesel::sql_query(
             "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
-             FROM dead_letters WHERE retried_at IS NULL AND direction = 'pg-to-etcd' AND ($1 OR id = ANY($2)) \
+             FROM dead_letters WHERE retried_at IS NULL AND direction = 'pg-to-etcd' \
+               AND ($1 OR id = ANY($2) \
+                    OR pg_xact IN (SELECT d.pg_xact FROM dead_letters d WHERE d.id = ANY($2))) \
              ORDER BY id FOR UPDATE",
         )
         .bind::<diesel::sql_types::Bool, _>(all)

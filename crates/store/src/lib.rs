@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod schema;
 pub mod state;
 pub mod tls;
+pub mod transactions;
 
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ pub use apply::{ApplyReport, ApplyRequest, KeyInputs, Repair};
 pub use connect::{Connector, Pool};
 pub use error::StoreError;
 pub use fence::Fence;
-pub use outbox::{DeadLetterKind, OutboxRow};
+pub use outbox::{DeadLetterKind, OutboxRow, Refusal};
 pub use state::SyncState;
 
 /// A handle on the service's PostgreSQL database. Cheap to clone.
@@ -405,13 +406,20 @@ impl Store {
     pub async fn dead_letter(
         &self,
         fence: &Fence,
-        row: &OutboxRow,
-        kind: DeadLetterKind,
-        reason: &str,
+        refused: &[outbox::Refusal<'_>],
         trace_id: Option<&str>,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut conn = self.pool.get().await?;
-        outbox::dead_letter(&mut conn, fence, row, kind, reason, trace_id).await
+        outbox::dead_letter(&mut conn, fence, refused, trace_id).await
+    }
+
+    /// See [`transactions::dropped_keys`].
+    pub async fn dropped_keys(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<transactions::DroppedKey>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        transactions::dropped_keys(&mut conn, limit).await
     }
 
     /// A page of a mirror table in key order (resync, verify).

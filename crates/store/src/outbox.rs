@@ -70,7 +70,8 @@ impl DeadLetterKind {
 }
 
 /// The oldest pending changes, in commit order per key, leaving out keys
-/// parked behind a pending `manual` conflict and keys whose etcd changes
+/// parked behind a pending `manual` conflict, keys with a change dropped
+/// with its transaction (the arbiter puts them back), and keys whose etcd changes
 /// wait for a held row (the watcher settles those first): at most `limit` rows and
 /// about `max_bytes` of keys and values (at least one row; the read stops
 /// after the row that reaches the budget).
@@ -92,7 +93,8 @@ pub async fn pending(
                             octet_length(o.key) + coalesce(octet_length(o.value), 0) AS size \
                      FROM outbox o \
                      WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = o.mirror_table \
-                                       AND p.key = o.key AND p.conflict_id IS NOT NULL) \
+                                       AND p.key = o.key \
+                                       AND (p.conflict_id IS NOT NULL OR p.dropped_by IS NOT NULL)) \
                        AND NOT EXISTS (SELECT 1 FROM deferred_inputs d WHERE d.mirror_table = o.mirror_table \
                                        AND d.key = o.key) \
                      ORDER BY o.id LIMIT $1) AS oldest \
@@ -181,64 +183,110 @@ pub async fn record_attempt(
     .await
 }
 
-/// Moves a change to the dead-letter list, with the reason, and records it
-/// in the audit trail. The changes queued behind it keep flowing.
+/// A change that cannot go to etcd, and why.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal<'a> {
+    pub row: &'a OutboxRow,
+    pub kind: DeadLetterKind,
+    pub reason: &'a str,
+}
+
+/// Moves changes to the dead-letter list, each with its reason, and with
+/// them every other change of their transactions not sent yet (etcd gets
+/// all of a transaction or none; `dead-letters retry` replays them
+/// together), recorded in the audit trail. One database transaction.
+/// Changes of other transactions queued behind them keep flowing. Returns
+/// how many changes were dead-lettered.
 pub async fn dead_letter(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
-    row: &OutboxRow,
-    kind: DeadLetterKind,
-    reason: &str,
+    refused: &[Refusal<'_>],
     trace_id: Option<&str>,
-) -> Result<i64, StoreError> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
+) -> Result<usize, StoreError> {
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        let deleted = diesel::sql_query("DELETE FROM outbox WHERE id = $1")
-            .bind::<BigInt, _>(row.id)
-            .execute(conn)
-            .await?;
-        if deleted == 0 {
-            // Consumed meanwhile (its echo arrived): nothing to dead-letter.
-            return Ok(0);
+        let mut moved = 0;
+        for refusal in refused {
+            moved += move_to_dead_letters(conn, fence, refusal, None, trace_id).await?;
         }
-        let ids: Vec<Id> = diesel::sql_query(
-            "INSERT INTO dead_letters (direction, mirror_table, key, op, value, base_revision, outbox_id, \
-                 reason, kind, attempts, node, term, trace_id) \
-             VALUES ('pg-to-etcd', $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
-        )
-        .bind::<Text, _>(&row.mirror_table)
-        .bind::<Bytea, _>(&row.key)
-        .bind::<Text, _>(&row.op)
-        .bind::<Nullable<Bytea>, _>(row.value.as_deref())
-        .bind::<BigInt, _>(row.base_revision)
-        .bind::<BigInt, _>(row.id)
-        .bind::<Text, _>(reason)
-        .bind::<Text, _>(kind.as_str())
-        .bind::<Integer, _>(row.attempts)
-        .bind::<Text, _>(&fence.node)
-        .bind::<BigInt, _>(fence.term)
-        .bind::<Nullable<Text>, _>(trace_id)
-        .load(conn)
-        .await?;
-        let id = ids.into_iter().next().map_or(0, |r| r.id);
-        let detail = serde_json::json!({
-            "dead_letter_id": id,
-            "outbox_id": row.id,
-            "table": row.mirror_table,
-            "key": eps_core::keys::display_key(&row.key),
-            "kind": kind.as_str(),
-            "reason": reason,
-        });
-        crate::events::record(conn, fence, AuditKind::DeadLetter, trace_id, &detail).await?;
-        if kind == DeadLetterKind::RetriesExhausted {
-            crate::events::record(conn, fence, AuditKind::RetryExhausted, trace_id, &detail).await?;
+        for refusal in refused {
+            let Some(xact) = refusal.row.xact else {
+                continue;
+            };
+            let reason = format!(
+                "dead-lettered with its transaction, another change of which cannot go: {}",
+                refusal.reason
+            );
+            let sibling = Refusal {
+                reason: &reason,
+                ..*refusal
+            };
+            moved += move_to_dead_letters(conn, fence, &sibling, Some(xact), trace_id).await?;
         }
-        Ok(id)
+        Ok(moved)
     })
     .await
+}
+
+/// Moves `refusal.row` (`xact: None`) or the changes of transaction `xact`
+/// not sent yet and not dropped to the dead letters, with `refusal`'s kind
+/// and reason; audits each. A row already gone (its echo consumed it) is
+/// not moved.
+async fn move_to_dead_letters(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    refusal: &Refusal<'_>,
+    xact: Option<i64>,
+    trace_id: Option<&str>,
+) -> Result<usize, StoreError> {
+    #[derive(QueryableByName)]
+    struct Letter {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = BigInt)]
+        outbox_id: i64,
+        #[diesel(sql_type = Text)]
+        mirror_table: String,
+        #[diesel(sql_type = Bytea)]
+        key: Vec<u8>,
+    }
+    let letters: Vec<Letter> = diesel::sql_query(
+        "WITH moved AS ( \
+             DELETE FROM outbox o WHERE CASE WHEN $1 IS NULL THEN o.id = $2 \
+                 ELSE o.xact = $1::text::xid8 AND NOT o.sent AND o.dropped_by IS NULL END \
+             RETURNING o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, o.xact) \
+         INSERT INTO dead_letters (direction, mirror_table, key, op, value, base_revision, outbox_id, \
+             reason, kind, attempts, node, term, trace_id, pg_xact) \
+         SELECT 'pg-to-etcd', m.mirror_table, m.key, m.op, m.value, m.base_revision, m.id, $3, $4, \
+             greatest(m.attempts, $5), $6, $7, $8, m.xact::text::int8 \
+         FROM moved m ORDER BY m.id \
+         RETURNING id, outbox_id, mirror_table, key",
+    )
+    .bind::<Nullable<BigInt>, _>(xact)
+    .bind::<BigInt, _>(refusal.row.id)
+    .bind::<Text, _>(refusal.reason)
+    .bind::<Text, _>(refusal.kind.as_str())
+    .bind::<Integer, _>(refusal.row.attempts)
+    .bind::<Text, _>(&fence.node)
+    .bind::<BigInt, _>(fence.term)
+    .bind::<Nullable<Text>, _>(trace_id)
+    .load(conn)
+    .await?;
+    for letter in &letters {
+        let detail = serde_json::json!({
+            "dead_letter_id": letter.id,
+            "outbox_id": letter.outbox_id,
+            "table": letter.mirror_table,
+            "key": eps_core::keys::display_key(&letter.key),
+            "kind": refusal.kind.as_str(),
+            "reason": refusal.reason,
+            "transaction": xact.or(refusal.row.xact),
+        });
+        crate::events::record(conn, fence, AuditKind::DeadLetter, trace_id, &detail).await?;
+        if refusal.kind == DeadLetterKind::RetriesExhausted {
+            crate::events::record(conn, fence, AuditKind::RetryExhausted, trace_id, &detail)
+                .await?;
+        }
+    }
+    Ok(letters.len())
 }

@@ -602,3 +602,61 @@ async fn an_echo_keeps_the_time_the_user_wrote_the_value() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// A key written several times in one transaction queues one change: its
+/// final state, based on what etcd had when the transaction began (etcd
+/// takes a key once per txn, and no other session saw the values between).
+#[tokio::test]
+async fn a_key_written_several_times_in_a_transaction_queues_its_final_state_once()
+-> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    client
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO kv (key, value, create_revision, mod_revision, version, origin) \
+             VALUES ('k', 'etcd', 3, 9, 2, 'etcd'), ('gone', 'etcd', 4, 4, 1, 'etcd'); COMMIT;",
+        )
+        .await?;
+    let outbox = async || -> anyhow::Result<Vec<(String, String, Option<Vec<u8>>, i64)>> {
+        let rows = client
+            .query(
+                "SELECT convert_from(key, 'UTF8'), op, value, base_revision FROM outbox ORDER BY id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    };
+    client
+        .batch_execute(
+            "BEGIN; \
+             UPDATE kv SET value = 'one' WHERE key = 'k'; \
+             UPDATE kv SET value = 'two' WHERE key = 'k'; \
+             SAVEPOINT s; UPDATE kv SET value = 'rolled back' WHERE key = 'k'; ROLLBACK TO SAVEPOINT s; \
+             INSERT INTO kv (key, value) VALUES ('new', 'a'); \
+             UPDATE kv SET value = 'b' WHERE key = 'new'; \
+             DELETE FROM kv WHERE key = 'gone'; \
+             INSERT INTO kv (key, value) VALUES ('gone', 'again'); \
+             COMMIT;",
+        )
+        .await?;
+    assert_eq!(
+        outbox().await?,
+        vec![
+            ("k".into(), "put".into(), Some(b"two".to_vec()), 9),
+            ("new".into(), "put".into(), Some(b"b".to_vec()), 0),
+            ("gone".into(), "put".into(), Some(b"again".to_vec()), 4),
+        ]
+    );
+    // Across transactions, every committed change stays its own.
+    client
+        .execute("UPDATE kv SET value = 'three' WHERE key = 'k'", &[])
+        .await?;
+    assert_eq!(outbox().await?.len(), 4);
+    Ok(())
+}

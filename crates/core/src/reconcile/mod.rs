@@ -24,6 +24,12 @@
 //!   resolved conflict; the changes after `pi` are carried on top of etcd's
 //!   state (never dropped: they are newer than anything etcd has);
 //! - anything else: a conflict, decided by the mapping's policy.
+//!
+//! A change dropped with its transaction (another change of it lost a
+//! conflict) takes no part: it is consumed, and the mirror row put back,
+//! when an observation of etcd's current state comes (the arbiter reads
+//! one for every such key), never on a watch event, which may be older than
+//! the row.
 
 use crate::mapping::{Direction, Policy};
 use crate::model::{EtcdEvent, KeyMeta, KeyValue, Op, Origin, PendingChange};
@@ -133,6 +139,12 @@ pub struct ConflictEntry {
     pub decided_by_tie: bool,
     /// Outbox rows parked behind this conflict.
     pub parks: Vec<i64>,
+    /// The transaction of the last pending change (`None`: not recorded).
+    pub pg_xact: Option<i64>,
+    /// The transactions of every pending change the decision covers: all
+    /// their changes, of any key, follow it (dropped with an etcd win,
+    /// parked with a `manual` one).
+    pub xacts: Vec<i64>,
 }
 
 /// The final effect of a batch on one key.
@@ -146,6 +158,22 @@ pub struct KeyPlan {
     pub conflicts: Vec<ConflictEntry>,
     /// New etcd side of a conflict already parked (id from `conflict_id`).
     pub refreshed_conflicts: Vec<(i64, EtcdSide)>,
+    /// The mirror row showed a dropped change: how to put it back.
+    pub restore: Restore,
+}
+
+/// Putting back a mirror row that shows a dropped change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Restore {
+    #[default]
+    None,
+    /// The mirror action (a `Set` to etcd's observed state) is written even
+    /// where the row's mod revision already equals the state's: the row's
+    /// metadata is etcd's, its value is not.
+    Etcd,
+    /// A change queued before the dropped one remains: the row shows its
+    /// value (`None`: deleted), the metadata stays.
+    Local(Option<Vec<u8>>),
 }
 
 /// `MirrorAction` with a default, so `KeyPlan` can derive `Default`.
@@ -214,17 +242,33 @@ pub fn plan_key_timed(
         // An etcd-to-pg mapping never propagates local changes: they are
         // dead-lettered by the poller, and etcd's state always wins here.
         pending: if ctx.direction.pg_to_etcd() {
-            pending.to_vec()
+            pending.iter().filter(|p| !p.dropped).cloned().collect()
         } else {
             Vec::new()
         },
         original_bases: pending.iter().map(|p| (p.id, p.base_revision)).collect(),
         plan: KeyPlan::default(),
         parked_here: false,
+        restoring: false,
+        dropped: pending.iter().filter(|p| p.dropped).map(|p| p.id).collect(),
     };
+    let observed = inputs
+        .iter()
+        .any(|i| matches!(i, KeyInput::Observed { .. }));
+    let dropped_last = pending.last().is_some_and(|p| p.dropped);
+    if observed && !planner.dropped.is_empty() {
+        planner
+            .plan
+            .consumed
+            .extend(planner.dropped.iter().copied());
+        planner.restoring = dropped_last && planner.pending.is_empty();
+    }
     for (input, time) in inputs.iter().zip(times) {
         planner.time = *time;
         planner.apply(input);
+    }
+    if observed && dropped_last {
+        planner.restore();
     }
     planner.finish()
 }
@@ -238,13 +282,18 @@ struct Planner {
     plan: KeyPlan,
     /// A conflict of this batch parked the key: later inputs refresh it.
     parked_here: bool,
+    /// The row shows a dropped change and nothing else is pending: it takes
+    /// etcd's observed state whatever the mapping's direction.
+    restoring: bool,
+    /// The ids of the key's dropped changes.
+    dropped: Vec<i64>,
 }
 
 impl Planner {
     fn apply(&mut self, input: &KeyInput) {
         let Some(first) = self.pending.first().cloned() else {
             self.record_history(input, default_origin(input));
-            if self.ctx.direction.etcd_to_pg() {
+            if self.ctx.direction.etcd_to_pg() || self.restoring {
                 self.set_mirror_to(input, default_origin(input));
             }
             return;
@@ -377,6 +426,12 @@ impl Planner {
         };
         let decision = decide(self.ctx.policy, pg, self.time.changed, self.ctx.tie);
         entry.decided_by_tie = matches!(decision, Decision::Tie(_));
+        // The decision covers the transactions of every pending change.
+        for xact in self.pending.iter().filter_map(|p| p.xact) {
+            if !entry.xacts.contains(&xact) {
+                entry.xacts.push(xact);
+            }
+        }
         match decision.side() {
             Some(Side::Etcd) => {
                 entry.winner = Some(Side::Etcd);
@@ -451,6 +506,8 @@ impl Planner {
             winner: None,
             decided_by_tie: false,
             parks: Vec::new(),
+            pg_xact: last.xact,
+            xacts: Vec::new(),
         }
     }
 
@@ -515,6 +572,23 @@ impl Planner {
             expect_mod_revision: expect,
             meta,
         });
+    }
+
+    /// The key's last pending change was dropped: its value must leave the
+    /// row. After etcd's state was planned, the row takes that state (if a
+    /// `Set` of it was planned) or the last change still pending.
+    fn restore(&mut self) {
+        self.plan.restore = match (&self.plan.mirror.0, self.pending.last()) {
+            (MirrorAction::Set { .. }, _) => Restore::Etcd,
+            (_, Some(last)) => Restore::Local(last.value.clone()),
+            (_, None) => {
+                // Nothing would put the row back: the dropped changes stay
+                // for a later observation.
+                let dropped = &self.dropped;
+                self.plan.consumed.retain(|id| !dropped.contains(id));
+                Restore::None
+            }
+        };
     }
 
     fn finish(mut self) -> KeyPlan {

@@ -57,6 +57,8 @@ fn pending_put(id: i64, value: &str, base: i64, at: i64) -> PendingChange {
         committed_by_us: at,
         conflict_id: None,
         sent: true,
+        xact: None,
+        dropped: false,
     }
 }
 
@@ -70,6 +72,8 @@ fn pending_delete(id: i64, base: i64, at: i64) -> PendingChange {
         committed_by_us: at,
         conflict_id: None,
         sent: true,
+        xact: None,
+        dropped: false,
     }
 }
 
@@ -847,4 +851,97 @@ fn newest_wins_inside_the_window_is_a_tie_decided_by_the_rule() {
             Side::Pg => assert_eq!(plan.consumed, Vec::<i64>::new()),
         }
     }
+}
+
+fn dropped(mut change: PendingChange) -> PendingChange {
+    change.dropped = true;
+    change.xact = Some(77);
+    change
+}
+
+#[test]
+fn a_dropped_change_is_put_back_from_etcds_observed_state_at_its_own_revision() {
+    // The row shows a dropped put based on revision 9; etcd is still there.
+    let pending = [dropped(pending_put(1, "dropped", 9, 500))];
+    for policy in [Policy::EtcdWins, Policy::PgWins, Policy::Manual] {
+        let plan = plan_key(ctx(policy), &pending, &[observed_value("etcd", 9)]);
+        assert_eq!(plan.consumed, vec![1], "{policy:?}");
+        assert_eq!(set_value(&plan), Some(Some(b"etcd".as_slice())));
+        assert_eq!(
+            plan.restore,
+            Restore::Etcd,
+            "written at an equal revision too"
+        );
+        assert!(
+            plan.conflicts.is_empty(),
+            "no conflict: the transaction lost already"
+        );
+    }
+    // Also for a mapping that does not take etcd's changes otherwise.
+    let mut pg_only = ctx(Policy::EtcdWins);
+    pg_only.direction = Direction::PgToEtcd;
+    let plan = plan_key(pg_only, &pending, &[observed_absent(20)]);
+    assert_eq!(set_value(&plan), Some(None));
+}
+
+#[test]
+fn a_dropped_change_is_left_alone_by_watch_events() {
+    // A watch event may be older than the row: only an observation of the
+    // current state puts it back.
+    let pending = [dropped(pending_put(1, "dropped", 9, 500))];
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &pending,
+        &[put(12, "etcd", Some((9, "old")))],
+    );
+    assert!(plan.consumed.is_empty());
+    assert_eq!(plan.restore, Restore::None);
+    assert!(
+        plan.conflicts.is_empty(),
+        "a dropped change is in no conflict"
+    );
+    assert_eq!(set_value(&plan), Some(Some(b"etcd".as_slice())));
+}
+
+#[test]
+fn a_dropped_change_behind_a_kept_one_leaves_the_row_with_the_kept_value() {
+    let pending = [
+        pending_put(1, "kept", 9, 400),
+        dropped(pending_put(2, "dropped", 9, 500)),
+    ];
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[observed_value("etcd-9", 9)],
+    );
+    assert_eq!(plan.consumed, vec![2]);
+    assert_eq!(plan.restore, Restore::Local(Some(b"kept".to_vec())));
+    // A dropped change before a kept one: consumed, the row is the kept one's.
+    let pending = [
+        dropped(pending_put(1, "dropped", 9, 400)),
+        pending_put(2, "kept", 9, 500),
+    ];
+    let plan = plan_key(
+        ctx(Policy::PgWins),
+        &pending,
+        &[observed_value("etcd-9", 9)],
+    );
+    assert_eq!(plan.consumed, vec![1]);
+    assert_eq!(plan.restore, Restore::None);
+}
+
+#[test]
+fn a_conflict_decides_for_the_transactions_of_every_pending_change() {
+    let mut first = pending_put(1, "a", 9, 400);
+    first.xact = Some(70);
+    let mut second = pending_put(2, "b", 9, 500);
+    second.xact = Some(71);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[first, second],
+        &[put(12, "etcd", Some((9, "old")))],
+    );
+    assert_eq!(plan.conflicts.len(), 1);
+    assert_eq!(plan.conflicts[0].xacts, vec![70, 71]);
+    assert_eq!(plan.conflicts[0].pg_xact, Some(71));
 }

@@ -1,0 +1,90 @@
+-- A PostgreSQL transaction is the unit of propagation to etcd, also in a
+-- conflict: the policy settles it whole (see docs/design.md, D11).
+
+-- A change dropped because another change of its transaction lost a
+-- conflict (`dropped_by`: that conflict's id). The key's mirror row still
+-- shows the dropped value; the conflict arbiter reads etcd's state of the
+-- key and puts it back, consuming the row. Until then the poller leaves
+-- the key alone.
+ALTER TABLE @schema@.outbox ADD COLUMN dropped_by bigint;
+CREATE INDEX outbox_dropped ON @schema@.outbox (dropped_by) WHERE dropped_by IS NOT NULL;
+
+-- Parked changes are found by their conflict (a resolution releases or
+-- drops every change of the parked transactions).
+CREATE INDEX outbox_conflict ON @schema@.outbox (conflict_id) WHERE conflict_id IS NOT NULL;
+
+-- The PostgreSQL transaction a conflict's or a dead letter's change came
+-- from (`pg_current_xact_id()` as a number; NULL: unknown). The conflicts
+-- of one transaction's keys, and its dead letters, share it.
+ALTER TABLE @schema@.conflicts ADD COLUMN pg_xact bigint;
+CREATE INDEX conflicts_pg_xact ON @schema@.conflicts (pg_xact) WHERE pg_xact IS NOT NULL;
+ALTER TABLE @schema@.dead_letters ADD COLUMN pg_xact bigint;
+CREATE INDEX dead_letters_pg_xact ON @schema@.dead_letters (pg_xact) WHERE pg_xact IS NOT NULL;
+
+-- The trigger below finds the transaction's earlier change of a key.
+DROP INDEX @schema@.outbox_xact;
+CREATE INDEX outbox_xact_key ON @schema@.outbox (xact, mirror_table, key);
+
+-- Queues one change of a key. A key changed again in the same transaction
+-- updates that transaction's change instead: etcd takes a key once per
+-- txn, and no other session ever saw the value in between. The change
+-- keeps its first base (the state etcd had when the transaction first
+-- changed the key) and takes the final op, value and time. Returns the new
+-- row's id, or NULL when an earlier change was updated.
+CREATE FUNCTION @schema@.outbox_queue(p_table text, p_key bytea, p_op text, p_value bytea, p_base bigint)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+DECLARE
+    queued bigint;
+BEGIN
+    UPDATE @schema@.outbox o SET op = p_op, value = p_value, created_at = pg_catalog.clock_timestamp()
+    WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = p_table AND o.key = p_key
+    RETURNING o.id INTO queued;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO @schema@.outbox (mirror_table, key, op, value, base_revision)
+    VALUES (p_table, p_key, p_op, p_value, p_base)
+    RETURNING id INTO queued;
+    RETURN queued;
+END
+$$;
+REVOKE ALL ON FUNCTION @schema@.outbox_queue(text, bytea, text, bytea, bigint) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION @schema@.mirror_after_write() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+DECLARE
+    mirror text;
+    first_id bigint;
+BEGIN
+    IF pg_catalog.current_setting('etcd_sync.applying', true) = 'on'
+       AND pg_catalog.pg_has_role(session_user, current_user, 'MEMBER') THEN
+        RETURN NULL;
+    END IF;
+    SELECT m.name INTO mirror FROM @schema@.mirror_tables m WHERE m.relid = TG_RELID;
+    IF mirror IS NULL THEN
+        RAISE EXCEPTION '% is not a mirror table of schema %', TG_RELID::regclass, '@schema_name@'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision);
+    ELSIF TG_OP = 'INSERT' THEN
+        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0);
+    ELSIF NEW.key IS DISTINCT FROM OLD.key THEN
+        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision);
+        PERFORM @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0);
+    ELSIF NEW.value IS DISTINCT FROM OLD.value THEN
+        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, OLD.mod_revision);
+    ELSE
+        RETURN NULL;  -- an UPDATE that changes nothing is not propagated
+    END IF;
+    -- A NOTIFY only when the poller may be idle: no older change (not
+    -- parked) is waiting. A change merged into an earlier one of this
+    -- transaction was announced with it.
+    IF first_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM @schema@.outbox o WHERE o.id < first_id AND o.conflict_id IS NULL) THEN
+        PERFORM pg_catalog.pg_notify(TG_TABLE_SCHEMA || '_outbox', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
