@@ -498,9 +498,10 @@ async fn a_leased_key_edited_in_sql_keeps_its_lease_and_expires_on_both_sides() 
 }
 
 /// A PostgreSQL transaction reaches etcd in one txn (one revision): 8
-/// sessions commit 168 transactions of 2 to 8 keys each over 40 shared keys;
-/// every transaction's values appear in etcd's history at one revision,
-/// never a torn update a watcher could see half of.
+/// sessions commit 200 transactions of 2 to 8 keys each over 40 shared keys,
+/// each writing its first key twice; every transaction's values appear in
+/// etcd's history at one revision, never a torn update a watcher could see
+/// half of, and the value a transaction overwrote itself never reaches etcd.
 #[tokio::test]
 async fn each_sql_transaction_reaches_etcd_in_one_revision() -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;
@@ -516,13 +517,19 @@ async fn each_sql_transaction_reaches_etcd_in_one_revision() -> anyhow::Result<(
             pg.batch_execute("SET search_path TO etcd_sync").await?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(session);
             let mut transactions: Vec<Vec<(Vec<u8>, Vec<u8>)>> = Vec::new();
-            for n in 0..21 {
+            for n in 0..25 {
                 let size = rng.random_range(2..=8);
                 let mut keys: Vec<usize> = rand::seq::index::sample(&mut rng, 40, size).into_vec();
                 // One order for every session: no deadlocks.
                 keys.sort_unstable();
                 let tx = pg.transaction().await?;
                 let mut written = Vec::new();
+                tx.execute(
+                    "INSERT INTO kv_a (key, value) VALUES ($1, 'overwritten in its transaction') \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&format!("/a/t{:02}", keys[0]).into_bytes()],
+                )
+                .await?;
                 for k in keys {
                     let key = format!("/a/t{k:02}").into_bytes();
                     let value = format!("s{session}-t{n}-k{k}").into_bytes();
@@ -574,8 +581,17 @@ async fn each_sql_transaction_reaches_etcd_in_one_revision() -> anyhow::Result<(
         event_details(&pg, "transaction-split").await?.is_empty(),
         "no transaction was too large for one txn"
     );
-    assert_eq!(transactions.len(), 168);
+    assert_eq!(transactions.len(), 200);
     assert_eq!(torn, 0, "transactions spread over several etcd revisions");
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM history WHERE value = 'overwritten in its transaction'"
+        )
+        .await?,
+        0,
+        "a value its own transaction overwrote reached etcd"
+    );
     Ok(())
 }
 
@@ -660,5 +676,74 @@ async fn a_transaction_with_a_change_etcd_cannot_take_is_dead_lettered_whole() -
         small.kvs().is_empty(),
         "no part of the transaction reached etcd"
     );
+    Ok(())
+}
+
+/// A transaction that read what another wrote reaches etcd after it, even
+/// when it wrote before it read (its outbox row is older than the other's):
+/// the poller sends transactions in commit order, one txn at a time.
+#[tokio::test]
+async fn a_transaction_that_read_another_reaches_etcd_after_it() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    // Two changes per txn: the reader (two keys) and the writer (one) do
+    // not fit one txn together.
+    world
+        .env
+        .insert("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS".into(), "3".into());
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let mut reader = world.pg().await?;
+    let writer = world.pg().await?;
+    let reading = reader.transaction().await?;
+    reading
+        .execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ('/a/r1', 'first')",
+            &[],
+        )
+        .await?;
+    writer
+        .execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ('/a/w', 'written')",
+            &[],
+        )
+        .await?;
+    let seen: String = reading
+        .query_one("SELECT value FROM kv_a_text WHERE key = '/a/w'", &[])
+        .await?
+        .get(0);
+    reading
+        .execute(
+            "INSERT INTO kv_a_text (key, value) VALUES ('/a/r2', $1)",
+            &[&format!("saw {seen}")],
+        )
+        .await?;
+    reading.commit().await?;
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    wait_outbox_empty(&world, Duration::from_secs(20)).await?;
+    let mut etcd = world.etcd_client().await?;
+    let revision = async |key: &str| -> anyhow::Result<i64> {
+        let got = etcd.clone().get(key, None).await?;
+        got.kvs()
+            .first()
+            .map(|kv| kv.mod_revision())
+            .ok_or_else(|| anyhow::anyhow!("{key} not in etcd"))
+    };
+    let written = revision("/a/w").await?;
+    let read_it = revision("/a/r2").await?;
+    assert!(
+        written < read_it,
+        "the reader (revision {read_it}) reached etcd before what it read (revision {written})"
+    );
+    assert_eq!(
+        revision("/a/r1").await?,
+        read_it,
+        "the reader is one revision"
+    );
+    let _ = &mut etcd;
     Ok(())
 }

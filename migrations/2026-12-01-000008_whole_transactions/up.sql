@@ -88,3 +88,29 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- The order in which transactions committed. A transaction that read what
+-- another wrote committed after it, and must reach etcd after it; the
+-- outbox ids (the order of writes) do not say so: a transaction may write
+-- before it reads. The commit stamp (taken as the transaction commits,
+-- see `outbox_stamp_commit`) draws a number from a sequence: a transaction
+-- that saw another's writes draws a larger one. The poller sends
+-- transactions in this order. Stamps of transactions still queued are
+-- kept; a stamp lost with the unlogged table in a crash leaves that
+-- transaction ordered by its first change.
+CREATE SEQUENCE @schema@.xact_commit_seq;
+ALTER TABLE @schema@.xact_commits ADD COLUMN seq bigint;
+
+CREATE OR REPLACE FUNCTION @schema@.outbox_stamp_commit() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_setting('etcd_sync.commit_stamped', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_catalog.set_config('etcd_sync.commit_stamped', 'on', true);
+        INSERT INTO @schema@.xact_commits (xact, committed_at, seq)
+        VALUES (pg_catalog.pg_current_xact_id(), pg_catalog.clock_timestamp(),
+                pg_catalog.nextval('@schema@.xact_commit_seq'))
+        ON CONFLICT (xact) DO UPDATE SET committed_at = EXCLUDED.committed_at, seq = EXCLUDED.seq;
+    END IF;
+    RETURN NULL;
+END
+$$;

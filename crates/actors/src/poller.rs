@@ -453,8 +453,6 @@ async fn drain(
         if !ids.is_empty() {
             ctx.store.mark_sent(&ctx.fence, &ids).await?;
         }
-        // Several txns in flight: each holds distinct keys and every key
-        // has one change per round, so they commute.
         let (txns, mut splits) = chunks(sendable, txn_limits(ctx));
         splits.extend(grouped.released.into_iter().map(|(xact, keys)| Split {
             xact,
@@ -463,12 +461,11 @@ async fn drain(
             reason: SplitReason::Released,
         }));
         record_splits(ctx, &splits).await?;
-        for group in txns.chunks(TXNS_IN_FLIGHT) {
-            let outcomes =
-                futures_util::future::join_all(group.iter().map(|txn| attempt(ctx, txn))).await;
-            for (txn, outcome) in group.iter().zip(outcomes) {
-                send(ctx, state, txn.clone(), Some(outcome), arbiter, retrier).await?;
-            }
+        // One txn at a time, in commit order: etcd orders concurrent
+        // requests as it likes, and a transaction that read another's
+        // writes must land after it.
+        for txn in txns {
+            send(ctx, state, txn, None, arbiter, retrier).await?;
         }
     }
     Ok(Drained::Done)
@@ -496,10 +493,6 @@ fn hold_back(queue: &mut VecDeque<Vec<Candidate>>, xacts: &HashSet<i64>) {
         txn.retain(|c| c.row.xact.is_none_or(|x| !xacts.contains(&x)));
     }
 }
-
-/// Concurrent etcd txns per round (4 in flight carry about 1.5 times the
-/// keys per second of one, measured on 2 cores).
-const TXNS_IN_FLIGHT: usize = 4;
 
 /// The outbox rows read per round hold at most about this many bytes of
 /// keys and values (plus one row): large values do not fill memory.
@@ -594,6 +587,7 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
         }
     }
     if !grouped.groups.is_empty() || held.is_empty() {
+        in_commit_order(&mut grouped.groups);
         return grouped;
     }
     // Nothing can go. Release the oldest held-back transaction only if no
@@ -625,6 +619,16 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
     grouped.released = vec![(oldest, released.len())];
     grouped.groups.push(released);
     grouped
+}
+
+/// Orders transactions as they committed: one that read another's writes
+/// committed after it. Those whose commit order is unknown (written before
+/// it was recorded, or stamped before a crash of PostgreSQL) committed
+/// before every known one; among themselves, in the order of their first
+/// change. Two transactions of one round never share a key, so per key the
+/// order stays the outbox's.
+fn in_commit_order(groups: &mut [Vec<Candidate>]) {
+    groups.sort_by_key(|group| group.first().and_then(|c| c.row.commit_seq));
 }
 
 /// A transaction that reached etcd in more than one txn.
@@ -1042,6 +1046,7 @@ mod tests {
             created_at_us: 0,
             xact: None,
             xact_rows: 1,
+            commit_seq: None,
         }
     }
 
@@ -1213,6 +1218,23 @@ mod tests {
         let grouped = group(&state, &rows, false);
         assert_eq!(ids(&grouped.groups), vec![vec![103]], "then the rest of 8");
         assert!(grouped.released.is_empty());
+    }
+
+    #[test]
+    fn transactions_go_in_commit_order_not_in_the_order_of_their_first_change() {
+        // Transaction 8 wrote /r first, then read what 7 wrote and
+        // committed: it committed after 7, and goes after it.
+        let mut rows = [
+            in_xact(row(1, "/r", 1), 8, 1),
+            in_xact(row(2, "/w", 1), 7, 1),
+            in_xact(row(3, "/old", 1), 6, 1),
+        ];
+        rows[0].commit_seq = Some(41);
+        rows[1].commit_seq = Some(40);
+        // 6's stamp was lost: it committed before every stamped one.
+        rows[2].commit_seq = None;
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![3], vec![2], vec![1]]);
     }
 
     #[test]

@@ -122,11 +122,13 @@ pub fn window_of(clock: (Option<i64>, Option<i64>), observed_at_us: i64) -> Chan
 /// How long a transaction's commit stamp is kept (see the migration).
 pub const COMMIT_STAMPS_KEPT_SECS: i64 = 15 * 60;
 
-/// Deletes commit stamps older than [`COMMIT_STAMPS_KEPT_SECS`]; returns
-/// how many.
+/// Deletes commit stamps older than [`COMMIT_STAMPS_KEPT_SECS`] of
+/// transactions with no change queued any more (a queued one's stamp orders
+/// it among the others); returns how many.
 pub async fn forget_old_commits(conn: &mut AsyncPgConnection) -> Result<usize, StoreError> {
     Ok(diesel::sql_query(
-        "DELETE FROM xact_commits WHERE committed_at < clock_timestamp() - make_interval(secs => $1)",
+        "DELETE FROM xact_commits c WHERE committed_at < clock_timestamp() - make_interval(secs => $1) \
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.xact = c.xact)",
     )
     .bind::<diesel::sql_types::Double, _>(COMMIT_STAMPS_KEPT_SECS as f64)
     .execute(conn)

@@ -37,6 +37,10 @@ pub struct OutboxRow {
     /// read returned them or not (1 without a transaction).
     #[diesel(sql_type = BigInt)]
     pub xact_rows: i64,
+    /// Where its transaction stands in commit order (`None`: not known —
+    /// no transaction recorded, or its stamp lost in a crash).
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub commit_seq: Option<i64>,
 }
 
 impl OutboxRow {
@@ -104,7 +108,8 @@ pub async fn pending(
                                                     LIMIT $1 + 1) AS capped) AS n \
              FROM (SELECT DISTINCT xact8 FROM w WHERE xact8 IS NOT NULL) AS d) \
          SELECT w.id, w.mirror_table, w.key, w.op, w.value, w.base_revision, w.attempts, w.created_at_us, \
-                w.xact, coalesce(c.n, 1) AS xact_rows \
+                w.xact, coalesce(c.n, 1) AS xact_rows, \
+                (SELECT s.seq FROM xact_commits s WHERE s.xact = w.xact8) AS commit_seq \
          FROM w LEFT JOIN c ON c.xact8 = w.xact8 ORDER BY w.id",
     )
     .bind::<BigInt, _>(limit as i64)
