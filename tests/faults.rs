@@ -1,13 +1,15 @@
 //! Randomized fault injection with a consistency checker (the guarantees
 //! of docs/design.md as a whole). Three replicas reach etcd and PostgreSQL through their own
 //! proxies; a seeded random workload writes both sides (puts, deletes,
-//! multi-key txns, expiring leases, SQL inserts/updates/deletes and
-//! multi-row statements, SQL edits of leased keys, refused TRUNCATEs, often
+//! multi-key txns, expiring leases, SQL inserts/updates/deletes,
+//! multi-row statements and multi-statement transactions, SQL edits of
+//! leased keys, refused TRUNCATEs, often
 //! on the same keys); a seeded schedule kills, pauses and partitions
 //! replicas, restarts both stores, compacts etcd and runs an operator's
 //! `verify --repair`.
 //! Then everything heals and the checker verifies: both stores equal, no
-//! acknowledged write vanished, history revisions unique and terms never
+//! acknowledged write vanished, no SQL transaction torn across etcd
+//! revisions, history revisions unique and terms never
 //! going back, outbox empty, `verify` clean.
 //!
 //! Short form in the normal test run; long form:
@@ -215,6 +217,23 @@ fn pg_writer(
                         Ok(()) => panic!("TRUNCATE of a mirror table was accepted"),
                         Err(()) => Ok(Vec::new()),
                     }
+                } else if roll < 90 {
+                    // A transaction of several statements: its puts reach
+                    // etcd at one revision or not at all.
+                    let mut picked: Vec<usize> = (0..rng.random_range(2..5)).map(|_| rng.random_range(0..KEYS)).collect();
+                    picked.sort_unstable();
+                    picked.dedup();
+                    timed(c.batch_execute("BEGIN")).await?;
+                    for i in &picked {
+                        timed(c.execute(
+                            "INSERT INTO etcd_sync.kv_f (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                            &[&key(*i), &value],
+                        ))
+                        .await?;
+                    }
+                    timed(c.batch_execute("COMMIT")).await?;
+                    let at = Instant::now();
+                    Ok(picked.into_iter().map(|i| Ack { side: "pg", key: key(i), value: Some(value.clone()), at, revision: None }).collect())
                 } else {
                     let first = rng.random_range(0..KEYS - 5);
                     let keys: Vec<Vec<u8>> = (first..first + rng.random_range(2..6)).map(key).collect();
@@ -251,6 +270,55 @@ struct Cluster {
     gaps: Vec<Gap>,
     /// The replicas' mapping (TOML).
     mapping: String,
+}
+
+/// No etcd revision holds part of a SQL transaction: each multi-key
+/// transaction's puts (one value per transaction) that came back from etcd
+/// did so at one revision, for every key of it (a revision is applied
+/// whole, or lost whole in a compaction gap).
+async fn check_transactions_whole(
+    pg: &tokio_postgres::Client,
+    acks: &[Ack],
+    schedule: &mut String,
+) -> anyhow::Result<()> {
+    let mut transactions: std::collections::BTreeMap<&[u8], HashSet<&[u8]>> = Default::default();
+    for ack in acks.iter().filter(|a| a.side == "pg") {
+        if let Some(value) = &ack.value {
+            transactions.entry(value).or_default().insert(&ack.key);
+        }
+    }
+    transactions.retain(|_, keys| keys.len() > 1);
+    let mut torn = Vec::new();
+    for (value, keys) in &transactions {
+        let echoed: Vec<(Vec<u8>, i64)> = pg
+            .query(
+                // Values are unique per transaction; a resync or snapshot
+                // row says only that the value was there at its revision.
+                "SELECT key, revision FROM etcd_sync.history WHERE value = $1 AND origin IN ('pg', 'etcd')",
+                &[value],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let revisions: HashSet<i64> = echoed.iter().map(|(_, r)| *r).collect();
+        let whole = revisions.len() <= 1
+            && (echoed.is_empty() || keys.iter().all(|k| echoed.iter().any(|(e, _)| e == k)));
+        if !whole {
+            torn.push(format!(
+                "{} over {} keys: echoed {:?}",
+                String::from_utf8_lossy(value),
+                keys.len(),
+                echoed
+                    .iter()
+                    .map(|(k, r)| format!("{}@{r}", String::from_utf8_lossy(k)))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+    writeln!(schedule, "multi-key transactions checked: {}", transactions.len())?;
+    anyhow::ensure!(torn.is_empty(), "transactions torn across etcd revisions: {torn:#?}");
+    Ok(())
 }
 
 /// One compaction ahead of the service's checkpoint.
@@ -657,6 +725,7 @@ async fn check(cluster: &Cluster, acks: &[Ack], schedule: &mut String) -> anyhow
     };
     assert_eq!(etcd_state, pg_state);
     writeln!(schedule, "converged: {} keys", etcd_state.len())?;
+    check_transactions_whole(&pg, acks, schedule).await?;
 
     // Nothing acknowledged vanished.
     let history: HashSet<(Vec<u8>, Option<Vec<u8>>)> = pg

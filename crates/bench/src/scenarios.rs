@@ -19,6 +19,7 @@ pub const ALL: &[&str] = &[
     "etcd-to-pg-catchup",
     "conflict-catchup",
     "pg-to-etcd",
+    "pg-txn-to-etcd",
     "latency-1k",
     "snapshot",
     "failover",
@@ -32,6 +33,7 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
         "etcd-to-pg-catchup" => catchup(binary, sizes).await,
         "conflict-catchup" => conflict_catchup(binary, sizes).await,
         "pg-to-etcd" => pg_to_etcd(binary, sizes).await,
+        "pg-txn-to-etcd" => pg_txn_to_etcd(binary, sizes).await,
         "latency-1k" => latency(binary, sizes).await,
         "snapshot" => snapshot(binary, sizes).await,
         "failover" => failover(binary, sizes).await,
@@ -526,6 +528,88 @@ async fn pg_to_etcd(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
         ratio: Some(batched / baseline),
         goal: "≥ 1.0".into(),
         summary: format!("{batched:.0} changes/s (one key per txn: {unbatched:.0}/s)"),
+    })
+}
+
+/// Keys per transaction in `pg-txn-to-etcd`.
+const TXN_KEYS: usize = 5;
+
+/// 8 sessions commit 5-key SQL transactions; each reaches etcd whole (one
+/// txn). Baseline: the same 5-key etcd txns sent directly, 8 in flight.
+async fn pg_txn_to_etcd(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let stores = stores().await?;
+    let service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let transactions = sizes.pg_writes / TXN_KEYS;
+    let keys = (transactions * TXN_KEYS) as i64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let db = stores.db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = db.client().await?;
+            let insert = client
+                .prepare("INSERT INTO etcd_sync.kv_bench (key, value) VALUES ($1, $2)")
+                .await?;
+            for t in (s..transactions).step_by(8) {
+                let tx = client.transaction().await?;
+                for k in 0..TXN_KEYS {
+                    tx.execute(
+                        &insert,
+                        &[&format!("/bench/txn/{t:07}/{k}").into_bytes(), &vec![b'p'; 64]],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let committed = started.elapsed();
+    while etcd_count(&stores.etcd, "/bench/txn/").await? < keys {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all SQL transactions reached etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (rate, txn_rate) = (keys as f64 / elapsed, transactions as f64 / elapsed);
+    let baseline_started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let endpoint = stores.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for t in (s..transactions).step_by(8) {
+                let ops: Vec<etcd_client::TxnOp> = (0..TXN_KEYS)
+                    .map(|k| {
+                        etcd_client::TxnOp::put(format!("/bench/rawtxn/{t:07}/{k}"), vec![b'p'; 64], None)
+                    })
+                    .collect();
+                client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let baseline = keys as f64 / baseline_started.elapsed().as_secs_f64();
+    eprintln!(
+        "pg-txn-to-etcd: {transactions} transactions committed in {committed:?}, all in etcd after {elapsed:.2}s"
+    );
+    Ok(Outcome {
+        scenario: "pg-txn-to-etcd".into(),
+        parameters: json!({"transactions": transactions, "keys_per_transaction": TXN_KEYS, "sessions": 8}),
+        figures: json!({"keys_per_s": rate, "transactions_per_s": txn_rate}),
+        baseline: json!({"direct_5_key_txns_8_in_flight_keys_per_s": baseline, "summary": format!("direct 5-key txns {baseline:.0} keys/s")}),
+        ratio: Some(rate / baseline),
+        goal: "≥ 0.8".into(),
+        summary: format!("{rate:.0} keys/s, {txn_rate:.0} transactions/s"),
     })
 }
 

@@ -658,5 +658,10 @@ async fn a_key_written_several_times_in_a_transaction_queues_its_final_state_onc
         .execute("UPDATE kv SET value = 'three' WHERE key = 'k'", &[])
         .await?;
     assert_eq!(outbox().await?.len(), 4);
+    // A rolled-back transaction leaves no trace.
+    client
+        .batch_execute("BEGIN; UPDATE kv SET value = 'never' WHERE key = 'k'; DELETE FROM kv WHERE key = 'new'; ROLLBACK;")
+        .await?;
+    assert_eq!(outbox().await?.len(), 4);
     Ok(())
 }
