@@ -690,3 +690,39 @@ async fn manual_parks_a_transaction_whole_and_take_etcd_drops_it_whole() -> anyh
     assert_dropped_whole(&manual_resolution_of_a_transaction("etcd").await?);
     Ok(())
 }
+
+/// A transaction that deletes a key and creates it again sends one put,
+/// based on the key's revision in etcd; a later transaction's change of the
+/// re-created row is based on that same revision, so it follows the put
+/// instead of conflicting with the service's own write.
+#[tokio::test]
+async fn a_change_after_a_delete_and_insert_in_one_transaction_is_no_conflict() -> anyhow::Result<()>
+{
+    let world = World::new(&mappings("etcd-wins")).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/k", "etcd", None).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let pg = world.pg().await?;
+    pg.batch_execute(
+        "BEGIN; DELETE FROM kv_a_text WHERE key = '/a/k'; \
+         INSERT INTO kv_a_text (key, value) VALUES ('/a/k', 'recreated'); COMMIT;",
+    )
+    .await?;
+    pg.execute(
+        "UPDATE kv_a_text SET value = 'later' WHERE key = '/a/k'",
+        &[],
+    )
+    .await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    wait_outbox_empty(&world, Duration::from_secs(15)).await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    assert_eq!(state[b"/a/k".as_slice()], b"later");
+    assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
+    Ok(())
+}

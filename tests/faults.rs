@@ -316,8 +316,15 @@ async fn check_transactions_whole(
             ));
         }
     }
-    writeln!(schedule, "multi-key transactions checked: {}", transactions.len())?;
-    anyhow::ensure!(torn.is_empty(), "transactions torn across etcd revisions: {torn:#?}");
+    writeln!(
+        schedule,
+        "multi-key transactions checked: {}",
+        transactions.len()
+    )?;
+    anyhow::ensure!(
+        torn.is_empty(),
+        "transactions torn across etcd revisions: {torn:#?}"
+    );
     Ok(())
 }
 

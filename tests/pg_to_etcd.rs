@@ -244,11 +244,13 @@ async fn a_crash_between_etcd_write_and_postgres_commit_loses_and_duplicates_not
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_synced(&world).await?;
     let pg = world.pg().await?;
+    // Two transactions: the update queues behind the insert.
     pg.batch_execute(
-        "INSERT INTO kv_a (key, value) SELECT convert_to('/a/crash' || g, 'UTF8'), convert_to('v' || g, 'UTF8') FROM generate_series(1, 50) g; \
-         UPDATE kv_a SET value = 'second' WHERE key = '/a/crash1';",
+        "INSERT INTO kv_a (key, value) SELECT convert_to('/a/crash' || g, 'UTF8'), convert_to('v' || g, 'UTF8') FROM generate_series(1, 50) g;",
     )
     .await?;
+    pg.batch_execute("UPDATE kv_a SET value = 'second' WHERE key = '/a/crash1';")
+        .await?;
     // The failpoint aborts the process right after etcd committed.
     let exit = service.wait_exit(Duration::from_secs(10)).await?;
     assert!(!exit.success(), "the failpoint crashed the replica");

@@ -29,14 +29,25 @@ CREATE INDEX outbox_xact_key ON @schema@.outbox (xact, mirror_table, key);
 -- updates that transaction's change instead: etcd takes a key once per
 -- txn, and no other session ever saw the value in between. The change
 -- keeps its first base (the state etcd had when the transaction first
--- changed the key) and takes the final op, value and time. Returns the new
--- row's id, or NULL when an earlier change was updated.
+-- changed the key) and takes the final op, value and time; a key the
+-- transaction created and deleted again (base 0, now a delete) leaves no
+-- change at all. Returns the new row's id, or NULL when an earlier change
+-- was updated or removed.
 CREATE FUNCTION @schema@.outbox_queue(p_table text, p_key bytea, p_op text, p_value bytea, p_base bigint)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
 DECLARE
     queued bigint;
 BEGIN
+    IF p_op = 'delete' THEN
+        DELETE FROM @schema@.outbox o
+        WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = p_table AND o.key = p_key
+          AND o.base_revision = 0
+        RETURNING o.id INTO queued;
+        IF FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
     UPDATE @schema@.outbox o SET op = p_op, value = p_value, created_at = pg_catalog.clock_timestamp()
     WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = p_table AND o.key = p_key
     RETURNING o.id INTO queued;
@@ -82,7 +93,8 @@ BEGIN
     -- parked) is waiting. A change merged into an earlier one of this
     -- transaction was announced with it.
     IF first_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM @schema@.outbox o WHERE o.id < first_id AND o.conflict_id IS NULL) THEN
+       AND NOT EXISTS (SELECT 1 FROM @schema@.outbox o WHERE o.id < first_id
+                       AND o.conflict_id IS NULL AND o.dropped_by IS NULL) THEN
         PERFORM pg_catalog.pg_notify(TG_TABLE_SCHEMA || '_outbox', '');
     END IF;
     RETURN NULL;
@@ -112,5 +124,51 @@ BEGIN
         ON CONFLICT (xact) DO UPDATE SET committed_at = EXCLUDED.committed_at, seq = EXCLUDED.seq;
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- A row created by a transaction that deleted the key first (or renamed
+-- another key to it) is based on the state etcd had when the transaction
+-- first changed the key, as the transaction's one change of the key is
+-- (see `outbox_queue`): its mod revision is that base, not 0, so a later
+-- change of the row is based on what that change replaces in etcd.
+CREATE OR REPLACE FUNCTION @schema@.mirror_before_write() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+DECLARE
+    mirror text;
+BEGIN
+    IF pg_catalog.current_setting('etcd_sync.applying', true) = 'on'
+       AND pg_catalog.pg_has_role(session_user, current_user, 'MEMBER') THEN
+        RETURN NEW;
+    END IF;
+    SELECT m.name INTO mirror FROM @schema@.mirror_tables m WHERE m.relid = TG_RELID;
+    IF mirror IS NULL THEN
+        RAISE EXCEPTION '% is not a mirror table of schema %', TG_RELID::regclass, '@schema_name@'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF TG_OP = 'INSERT' OR NEW.key IS DISTINCT FROM OLD.key THEN
+        NEW.create_revision := 0;
+        NEW.mod_revision := coalesce(
+            (SELECT o.base_revision FROM @schema@.outbox o
+             WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = mirror AND o.key = NEW.key),
+            0);
+        NEW.version := 0;
+        NEW.lease := 0;
+        NEW.origin := 'pg';
+        NEW.updated_at := pg_catalog.clock_timestamp();
+    ELSE
+        NEW.create_revision := OLD.create_revision;
+        NEW.mod_revision := OLD.mod_revision;
+        NEW.version := OLD.version;
+        NEW.lease := OLD.lease;
+        IF NEW.value IS DISTINCT FROM OLD.value THEN
+            NEW.origin := 'pg';
+            NEW.updated_at := pg_catalog.clock_timestamp();
+        ELSE
+            NEW.origin := OLD.origin;
+            NEW.updated_at := OLD.updated_at;
+        END IF;
+    END IF;
+    RETURN NEW;
 END
 $$;

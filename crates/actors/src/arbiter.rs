@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, AtomicResponse, Context, Handler, Message, Supervised, WrapFuture};
+use eps_core::Classify;
 use eps_core::model::Origin;
 use eps_core::policy::Side;
 use eps_core::reconcile::KeyInput;
+use eps_store::transactions::DroppedKey;
 use eps_store::{ApplyRequest, KeyInputs};
 use tokio::sync::mpsc;
 
@@ -118,10 +120,11 @@ const RESTORES_PER_ROUND: usize = 256;
 /// back the mirror rows of changes dropped with their transaction.
 async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), ActorError> {
     let interval = Duration::from_millis(ctx.config.sync.poll_interval_ms);
+    let mut restore_after: Option<DroppedKey> = None;
     loop {
         progress.tick();
         ctx.wait_etcd_checked(&progress).await?;
-        restore_dropped(&ctx, &progress).await?;
+        restore_dropped(&ctx, &progress, &mut restore_after).await?;
         for conflict in ctx.store.requested_resolutions().await? {
             let Some(take) = conflict.requested_take.as_deref().and_then(Side::parse) else {
                 continue;
@@ -161,22 +164,51 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
 
 /// A change dropped with its transaction left its value in the mirror row:
 /// each such key takes etcd's current state (read now), or the value of a
-/// change of it still queued; the dropped change is consumed then. A row a
-/// user's transaction holds is tried again next round.
-async fn restore_dropped(ctx: &Arc<SyncContext>, progress: &Progress) -> Result<(), ActorError> {
-    let keys = ctx.store.dropped_keys(RESTORES_PER_ROUND).await?;
+/// change of it still queued; the dropped change is consumed then. A page
+/// of keys per round, in key order from where the last round stopped, so
+/// keys that cannot be put back yet (a user's transaction holds the row;
+/// an error) do not hide the others.
+async fn restore_dropped(
+    ctx: &Arc<SyncContext>,
+    progress: &Progress,
+    after: &mut Option<DroppedKey>,
+) -> Result<(), ActorError> {
+    let keys = ctx
+        .store
+        .dropped_keys(after.as_ref(), RESTORES_PER_ROUND)
+        .await?;
     for key in &keys {
         progress.tick();
-        resolve_stale(
+        let restored = resolve_stale(
             ctx.clone(),
             ResolveStale {
                 table: key.mirror_table.clone(),
                 key: key.key.clone(),
             },
         )
-        .await?;
+        .await;
+        match restored {
+            Ok(()) => {}
+            // The stores or the term, not this key: the loop restarts.
+            Err(error)
+                if error.connection_level()
+                    || matches!(error, ActorError::Fenced | ActorError::Internal(_)) =>
+            {
+                return Err(error);
+            }
+            Err(error) => tracing::warn!(
+                table = %key.mirror_table,
+                key = %eps_core::keys::display_key(&key.key),
+                %error,
+                "a change dropped with its transaction is not put back yet"
+            ),
+        }
     }
-    if keys.len() == RESTORES_PER_ROUND {
+    *after = keys
+        .last()
+        .cloned()
+        .filter(|_| keys.len() == RESTORES_PER_ROUND);
+    if after.is_some() {
         ctx.wake_arbiter.notify_one();
     }
     Ok(())

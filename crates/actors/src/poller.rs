@@ -486,6 +486,13 @@ async fn dead_letter(ctx: &SyncContext, refused: &[Refusal<'_>]) -> Result<(), A
     Ok(())
 }
 
+/// Records that none of `txn` landed: a transaction of it that ends in the
+/// dead letters takes these changes with it (see `outbox::dead_letter`).
+async fn unsent(ctx: &SyncContext, txn: &[Candidate]) -> Result<(), ActorError> {
+    let ids: Vec<i64> = txn.iter().map(|c| c.row.id).collect();
+    Ok(ctx.store.mark_unsent(&ctx.fence, &ids).await?)
+}
+
 /// Takes the changes of `xacts` out of the txns still to send: a
 /// transaction goes whole or waits (the next round reads it again).
 fn hold_back(queue: &mut VecDeque<Vec<Candidate>>, xacts: &HashSet<i64>) {
@@ -562,10 +569,15 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
         }
     }
     let mut beyond: HashSet<i64> = HashSet::new();
+    // Waiting for a key settled elsewhere (the watcher, the arbiter, an
+    // operator): never released, however full the window.
+    let mut blocked: HashSet<i64> = HashSet::new();
     for row in rows {
-        if let Some(xact) = row.xact
-            && in_window.get(&xact).is_some_and(|n| *n < row.xact_rows)
-        {
+        let Some(xact) = row.xact else { continue };
+        if row.xact_blocked {
+            complete.insert(xact, false);
+            blocked.insert(xact);
+        } else if in_window.get(&xact).is_some_and(|n| *n < row.xact_rows) {
             complete.insert(xact, false);
             beyond.insert(xact);
         }
@@ -600,7 +612,7 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
             .get(xact)
             .is_some_and(|keys| keys.iter().any(|k| !held_keys.contains(k)));
         let on_rows = beyond.contains(xact) && (!window.full || awaiting_echoes);
-        on_keys || on_rows
+        on_keys || on_rows || blocked.contains(xact)
     });
     if waits_outside {
         return grouped;
@@ -845,6 +857,8 @@ async fn send(
                 revision,
                 conflicts,
             }) => {
+                // etcd applied none of the txn.
+                unsent(ctx, &txn).await?;
                 let failed: HashSet<usize> = conflicts.iter().map(|(i, _)| *i).collect();
                 for (index, current) in conflicts {
                     let etcd_revision = current.as_ref().map_or(0, |kv| kv.meta.mod_revision);
@@ -874,8 +888,10 @@ async fn send(
                 return Err(error.into());
             }
             Err(error) if txn.len() > 1 => {
-                // Find the change etcd rejects: split the txn, between
-                // transactions where it holds several.
+                // etcd refused the whole txn. Find the change it rejects:
+                // split the txn, between transactions where it holds
+                // several.
+                unsent(ctx, &txn).await?;
                 let middle = split_point(&txn);
                 let second = txn.split_off(middle);
                 record_splits(ctx, &divided(&txn, &second, SplitReason::Refused)).await?;
@@ -1047,6 +1063,7 @@ mod tests {
             xact: None,
             xact_rows: 1,
             commit_seq: None,
+            xact_blocked: false,
         }
     }
 
@@ -1235,6 +1252,17 @@ mod tests {
         rows[2].commit_seq = None;
         let grouped = group(&PollerState::default(), &rows, false);
         assert_eq!(ids(&grouped.groups), vec![vec![3], vec![2], vec![1]]);
+    }
+
+    #[test]
+    fn a_transaction_waiting_for_a_key_settled_elsewhere_is_never_released() {
+        // Its change of a parked key is left out of the read: the window is
+        // full and nothing is in flight, but it must not go without it.
+        let mut rows = [in_xact(row(1, "/a", 1), 7, 2)];
+        rows[0].xact_blocked = true;
+        let grouped = group(&PollerState::default(), &rows, true);
+        assert!(grouped.groups.is_empty());
+        assert!(grouped.released.is_empty());
     }
 
     #[test]

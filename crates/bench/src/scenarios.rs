@@ -556,7 +556,10 @@ async fn pg_txn_to_etcd(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> 
                 for k in 0..TXN_KEYS {
                     tx.execute(
                         &insert,
-                        &[&format!("/bench/txn/{t:07}/{k}").into_bytes(), &vec![b'p'; 64]],
+                        &[
+                            &format!("/bench/txn/{t:07}/{k}").into_bytes(),
+                            &vec![b'p'; 64],
+                        ],
                     )
                     .await?;
                 }
@@ -587,7 +590,11 @@ async fn pg_txn_to_etcd(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> 
             for t in (s..transactions).step_by(8) {
                 let ops: Vec<etcd_client::TxnOp> = (0..TXN_KEYS)
                     .map(|k| {
-                        etcd_client::TxnOp::put(format!("/bench/rawtxn/{t:07}/{k}"), vec![b'p'; 64], None)
+                        etcd_client::TxnOp::put(
+                            format!("/bench/rawtxn/{t:07}/{k}"),
+                            vec![b'p'; 64],
+                            None,
+                        )
                     })
                     .collect();
                 client.txn(etcd_client::Txn::new().and_then(ops)).await?;

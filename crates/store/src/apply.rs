@@ -833,7 +833,7 @@ async fn write_mirror(
     // Rows that show a dropped change (see `Restore`).
     let mut restore_upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
     let mut restore_deletes: Vec<(&[u8], i64)> = Vec::new();
-    let mut restore_local: Vec<(&[u8], Option<&[u8]>)> = Vec::new();
+    let mut restore_local: Vec<(&[u8], Option<&[u8]>, i64)> = Vec::new();
     for (key, plan) in plans {
         let present = locked.contains(*key);
         match (&plan.restore, &plan.mirror.0) {
@@ -860,7 +860,9 @@ async fn write_mirror(
                 restore_deletes.push((*key, *revision));
                 continue;
             }
-            (Restore::Local(value), _) => restore_local.push((*key, value.as_deref())),
+            (Restore::Local { value, base }, _) => {
+                restore_local.push((*key, value.as_deref(), *base))
+            }
             _ => {}
         }
         match &plan.mirror.0 {
@@ -974,14 +976,15 @@ async fn write_mirror(
 
 /// Rows that show a dropped change while an earlier change of the key is
 /// still queued take that change's value (`None`: the row goes); their
-/// metadata stays. A row absent at lock time is created as a local row.
+/// metadata stays. A row absent at lock time is created as a local row
+/// based on `base` (the queued change's base).
 async fn restore_local_values(
     conn: &mut AsyncPgConnection,
     table: &str,
-    rows: &[(&[u8], Option<&[u8]>)],
+    rows: &[(&[u8], Option<&[u8]>, i64)],
     locked: &std::collections::HashSet<Vec<u8>>,
 ) -> Result<(), StoreError> {
-    for (key, value) in rows {
+    for (key, value, base) in rows {
         match value {
             Some(value) if locked.contains(*key) => {
                 diesel::sql_query(format!(
@@ -995,10 +998,11 @@ async fn restore_local_values(
             Some(value) => {
                 diesel::sql_query(format!(
                     "INSERT INTO {table} (key, value, create_revision, mod_revision, version, lease, updated_at, origin) \
-                     VALUES ($1, $2, 0, 0, 0, 0, now(), 'pg') ON CONFLICT (key) DO NOTHING"
+                     VALUES ($1, $2, 0, $3, 0, 0, now(), 'pg') ON CONFLICT (key) DO NOTHING"
                 ))
                 .bind::<Bytea, _>(*key)
                 .bind::<Bytea, _>(*value)
+                .bind::<BigInt, _>(*base)
                 .execute(conn)
                 .await?;
             }

@@ -382,6 +382,12 @@ impl Store {
         outbox::pending(&mut conn, limit, max_bytes).await
     }
 
+    /// See [`outbox::mark_unsent`].
+    pub async fn mark_unsent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::mark_unsent(&mut conn, fence, ids).await
+    }
+
     /// See [`outbox::mark_sent`].
     pub async fn mark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
@@ -416,10 +422,11 @@ impl Store {
     /// See [`transactions::dropped_keys`].
     pub async fn dropped_keys(
         &self,
+        after: Option<&transactions::DroppedKey>,
         limit: usize,
     ) -> Result<Vec<transactions::DroppedKey>, StoreError> {
         let mut conn = self.pool.get().await?;
-        transactions::dropped_keys(&mut conn, limit).await
+        transactions::dropped_keys(&mut conn, after, limit).await
     }
 
     /// A page of a mirror table in key order (resync, verify).

@@ -41,6 +41,11 @@ pub struct OutboxRow {
     /// no transaction recorded, or its stamp lost in a crash).
     #[diesel(sql_type = Nullable<BigInt>)]
     pub commit_seq: Option<i64>,
+    /// Another change of its transaction is on a key the read leaves out
+    /// (parked, dropped, or waiting for the watcher): the transaction
+    /// cannot go whole until that key is settled.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub xact_blocked: bool,
 }
 
 impl OutboxRow {
@@ -105,11 +110,19 @@ pub async fn pending(
              ) AS sized WHERE before < $2), \
          c AS ( \
              SELECT d.xact8, (SELECT count(*) FROM (SELECT 1 FROM outbox x WHERE x.xact = d.xact8 \
-                                                    LIMIT $1 + 1) AS capped) AS n \
+                                                    LIMIT $1 + 1) AS capped) AS n, \
+                    EXISTS (SELECT 1 FROM (SELECT x.mirror_table, x.key FROM outbox x WHERE x.xact = d.xact8 \
+                                           LIMIT $1 + 1) AS x \
+                            WHERE EXISTS (SELECT 1 FROM outbox p WHERE p.mirror_table = x.mirror_table \
+                                          AND p.key = x.key \
+                                          AND (p.conflict_id IS NOT NULL OR p.dropped_by IS NOT NULL)) \
+                               OR EXISTS (SELECT 1 FROM deferred_inputs di WHERE di.mirror_table = x.mirror_table \
+                                          AND di.key = x.key)) AS blocked \
              FROM (SELECT DISTINCT xact8 FROM w WHERE xact8 IS NOT NULL) AS d) \
          SELECT w.id, w.mirror_table, w.key, w.op, w.value, w.base_revision, w.attempts, w.created_at_us, \
                 w.xact, coalesce(c.n, 1) AS xact_rows, \
-                (SELECT s.seq FROM xact_commits s WHERE s.xact = w.xact8) AS commit_seq \
+                (SELECT s.seq FROM xact_commits s WHERE s.xact = w.xact8) AS commit_seq, \
+                coalesce(c.blocked, false) AS xact_blocked \
          FROM w LEFT JOIN c ON c.xact8 = w.xact8 ORDER BY w.id",
     )
     .bind::<BigInt, _>(limit as i64)
@@ -130,6 +143,22 @@ pub async fn mark_sent(
         conn,
         fence,
         "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent",
+        ids,
+    )
+    .await
+}
+
+/// Marks changes as not sent: the txn that carried them certainly did not
+/// apply (a compare failed, or etcd refused it), so none can have landed.
+pub async fn mark_unsent(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    fenced_on_ids(
+        conn,
+        fence,
+        "UPDATE outbox SET sent = false WHERE id = ANY($1) AND sent",
         ids,
     )
     .await

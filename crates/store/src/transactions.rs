@@ -17,7 +17,7 @@
 //! whole, so it waits for the rebased key and goes in one txn.
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Bytea, Text};
+use diesel::sql_types::{BigInt, Bytea, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use eps_core::audit::AuditKind;
 
@@ -91,6 +91,22 @@ async fn settle_as(
     parked.retain(|p| !dropped.iter().any(|d| d.xact == p.xact));
     let mut dropped_changes = 0;
     for s in &dropped {
+        // A pending conflict of another key with nothing parked behind it
+        // but this transaction's changes has nothing left to decide: etcd
+        // keeps its value there too.
+        diesel::sql_query(
+            "UPDATE conflicts c SET status = 'resolved', winner = 'etcd', resolved_by = 'transaction', \
+                 resolved_at = clock_timestamp() \
+             WHERE c.status = 'pending' AND c.id <> $2 \
+               AND c.id IN (SELECT o.conflict_id FROM outbox o \
+                            WHERE o.xact = $1::text::xid8 AND o.conflict_id IS NOT NULL) \
+               AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.conflict_id = c.id \
+                               AND p.xact IS DISTINCT FROM $1::text::xid8)",
+        )
+        .bind::<BigInt, _>(s.xact)
+        .bind::<BigInt, _>(s.conflict_id)
+        .execute(conn)
+        .await?;
         let n: Count = diesel::sql_query(
             "WITH dropped AS ( \
                  UPDATE outbox o SET dropped_by = $2, conflict_id = NULL \
@@ -216,14 +232,20 @@ pub struct DroppedKey {
     pub key: Vec<u8>,
 }
 
-/// Keys with dropped changes, for the arbiter to put back.
+/// Keys with dropped changes, for the arbiter to put back: a page of them
+/// in key order after `after` (none: from the start).
 pub async fn dropped_keys(
     conn: &mut AsyncPgConnection,
+    after: Option<&DroppedKey>,
     limit: usize,
 ) -> Result<Vec<DroppedKey>, StoreError> {
     Ok(diesel::sql_query(
-        "SELECT DISTINCT mirror_table, key FROM outbox WHERE dropped_by IS NOT NULL LIMIT $1",
+        "SELECT DISTINCT mirror_table, key FROM outbox \
+         WHERE dropped_by IS NOT NULL AND ($1::text IS NULL OR (mirror_table, key) > ($1, $2)) \
+         ORDER BY mirror_table, key LIMIT $3",
     )
+    .bind::<Nullable<Text>, _>(after.map(|k| k.mirror_table.as_str()))
+    .bind::<Bytea, _>(after.map_or(&[][..], |k| k.key.as_slice()))
     .bind::<BigInt, _>(limit as i64)
     .load(conn)
     .await?)

@@ -206,12 +206,20 @@ async fn the_applying_flag_of_the_service_cannot_be_forged_by_an_application_rol
         )
         .await?;
     assert!(outbox_rows(&setup.admin).await?.is_empty());
+    // Three transactions (one transaction's insert and delete of a key
+    // would be no change at all).
     writer
         .batch_execute(
             "SET etcd_sync.applying = 'on'; \
-             UPDATE etcd_sync.kv SET value = 'forged', mod_revision = 1000000 WHERE key = '/k'; \
-             INSERT INTO etcd_sync.kv (key, value, mod_revision) VALUES ('/new', 'x', 77); \
-             BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             UPDATE etcd_sync.kv SET value = 'forged', mod_revision = 1000000 WHERE key = '/k';",
+        )
+        .await?;
+    writer
+        .batch_execute("INSERT INTO etcd_sync.kv (key, value, mod_revision) VALUES ('/new', 'x', 77);")
+        .await?;
+    writer
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
              DELETE FROM etcd_sync.kv WHERE key = '/new'; COMMIT;",
         )
         .await?;

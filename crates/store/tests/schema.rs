@@ -642,6 +642,8 @@ async fn a_key_written_several_times_in_a_transaction_queues_its_final_state_onc
              UPDATE kv SET value = 'b' WHERE key = 'new'; \
              DELETE FROM kv WHERE key = 'gone'; \
              INSERT INTO kv (key, value) VALUES ('gone', 'again'); \
+             INSERT INTO kv (key, value) VALUES ('fleeting', 'x'); \
+             DELETE FROM kv WHERE key = 'fleeting'; \
              COMMIT;",
         )
         .await?;
@@ -653,6 +655,13 @@ async fn a_key_written_several_times_in_a_transaction_queues_its_final_state_onc
             ("gone".into(), "put".into(), Some(b"again".to_vec()), 4),
         ]
     );
+    // The re-created row is based on what its change replaces in etcd: a
+    // later change of it compares against that revision too.
+    let base: i64 = client
+        .query_one("SELECT mod_revision FROM kv WHERE key = 'gone'", &[])
+        .await?
+        .get(0);
+    assert_eq!(base, 4);
     // Across transactions, every committed change stays its own.
     client
         .execute("UPDATE kv SET value = 'three' WHERE key = 'k'", &[])

@@ -172,8 +172,9 @@ pub enum Restore {
     /// metadata is etcd's, its value is not.
     Etcd,
     /// A change queued before the dropped one remains: the row shows its
-    /// value (`None`: deleted), the metadata stays.
-    Local(Option<Vec<u8>>),
+    /// value (`None`: deleted); a present row keeps its metadata, one the
+    /// dropped change deleted comes back with `base` as mod revision.
+    Local { value: Option<Vec<u8>>, base: i64 },
 }
 
 /// `MirrorAction` with a default, so `KeyPlan` can derive `Default`.
@@ -242,7 +243,7 @@ pub fn plan_key_timed(
         // An etcd-to-pg mapping never propagates local changes: they are
         // dead-lettered by the poller, and etcd's state always wins here.
         pending: if ctx.direction.pg_to_etcd() {
-            pending.iter().filter(|p| !p.dropped).cloned().collect()
+            without_dropped(pending)
         } else {
             Vec::new()
         },
@@ -251,6 +252,11 @@ pub fn plan_key_timed(
         parked_here: false,
         restoring: false,
         dropped: pending.iter().filter(|p| p.dropped).map(|p| p.id).collect(),
+        dropped_sent: pending
+            .iter()
+            .filter(|p| p.dropped && p.sent)
+            .cloned()
+            .collect(),
     };
     let observed = inputs
         .iter()
@@ -287,10 +293,16 @@ struct Planner {
     restoring: bool,
     /// The ids of the key's dropped changes.
     dropped: Vec<i64>,
+    /// Dropped changes that may have been sent: one may have landed (a
+    /// transaction split over several txns), and its echo is recognized.
+    dropped_sent: Vec<PendingChange>,
 }
 
 impl Planner {
     fn apply(&mut self, input: &KeyInput) {
+        if self.echo_of_dropped(input) {
+            return;
+        }
         let Some(first) = self.pending.first().cloned() else {
             self.record_history(input, default_origin(input));
             if self.ctx.direction.etcd_to_pg() || self.restoring {
@@ -334,6 +346,23 @@ impl Planner {
             return;
         }
         self.conflict(input);
+    }
+
+    /// `input` is the echo of a dropped change that had been sent before
+    /// the pending ones: it landed after all (its transaction was split
+    /// over txns), so it is consumed as an echo and what follows is based
+    /// on it.
+    fn echo_of_dropped(&mut self, input: &KeyInput) -> bool {
+        let Some(at) = self.dropped_sent.iter().position(|d| {
+            is_echo(d, input) && self.pending.first().is_none_or(|first| d.id < first.id)
+        }) else {
+            return false;
+        };
+        let landed = self.dropped_sent.remove(at);
+        self.dropped.retain(|id| *id != landed.id);
+        self.pending.insert(0, landed);
+        self.consume_echo(input);
+        true
     }
 
     fn consume_echo(&mut self, input: &KeyInput) {
@@ -580,7 +609,10 @@ impl Planner {
     fn restore(&mut self) {
         self.plan.restore = match (&self.plan.mirror.0, self.pending.last()) {
             (MirrorAction::Set { .. }, _) => Restore::Etcd,
-            (_, Some(last)) => Restore::Local(last.value.clone()),
+            (_, Some(last)) => Restore::Local {
+                value: last.value.clone(),
+                base: last.base_revision,
+            },
             (_, None) => {
                 // Nothing would put the row back: the dropped changes stay
                 // for a later observation.
@@ -604,6 +636,29 @@ impl Planner {
         }
         self.plan
     }
+}
+
+/// The changes that take part in planning: all but the dropped ones. A
+/// change made right after a dropped delete on the row that delete removed
+/// (base 0) was made, as far as etcd is concerned, over the state the
+/// delete started from: it takes that base.
+fn without_dropped(pending: &[PendingChange]) -> Vec<PendingChange> {
+    let mut kept = Vec::with_capacity(pending.len());
+    let mut after_dropped_delete: Option<i64> = None;
+    for change in pending {
+        if change.dropped {
+            after_dropped_delete = (change.op == Op::Delete).then_some(change.base_revision);
+            continue;
+        }
+        let mut change = change.clone();
+        if let Some(base) = after_dropped_delete.take()
+            && change.base_revision == 0
+        {
+            change.base_revision = base;
+        }
+        kept.push(change);
+    }
+    kept
 }
 
 fn default_origin(input: &KeyInput) -> Origin {

@@ -915,7 +915,13 @@ fn a_dropped_change_behind_a_kept_one_leaves_the_row_with_the_kept_value() {
         &[observed_value("etcd-9", 9)],
     );
     assert_eq!(plan.consumed, vec![2]);
-    assert_eq!(plan.restore, Restore::Local(Some(b"kept".to_vec())));
+    assert_eq!(
+        plan.restore,
+        Restore::Local {
+            value: Some(b"kept".to_vec()),
+            base: 9
+        }
+    );
     // A dropped change before a kept one: consumed, the row is the kept one's.
     let pending = [
         dropped(pending_put(1, "dropped", 9, 400)),
@@ -944,4 +950,45 @@ fn a_conflict_decides_for_the_transactions_of_every_pending_change() {
     assert_eq!(plan.conflicts.len(), 1);
     assert_eq!(plan.conflicts[0].xacts, vec![70, 71]);
     assert_eq!(plan.conflicts[0].pg_xact, Some(71));
+}
+
+#[test]
+fn the_echo_of_a_dropped_change_that_had_landed_is_recognized() {
+    // A transaction split over two txns: its change of this key landed
+    // (revision 12), then the rest lost a conflict and the whole
+    // transaction was dropped. A later local change waits behind it.
+    let mut landed = dropped(pending_put(1, "landed", 9, 400));
+    landed.sent = true;
+    let later = pending_put(2, "later", 9, 500);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[landed, later],
+        &[put(12, "landed", Some((9, "old")))],
+    );
+    assert!(
+        plan.conflicts.is_empty(),
+        "no conflict with our own write: {plan:?}"
+    );
+    assert_eq!(plan.consumed, vec![1]);
+    assert_eq!(
+        plan.rebased,
+        vec![(2, 12)],
+        "the later change goes on top of it"
+    );
+}
+
+#[test]
+fn a_change_after_a_dropped_delete_is_based_on_what_the_delete_removed() {
+    // The dropped transaction deleted the key (at 9); a user then created
+    // it again (base 0, the row was absent): etcd still has it at 9.
+    let delete = dropped(pending_delete(1, 9, 400));
+    let insert = pending_put(2, "again", 0, 500);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[delete, insert],
+        &[observed_value("etcd-9", 9)],
+    );
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert_eq!(plan.consumed, vec![1]);
+    assert_eq!(plan.rebased, vec![(2, 9)]);
 }
