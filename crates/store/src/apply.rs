@@ -833,7 +833,7 @@ async fn write_mirror(
     // Rows that show a dropped change (see `Restore`).
     let mut restore_upserts: Vec<(&[u8], &[u8], &KeyMeta, &'static str)> = Vec::new();
     let mut restore_deletes: Vec<(&[u8], i64)> = Vec::new();
-    let mut restore_local: Vec<(&[u8], Option<&[u8]>, i64)> = Vec::new();
+    let mut restore_local: Vec<LocalRestore> = Vec::new();
     for (key, plan) in plans {
         let present = locked.contains(*key);
         match (&plan.restore, &plan.mirror.0) {
@@ -974,6 +974,9 @@ async fn write_mirror(
     Ok(())
 }
 
+/// A row to put back to a queued change: key, value (`None`: absent), base.
+type LocalRestore<'a> = (&'a [u8], Option<&'a [u8]>, i64);
+
 /// Rows that show a dropped change while an earlier change of the key is
 /// still queued take that change's value (`None`: the row goes); their
 /// metadata stays. A row absent at lock time is created as a local row
@@ -981,7 +984,7 @@ async fn write_mirror(
 async fn restore_local_values(
     conn: &mut AsyncPgConnection,
     table: &str,
-    rows: &[(&[u8], Option<&[u8]>, i64)],
+    rows: &[LocalRestore<'_>],
     locked: &std::collections::HashSet<Vec<u8>>,
 ) -> Result<(), StoreError> {
     for (key, value, base) in rows {
