@@ -726,3 +726,55 @@ async fn a_change_after_a_delete_and_insert_in_one_transaction_is_no_conflict() 
     assert_eq!(count(&pg, "SELECT count(*) FROM conflicts").await?, 0);
     Ok(())
 }
+
+/// A transaction over keys of mappings with different policies: the
+/// policy of the key in conflict decides, for the whole transaction — an
+/// etcd win on any key drops it, a PostgreSQL win sends it whole.
+#[tokio::test]
+async fn a_transaction_over_mappings_with_different_policies_follows_the_key_in_conflict()
+-> anyhow::Result<()> {
+    let toml = "[[mappings]]\nprefix = \"/a/\"\ntable = \"kv_a\"\npolicy = \"etcd-wins\"\n\
+                [[mappings]]\nprefix = \"/b/\"\ntable = \"kv_b\"\npolicy = \"pg-wins\"\n";
+    let world = World::new(toml).await?;
+    let mut etcd = world.etcd_client().await?;
+    for key in ["/a/1", "/b/1", "/a/2", "/b/2"] {
+        etcd.put(key, "agreed", None).await?;
+    }
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let pg = world.pg().await?;
+    // Transaction 1 is in conflict on its etcd-wins key, transaction 2 on
+    // its pg-wins key.
+    for n in ["1", "2"] {
+        pg.batch_execute(&format!(
+            "BEGIN; UPDATE kv_a_text SET value = 'pg' WHERE key = '/a/{n}'; \
+             UPDATE kv_b_text SET value = 'pg' WHERE key = '/b/{n}'; COMMIT;"
+        ))
+        .await?;
+    }
+    etcd.put("/a/1", "etcd", None).await?;
+    etcd.put("/b/2", "etcd", None).await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    wait_outbox_empty(&world, Duration::from_secs(15)).await?;
+    let a = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    let b = wait_converged(&world, "kv_b", b"/b/", Duration::from_secs(10)).await?;
+    assert_eq!(a[b"/a/1".as_slice()], b"etcd");
+    assert_eq!(
+        b[b"/b/1".as_slice()],
+        b"agreed",
+        "dropped with its transaction"
+    );
+    assert_eq!(a[b"/a/2".as_slice()], b"pg", "sent with its transaction");
+    assert_eq!(b[b"/b/2".as_slice()], b"pg");
+    let got = etcd.get("/a/2", None).await?;
+    let revision_a2 = got.kvs()[0].mod_revision();
+    let got = etcd.get("/b/2", None).await?;
+    assert_eq!(got.kvs()[0].mod_revision(), revision_a2, "in one txn");
+    Ok(())
+}

@@ -678,6 +678,43 @@ async fn a_transaction_with_a_change_etcd_cannot_take_is_dead_lettered_whole() -
         small.kvs().is_empty(),
         "no part of the transaction reached etcd"
     );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(DISTINCT pg_xact) FROM dead_letters WHERE pg_xact IS NOT NULL"
+        )
+        .await?,
+        1,
+        "linked by their transaction"
+    );
+    // Retrying one of them replays the whole transaction, which cannot go
+    // again (the huge value still does not fit): both come back.
+    let small_id: i64 = pg
+        .query_one("SELECT id FROM dead_letters WHERE key = '/a/small'", &[])
+        .await?
+        .get(0);
+    let url = world.db.url();
+    let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
+    let (code, stdout, stderr) =
+        run_cli(&["dead-letters", "retry", &small_id.to_string()], &env).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    eps_harness::wait_for(
+        "the retried transaction dead-lettered again",
+        Duration::from_secs(20),
+        || {
+            let pg = &pg;
+            async move {
+                let again = count(
+                    pg,
+                    "SELECT count(*) FROM dead_letters WHERE retried_at IS NULL",
+                )
+                .await?;
+                Ok((again == 2).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert!(etcd.get("/a/small", None).await?.kvs().is_empty());
     Ok(())
 }
 

@@ -215,7 +215,9 @@ async fn the_applying_flag_of_the_service_cannot_be_forged_by_an_application_rol
         )
         .await?;
     writer
-        .batch_execute("INSERT INTO etcd_sync.kv (key, value, mod_revision) VALUES ('/new', 'x', 77);")
+        .batch_execute(
+            "INSERT INTO etcd_sync.kv (key, value, mod_revision) VALUES ('/new', 'x', 77);",
+        )
         .await?;
     writer
         .batch_execute(
