@@ -126,7 +126,7 @@ async fn run(ctx: Arc<SyncContext>, progress: Arc<Progress>) -> Result<(), Actor
         ctx.wait_etcd_checked(&progress).await?;
         restore_dropped(&ctx, &progress, &mut restore_after).await?;
         for conflict in ctx.store.requested_resolutions().await? {
-            let Some(take) = conflict.requested_take.as_deref().and_then(Side::parse) else {
+            let Some(take) = conflict.requested_take else {
                 continue;
             };
             let (etcd_now, _) = ctx.etcd.get(&conflict.key).await?;

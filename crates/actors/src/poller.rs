@@ -299,7 +299,7 @@ impl PollerState {
                 _ => row.base_revision,
             };
             out.push(Candidate {
-                op: row.op()?,
+                op: row.op,
                 row: row.clone(),
                 expected,
             });
@@ -1055,7 +1055,7 @@ mod tests {
             id,
             mirror_table: "kv".into(),
             key: key.as_bytes().to_vec(),
-            op: "put".into(),
+            op: Op::Put,
             value: Some(b"v".to_vec()),
             base_revision,
             attempts: 0,
@@ -1140,7 +1140,7 @@ mod tests {
     fn deletes_keep_their_chain_until_the_echo_is_applied() {
         let mut state = PollerState::default();
         let mut delete = row(1, "/a", 5);
-        delete.op = "delete".into();
+        delete.op = Op::Delete;
         let rows = [delete, row(2, "/a", 5)];
         sent(&mut state, &rows[..1], 10);
         state.prune(&rows, 9);

@@ -210,7 +210,7 @@ async fn repair_side(
         Policy::Manual => return Ok(None),
         Policy::NewestWins => {}
     }
-    let Some(row) = difference.pg.as_ref().filter(|row| row.origin == "pg") else {
+    let Some(row) = difference.pg.as_ref().filter(|row| row.origin == Side::Pg) else {
         return Ok(Some(Side::Etcd));
     };
     let now = store.clock().await?;
@@ -400,7 +400,7 @@ mod tests {
                 value: b"older".to_vec(),
                 mod_revision: 3,
                 lease: 0,
-                origin: "etcd".into(),
+                origin: Side::Etcd,
                 updated_at: chrono::Utc::now(),
             }),
         }

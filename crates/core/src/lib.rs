@@ -13,6 +13,8 @@ pub mod mapping;
 pub mod model;
 pub mod policy;
 pub mod reconcile;
+#[cfg(feature = "sql")]
+mod sql;
 
 pub use backoff::Backoff;
 pub use config::{Config, ConfigError};

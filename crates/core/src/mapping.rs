@@ -33,6 +33,15 @@ impl Direction {
             Direction::PgToEtcd => "pg-to-etcd",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "both" => Some(Direction::Both),
+            "etcd-to-pg" => Some(Direction::EtcdToPg),
+            "pg-to-etcd" => Some(Direction::PgToEtcd),
+            _ => None,
+        }
+    }
 }
 
 /// How a conflict (a key changed on both sides since they last agreed) is

@@ -1,6 +1,8 @@
 //! The conflict decision (docs/design.md D1, G12): pure, so it can be tested exhaustively and
 //! called inside the store's apply transaction.
 
+use std::fmt;
+
 use crate::mapping::Policy;
 
 /// Which side a resolution keeps.
@@ -23,6 +25,65 @@ impl Side {
         match s {
             "etcd" => Some(Side::Etcd),
             "pg" => Some(Side::Pg),
+            _ => None,
+        }
+    }
+}
+
+/// Where a conflict stands (`conflicts.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConflictStatus {
+    /// Parked (`manual`): waits for an operator.
+    Pending,
+    Resolved,
+}
+
+impl ConflictStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictStatus::Pending => "pending",
+            ConflictStatus::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ConflictStatus> {
+        match s {
+            "pending" => Some(ConflictStatus::Pending),
+            "resolved" => Some(ConflictStatus::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// Who settled a conflict (`conflicts.resolved_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResolvedBy {
+    /// The mapping's policy.
+    Policy,
+    /// An operator (`conflicts resolve`).
+    Operator,
+    /// Following a new etcd timeline rolled the PostgreSQL value back.
+    TimelineChange,
+    /// Another change of the same PostgreSQL transaction lost a conflict.
+    Transaction,
+}
+
+impl ResolvedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedBy::Policy => "policy",
+            ResolvedBy::Operator => "operator",
+            ResolvedBy::TimelineChange => "timeline-change",
+            ResolvedBy::Transaction => "transaction",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ResolvedBy> {
+        match s {
+            "policy" => Some(ResolvedBy::Policy),
+            "operator" => Some(ResolvedBy::Operator),
+            "timeline-change" => Some(ResolvedBy::TimelineChange),
+            "transaction" => Some(ResolvedBy::Transaction),
             _ => None,
         }
     }
@@ -211,3 +272,15 @@ mod tests {
         }
     }
 }
+
+macro_rules! display_as_str {
+    ($($ty:ty),*) => {
+        $(impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        })*
+    };
+}
+
+display_as_str!(Side, ConflictStatus, ResolvedBy);

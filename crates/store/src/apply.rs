@@ -146,7 +146,7 @@ struct PendingRow {
     #[diesel(sql_type = Bytea)]
     key: Vec<u8>,
     #[diesel(sql_type = Text)]
-    op: String,
+    op: Op,
     #[diesel(sql_type = Nullable<Bytea>)]
     value: Option<Vec<u8>>,
     #[diesel(sql_type = BigInt)]
@@ -381,9 +381,7 @@ async fn apply_table(
     }
     let mut pending: HashMap<Vec<u8>, Vec<PendingChange>> = HashMap::new();
     for row in pending_rows {
-        let op = Op::parse(&row.op).ok_or_else(|| {
-            StoreError::Invalid(format!("outbox row {} has op {:?}", row.id, row.op))
-        })?;
+        let op = row.op;
         pending.entry(row.key).or_default().push(PendingChange {
             id: row.id,
             op,

@@ -6,8 +6,9 @@ use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use eps_core::audit::AuditKind;
 use eps_core::ident::Ident;
+use eps_core::mapping::Policy;
 use eps_core::model::KeyValue;
-use eps_core::policy::Side;
+use eps_core::policy::{ConflictStatus, ResolvedBy, Side};
 
 use crate::apply::IdRow;
 use crate::error::StoreError;
@@ -34,15 +35,15 @@ pub struct ConflictRow {
     #[diesel(sql_type = Timestamptz)]
     pub pg_changed_at: chrono::DateTime<chrono::Utc>,
     #[diesel(sql_type = Text)]
-    pub policy: String,
+    pub policy: Policy,
     #[diesel(sql_type = Nullable<Text>)]
-    pub winner: Option<String>,
+    pub winner: Option<Side>,
     #[diesel(sql_type = Text)]
-    pub status: String,
+    pub status: ConflictStatus,
     #[diesel(sql_type = Nullable<Text>)]
-    pub requested_take: Option<String>,
+    pub requested_take: Option<Side>,
     #[diesel(sql_type = Nullable<Text>)]
-    pub resolved_by: Option<String>,
+    pub resolved_by: Option<ResolvedBy>,
     #[diesel(sql_type = Timestamptz)]
     pub detected_at: chrono::DateTime<chrono::Utc>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
@@ -194,8 +195,8 @@ pub async fn execute_resolution(
         // A row a user's transaction holds: not waited for (`RowHeld`), the
         // resolution stays requested and is tried again.
         let row = lock_row(conn, &qualified, &table, &conflict.key).await?;
-        let pending = conflict.status == "pending";
-        let rolled_back = conflict.resolved_by.as_deref() == Some("timeline-change");
+        let pending = conflict.status == ConflictStatus::Pending;
+        let rolled_back = conflict.resolved_by == Some(ResolvedBy::TimelineChange);
         // The key changed since the rollback: in etcd, or in PostgreSQL
         // (queued, or sent and not yet seen back).
         let changed = etcd_now.map(|kv| kv.value.as_slice()) != conflict.etcd_value.as_deref()
@@ -678,7 +679,7 @@ pub struct DeadLetterRow {
     #[diesel(sql_type = Text)]
     pub reason: String,
     #[diesel(sql_type = Text)]
-    pub kind: String,
+    pub kind: crate::DeadLetterKind,
     #[diesel(sql_type = diesel::sql_types::Integer)]
     pub attempts: i32,
     #[diesel(sql_type = Timestamptz)]

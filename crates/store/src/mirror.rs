@@ -18,9 +18,9 @@ pub struct MirrorRow {
     /// The etcd lease the key is attached to (0: none).
     #[diesel(sql_type = BigInt)]
     pub lease: i64,
-    /// `etcd` or `pg`: which side wrote the row last.
+    /// Which side wrote the row last.
     #[diesel(sql_type = diesel::sql_types::Text)]
-    pub origin: String,
+    pub origin: eps_core::policy::Side,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -57,7 +57,7 @@ struct PagedRow {
     #[diesel(sql_type = BigInt)]
     lease: i64,
     #[diesel(sql_type = diesel::sql_types::Text)]
-    origin: String,
+    origin: eps_core::policy::Side,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
     updated_at: chrono::DateTime<chrono::Utc>,
     /// Rows the page read before the byte budget cut it.

@@ -19,7 +19,7 @@ pub struct OutboxRow {
     #[diesel(sql_type = Bytea)]
     pub key: Vec<u8>,
     #[diesel(sql_type = Text)]
-    pub op: String,
+    pub op: Op,
     #[diesel(sql_type = Nullable<Bytea>)]
     pub value: Option<Vec<u8>>,
     #[diesel(sql_type = BigInt)]
@@ -48,14 +48,6 @@ pub struct OutboxRow {
     pub xact_blocked: bool,
 }
 
-impl OutboxRow {
-    pub fn op(&self) -> Result<Op, StoreError> {
-        Op::parse(&self.op).ok_or_else(|| {
-            StoreError::Invalid(format!("outbox row {} has op {:?}", self.id, self.op))
-        })
-    }
-}
-
 /// Why a change cannot go to etcd (the `kind` column of `dead_letters`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterKind {
@@ -67,6 +59,18 @@ pub enum DeadLetterKind {
 }
 
 impl DeadLetterKind {
+    pub const ALL: [DeadLetterKind; 5] = [
+        DeadLetterKind::TooLarge,
+        DeadLetterKind::Unmapped,
+        DeadLetterKind::ReadOnlyMapping,
+        DeadLetterKind::Invalid,
+        DeadLetterKind::RetriesExhausted,
+    ];
+
+    pub fn parse(s: &str) -> Option<DeadLetterKind> {
+        DeadLetterKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::TooLarge => "too-large",
@@ -75,6 +79,20 @@ impl DeadLetterKind {
             DeadLetterKind::Invalid => "invalid",
             DeadLetterKind::RetriesExhausted => "retries-exhausted",
         }
+    }
+}
+
+impl std::fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl diesel::deserialize::FromSql<Text, diesel::pg::Pg> for DeadLetterKind {
+    fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+        let word = std::str::from_utf8(value.as_bytes())?;
+        DeadLetterKind::parse(word)
+            .ok_or_else(|| format!("{word:?} is not a dead-letter kind").into())
     }
 }
 

@@ -226,7 +226,7 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
                     table = c.mirror_table,
                     key = display_key(&c.key),
                     policy = c.policy,
-                    winner = c.winner.as_deref().unwrap_or("-"),
+                    winner = c.winner.map_or("-", Side::as_str),
                     tie = if c.decided_by_tie { " (a tie)" } else { "" },
                     made = change_window(c.etcd_changed_after, c.etcd_changed_by),
                     ev = show_value(c.etcd_value.as_deref()),
@@ -272,7 +272,7 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
                 {
                     println!(
                         "conflict #{id} resolved: {} wins",
-                        row.winner.as_deref().unwrap_or("?")
+                        row.winner.map_or("?", Side::as_str)
                     );
                     return Ok(ExitCode::SUCCESS);
                 }
