@@ -778,3 +778,70 @@ async fn a_transaction_over_mappings_with_different_policies_follows_the_key_in_
     assert_eq!(got.kvs()[0].mod_revision(), revision_a2, "in one txn");
     Ok(())
 }
+
+/// Transactions waiting behind a parked key fill more than the outbox read
+/// (`sync.outbox_batch_size` 4): they stay whole and wait, and unrelated
+/// changes behind them still flow.
+#[tokio::test]
+async fn transactions_waiting_behind_a_parked_key_do_not_stop_the_others() -> anyhow::Result<()> {
+    let mut world = World::new(&mappings("manual")).await?;
+    world
+        .env
+        .insert("ETCD_PG_SYNC__SYNC__OUTBOX_BATCH_SIZE".into(), "4".into());
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/p", "agreed", None).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    pg.execute("UPDATE kv_a_text SET value = 'pg' WHERE key = '/a/p'", &[])
+        .await?;
+    etcd.put("/a/p", "etcd", None).await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    eps_harness::wait_for("the conflict parked", Duration::from_secs(10), || {
+        let pg = &pg;
+        async move {
+            let n = count(
+                pg,
+                "SELECT count(*) FROM conflicts WHERE status = 'pending'",
+            )
+            .await?;
+            Ok((n == 1).then_some(()))
+        }
+    })
+    .await?;
+    // Ten transactions each change the parked key and one of their own.
+    for i in 0..10 {
+        pg.batch_execute(&format!(
+            "BEGIN; UPDATE kv_a_text SET value = 'pg {i}' WHERE key = '/a/p'; \
+             INSERT INTO kv_a_text (key, value) VALUES ('/a/x{i}', 'with p'); COMMIT;"
+        ))
+        .await?;
+    }
+    pg.execute(
+        "INSERT INTO kv_a_text (key, value) VALUES ('/a/u', 'unrelated')",
+        &[],
+    )
+    .await?;
+    eps_harness::wait_for(
+        "the unrelated change in etcd",
+        Duration::from_secs(15),
+        || {
+            let mut etcd = etcd.clone();
+            async move { Ok((!etcd.get("/a/u", None).await?.kvs().is_empty()).then_some(())) }
+        },
+    )
+    .await?;
+    let waiting = etcd
+        .get("/a/x", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    assert!(
+        waiting.kvs().is_empty(),
+        "a transaction went without its parked change"
+    );
+    assert!(event_details(&pg, "transaction-split").await?.is_empty());
+    Ok(())
+}

@@ -9,6 +9,16 @@
 ALTER TABLE @schema@.outbox ADD COLUMN dropped_by bigint;
 CREATE INDEX outbox_dropped ON @schema@.outbox (dropped_by) WHERE dropped_by IS NOT NULL;
 
+-- Whether the transaction's first change of the key created it (the row did
+-- not exist before the transaction): if the transaction deletes it again,
+-- it changed nothing. Not the same as base 0, which also means "an earlier
+-- change of the row has not reached etcd yet".
+ALTER TABLE @schema@.outbox ADD COLUMN created boolean NOT NULL DEFAULT false;
+
+-- Keys the poller leaves out (parked or dropped changes), found fast.
+CREATE INDEX outbox_held_keys ON @schema@.outbox (mirror_table, key)
+    WHERE conflict_id IS NOT NULL OR dropped_by IS NOT NULL;
+
 -- Parked changes are found by their conflict (a resolution releases or
 -- drops every change of the parked transactions).
 CREATE INDEX outbox_conflict ON @schema@.outbox (conflict_id) WHERE conflict_id IS NOT NULL;
@@ -30,10 +40,11 @@ CREATE INDEX outbox_xact_key ON @schema@.outbox (xact, mirror_table, key);
 -- txn, and no other session ever saw the value in between. The change
 -- keeps its first base (the state etcd had when the transaction first
 -- changed the key) and takes the final op, value and time; a key the
--- transaction created and deleted again (base 0, now a delete) leaves no
--- change at all. Returns the new row's id, or NULL when an earlier change
--- was updated or removed.
-CREATE FUNCTION @schema@.outbox_queue(p_table text, p_key bytea, p_op text, p_value bytea, p_base bigint)
+-- transaction created (`p_created`: an INSERT, or the new key of a rename)
+-- and deleted again leaves no change at all. Returns the new row's id, or
+-- NULL when an earlier change was updated or removed.
+CREATE FUNCTION @schema@.outbox_queue(p_table text, p_key bytea, p_op text, p_value bytea, p_base bigint,
+                                      p_created boolean)
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
 DECLARE
@@ -42,7 +53,7 @@ BEGIN
     IF p_op = 'delete' THEN
         DELETE FROM @schema@.outbox o
         WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = p_table AND o.key = p_key
-          AND o.base_revision = 0
+          AND o.created
         RETURNING o.id INTO queued;
         IF FOUND THEN
             RETURN NULL;
@@ -54,13 +65,13 @@ BEGIN
     IF FOUND THEN
         RETURN NULL;
     END IF;
-    INSERT INTO @schema@.outbox (mirror_table, key, op, value, base_revision)
-    VALUES (p_table, p_key, p_op, p_value, p_base)
+    INSERT INTO @schema@.outbox (mirror_table, key, op, value, base_revision, created)
+    VALUES (p_table, p_key, p_op, p_value, p_base, p_created)
     RETURNING id INTO queued;
     RETURN queued;
 END
 $$;
-REVOKE ALL ON FUNCTION @schema@.outbox_queue(text, bytea, text, bytea, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.outbox_queue(text, bytea, text, bytea, bigint, boolean) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION @schema@.mirror_after_write() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
@@ -78,14 +89,14 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF TG_OP = 'DELETE' THEN
-        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision);
+        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision, false);
     ELSIF TG_OP = 'INSERT' THEN
-        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0);
+        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0, true);
     ELSIF NEW.key IS DISTINCT FROM OLD.key THEN
-        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision);
-        PERFORM @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0);
+        first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision, false);
+        PERFORM @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, 0, true);
     ELSIF NEW.value IS DISTINCT FROM OLD.value THEN
-        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, OLD.mod_revision);
+        first_id := @schema@.outbox_queue(mirror, NEW.key, 'put', NEW.value, OLD.mod_revision, false);
     ELSE
         RETURN NULL;  -- an UPDATE that changes nothing is not propagated
     END IF;

@@ -204,6 +204,10 @@ struct PollerState {
     chains: HashMap<KeyId, Chain>,
     blocked: HashMap<KeyId, Blocked>,
     retry_at: HashMap<i64, Instant>,
+    /// Rows of the last read whose transaction waits for a key settled
+    /// elsewhere (parked, dropped, held by a user): the next read takes
+    /// that many more, so they cannot fill the window and stop the rest.
+    waiting_rows: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +263,12 @@ impl PollerState {
         // proportional to the work in flight, not to every key ever blocked.
         self.blocked
             .retain(|key, blocked| applied < blocked.until || oldest_present.contains_key(key));
+    }
+
+    /// The last change of each key this poller sent whose echo is not
+    /// consumed yet: it reached etcd.
+    fn landed(&self) -> Vec<i64> {
+        self.chains.values().map(|c| c.last_id).collect()
     }
 
     /// Sent by this poller, its echo not consumed yet.
@@ -394,24 +404,24 @@ async fn drain(
             return Ok(Drained::Done);
         }
         let applied = *ctx.applied.borrow();
-        let rows = ctx
-            .store
-            .pending_outbox(ctx.config.sync.outbox_batch_size, OUTBOX_READ_BYTES)
-            .await?;
+        let batch = ctx.config.sync.outbox_batch_size;
+        let limit = batch + state.waiting_rows.min(MORE_ROWS_PAST_WAITING * batch);
+        let rows = ctx.store.pending_outbox(limit, OUTBOX_READ_BYTES).await?;
+        state.waiting_rows = rows.iter().filter(|r| r.xact_blocked).count();
         state.prune(&rows, applied);
         // As the read counts: keys and values.
         let read_bytes: usize = rows
             .iter()
             .map(|r| r.key.len() + r.value.as_ref().map_or(0, Vec::len))
             .sum();
-        let window_full =
-            rows.len() >= ctx.config.sync.outbox_batch_size || read_bytes >= OUTBOX_READ_BYTES;
+        let window_full = rows.len() >= limit || read_bytes >= OUTBOX_READ_BYTES;
         let candidates = state.select(&rows, applied, Instant::now())?;
         let window = Window {
             state,
             full: window_full,
         };
-        let grouped = whole_transactions(&rows, candidates, window);
+        let mut grouped = whole_transactions(&rows, candidates, window);
+        after_retries(&mut grouped.groups, &rows, state, Instant::now());
         if grouped.groups.is_empty() {
             return Ok(if window_full {
                 Drained::WindowAwaitingEchoes
@@ -445,7 +455,7 @@ async fn drain(
                     }
                 })
                 .collect();
-            dead_letter(ctx, &refusals).await?;
+            dead_letter(ctx, &refusals, &state.landed()).await?;
         }
         // Durably "may have been sent" before etcd sees them: a resync
         // takes only such a change for landed when etcd holds its value.
@@ -465,15 +475,24 @@ async fn drain(
         // requests as it likes, and a transaction that read another's
         // writes must land after it.
         for txn in txns {
-            send(ctx, state, txn, None, arbiter, retrier).await?;
+            if send(ctx, state, txn, arbiter, retrier).await? == Round::Stop {
+                break;
+            }
         }
     }
     Ok(Drained::Done)
 }
 
 /// Dead-letters `refused` and the rest of their transactions, counted.
-async fn dead_letter(ctx: &SyncContext, refused: &[Refusal<'_>]) -> Result<(), ActorError> {
-    let moved = ctx.store.dead_letter(&ctx.fence, refused, None).await?;
+async fn dead_letter(
+    ctx: &SyncContext,
+    refused: &[Refusal<'_>],
+    landed: &[i64],
+) -> Result<(), ActorError> {
+    let moved = ctx
+        .store
+        .dead_letter(&ctx.fence, refused, landed, None)
+        .await?;
     for refusal in refused {
         metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => refusal.kind.as_str())
             .increment(1);
@@ -486,13 +505,6 @@ async fn dead_letter(ctx: &SyncContext, refused: &[Refusal<'_>]) -> Result<(), A
     Ok(())
 }
 
-/// Records that none of `txn` landed: a transaction of it that ends in the
-/// dead letters takes these changes with it (see `outbox::dead_letter`).
-async fn unsent(ctx: &SyncContext, txn: &[Candidate]) -> Result<(), ActorError> {
-    let ids: Vec<i64> = txn.iter().map(|c| c.row.id).collect();
-    Ok(ctx.store.mark_unsent(&ctx.fence, &ids).await?)
-}
-
 /// Takes the changes of `xacts` out of the txns still to send: a
 /// transaction goes whole or waits (the next round reads it again).
 fn hold_back(queue: &mut VecDeque<Vec<Candidate>>, xacts: &HashSet<i64>) {
@@ -500,6 +512,10 @@ fn hold_back(queue: &mut VecDeque<Vec<Candidate>>, xacts: &HashSet<i64>) {
         txn.retain(|c| c.row.xact.is_none_or(|x| !xacts.contains(&x)));
     }
 }
+
+/// Rows of waiting transactions read past, at most, in batches
+/// (`sync.outbox_batch_size`): the read grows by up to this many batches.
+const MORE_ROWS_PAST_WAITING: usize = 15;
 
 /// The outbox rows read per round hold at most about this many bytes of
 /// keys and values (plus one row): large values do not fill memory.
@@ -641,6 +657,29 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
 /// order stays the outbox's.
 fn in_commit_order(groups: &mut [Vec<Candidate>]) {
     groups.sort_by_key(|group| group.first().and_then(|c| c.row.commit_seq));
+}
+
+/// Holds back the transactions that committed after one waiting for a
+/// retry: they may have read its writes, and must land after it.
+fn after_retries(
+    groups: &mut Vec<Vec<Candidate>>,
+    rows: &[OutboxRow],
+    state: &PollerState,
+    now: Instant,
+) {
+    let waiting = rows
+        .iter()
+        .filter(|r| state.retry_at.get(&r.id).is_some_and(|at| *at > now))
+        .filter_map(|r| r.commit_seq)
+        .min();
+    if let Some(waiting) = waiting {
+        groups.retain(|group| {
+            group
+                .first()
+                .and_then(|c| c.row.commit_seq)
+                .is_none_or(|seq| seq < waiting)
+        });
+    }
 }
 
 /// A transaction that reached etcd in more than one txn.
@@ -822,26 +861,32 @@ async fn attempt(ctx: &Arc<SyncContext>, txn: &[Candidate]) -> Result<CasOutcome
     outcome
 }
 
-/// Settles a txn: `first_outcome` is the result of its first attempt when
-/// already sent; conflicts are set aside and the rest retried, a rejected
+/// Whether the rest of a round may go after a txn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Continue,
+    /// A change waits for a retry: a later transaction of the round may
+    /// have read its transaction's writes, so the round stops (the next
+    /// one reads the outbox again).
+    Stop,
+}
+
+/// Settles a txn: conflicts are set aside and the rest retried, a rejected
 /// txn is split until the change etcd refuses is found.
 async fn send(
     ctx: &Arc<SyncContext>,
     state: &mut PollerState,
     chunk: Vec<Candidate>,
-    mut first_outcome: Option<Result<CasOutcome, EtcdError>>,
     arbiter: &WeakAddr<ConflictArbiter>,
     retrier: &WeakAddr<Retrier>,
-) -> Result<(), ActorError> {
+) -> Result<Round, ActorError> {
     let mut queue: VecDeque<Vec<Candidate>> = VecDeque::from([chunk]);
+    let mut round = Round::Continue;
     while let Some(mut txn) = queue.pop_front() {
         if txn.is_empty() {
             continue;
         }
-        let outcome = match first_outcome.take() {
-            Some(outcome) => outcome,
-            None => attempt(ctx, &txn).await,
-        };
+        let outcome = attempt(ctx, &txn).await;
         match outcome {
             Ok(CasOutcome::Applied {
                 revision,
@@ -857,8 +902,6 @@ async fn send(
                 revision,
                 conflicts,
             }) => {
-                // etcd applied none of the txn.
-                unsent(ctx, &txn).await?;
                 let failed: HashSet<usize> = conflicts.iter().map(|(i, _)| *i).collect();
                 for (index, current) in conflicts {
                     let etcd_revision = current.as_ref().map_or(0, |kv| kv.meta.mod_revision);
@@ -891,7 +934,6 @@ async fn send(
                 // etcd refused the whole txn. Find the change it rejects:
                 // split the txn, between transactions where it holds
                 // several.
-                unsent(ctx, &txn).await?;
                 let middle = split_point(&txn);
                 let second = txn.split_off(middle);
                 record_splits(ctx, &divided(&txn, &second, SplitReason::Refused)).await?;
@@ -923,7 +965,7 @@ async fn send(
                     kind: DeadLetterKind::TooLarge,
                     reason: &with,
                 }));
-                dead_letter(ctx, &refusals).await?;
+                dead_letter(ctx, &refusals, &state.landed()).await?;
                 hold_back(&mut queue, &candidate.row.xact.into_iter().collect());
             }
             Err(error) => {
@@ -935,6 +977,7 @@ async fn send(
                     .send(ChangeFailed {
                         row: candidate.row.clone(),
                         error: error.to_string(),
+                        landed: state.landed(),
                     })
                     .await??;
                 match decision {
@@ -942,6 +985,7 @@ async fn send(
                         state
                             .retry_at
                             .insert(candidate.row.id, Instant::now() + delay);
+                        round = Round::Stop;
                     }
                     RetryDecision::DeadLettered => {
                         state.retry_at.remove(&candidate.row.id);
@@ -953,7 +997,7 @@ async fn send(
             }
         }
     }
-    Ok(())
+    Ok(round)
 }
 
 /// Where to divide a txn etcd refused: at the transaction boundary nearest
@@ -1263,6 +1307,32 @@ mod tests {
         let grouped = group(&PollerState::default(), &rows, true);
         assert!(grouped.groups.is_empty());
         assert!(grouped.released.is_empty());
+    }
+
+    #[test]
+    fn transactions_committed_after_one_waiting_for_a_retry_wait_too() {
+        let mut rows = [
+            in_xact(row(1, "/a", 1), 7, 1),
+            in_xact(row(2, "/b", 1), 8, 1),
+            in_xact(row(3, "/c", 1), 6, 1),
+        ];
+        rows[0].commit_seq = Some(20);
+        rows[1].commit_seq = Some(21);
+        rows[2].commit_seq = Some(19);
+        let mut state = PollerState::default();
+        let now = Instant::now();
+        state.retry_at.insert(1, now + Duration::from_secs(5));
+        let candidates = state.select(&rows, 0, now).unwrap();
+        let mut grouped = whole_transactions(
+            &rows,
+            candidates,
+            Window {
+                state: &state,
+                full: false,
+            },
+        );
+        after_retries(&mut grouped.groups, &rows, &state, now);
+        assert_eq!(ids(&grouped.groups), vec![vec![3]], "8 committed after 7");
     }
 
     #[test]

@@ -24,6 +24,10 @@ use crate::telemetry;
 pub struct ChangeFailed {
     pub row: OutboxRow,
     pub error: String,
+    /// Changes the poller sent that reached etcd (their echo pending): if
+    /// the row is dead-lettered, its transaction's other changes go with it,
+    /// but these.
+    pub landed: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +104,10 @@ async fn decide(ctx: Arc<SyncContext>, msg: ChangeFailed) -> Result<RetryDecisio
         kind: DeadLetterKind::RetriesExhausted,
         reason: &reason,
     };
-    let moved = ctx.store.dead_letter(&ctx.fence, &[refusal], None).await?;
+    let moved = ctx
+        .store
+        .dead_letter(&ctx.fence, &[refusal], &msg.landed, None)
+        .await?;
     metrics::counter!(telemetry::DEAD_LETTERS_TOTAL, "kind" => "retries-exhausted")
         .increment(moved.max(1) as u64);
     tracing::warn!(outbox_id = row.id, attempts, error = %reason, "retries exhausted, change dead-lettered");

@@ -382,12 +382,6 @@ impl Store {
         outbox::pending(&mut conn, limit, max_bytes).await
     }
 
-    /// See [`outbox::mark_unsent`].
-    pub async fn mark_unsent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
-        let mut conn = self.pool.get().await?;
-        outbox::mark_unsent(&mut conn, fence, ids).await
-    }
-
     /// See [`outbox::mark_sent`].
     pub async fn mark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
@@ -413,10 +407,11 @@ impl Store {
         &self,
         fence: &Fence,
         refused: &[outbox::Refusal<'_>],
+        landed: &[i64],
         trace_id: Option<&str>,
     ) -> Result<usize, StoreError> {
         let mut conn = self.pool.get().await?;
-        outbox::dead_letter(&mut conn, fence, refused, trace_id).await
+        outbox::dead_letter(&mut conn, fence, refused, landed, trace_id).await
     }
 
     /// See [`transactions::dropped_keys`].

@@ -166,22 +166,6 @@ pub async fn mark_sent(
     .await
 }
 
-/// Marks changes as not sent: the txn that carried them certainly did not
-/// apply (a compare failed, or etcd refused it), so none can have landed.
-pub async fn mark_unsent(
-    conn: &mut AsyncPgConnection,
-    fence: &Fence,
-    ids: &[i64],
-) -> Result<(), StoreError> {
-    fenced_on_ids(
-        conn,
-        fence,
-        "UPDATE outbox SET sent = false WHERE id = ANY($1) AND sent",
-        ids,
-    )
-    .await
-}
-
 /// Removes changes that took effect without an etcd event (deleting a key
 /// that was already absent).
 pub async fn consume(
@@ -244,22 +228,29 @@ pub struct Refusal<'a> {
 }
 
 /// Moves changes to the dead-letter list, each with its reason, and with
-/// them every other change of their transactions not sent yet (etcd gets
-/// all of a transaction or none; `dead-letters retry` replays them
-/// together), recorded in the audit trail. One database transaction.
-/// Changes of other transactions queued behind them keep flowing. Returns
-/// how many changes were dead-lettered.
+/// them every other change of their transactions (etcd gets all of a
+/// transaction or none; `dead-letters retry` replays them together) except
+/// `landed` (changes the caller knows reached etcd, their echo pending),
+/// recorded in the audit trail. One database transaction. Changes of other
+/// transactions queued behind them keep flowing. Returns how many changes
+/// were dead-lettered.
+///
+/// A change that reached etcd unknown to the caller (an answer lost, a
+/// leader gone) may be dead-lettered with its transaction: its echo then
+/// applies as etcd's own change (the same value), and a retry puts it
+/// again. Leaving an unsent one behind would send part of a transaction.
 pub async fn dead_letter(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
     refused: &[Refusal<'_>],
+    landed: &[i64],
     trace_id: Option<&str>,
 ) -> Result<usize, StoreError> {
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         let mut moved = 0;
         for refusal in refused {
-            moved += move_to_dead_letters(conn, fence, refusal, None, trace_id).await?;
+            moved += move_to_dead_letters(conn, fence, refusal, None, &[], trace_id).await?;
         }
         for refusal in refused {
             let Some(xact) = refusal.row.xact else {
@@ -273,7 +264,8 @@ pub async fn dead_letter(
                 reason: &reason,
                 ..*refusal
             };
-            moved += move_to_dead_letters(conn, fence, &sibling, Some(xact), trace_id).await?;
+            moved +=
+                move_to_dead_letters(conn, fence, &sibling, Some(xact), landed, trace_id).await?;
         }
         Ok(moved)
     })
@@ -281,14 +273,15 @@ pub async fn dead_letter(
 }
 
 /// Moves `refusal.row` (`xact: None`) or the changes of transaction `xact`
-/// not sent yet and not dropped to the dead letters, with `refusal`'s kind
-/// and reason; audits each. A row already gone (its echo consumed it) is
-/// not moved.
+/// but `landed` and the dropped ones to the dead letters, with `refusal`'s
+/// kind and reason; audits each. A row already gone (its echo consumed it)
+/// is not moved.
 async fn move_to_dead_letters(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
     refusal: &Refusal<'_>,
     xact: Option<i64>,
+    landed: &[i64],
     trace_id: Option<&str>,
 ) -> Result<usize, StoreError> {
     #[derive(QueryableByName)]
@@ -305,7 +298,7 @@ async fn move_to_dead_letters(
     let letters: Vec<Letter> = diesel::sql_query(
         "WITH moved AS ( \
              DELETE FROM outbox o WHERE CASE WHEN $1 IS NULL THEN o.id = $2 \
-                 ELSE o.xact = $1::text::xid8 AND NOT o.sent AND o.dropped_by IS NULL END \
+                 ELSE o.xact = $1::text::xid8 AND o.id <> ALL($9) AND o.dropped_by IS NULL END \
              RETURNING o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, o.xact) \
          INSERT INTO dead_letters (direction, mirror_table, key, op, value, base_revision, outbox_id, \
              reason, kind, attempts, node, term, trace_id, pg_xact) \
@@ -322,6 +315,7 @@ async fn move_to_dead_letters(
     .bind::<Text, _>(&fence.node)
     .bind::<BigInt, _>(fence.term)
     .bind::<Nullable<Text>, _>(trace_id)
+    .bind::<Array<BigInt>, _>(landed)
     .load(conn)
     .await?;
     for letter in &letters {

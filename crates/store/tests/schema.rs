@@ -667,6 +667,34 @@ async fn a_key_written_several_times_in_a_transaction_queues_its_final_state_onc
         .execute("UPDATE kv SET value = 'three' WHERE key = 'k'", &[])
         .await?;
     assert_eq!(outbox().await?.len(), 4);
+    // A row created by an earlier transaction whose change is still queued
+    // (mod revision 0), updated then deleted by a later one: the delete is
+    // a change (base 0 does not mean this transaction created it).
+    client
+        .execute("INSERT INTO kv (key, value) VALUES ('pending', 'a')", &[])
+        .await?;
+    client
+        .batch_execute(
+            "BEGIN; UPDATE kv SET value = 'b' WHERE key = 'pending'; \
+             DELETE FROM kv WHERE key = 'pending'; COMMIT;",
+        )
+        .await?;
+    let pending: Vec<(String, String)> = outbox()
+        .await?
+        .into_iter()
+        .filter(|(k, ..)| k == "pending")
+        .map(|(k, op, ..)| (k, op))
+        .collect();
+    assert_eq!(
+        pending,
+        vec![
+            ("pending".into(), "put".into()),
+            ("pending".into(), "delete".into())
+        ]
+    );
+    client
+        .execute("DELETE FROM outbox WHERE key = 'pending'", &[])
+        .await?;
     // A rolled-back transaction leaves no trace.
     client
         .batch_execute("BEGIN; UPDATE kv SET value = 'never' WHERE key = 'k'; DELETE FROM kv WHERE key = 'new'; ROLLBACK;")

@@ -262,6 +262,31 @@ pub fn plan_key_timed(
         .iter()
         .any(|i| matches!(i, KeyInput::Observed { .. }));
     let dropped_last = pending.last().is_some_and(|p| p.dropped);
+    // Changes made on the row a dropped delete removed (base 0) were made,
+    // as far as etcd is concerned, over the state the delete started from,
+    // when etcd is observed still there: they take that base, up to the
+    // next local delete, and so does the re-created row.
+    let observed_state = inputs.iter().find_map(|i| match i {
+        KeyInput::Observed { state, .. } => Some(state.as_ref().map(|kv| kv.meta)),
+        KeyInput::Event(_) => None,
+    });
+    if let Some(Some(meta)) = observed_state
+        && let Some(base) = unlanded_dropped_delete(pending, Some(meta.mod_revision))
+    {
+        let mut moved = false;
+        for change in planner.pending.iter_mut() {
+            if change.base_revision == 0 {
+                change.base_revision = base;
+                moved = true;
+            }
+            if change.op == Op::Delete {
+                break;
+            }
+        }
+        if moved && planner.pending.iter().all(|p| p.op == Op::Put) {
+            planner.set_meta(Some(0), meta);
+        }
+    }
     if observed && !planner.dropped.is_empty() {
         planner
             .plan
@@ -376,6 +401,13 @@ impl Planner {
             Op::Put => event.revision,
             Op::Delete => 0,
         };
+        // Dropped changes sent after it were chained onto it too: their
+        // echo, if they landed, is based on this one.
+        for dropped in &mut self.dropped_sent {
+            if dropped.base_revision == event.prev_revision() {
+                dropped.base_revision = new_base;
+            }
+        }
         // Queued changes up to the next local delete were made on the row
         // this echo updated: they move onto its revision. Changes after a
         // local delete were made on a re-created row (base 0, unknown to
@@ -638,27 +670,21 @@ impl Planner {
     }
 }
 
-/// The changes that take part in planning: all but the dropped ones. A
-/// change made right after a dropped delete on the row that delete removed
-/// (base 0) was made, as far as etcd is concerned, over the state the
-/// delete started from: it takes that base.
+/// The changes that take part in planning: all but the dropped ones.
 fn without_dropped(pending: &[PendingChange]) -> Vec<PendingChange> {
-    let mut kept = Vec::with_capacity(pending.len());
-    let mut after_dropped_delete: Option<i64> = None;
-    for change in pending {
-        if change.dropped {
-            after_dropped_delete = (change.op == Op::Delete).then_some(change.base_revision);
-            continue;
-        }
-        let mut change = change.clone();
-        if let Some(base) = after_dropped_delete.take()
-            && change.base_revision == 0
-        {
-            change.base_revision = base;
-        }
-        kept.push(change);
-    }
-    kept
+    pending.iter().filter(|p| !p.dropped).cloned().collect()
+}
+
+/// The key's last dropped change was a delete that etcd, as observed at
+/// `observed` (`Some`: present at that mod revision), did not take: the key
+/// is still at the delete's base. Returns that base.
+fn unlanded_dropped_delete(pending: &[PendingChange], observed: Option<i64>) -> Option<i64> {
+    let delete = pending
+        .iter()
+        .rev()
+        .find(|p| p.dropped)
+        .filter(|p| p.op == Op::Delete && p.base_revision != 0)?;
+    (observed == Some(delete.base_revision)).then_some(delete.base_revision)
 }
 
 fn default_origin(input: &KeyInput) -> Origin {

@@ -978,17 +978,60 @@ fn the_echo_of_a_dropped_change_that_had_landed_is_recognized() {
 }
 
 #[test]
-fn a_change_after_a_dropped_delete_is_based_on_what_the_delete_removed() {
-    // The dropped transaction deleted the key (at 9); a user then created
-    // it again (base 0, the row was absent): etcd still has it at 9.
+fn changes_after_a_dropped_delete_are_based_on_what_the_delete_removed() {
+    // The dropped transaction deleted the key (at 9); users then created
+    // it again and changed it (base 0, the row was absent): etcd is
+    // observed still holding it at 9.
     let delete = dropped(pending_delete(1, 9, 400));
     let insert = pending_put(2, "again", 0, 500);
+    let update = pending_put(3, "and again", 0, 600);
     let plan = plan_key(
         ctx(Policy::EtcdWins),
-        &[delete, insert],
+        &[delete, insert, update],
         &[observed_value("etcd-9", 9)],
     );
     assert!(plan.conflicts.is_empty(), "{plan:?}");
     assert_eq!(plan.consumed, vec![1]);
-    assert_eq!(plan.rebased, vec![(2, 9)]);
+    assert_eq!(plan.rebased, vec![(2, 9), (3, 9)]);
+    assert!(
+        matches!(plan.mirror.0, MirrorAction::Meta { expect_mod_revision: Some(0), meta } if meta.mod_revision == 9),
+        "the re-created row takes etcd's metadata: {plan:?}"
+    );
+}
+
+#[test]
+fn a_dropped_delete_that_landed_leaves_later_changes_on_the_absent_key() {
+    // The delete was sent and landed (the key is observed absent): the
+    // insert made after it is based on the absent key, as it was.
+    let mut delete = dropped(pending_delete(1, 5, 400));
+    delete.sent = true;
+    let insert = pending_put(2, "new", 0, 500);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[delete, insert],
+        &[observed_absent(9)],
+    );
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert!(plan.rebased.is_empty());
+}
+
+#[test]
+fn a_dropped_change_sent_chained_is_recognized_by_its_echo() {
+    // p0 went (5 -> 7); d1, chained on it, went too (7 -> 8) before its
+    // transaction was dropped; p2 waits.
+    let p0 = pending_put(1, "p0", 5, 300);
+    let mut d1 = dropped(pending_put(2, "d1", 5, 400));
+    d1.sent = true;
+    let p2 = pending_put(3, "p2", 5, 500);
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[p0, d1, p2],
+        &[
+            put(7, "p0", Some((5, "old"))),
+            put(8, "d1", Some((7, "p0"))),
+        ],
+    );
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert_eq!(plan.consumed, vec![1, 2]);
+    assert_eq!(plan.rebased, vec![(3, 8)]);
 }
