@@ -96,9 +96,21 @@ async fn endpoints_answer_and_metrics_move_when_changes_flow() -> anyhow::Result
         "etcd_pg_sync_pg_pool_connections",
         "etcd_pg_sync_watch_lag_revisions",
         "etcd_pg_sync_watch_lag_seconds",
+        "etcd_pg_sync_store_up",
+        "etcd_pg_sync_build_info{",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(before.contains(name), "/metrics lacks {name}");
     }
+    let rss = before
+        .lines()
+        .find(|l| l.starts_with("process_resident_memory_bytes"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(rss > 1e6, "resident memory {rss}");
     let sample = |text: &str, series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))

@@ -29,6 +29,11 @@ pub const KEYS_BLOCKED: &str = "etcd_pg_sync_keys_blocked";
 pub const CLOCK_SAMPLES_TOTAL: &str = "etcd_pg_sync_revision_clock_samples_total";
 pub const TIMELINE_PAUSED: &str = "etcd_pg_sync_timeline_paused";
 pub const TRANSACTION_SPLITS_TOTAL: &str = "etcd_pg_sync_transaction_splits_total";
+pub const BUILD_INFO: &str = "etcd_pg_sync_build_info";
+// The process metrics keep Prometheus' conventional names.
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 
 /// Describes every metric once (help texts in the exposition).
 pub fn describe() {
@@ -95,6 +100,16 @@ pub fn describe() {
     );
     describe_gauge!(UP, "1 when the store answers, by store");
     describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the version and git revision of the binary"
+    );
+    describe_gauge!(PROCESS_RESIDENT_MEMORY, "resident memory of the process");
+    describe_gauge!(
+        PROCESS_CPU_SECONDS,
+        "CPU time of the process so far, user and system, in seconds"
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "open file descriptors of the process");
+    describe_gauge!(
         TIMELINE_PAUSED,
         "1 while sync is paused on a restored or replaced etcd, waiting for `etcd-pg-sync timeline resume`"
     );
@@ -152,6 +167,10 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
     metrics::counter!(LEADER_CHANGES_TOTAL).increment(0);
     metrics::counter!(SNAPSHOT_KEYS_TOTAL).increment(0);
     metrics::gauge!(IS_LEADER).set(0.0);
+    // From the start: a replica stuck before its first probe shows down.
+    for store in ["etcd", "postgres"] {
+        metrics::gauge!(UP, "store" => store).set(0.0);
+    }
     for gauge in [
         APPLIED_REVISION,
         OUTBOX_DEPTH,

@@ -100,6 +100,32 @@ impl Health {
     }
 }
 
+/// Resident memory, CPU time and open descriptors, from /proc (Linux; the
+/// metrics are left out elsewhere).
+fn process_metrics() {
+    const PAGE: f64 = 4096.0;
+    const TICKS_PER_SECOND: f64 = 100.0;
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+        && let Some(resident) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok())
+    {
+        metrics::gauge!(telemetry::PROCESS_RESIDENT_MEMORY).set(resident * PAGE);
+    }
+    // utime and stime are fields 14 and 15, after the parenthesized name.
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some((_, rest)) = stat.rsplit_once(')')
+    {
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        metrics::gauge!(telemetry::PROCESS_CPU_SECONDS).set(ticks as f64 / TICKS_PER_SECOND);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!(telemetry::PROCESS_OPEN_FDS).set(fds.count() as f64);
+    }
+}
+
 fn fresh(at: Option<Instant>) -> bool {
     at.is_some_and(|t| t.elapsed() < FRESH)
 }
@@ -138,6 +164,7 @@ pub async fn run(
             board.store_recovered();
         }
         answered = answers;
+        process_metrics();
         {
             let mut s = health.inner.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(revision) = etcd_revision {

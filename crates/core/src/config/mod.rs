@@ -862,19 +862,17 @@ impl Config {
                     format!("{:?} is reserved by the service", raw.table),
                 ));
             }
-            let direction = match raw.direction.as_str() {
-                "both" => Direction::Both,
-                "etcd-to-pg" => Direction::EtcdToPg,
-                "pg-to-etcd" => Direction::PgToEtcd,
-                other => {
-                    return Err(ConfigError::invalid(
-                        key("direction"),
-                        format!(
-                            "unknown direction {other:?}, expected both, etcd-to-pg or pg-to-etcd"
-                        ),
-                    ));
-                }
-            };
+            // Read as text and parsed here, not by serde, so an unknown
+            // word is reported with the mapping's key.
+            let direction = Direction::parse(&raw.direction).ok_or_else(|| {
+                ConfigError::invalid(
+                    key("direction"),
+                    format!(
+                        "unknown direction {:?}, expected both, etcd-to-pg or pg-to-etcd",
+                        raw.direction
+                    ),
+                )
+            })?;
             let policy: Policy = raw
                 .policy
                 .parse()

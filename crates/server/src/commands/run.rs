@@ -101,6 +101,20 @@ async fn serve_logged(config: Arc<Config>, no_migrate: bool) -> anyhow::Result<(
             .collect::<Vec<_>>(),
     );
     metrics::gauge!(telemetry::PG_POOL_MAX).set(config.postgres.pool_size as f64);
+    metrics::gauge!(
+        telemetry::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_revision" => env!("ETCD_PG_SYNC_GIT_REVISION"),
+    )
+    .set(1.0);
+    // Histograms are drained only by a scrape; without one they grow.
+    let upkeep = prometheus.clone();
+    actix_rt::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
 
     let store = Store::new(&config).await?;
     let board = Arc::new(StatusBoard::default());
