@@ -106,7 +106,10 @@ fn process_metrics() {
     const PAGE: f64 = 4096.0;
     const TICKS_PER_SECOND: f64 = 100.0;
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
-        && let Some(resident) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok())
+        && let Some(resident) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<f64>().ok())
     {
         metrics::gauge!(telemetry::PROCESS_RESIDENT_MEMORY).set(resident * PAGE);
     }
