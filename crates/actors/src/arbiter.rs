@@ -104,9 +104,9 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
     if !report.held_skipped.is_empty() {
         tracing::debug!(table = %msg.table, "the key's row is held by a user's transaction: settled later");
     }
+    telemetry::count_conflicts(&report.conflicts);
     for conflict in &report.conflicts {
         let winner = conflict.winner.map_or("pending", Side::as_str);
-        metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
         tracing::info!(conflict_id = conflict.id, table = %msg.table, policy = conflict.policy, winner, "conflict settled by the arbiter");
     }
     ctx.wake_poller.notify_one();

@@ -80,12 +80,7 @@ impl<'a> DiffCursor<'a> {
         page_size: usize,
         within: Option<&[u8]>,
     ) -> Self {
-        let (start, end) = match within {
-            Some(prefix) if prefix.starts_with(&mapping.prefix) => {
-                (prefix.to_vec(), eps_core::keys::prefix_end(prefix))
-            }
-            _ => (mapping.prefix.clone(), mapping.range_end()),
-        };
+        let (start, end) = mapping.range_within(within);
         DiffCursor {
             etcd,
             store,

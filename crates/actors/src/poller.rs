@@ -24,6 +24,7 @@ use eps_etcd::{CasOutcome, CasWrite, EtcdError};
 use eps_store::notify::Notifications;
 use eps_store::{DeadLetterKind, OutboxRow, Refusal};
 use tokio::sync::{Notify, mpsc};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::SyncContext;
@@ -105,7 +106,7 @@ async fn run(
         .config
         .sync
         .listen_notify
-        .then(|| Listener(tokio::spawn(listen(ctx.clone(), wake.clone()))));
+        .then(|| AbortOnDropHandle::new(tokio::spawn(listen(ctx.clone(), wake.clone()))));
     let mut applied = ctx.applied.subscribe();
     let poll = Duration::from_millis(ctx.config.sync.poll_interval_ms);
     let mut state = PollerState::default();
@@ -133,15 +134,6 @@ async fn run(
                 }
             }
         }
-    }
-}
-
-/// The LISTEN task; aborted when dropped.
-struct Listener(tokio::task::JoinHandle<()>);
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -387,7 +379,7 @@ fn validate(ctx: &SyncContext, candidate: &Candidate) -> Result<(), (DeadLetterK
 
 /// Bytes a change adds to a txn request (key twice: compare and op).
 fn request_bytes(row: &OutboxRow) -> usize {
-    2 * row.key.len() + row.value.as_ref().map_or(0, Vec::len) + 64
+    eps_core::keys::put_request_bytes(row.key.len(), row.value.as_ref().map_or(0, Vec::len))
 }
 
 async fn drain(
@@ -798,17 +790,10 @@ fn chunks(
     (out, splits)
 }
 
-/// Changes and bytes one etcd txn of the poller takes.
+/// Changes and bytes one etcd txn of the poller takes (one compare slot
+/// goes to the leader fence).
 fn txn_limits(ctx: &SyncContext) -> (usize, usize) {
-    // One compare slot goes to the leader fence.
-    let max_ops = ctx.config.etcd.max_txn_ops.saturating_sub(1).max(1);
-    let max_bytes = ctx
-        .config
-        .etcd
-        .max_request_bytes
-        .saturating_sub(64 * 1024)
-        .max(1);
-    (max_ops, max_bytes)
+    ctx.config.etcd.txn_limits(1)
 }
 
 /// Audits and counts transactions that reached etcd in several txns.

@@ -519,10 +519,7 @@ async fn flush(
     counts.upserts += report.mirror_upserts as u64;
     counts.deletes += report.mirror_deletes as u64;
     counts.conflicts += report.conflicts.len() as u64;
-    for conflict in &report.conflicts {
-        let winner = conflict.winner.map_or("pending", |w| w.as_str());
-        metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
-    }
+    telemetry::count_conflicts(&report.conflicts);
     chunk.clear();
     Ok(())
 }

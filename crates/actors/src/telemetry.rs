@@ -186,6 +186,16 @@ pub fn init(policies: impl IntoIterator<Item = &'static str>) {
     }
 }
 
+/// Counts the conflicts an apply recorded, by policy and winner
+/// (`pending` while parked).
+pub fn count_conflicts(conflicts: &[eps_store::apply::ConflictSummary]) {
+    for conflict in conflicts {
+        let winner = conflict.winner.map_or("pending", |w| w.as_str());
+        metrics::counter!(CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner)
+            .increment(1);
+    }
+}
+
 /// Direction label values.
 pub const ETCD_TO_PG: &str = "etcd_to_pg";
 pub const PG_TO_ETCD: &str = "pg_to_etcd";

@@ -15,6 +15,7 @@ use eps_etcd::{WatchItem, WatchSession};
 use eps_store::{ApplyRequest, KeyInputs};
 use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -485,10 +486,6 @@ async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
     Ok(ctx.store.unsynced_tables(&etcd_to_pg_tables(ctx)).await?)
 }
 
-/// Reads the watch in a task so the next batch arrives while this one
-/// commits; aborted when dropped.
-struct Reader(tokio::task::JoinHandle<()>);
-
 /// How far (KiB of events) the watch reader may run ahead of the applies.
 const READ_AHEAD_KIB: usize = 64 * 1024;
 
@@ -496,12 +493,6 @@ const READ_AHEAD_KIB: usize = 64 * 1024;
 struct Buffered {
     item: Result<WatchItem, eps_etcd::EtcdError>,
     permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Streams from `checkpoint + 1` until the watch's revision is compacted;
@@ -523,7 +514,7 @@ async fn stream(
     // holds its size in permits until the batch that applies it is done.
     let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_KIB));
     let (tx, mut rx) = mpsc::channel::<Buffered>(256);
-    let _reader = Reader(tokio::spawn(async move {
+    let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
             let item = items.next().await.transpose();
             let stop = !matches!(
@@ -768,9 +759,9 @@ async fn apply(
                 metrics::counter!(telemetry::CHANGES_TOTAL, "direction" => telemetry::ETCD_TO_PG, "op" => event.op.as_str()).increment(1);
             }
         }
+        telemetry::count_conflicts(&report.conflicts);
         for conflict in &report.conflicts {
             let winner = conflict.winner.map_or("pending", |w| w.as_str());
-            metrics::counter!(telemetry::CONFLICTS_TOTAL, "policy" => conflict.policy, "winner" => winner).increment(1);
             tracing::debug!(conflict_id = conflict.id, table = %conflict.table, policy = conflict.policy, winner, "conflict");
         }
         metrics::histogram!(telemetry::BATCH_SIZE, "direction" => telemetry::ETCD_TO_PG)

@@ -200,7 +200,7 @@ impl Node {
         let cluster = &self.config.cluster;
         let prefix = election_prefix(&cluster.name);
         let lost = CancellationToken::new();
-        let _keepalive = AbortOnDrop(tokio::spawn(keep_alive(
+        let _keepalive = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_alive(
             self.etcd.clone(),
             lease,
             Duration::from_secs(cluster.lease_ttl_secs),
@@ -369,14 +369,6 @@ impl Drop for Resign {
                 }
             });
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

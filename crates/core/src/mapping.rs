@@ -105,6 +105,17 @@ impl Mapping {
         keys::prefix_end(&self.prefix)
     }
 
+    /// The key range `[start, end)` of the mapping, narrowed to `within`
+    /// when that is a prefix inside it (else the whole mapping).
+    pub fn range_within(&self, within: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
+        match within {
+            Some(prefix) if prefix.starts_with(&self.prefix) => {
+                (prefix.to_vec(), keys::prefix_end(prefix))
+            }
+            _ => (self.prefix.clone(), self.range_end()),
+        }
+    }
+
     pub fn contains(&self, key: &[u8]) -> bool {
         key.starts_with(&self.prefix) && !key.starts_with(INTERNAL_PREFIX)
     }

@@ -194,6 +194,18 @@ pub struct EtcdConfig {
     pub max_response_bytes: usize,
 }
 
+impl EtcdConfig {
+    /// Changes and request bytes one etcd txn of the service may carry:
+    /// etcd's limits less `reserved_ops` (compares the service adds, such as
+    /// the leader fence) and 64 KiB of headroom for the request's framing.
+    pub fn txn_limits(&self, reserved_ops: usize) -> (usize, usize) {
+        (
+            self.max_txn_ops.saturating_sub(reserved_ops).max(1),
+            self.max_request_bytes.saturating_sub(64 * 1024).max(1),
+        )
+    }
+}
+
 impl Default for EtcdConfig {
     fn default() -> Self {
         Self {

@@ -203,7 +203,7 @@ pub async fn run_restore(
     anyhow::ensure!(!selected.is_empty(), "no mapping covers the prefix");
     // Only an empty etcd (range) is rebuilt: nothing there may be overwritten.
     for mapping in &selected {
-        let (start, end) = range(mapping, prefix.as_deref());
+        let (start, end) = mapping.range_within(prefix.as_deref());
         let page = etcd.range_page(&start, end.as_deref(), 0, 1).await?;
         anyhow::ensure!(
             page.kvs.is_empty(),
@@ -253,10 +253,10 @@ pub async fn run_restore(
         keys: 0,
         keeper: None,
     };
-    let max_ops = config.etcd.max_txn_ops;
-    let max_bytes = config.etcd.max_request_bytes.saturating_sub(64 * 1024);
+    // No fence compare: the restore writes an empty etcd, no leader runs.
+    let (max_ops, max_bytes) = config.etcd.txn_limits(0);
     for mapping in &selected {
-        let (start, end) = range(mapping, prefix.as_deref());
+        let (start, end) = mapping.range_within(prefix.as_deref());
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = store
@@ -323,13 +323,6 @@ pub async fn run_restore(
     Ok(ExitCode::SUCCESS)
 }
 
-fn range(mapping: &eps_core::Mapping, prefix: Option<&[u8]>) -> (Vec<u8>, Option<Vec<u8>>) {
-    match prefix {
-        Some(p) if p.starts_with(&mapping.prefix) => (p.to_vec(), eps_core::keys::prefix_end(p)),
-        _ => (mapping.prefix.clone(), mapping.range_end()),
-    }
-}
-
 /// Consecutive runs of `rows` that fit one etcd txn (`max_ops` puts, about
 /// `max_bytes` of request).
 fn txn_batches<'a, 'r>(
@@ -340,7 +333,7 @@ fn txn_batches<'a, 'r>(
     let mut batches = Vec::new();
     let (mut start, mut bytes) = (0usize, 0usize);
     for (i, row) in rows.iter().enumerate() {
-        let size = 2 * row.key.len() + row.value.len() + 64;
+        let size = eps_core::keys::put_request_bytes(row.key.len(), row.value.len());
         if i > start && (i - start >= max_ops || bytes + size > max_bytes) {
             batches.push(&rows[start..i]);
             start = i;
