@@ -156,23 +156,7 @@ pub async fn status(service: &Service) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&service.status().await?)?)
 }
 
-/// Waits until one of `services` reports `role = leader`; returns its index.
-pub async fn wait_leader(services: &[&Service], timeout: Duration) -> anyhow::Result<usize> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        for (i, service) in services.iter().enumerate() {
-            if let Ok(s) = status(service).await
-                && s["role"] == "leader"
-            {
-                return Ok(i);
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("no leader within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use eps_harness::service::wait_leader;
 
 /// Runs the binary with arguments and environment; returns (code, stdout, stderr).
 /// Async, so the test's runtime (and the fault proxies on it) keeps running

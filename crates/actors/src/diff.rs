@@ -40,6 +40,15 @@ pub enum DiffError {
     Store(#[from] StoreError),
 }
 
+impl From<DiffError> for crate::shell::ActorError {
+    fn from(error: DiffError) -> Self {
+        match error {
+            DiffError::Etcd(e) => e.into(),
+            DiffError::Store(e) => e.into(),
+        }
+    }
+}
+
 /// Page size that keeps a page near [`PAGE_BYTES`] given the average entry
 /// size seen so far.
 fn adaptive_limit(max: usize, avg_bytes: usize) -> usize {

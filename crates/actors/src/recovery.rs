@@ -22,7 +22,7 @@ use eps_store::{ApplyRequest, KeyInputs};
 use tokio::sync::mpsc;
 
 use crate::SyncContext;
-use crate::diff::{DiffCursor, DiffError, PAGE_BYTES};
+use crate::diff::{DiffCursor, PAGE_BYTES};
 use crate::shell::{ActorError, Progress, Shell};
 use crate::telemetry;
 
@@ -419,7 +419,7 @@ async fn walk(
     let observed_at = Instant::now();
     let mut scanned = 0u64;
     let mut last_log = Instant::now();
-    while let Some(difference) = cursor.next().await.map_err(from_diff)? {
+    while let Some(difference) = cursor.next().await.map_err(ActorError::from)? {
         if last_log.elapsed() > std::time::Duration::from_secs(5) {
             tracing::info!(table = %mapping.table, keys = cursor.etcd_keys, differences = counts.differences, "resync progress");
             last_log = Instant::now();
@@ -444,13 +444,6 @@ async fn walk(
     metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
     counts.keys_scanned += cursor.etcd_keys;
     flush(ctx, &mut chunk, observed_at, rollbacks, counts).await
-}
-
-fn from_diff(error: DiffError) -> ActorError {
-    match error {
-        DiffError::Etcd(e) => e.into(),
-        DiffError::Store(e) => e.into(),
-    }
 }
 
 fn present(kv: KeyValue, revision: i64, origin: Origin) -> KeyInputs {

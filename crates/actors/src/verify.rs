@@ -14,7 +14,7 @@ use eps_etcd::EtcdClient;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
 use serde::Serialize;
 
-use crate::diff::{DiffCursor, DiffError, Difference};
+use crate::diff::{DiffCursor, Difference};
 use crate::shell::ActorError;
 
 #[derive(Debug, Clone, Default)]
@@ -116,7 +116,7 @@ pub async fn verify(
         );
         // A narrower prefix than the mapping's: keys outside it are not ours.
         let in_scope = |key: &[u8]| options.prefix.as_deref().is_none_or(|p| key.starts_with(p));
-        while let Some(difference) = cursor.next().await.map_err(from_diff)? {
+        while let Some(difference) = cursor.next().await.map_err(ActorError::from)? {
             on_progress(cursor.etcd_keys);
             if !in_scope(&difference.key) {
                 continue;
@@ -366,13 +366,6 @@ async fn repair_from_pg(
         )
         .await;
     done_unless_held(queued, Outcome::RepairedFromPg)
-}
-
-fn from_diff(error: DiffError) -> ActorError {
-    match error {
-        DiffError::Etcd(e) => e.into(),
-        DiffError::Store(e) => e.into(),
-    }
 }
 
 #[cfg(test)]

@@ -107,15 +107,8 @@ async fn applied(pg: &tokio_postgres::Client) -> anyhow::Result<i64> {
 }
 
 async fn wait_leader(service: &Service) -> anyhow::Result<()> {
-    for _ in 0..600 {
-        if let Ok(body) = service.status().await
-            && body.contains("\"role\":\"leader\"")
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("no leader\n{}", service.log_tail(20))
+    eps_harness::service::wait_leader(&[service], Duration::from_secs(30)).await?;
+    Ok(())
 }
 
 /// Waits until the checkpoint reaches `revision`; returns the wait.

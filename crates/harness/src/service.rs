@@ -295,3 +295,26 @@ impl Drop for Service {
         self.kill();
     }
 }
+
+/// Waits until one of `services` reports `role = leader` in `/status`;
+/// returns its index.
+pub async fn wait_leader(
+    services: &[&Service],
+    timeout: std::time::Duration,
+) -> anyhow::Result<usize> {
+    let found = crate::wait_for("a leader", timeout, || async {
+        for (i, service) in services.iter().enumerate() {
+            if let Ok(body) = service.status().await
+                && body.contains("\"role\":\"leader\"")
+            {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    found.map_err(|e| {
+        let tails: Vec<String> = services.iter().map(|s| s.log_tail(10)).collect();
+        anyhow::anyhow!("{e}\n{}", tails.join("\n---\n"))
+    })
+}
