@@ -114,16 +114,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn wait_for_leader(replicas: &[Service]) -> anyhow::Result<String> {
-    for _ in 0..200 {
-        for replica in replicas {
-            if let Ok(body) = replica.status().await {
-                let status: serde_json::Value = serde_json::from_str(&body)?;
-                if status["role"] == "leader" {
-                    return Ok(replica.node_id.clone());
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("no leader elected within 10 s")
+    let all: Vec<&Service> = replicas.iter().collect();
+    let leader = eps_harness::service::wait_leader(&all, Duration::from_secs(10)).await?;
+    Ok(replicas[leader].node_id.clone())
 }
