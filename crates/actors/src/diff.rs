@@ -22,12 +22,37 @@ pub struct Difference {
     pub pg: Option<MirrorRow>,
 }
 
+/// How etcd and the mirror differ on a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DifferenceKind {
+    MissingInPg,
+    MissingInEtcd,
+    DifferentValue,
+}
+
+impl DifferenceKind {
+    /// As `verify` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DifferenceKind::MissingInPg => "missing-in-pg",
+            DifferenceKind::MissingInEtcd => "missing-in-etcd",
+            DifferenceKind::DifferentValue => "different-value",
+        }
+    }
+}
+
+impl std::fmt::Display for DifferenceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Difference {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> DifferenceKind {
         match (&self.etcd, &self.pg) {
-            (Some(_), None) => "missing-in-pg",
-            (None, Some(_)) => "missing-in-etcd",
-            _ => "different-value",
+            (Some(_), None) => DifferenceKind::MissingInPg,
+            (None, Some(_)) => DifferenceKind::MissingInEtcd,
+            _ => DifferenceKind::DifferentValue,
         }
     }
 }

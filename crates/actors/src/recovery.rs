@@ -182,7 +182,7 @@ async fn anti_entropy(ctx: &SyncContext) -> Result<(), ActorError> {
         Some(&ctx.fence),
         &options,
         |mapping, difference, outcome| {
-            tracing::warn!(table = %mapping.table, key = %eps_core::keys::display_key(&difference.key), kind = difference.kind(), ?outcome, "drift");
+            tracing::warn!(table = %mapping.table, key = %eps_core::keys::display_key(&difference.key), kind = %difference.kind(), ?outcome, "drift");
         },
         |_| {},
     )

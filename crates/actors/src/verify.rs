@@ -14,7 +14,7 @@ use eps_etcd::EtcdClient;
 use eps_store::{ApplyRequest, Fence, KeyInputs, Repair, Store};
 use serde::Serialize;
 
-use crate::diff::{DiffCursor, Difference};
+use crate::diff::{DiffCursor, Difference, DifferenceKind};
 use crate::shell::ActorError;
 
 #[derive(Debug, Clone, Default)]
@@ -142,9 +142,9 @@ pub async fn verify(
                 continue;
             }
             match difference.kind() {
-                "missing-in-pg" => report.missing_in_pg += 1,
-                "missing-in-etcd" => report.missing_in_etcd += 1,
-                _ => report.different_values += 1,
+                DifferenceKind::MissingInPg => report.missing_in_pg += 1,
+                DifferenceKind::MissingInEtcd => report.missing_in_etcd += 1,
+                DifferenceKind::DifferentValue => report.different_values += 1,
             }
             let outcome = match (options.repair, fence) {
                 (true, Some(fence)) => {

@@ -304,15 +304,15 @@ impl Node {
         );
         let pipeline = Pipeline::start(ctx);
         let reason = tokio::select! {
-            _ = lost.cancelled() => "lease lost",
-            _ = pipeline.killed() => "fenced",
-            _ = shutdown.cancelled() => "shutdown",
+            _ = lost.cancelled() => StepDown::LeaseLost,
+            _ = pipeline.killed() => StepDown::Fenced,
+            _ = shutdown.cancelled() => StepDown::Shutdown,
         };
-        tracing::warn!(term, reason, "stepping down");
+        tracing::warn!(term, reason = reason.as_str(), "stepping down");
         pipeline.stop(Duration::from_secs(5)).await;
         self.board.all_stopped();
         self.status.become_standby();
-        if reason == "shutdown" {
+        if reason == StepDown::Shutdown {
             let event =
                 serde_json::json!({"node": cluster.node_id, "term": term, "event": "resigned"});
             let _ = self
@@ -414,6 +414,27 @@ async fn keep_alive(
                 stream = None;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+}
+
+/// Why a leader stopped leading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepDown {
+    /// Its lease could not be renewed within its TTL.
+    LeaseLost,
+    /// A write found another term in force (or an actor gave up).
+    Fenced,
+    /// The process is shutting down: it resigns.
+    Shutdown,
+}
+
+impl StepDown {
+    fn as_str(self) -> &'static str {
+        match self {
+            StepDown::LeaseLost => "lease lost",
+            StepDown::Fenced => "fenced",
+            StepDown::Shutdown => "shutdown",
         }
     }
 }
