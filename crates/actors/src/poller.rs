@@ -399,7 +399,14 @@ async fn drain(
         let batch = ctx.config.sync.outbox_batch_size;
         let limit = batch + state.waiting_rows.min(MORE_ROWS_PAST_WAITING * batch);
         let rows = ctx.store.pending_outbox(limit, OUTBOX_READ_BYTES).await?;
-        state.waiting_rows = rows.iter().filter(|r| r.xact_blocked).count();
+        // Rows of waiting transactions, and the rows of their keys queued
+        // behind them.
+        let waiting_keys: HashSet<KeyId> =
+            rows.iter().filter(|r| r.xact_blocked).map(key_id).collect();
+        state.waiting_rows = rows
+            .iter()
+            .filter(|r| r.xact_blocked || waiting_keys.contains(&key_id(r)))
+            .count();
         state.prune(&rows, applied);
         // As the read counts: keys and values.
         let read_bytes: usize = rows
@@ -610,22 +617,41 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
         in_commit_order(&mut grouped.groups);
         return grouped;
     }
-    // Nothing can go. Release the oldest held-back transaction only if no
-    // held-back one waits on something outside the held-back set.
-    let held_keys: HashSet<KeyId> = held.iter().map(|c| key_id(&c.row)).collect();
-    let held_xacts: HashSet<i64> = held.iter().filter_map(|c| c.row.xact).collect();
+    // Nothing can go. Transactions waiting for a key settled elsewhere (a
+    // parked or dropped change, a row a user holds), directly or through a
+    // key of such a transaction, are left out: they wait whole, however
+    // long. Of the others, release the oldest only if none of them waits on
+    // something outside their set (an echo, a retry, rows a read will
+    // bring).
+    let blocked_keys: HashSet<KeyId> = rows
+        .iter()
+        .filter(|r| r.xact.is_some_and(|x| blocked.contains(&x)))
+        .map(key_id)
+        .collect();
+    let stuck = |xact: &i64| {
+        blocked.contains(xact)
+            || waits_on
+                .get(xact)
+                .is_some_and(|keys| keys.iter().any(|k| blocked_keys.contains(k)))
+    };
+    let movable: Vec<&Candidate> = held
+        .iter()
+        .filter(|c| c.row.xact.is_some_and(|x| !stuck(&x)))
+        .collect();
+    let held_keys: HashSet<KeyId> = movable.iter().map(|c| key_id(&c.row)).collect();
+    let held_xacts: HashSet<i64> = movable.iter().filter_map(|c| c.row.xact).collect();
     let awaiting_echoes = !window.state.chains.is_empty();
     let waits_outside = held_xacts.iter().any(|xact| {
         let on_keys = waits_on
             .get(xact)
             .is_some_and(|keys| keys.iter().any(|k| !held_keys.contains(k)));
         let on_rows = beyond.contains(xact) && (!window.full || awaiting_echoes);
-        on_keys || on_rows || blocked.contains(xact)
+        on_keys || on_rows
     });
     if waits_outside {
         return grouped;
     }
-    let Some(oldest) = held
+    let Some(oldest) = movable
         .iter()
         .min_by_key(|c| c.row.id)
         .and_then(|c| c.row.xact)
@@ -915,10 +941,31 @@ async fn send(
                 // (an unknown outcome is settled by the compares).
                 return Err(error.into());
             }
+            Err(error) if txn.len() > 1 && one_transaction(&txn) => {
+                // etcd refused one transaction's txn. It goes whole or not
+                // at all, so it is not divided to find the change etcd
+                // rejects (a part would land): all of it goes to the dead
+                // letters with etcd's answer.
+                let kind = match error {
+                    EtcdError::TooLarge(_) => DeadLetterKind::TooLarge,
+                    _ => DeadLetterKind::Refused,
+                };
+                let reason = format!("etcd refused the transaction's txn: {error}");
+                let refusals: Vec<Refusal> = txn
+                    .iter()
+                    .map(|c| Refusal {
+                        row: &c.row,
+                        kind,
+                        reason: &reason,
+                    })
+                    .collect();
+                tracing::warn!(%error, changes = txn.len(), "a transaction refused by etcd is dead-lettered whole");
+                dead_letter(ctx, &refusals, &state.landed()).await?;
+                hold_back(&mut queue, &txn.iter().filter_map(|c| c.row.xact).collect());
+            }
             Err(error) if txn.len() > 1 => {
-                // etcd refused the whole txn. Find the change it rejects:
-                // split the txn, between transactions where it holds
-                // several.
+                // etcd refused a txn of several transactions: divide it
+                // between them until the one etcd rejects is alone.
                 let middle = split_point(&txn);
                 let second = txn.split_off(middle);
                 record_splits(ctx, &divided(&txn, &second, SplitReason::Refused)).await?;
@@ -953,6 +1000,21 @@ async fn send(
                 dead_letter(ctx, &refusals, &state.landed()).await?;
                 hold_back(&mut queue, &candidate.row.xact.into_iter().collect());
             }
+            Err(error) if !error.retryable() => {
+                // Refused for good (permission, invalid request): no retry
+                // can help, and every transaction committed after it would
+                // wait through them.
+                let candidate = &txn[0];
+                let reason = format!("etcd refused the change: {error}");
+                let refusal = Refusal {
+                    row: &candidate.row,
+                    kind: DeadLetterKind::Refused,
+                    reason: &reason,
+                };
+                tracing::warn!(outbox_id = candidate.row.id, %error, "change refused by etcd, dead-lettered with its transaction");
+                dead_letter(ctx, &[refusal], &state.landed()).await?;
+                hold_back(&mut queue, &candidate.row.xact.into_iter().collect());
+            }
             Err(error) => {
                 let candidate = &txn[0];
                 let retrier = retrier
@@ -970,6 +1032,9 @@ async fn send(
                         state
                             .retry_at
                             .insert(candidate.row.id, Instant::now() + delay);
+                        // What is left of the txn may have committed after
+                        // it: read again next round (it waits then).
+                        queue.clear();
                         round = Round::Stop;
                     }
                     RetryDecision::DeadLettered => {
@@ -985,8 +1050,16 @@ async fn send(
     Ok(round)
 }
 
+/// Whether every change of `txn` belongs to one recorded transaction.
+fn one_transaction(txn: &[Candidate]) -> bool {
+    txn.first()
+        .and_then(|c| c.row.xact)
+        .is_some_and(|xact| txn.iter().all(|c| c.row.xact == Some(xact)))
+}
+
 /// Where to divide a txn etcd refused: at the transaction boundary nearest
-/// its middle, or its middle when it holds one transaction.
+/// its middle (a txn of one transaction is never divided; its middle is
+/// only the fallback of changes recorded without a transaction).
 fn split_point(txn: &[Candidate]) -> usize {
     let middle = txn.len() / 2;
     (1..txn.len())
@@ -1318,6 +1391,21 @@ mod tests {
         );
         after_retries(&mut grouped.groups, &rows, &state, now);
         assert_eq!(ids(&grouped.groups), vec![vec![3]], "8 committed after 7");
+    }
+
+    #[test]
+    fn a_transaction_waiting_elsewhere_does_not_stop_the_release_of_a_large_one() {
+        // 7 waits for a parked key; 8 is larger than the full window (its
+        // third change lies beyond it): 8 goes as it is, 7 waits.
+        let mut rows = [
+            in_xact(row(1, "/a", 1), 7, 2),
+            in_xact(row(2, "/t1", 1), 8, 3),
+            in_xact(row(3, "/t2", 1), 8, 3),
+        ];
+        rows[0].xact_blocked = true;
+        let grouped = group(&PollerState::default(), &rows, true);
+        assert_eq!(ids(&grouped.groups), vec![vec![2, 3]]);
+        assert_eq!(grouped.released, vec![(8, 2)]);
     }
 
     #[test]

@@ -55,15 +55,18 @@ pub enum DeadLetterKind {
     Unmapped,
     ReadOnlyMapping,
     Invalid,
+    /// etcd refused it for good (permission denied, an invalid request).
+    Refused,
     RetriesExhausted,
 }
 
 impl DeadLetterKind {
-    pub const ALL: [DeadLetterKind; 5] = [
+    pub const ALL: [DeadLetterKind; 6] = [
         DeadLetterKind::TooLarge,
         DeadLetterKind::Unmapped,
         DeadLetterKind::ReadOnlyMapping,
         DeadLetterKind::Invalid,
+        DeadLetterKind::Refused,
         DeadLetterKind::RetriesExhausted,
     ];
 
@@ -77,6 +80,7 @@ impl DeadLetterKind {
             DeadLetterKind::Unmapped => "unmapped",
             DeadLetterKind::ReadOnlyMapping => "read-only-mapping",
             DeadLetterKind::Invalid => "invalid",
+            DeadLetterKind::Refused => "refused",
             DeadLetterKind::RetriesExhausted => "retries-exhausted",
         }
     }

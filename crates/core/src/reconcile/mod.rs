@@ -252,11 +252,7 @@ pub fn plan_key_timed(
         parked_here: false,
         restoring: false,
         dropped: pending.iter().filter(|p| p.dropped).map(|p| p.id).collect(),
-        dropped_sent: pending
-            .iter()
-            .filter(|p| p.dropped && p.sent)
-            .cloned()
-            .collect(),
+        dropped_rows: pending.iter().filter(|p| p.dropped).cloned().collect(),
     };
     let observed = inputs
         .iter()
@@ -271,7 +267,7 @@ pub fn plan_key_timed(
         KeyInput::Event(_) => None,
     });
     if let Some(Some(meta)) = observed_state
-        && let Some(base) = unlanded_dropped_delete(pending, Some(meta.mod_revision))
+        && let Some(base) = unlanded_dropped_delete(&planner.dropped_rows, meta.mod_revision)
     {
         let mut moved = false;
         for change in planner.pending.iter_mut() {
@@ -318,9 +314,11 @@ struct Planner {
     restoring: bool,
     /// The ids of the key's dropped changes.
     dropped: Vec<i64>,
-    /// Dropped changes that may have been sent: one may have landed (a
-    /// transaction split over several txns), and its echo is recognized.
-    dropped_sent: Vec<PendingChange>,
+    /// The dropped changes not consumed, their bases kept current as the
+    /// changes before them land (chained): a sent one may have landed (a
+    /// transaction split over several txns), and its echo is recognized; a
+    /// delete's base says where etcd stays if it did not.
+    dropped_rows: Vec<PendingChange>,
 }
 
 impl Planner {
@@ -378,12 +376,12 @@ impl Planner {
     /// over txns), so it is consumed as an echo and what follows is based
     /// on it.
     fn echo_of_dropped(&mut self, input: &KeyInput) -> bool {
-        let Some(at) = self.dropped_sent.iter().position(|d| {
-            is_echo(d, input) && self.pending.first().is_none_or(|first| d.id < first.id)
+        let Some(at) = self.dropped_rows.iter().position(|d| {
+            d.sent && is_echo(d, input) && self.pending.first().is_none_or(|first| d.id < first.id)
         }) else {
             return false;
         };
-        let landed = self.dropped_sent.remove(at);
+        let landed = self.dropped_rows.remove(at);
         self.dropped.retain(|id| *id != landed.id);
         self.pending.insert(0, landed);
         self.consume_echo(input);
@@ -401,9 +399,8 @@ impl Planner {
             Op::Put => event.revision,
             Op::Delete => 0,
         };
-        // Dropped changes sent after it were chained onto it too: their
-        // echo, if they landed, is based on this one.
-        for dropped in &mut self.dropped_sent {
+        // Dropped changes made after it were based on it too.
+        for dropped in &mut self.dropped_rows {
             if dropped.base_revision == event.prev_revision() {
                 dropped.base_revision = new_base;
             }
@@ -656,7 +653,12 @@ impl Planner {
     }
 
     fn finish(mut self) -> KeyPlan {
-        for queued in &self.pending {
+        let consumed = &self.plan.consumed;
+        let dropped_left = self
+            .dropped_rows
+            .iter()
+            .filter(|d| !consumed.contains(&d.id));
+        for queued in self.pending.iter().chain(dropped_left) {
             let original = self
                 .original_bases
                 .iter()
@@ -675,16 +677,14 @@ fn without_dropped(pending: &[PendingChange]) -> Vec<PendingChange> {
     pending.iter().filter(|p| !p.dropped).cloned().collect()
 }
 
-/// The key's last dropped change was a delete that etcd, as observed at
-/// `observed` (`Some`: present at that mod revision), did not take: the key
-/// is still at the delete's base. Returns that base.
-fn unlanded_dropped_delete(pending: &[PendingChange], observed: Option<i64>) -> Option<i64> {
-    let delete = pending
-        .iter()
-        .rev()
-        .find(|p| p.dropped)
+/// The key's last dropped change was a delete that etcd, observed present
+/// at mod revision `observed`, did not take: the key is still at the
+/// delete's base. Returns that base.
+fn unlanded_dropped_delete(dropped: &[PendingChange], observed: i64) -> Option<i64> {
+    let delete = dropped
+        .last()
         .filter(|p| p.op == Op::Delete && p.base_revision != 0)?;
-    (observed == Some(delete.base_revision)).then_some(delete.base_revision)
+    (observed == delete.base_revision).then_some(delete.base_revision)
 }
 
 fn default_origin(input: &KeyInput) -> Origin {

@@ -1035,3 +1035,26 @@ fn a_dropped_change_sent_chained_is_recognized_by_its_echo() {
     assert_eq!(plan.consumed, vec![1, 2]);
     assert_eq!(plan.rebased, vec![(3, 8)]);
 }
+
+#[test]
+fn a_dropped_change_follows_the_echo_of_the_change_before_it() {
+    // p0 lands (5 -> 7) in one batch; the dropped delete d1 behind it is
+    // based on p0's state, and the plan records that.
+    let p0 = pending_put(1, "p0", 5, 300);
+    let d1 = dropped(pending_delete(2, 5, 400));
+    let plan = plan_key(
+        ctx(Policy::EtcdWins),
+        &[p0, d1.clone()],
+        &[put(7, "p0", Some((5, "old")))],
+    );
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert_eq!(plan.rebased, vec![(2, 7)]);
+    // A later observation of the key at 7 shows the delete did not land: a
+    // change made after it on the absent row is based on 7.
+    let mut d1 = d1;
+    d1.base_revision = 7;
+    let p2 = pending_put(3, "p2", 0, 500);
+    let plan = plan_key(ctx(Policy::EtcdWins), &[d1, p2], &[observed_value("p0", 7)]);
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert_eq!(plan.rebased, vec![(3, 7)]);
+}
