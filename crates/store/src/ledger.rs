@@ -7,7 +7,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use eps_core::audit::AuditKind;
 use eps_core::ident::Ident;
 use eps_core::mapping::Policy;
-use eps_core::model::KeyValue;
+use eps_core::model::{KeyValue, Op};
 use eps_core::policy::{ConflictStatus, ResolvedBy, Side};
 
 use crate::apply::IdRow;
@@ -648,16 +648,8 @@ async fn requeue_as_local_change(
 ) -> Result<(), StoreError> {
     let meta = etcd_now.map(|kv| kv.meta).unwrap_or_default();
     write_mirror_row(conn, qualified, key, value, meta, "pg").await?;
-    diesel::sql_query(
-        "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind::<Text, _>(table)
-    .bind::<Bytea, _>(key)
-    .bind::<Text, _>(if value.is_some() { "put" } else { "delete" })
-    .bind::<Nullable<Bytea>, _>(value)
-    .bind::<BigInt, _>(meta.mod_revision)
-    .execute(conn)
-    .await?;
+    let op = if value.is_some() { Op::Put } else { Op::Delete };
+    crate::outbox::queue(conn, table, key, op, value, meta.mod_revision).await?;
     crate::notify::notify(conn, crate::notify::Channel::Outbox, "").await?;
     Ok(())
 }
@@ -673,7 +665,7 @@ pub struct DeadLetterRow {
     #[diesel(sql_type = Bytea)]
     pub key: Vec<u8>,
     #[diesel(sql_type = Text)]
-    pub op: String,
+    pub op: Op,
     #[diesel(sql_type = Nullable<Bytea>)]
     pub value: Option<Vec<u8>>,
     #[diesel(sql_type = Text)]
@@ -688,16 +680,19 @@ pub struct DeadLetterRow {
     pub retried_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+const DEAD_LETTER_COLUMNS: &str =
+    "id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at";
+
 /// Dead letters, newest first; by default only those not retried yet.
 pub async fn list_dead_letters(
     conn: &mut AsyncPgConnection,
     include_retried: bool,
     limit: usize,
 ) -> Result<Vec<DeadLetterRow>, StoreError> {
-    let rows = diesel::sql_query(
-        "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
-         FROM dead_letters WHERE ($1 OR retried_at IS NULL) ORDER BY id DESC LIMIT $2",
-    )
+    let rows = diesel::sql_query(format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE ($1 OR retried_at IS NULL) \
+         ORDER BY id DESC LIMIT $2"
+    ))
     .bind::<diesel::sql_types::Bool, _>(include_retried)
     .bind::<BigInt, _>(limit as i64)
     .load(conn)
@@ -717,19 +712,23 @@ pub async fn retry_dead_letters(
     let all = ids.is_none();
     let ids: Vec<i64> = ids.map(<[i64]>::to_vec).unwrap_or_default();
     conn.transaction::<_, StoreError, _>(async |conn| {
-        let letters: Vec<DeadLetterRow> = diesel::sql_query(
-            "SELECT id, direction, mirror_table, key, op, value, reason, kind, attempts, created_at, retried_at \
-             FROM dead_letters WHERE retried_at IS NULL AND direction = 'pg-to-etcd' \
+        let letters: Vec<DeadLetterRow> = diesel::sql_query(format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
+             WHERE retried_at IS NULL AND direction = 'pg-to-etcd' \
                AND ($1 OR id = ANY($2) \
                     OR pg_xact IN (SELECT d.pg_xact FROM dead_letters d WHERE d.id = ANY($2))) \
-             ORDER BY id FOR UPDATE",
-        )
+             ORDER BY id FOR UPDATE"
+        ))
         .bind::<diesel::sql_types::Bool, _>(all)
         .bind::<Array<BigInt>, _>(&ids)
         .load(conn)
         .await?;
         for letter in &letters {
-            let Some(table) = letter.mirror_table.as_deref().and_then(|t| Ident::parse(t).ok()) else {
+            let Some(table) = letter
+                .mirror_table
+                .as_deref()
+                .and_then(|t| Ident::parse(t).ok())
+            else {
                 continue;
             };
             #[derive(QueryableByName)]
@@ -744,20 +743,22 @@ pub async fn retry_dead_letters(
             .bind::<Bytea, _>(&letter.key)
             .load(conn)
             .await?;
-            diesel::sql_query(
-                "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
+            let base = base.into_iter().next().map_or(0, |b| b.base);
+            crate::outbox::queue(
+                conn,
+                table.as_str(),
+                &letter.key,
+                letter.op,
+                letter.value.as_deref(),
+                base,
             )
-            .bind::<Text, _>(table.as_str())
-            .bind::<Bytea, _>(&letter.key)
-            .bind::<Text, _>(&letter.op)
-            .bind::<Nullable<Bytea>, _>(letter.value.as_deref())
-            .bind::<BigInt, _>(base.into_iter().next().map_or(0, |b| b.base))
+            .await?;
+            diesel::sql_query(
+                "UPDATE dead_letters SET retried_at = clock_timestamp() WHERE id = $1",
+            )
+            .bind::<BigInt, _>(letter.id)
             .execute(conn)
             .await?;
-            diesel::sql_query("UPDATE dead_letters SET retried_at = clock_timestamp() WHERE id = $1")
-                .bind::<BigInt, _>(letter.id)
-                .execute(conn)
-                .await?;
         }
         crate::notify::notify(conn, crate::notify::Channel::Outbox, "").await?;
         Ok(letters.len())

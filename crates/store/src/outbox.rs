@@ -154,6 +154,30 @@ pub async fn pending(
     Ok(rows)
 }
 
+/// Queues a change made by the service itself (an operator's resolution or
+/// repair, a dead-letter retry), as the mirror tables' trigger queues a
+/// user's: in the caller's transaction, which the poller sees as one.
+pub(crate) async fn queue(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    key: &[u8],
+    op: Op,
+    value: Option<&[u8]>,
+    base_revision: i64,
+) -> Result<(), StoreError> {
+    diesel::sql_query(
+        "INSERT INTO outbox (mirror_table, key, op, value, base_revision) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Bytea, _>(key)
+    .bind::<Text, _>(op.as_str())
+    .bind::<Nullable<Bytea>, _>(value)
+    .bind::<BigInt, _>(base_revision)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Marks changes as possibly sent to etcd, before the txn that sends them
 /// (see `PendingChange::sent`).
 pub async fn mark_sent(
