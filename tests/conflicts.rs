@@ -60,6 +60,17 @@ async fn conflicts(pg: &tokio_postgres::Client) -> anyhow::Result<Vec<Conflict>>
         .collect())
 }
 
+/// Starts a replica, waits until it has mirrored etcd's `/a/` keys, and
+/// stops it: changes made now meet it when it restarts.
+async fn synced_then_stopped(world: &World) -> anyhow::Result<eps_harness::Service> {
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(world).await?;
+    wait_converged(world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    Ok(service)
+}
+
 /// Keys changed on both sides while the replica is stopped: one conflict
 /// each, settled by the policy when it comes back.
 async fn conflicts_while_stopped(
@@ -71,11 +82,7 @@ async fn conflicts_while_stopped(
     for i in 0..keys {
         etcd.put(format!("/a/k{i:03}"), "agreed", None).await?;
     }
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_synced(&world).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
-    service.terminate(Duration::from_secs(10)).await?;
+    let mut service = synced_then_stopped(&world).await?;
 
     let pg = world.pg().await?;
     for i in 0..keys {
@@ -506,11 +513,7 @@ async fn transaction_in_conflict(
     for i in 0..5 {
         etcd.put(format!("/a/t{i}"), "agreed", None).await?;
     }
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_synced(&world).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
-    service.terminate(Duration::from_secs(10)).await?;
+    let mut service = synced_then_stopped(&world).await?;
 
     let mut pg = world.pg().await?;
     let tx = pg.transaction().await?;
@@ -701,11 +704,7 @@ async fn a_change_after_a_delete_and_insert_in_one_transaction_is_no_conflict() 
     let world = World::new(&mappings("etcd-wins")).await?;
     let mut etcd = world.etcd_client().await?;
     etcd.put("/a/k", "etcd", None).await?;
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_synced(&world).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
-    service.terminate(Duration::from_secs(10)).await?;
+    let mut service = synced_then_stopped(&world).await?;
 
     let pg = world.pg().await?;
     pg.batch_execute(
@@ -790,11 +789,7 @@ async fn transactions_waiting_behind_a_parked_key_do_not_stop_the_others() -> an
         .insert("ETCD_PG_SYNC__SYNC__OUTBOX_BATCH_SIZE".into(), "4".into());
     let mut etcd = world.etcd_client().await?;
     etcd.put("/a/p", "agreed", None).await?;
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_synced(&world).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
-    service.terminate(Duration::from_secs(10)).await?;
+    let mut service = synced_then_stopped(&world).await?;
     let pg = world.pg().await?;
     pg.execute("UPDATE kv_a_text SET value = 'pg' WHERE key = '/a/p'", &[])
         .await?;
