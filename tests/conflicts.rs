@@ -673,6 +673,13 @@ async fn manual_resolution_of_a_transaction(
         .get(0);
     let url = world.db.url();
     let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
+    let (code, stdout, _) = run_cli(&["conflicts", "list", "--json"], &env).await?;
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{stdout}");
+    assert_eq!(listed[0]["id"], id);
+    assert_eq!(listed[0]["status"], "pending");
+    assert_eq!(listed[0]["policy"], "manual");
     let (code, stdout, stderr) = run_cli(
         &["conflicts", "resolve", &id.to_string(), "--take", take],
         &env,

@@ -695,6 +695,16 @@ async fn a_transaction_with_a_change_etcd_cannot_take_is_dead_lettered_whole() -
         .get(0);
     let url = world.db.url();
     let env = [("ETCD_PG_SYNC__POSTGRES__URL", url.as_str())];
+    let (code, stdout, _) = run_cli(&["dead-letters", "list", "--json"], &env).await?;
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&stdout)?;
+    let kinds: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, vec!["too-large", "too-large"], "{stdout}");
     let (code, stdout, stderr) =
         run_cli(&["dead-letters", "retry", &small_id.to_string()], &env).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -83,6 +83,10 @@ pub enum ConflictsCommand {
         all: bool,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// One JSON array instead of text (keys and values as escaped
+        /// ASCII, as in the text).
+        #[arg(long)]
+        json: bool,
     },
     /// Apply one side of a conflict to both stores.
     Resolve {
@@ -134,6 +138,10 @@ pub enum DeadLettersCommand {
         all: bool,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// One JSON array instead of text (keys and values as escaped
+        /// ASCII, as in the text).
+        #[arg(long)]
+        json: bool,
     },
     /// Put dead letters back into the outbox.
     Retry {

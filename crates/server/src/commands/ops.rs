@@ -199,6 +199,35 @@ fn change_window(
     }
 }
 
+/// A conflict as `conflicts list --json` prints it.
+fn conflict_json(c: &ledger::ConflictRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": c.id,
+        "status": c.status.as_str(),
+        "table": c.mirror_table,
+        "key": display_key(&c.key),
+        "policy": c.policy.as_str(),
+        "winner": c.winner.map(Side::as_str),
+        "decided_by_tie": c.decided_by_tie,
+        "requested_take": c.requested_take.map(Side::as_str),
+        "resolved_by": c.resolved_by.map(|r| r.as_str()),
+        "etcd": {
+            "value": c.etcd_value.as_deref().map(display_key),
+            "revision": c.etcd_revision,
+            "changed_after": c.etcd_changed_after.map(|t| t.to_rfc3339()),
+            "changed_by": c.etcd_changed_by.map(|t| t.to_rfc3339()),
+            "observed_at": c.etcd_observed_at.to_rfc3339(),
+        },
+        "pg": {
+            "value": c.pg_value.as_deref().map(display_key),
+            "base_revision": c.pg_revision,
+            "changed_at": c.pg_changed_at.to_rfc3339(),
+        },
+        "detected_at": c.detected_at.to_rfc3339(),
+        "resolved_at": c.resolved_at.map(|t| t.to_rfc3339()),
+    })
+}
+
 fn show_value(value: Option<&[u8]>) -> String {
     match value {
         None => "(deleted)".into(),
@@ -213,8 +242,13 @@ async fn conflicts(store: &Store, command: ConflictsCommand) -> anyhow::Result<E
         .await
         .context("connecting to PostgreSQL")?;
     match command {
-        ConflictsCommand::List { all, limit } => {
+        ConflictsCommand::List { all, limit, json } => {
             let rows = ledger::list_conflicts(&mut conn, !all, limit).await?;
+            if json {
+                let list: Vec<serde_json::Value> = rows.iter().map(conflict_json).collect();
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(ExitCode::SUCCESS);
+            }
             if rows.is_empty() {
                 println!("no {}conflicts", if all { "" } else { "pending " });
             }
@@ -294,8 +328,30 @@ async fn dead_letters(store: &Store, command: DeadLettersCommand) -> anyhow::Res
         .await
         .context("connecting to PostgreSQL")?;
     match command {
-        DeadLettersCommand::List { all, limit } => {
+        DeadLettersCommand::List { all, limit, json } => {
             let rows = ledger::list_dead_letters(&mut conn, all, limit).await?;
+            if json {
+                let list: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "id": d.id,
+                            "direction": d.direction,
+                            "kind": d.kind.as_str(),
+                            "table": d.mirror_table,
+                            "key": display_key(&d.key),
+                            "op": d.op.as_str(),
+                            "value": d.value.as_deref().map(display_key),
+                            "attempts": d.attempts,
+                            "reason": d.reason,
+                            "created_at": d.created_at.to_rfc3339(),
+                            "retried_at": d.retried_at.map(|t| t.to_rfc3339()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(ExitCode::SUCCESS);
+            }
             if rows.is_empty() {
                 println!("no dead letters");
             }
