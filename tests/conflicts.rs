@@ -847,3 +847,55 @@ async fn transactions_waiting_behind_a_parked_key_do_not_stop_the_others() -> an
     assert!(event_details(&pg, "transaction-split").await?.is_empty());
     Ok(())
 }
+
+/// A transaction dropped by etcd's win on one key while a user's open
+/// transaction holds the row of another of its keys: that row is put back
+/// once the user's transaction ends, and the stores agree.
+#[tokio::test]
+async fn a_dropped_change_behind_a_users_row_lock_is_put_back_when_it_ends() -> anyhow::Result<()> {
+    let world = World::new(&mappings("etcd-wins")).await?;
+    let mut etcd = world.etcd_client().await?;
+    for key in ["/a/x", "/a/y"] {
+        etcd.put(key, "agreed", None).await?;
+    }
+    let mut service = synced_then_stopped(&world).await?;
+    let pg = world.pg().await?;
+    pg.batch_execute(
+        "BEGIN; UPDATE kv_a_text SET value = 'pg' WHERE key = '/a/x'; \
+         UPDATE kv_a_text SET value = 'pg' WHERE key = '/a/y'; COMMIT;",
+    )
+    .await?;
+    etcd.put("/a/x", "etcd", None).await?;
+    // A user holds /a/y's row (and changes nothing).
+    let mut holder = world.pg().await?;
+    let held = holder.transaction().await?;
+    held.execute("SELECT 1 FROM kv_a WHERE key = '/a/y' FOR UPDATE", &[])
+        .await?;
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    eps_harness::wait_for("the transaction dropped", Duration::from_secs(15), || {
+        let pg = &pg;
+        async move {
+            let n = count(
+                pg,
+                "SELECT count(*) FROM conflicts WHERE reason = 'transaction'",
+            )
+            .await?;
+            Ok((n == 1).then_some(()))
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = etcd.get("/a/y", None).await?;
+    assert_eq!(
+        got.kvs()[0].value(),
+        b"agreed",
+        "no part of the transaction reached etcd"
+    );
+    held.commit().await?;
+    let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
+    assert_eq!(state[b"/a/x".as_slice()], b"etcd");
+    assert_eq!(state[b"/a/y".as_slice()], b"agreed");
+    wait_outbox_empty(&world, Duration::from_secs(10)).await?;
+    Ok(())
+}
