@@ -73,6 +73,23 @@ END
 $$;
 REVOKE ALL ON FUNCTION @schema@.outbox_queue(text, bytea, text, bytea, bigint, boolean) FROM PUBLIC;
 
+-- The mirror name of a table the triggers fire on; any other table is
+-- refused (the triggers act for the mirror tables `migrate` made only).
+CREATE FUNCTION @schema@.mirror_of(p_relid oid) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
+DECLARE
+    mirror text;
+BEGIN
+    SELECT m.name INTO mirror FROM @schema@.mirror_tables m WHERE m.relid = p_relid;
+    IF mirror IS NULL THEN
+        RAISE EXCEPTION '% is not a mirror table of schema %', p_relid::regclass, '@schema_name@'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN mirror;
+END
+$$;
+REVOKE ALL ON FUNCTION @schema@.mirror_of(oid) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION @schema@.mirror_after_write() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = @schema@, pg_temp AS $$
 DECLARE
@@ -83,11 +100,7 @@ BEGIN
        AND pg_catalog.pg_has_role(session_user, current_user, 'MEMBER') THEN
         RETURN NULL;
     END IF;
-    SELECT m.name INTO mirror FROM @schema@.mirror_tables m WHERE m.relid = TG_RELID;
-    IF mirror IS NULL THEN
-        RAISE EXCEPTION '% is not a mirror table of schema %', TG_RELID::regclass, '@schema_name@'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    mirror := @schema@.mirror_of(TG_RELID);
     IF TG_OP = 'DELETE' THEN
         first_id := @schema@.outbox_queue(mirror, OLD.key, 'delete', NULL, OLD.mod_revision, false);
     ELSIF TG_OP = 'INSERT' THEN
@@ -152,11 +165,7 @@ BEGIN
        AND pg_catalog.pg_has_role(session_user, current_user, 'MEMBER') THEN
         RETURN NEW;
     END IF;
-    SELECT m.name INTO mirror FROM @schema@.mirror_tables m WHERE m.relid = TG_RELID;
-    IF mirror IS NULL THEN
-        RAISE EXCEPTION '% is not a mirror table of schema %', TG_RELID::regclass, '@schema_name@'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    mirror := @schema@.mirror_of(TG_RELID);
     IF TG_OP = 'INSERT' OR NEW.key IS DISTINCT FROM OLD.key THEN
         NEW.create_revision := 0;
         NEW.mod_revision := coalesce(

@@ -153,3 +153,47 @@ impl Origin {
         }
     }
 }
+
+/// Why a change cannot go to etcd (the `kind` column of `dead_letters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterKind {
+    TooLarge,
+    Unmapped,
+    ReadOnlyMapping,
+    Invalid,
+    /// etcd refused it for good (permission denied, an invalid request).
+    Refused,
+    RetriesExhausted,
+}
+
+impl DeadLetterKind {
+    pub const ALL: [DeadLetterKind; 6] = [
+        DeadLetterKind::TooLarge,
+        DeadLetterKind::Unmapped,
+        DeadLetterKind::ReadOnlyMapping,
+        DeadLetterKind::Invalid,
+        DeadLetterKind::Refused,
+        DeadLetterKind::RetriesExhausted,
+    ];
+
+    pub fn parse(s: &str) -> Option<DeadLetterKind> {
+        DeadLetterKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::TooLarge => "too-large",
+            DeadLetterKind::Unmapped => "unmapped",
+            DeadLetterKind::ReadOnlyMapping => "read-only-mapping",
+            DeadLetterKind::Invalid => "invalid",
+            DeadLetterKind::Refused => "refused",
+            DeadLetterKind::RetriesExhausted => "retries-exhausted",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -8,7 +8,7 @@ use diesel::pg::{Pg, PgValue};
 use diesel::sql_types::Text;
 
 use crate::mapping::{Direction, Policy};
-use crate::model::{Op, Origin};
+use crate::model::{DeadLetterKind, Op, Origin};
 use crate::policy::{ConflictStatus, ResolvedBy, Side};
 
 macro_rules! from_text {
@@ -35,4 +35,5 @@ from_text! {
     Direction => Direction::parse,
     ConflictStatus => ConflictStatus::parse,
     ResolvedBy => ResolvedBy::parse,
+    DeadLetterKind => DeadLetterKind::parse,
 }

@@ -48,57 +48,7 @@ pub struct OutboxRow {
     pub xact_blocked: bool,
 }
 
-/// Why a change cannot go to etcd (the `kind` column of `dead_letters`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterKind {
-    TooLarge,
-    Unmapped,
-    ReadOnlyMapping,
-    Invalid,
-    /// etcd refused it for good (permission denied, an invalid request).
-    Refused,
-    RetriesExhausted,
-}
-
-impl DeadLetterKind {
-    pub const ALL: [DeadLetterKind; 6] = [
-        DeadLetterKind::TooLarge,
-        DeadLetterKind::Unmapped,
-        DeadLetterKind::ReadOnlyMapping,
-        DeadLetterKind::Invalid,
-        DeadLetterKind::Refused,
-        DeadLetterKind::RetriesExhausted,
-    ];
-
-    pub fn parse(s: &str) -> Option<DeadLetterKind> {
-        DeadLetterKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterKind::TooLarge => "too-large",
-            DeadLetterKind::Unmapped => "unmapped",
-            DeadLetterKind::ReadOnlyMapping => "read-only-mapping",
-            DeadLetterKind::Invalid => "invalid",
-            DeadLetterKind::Refused => "refused",
-            DeadLetterKind::RetriesExhausted => "retries-exhausted",
-        }
-    }
-}
-
-impl std::fmt::Display for DeadLetterKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl diesel::deserialize::FromSql<Text, diesel::pg::Pg> for DeadLetterKind {
-    fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        let word = std::str::from_utf8(value.as_bytes())?;
-        DeadLetterKind::parse(word)
-            .ok_or_else(|| format!("{word:?} is not a dead-letter kind").into())
-    }
-}
+pub use eps_core::model::DeadLetterKind;
 
 /// The oldest pending changes, in commit order per key, leaving out keys
 /// parked behind a pending `manual` conflict, keys with a change dropped

@@ -17,7 +17,7 @@
 //! whole, so it waits for the rebased key and goes in one txn.
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Bytea, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use eps_core::audit::AuditKind;
 
@@ -50,8 +50,11 @@ impl Outcome {
     }
 }
 
+/// How many changes of other keys a settled transaction had.
 #[derive(QueryableByName)]
-struct Count {
+struct Changes {
+    #[diesel(sql_type = BigInt)]
+    xact: i64,
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
@@ -89,83 +92,91 @@ async fn settle_as(
         }
     }
     parked.retain(|p| !dropped.iter().any(|d| d.xact == p.xact));
-    let mut dropped_changes = 0;
-    for s in &dropped {
+    let (xacts, conflicts): (Vec<i64>, Vec<i64>) =
+        dropped.iter().map(|s| (s.xact, s.conflict_id)).unzip();
+    let mut changes: Vec<Changes> = Vec::new();
+    if !dropped.is_empty() {
         // A pending conflict of another key with nothing parked behind it
-        // but this transaction's changes has nothing left to decide: etcd
-        // keeps its value there too.
+        // but a dropped transaction's changes has nothing left to decide:
+        // etcd keeps its value there too.
         diesel::sql_query(
-            "UPDATE conflicts c SET status = 'resolved', winner = 'etcd', resolved_by = 'transaction', \
+            "WITH s AS (SELECT u.xact::text::xid8 AS xact, u.conflict_id \
+                        FROM unnest($1::int8[], $2::int8[]) AS u(xact, conflict_id)) \
+             UPDATE conflicts c SET status = 'resolved', winner = 'etcd', resolved_by = 'transaction', \
                  resolved_at = clock_timestamp() \
-             WHERE c.status = 'pending' AND c.id <> $2 \
-               AND c.id IN (SELECT o.conflict_id FROM outbox o \
-                            WHERE o.xact = $1::text::xid8 AND o.conflict_id IS NOT NULL) \
+             WHERE c.status = 'pending' AND c.id <> ALL($2) \
+               AND c.id IN (SELECT o.conflict_id FROM outbox o JOIN s ON o.xact = s.xact \
+                            WHERE o.conflict_id IS NOT NULL) \
                AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.conflict_id = c.id \
-                               AND p.xact IS DISTINCT FROM $1::text::xid8)",
+                               AND (p.xact IS NULL OR p.xact NOT IN (SELECT xact FROM s)))",
         )
-        .bind::<BigInt, _>(s.xact)
-        .bind::<BigInt, _>(s.conflict_id)
+        .bind::<Array<BigInt>, _>(&xacts)
+        .bind::<Array<BigInt>, _>(&conflicts)
         .execute(conn)
         .await?;
-        let n: Count = diesel::sql_query(
-            "WITH dropped AS ( \
-                 UPDATE outbox o SET dropped_by = $2, conflict_id = NULL \
-                 WHERE o.xact = $1::text::xid8 AND o.dropped_by IS NULL \
-                 RETURNING o.mirror_table, o.key, o.value, o.base_revision, o.created_at), \
+        changes = diesel::sql_query(
+            "WITH s AS (SELECT u.xact, u.xact::text::xid8 AS xact8, u.conflict_id \
+                        FROM unnest($1::int8[], $2::int8[]) AS u(xact, conflict_id)), \
+             dropped AS ( \
+                 UPDATE outbox o SET dropped_by = s.conflict_id, conflict_id = NULL \
+                 FROM s WHERE o.xact = s.xact8 AND o.dropped_by IS NULL \
+                 RETURNING o.mirror_table, o.key, o.value, o.base_revision, o.created_at, s.xact, \
+                     s.conflict_id), \
              recorded AS ( \
                  INSERT INTO conflicts (mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, \
                      pg_value, pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, \
                      node, term, trace_id, reason, pg_xact, etcd_changed_after, etcd_changed_by) \
                  SELECT d.mirror_table, d.key, value_at(d.key, d.base_revision), d.base_revision, \
                      c.etcd_observed_at, d.value, d.base_revision, d.created_at, c.policy, 'etcd', 'resolved', \
-                     $3, clock_timestamp(), $4, $5, c.trace_id, 'transaction', $1, \
+                     $3, clock_timestamp(), $4, $5, c.trace_id, 'transaction', d.xact, \
                      c.etcd_changed_after, c.etcd_changed_by \
-                 FROM dropped d JOIN conflicts c ON c.id = $2 \
-                 RETURNING 1) \
-             SELECT count(*) AS n FROM recorded",
+                 FROM dropped d JOIN conflicts c ON c.id = d.conflict_id \
+                 RETURNING pg_xact) \
+             SELECT pg_xact AS xact, count(*) AS n FROM recorded GROUP BY pg_xact",
         )
-        .bind::<BigInt, _>(s.xact)
-        .bind::<BigInt, _>(s.conflict_id)
+        .bind::<Array<BigInt>, _>(&xacts)
+        .bind::<Array<BigInt>, _>(&conflicts)
         .bind::<Text, _>(resolved_by)
         .bind::<Text, _>(&fence.node)
         .bind::<BigInt, _>(fence.term)
-        .get_result(conn)
+        .load(conn)
         .await?;
-        dropped_changes += n.n as usize;
-        audit(conn, fence, s, n.n).await?;
     }
-    for s in &parked {
-        let n = diesel::sql_query(
-            "UPDATE outbox SET conflict_id = $2 \
-             WHERE xact = $1::text::xid8 AND conflict_id IS NULL AND dropped_by IS NULL",
+    let dropped_changes = changes.iter().map(|c| c.n as usize).sum();
+    if !parked.is_empty() {
+        let (xacts, conflicts): (Vec<i64>, Vec<i64>) =
+            parked.iter().map(|s| (s.xact, s.conflict_id)).unzip();
+        let parked_changes: Vec<Changes> = diesel::sql_query(
+            "WITH s AS (SELECT u.xact, u.xact::text::xid8 AS xact8, u.conflict_id \
+                        FROM unnest($1::int8[], $2::int8[]) AS u(xact, conflict_id)), \
+             parked AS ( \
+                 UPDATE outbox o SET conflict_id = s.conflict_id FROM s \
+                 WHERE o.xact = s.xact8 AND o.conflict_id IS NULL AND o.dropped_by IS NULL \
+                 RETURNING s.xact) \
+             SELECT xact, count(*) AS n FROM parked GROUP BY xact",
         )
-        .bind::<BigInt, _>(s.xact)
-        .bind::<BigInt, _>(s.conflict_id)
-        .execute(conn)
+        .bind::<Array<BigInt>, _>(&xacts)
+        .bind::<Array<BigInt>, _>(&conflicts)
+        .load(conn)
         .await?;
-        audit(conn, fence, s, n as i64).await?;
+        changes.extend(parked_changes);
     }
+    // One audit event per transaction that had changes of other keys.
+    let events: Vec<(AuditKind, serde_json::Value)> = changes
+        .iter()
+        .filter_map(|c| {
+            let settled = dropped.iter().chain(&parked).find(|s| s.xact == c.xact)?;
+            let detail = serde_json::json!({
+                "transaction": settled.xact,
+                "conflict_id": settled.conflict_id,
+                "outcome": settled.outcome.as_str(),
+                "other_changes": c.n,
+            });
+            Some((AuditKind::TransactionSettled, detail))
+        })
+        .collect();
+    crate::events::record_many(conn, fence, None, &events).await?;
     Ok(dropped_changes)
-}
-
-/// The audit event of a transaction settled whole, when it had changes of
-/// other keys.
-async fn audit(
-    conn: &mut AsyncPgConnection,
-    fence: &Fence,
-    settled: &Settled,
-    changes: i64,
-) -> Result<(), StoreError> {
-    if changes == 0 {
-        return Ok(());
-    }
-    let detail = serde_json::json!({
-        "transaction": settled.xact,
-        "conflict_id": settled.conflict_id,
-        "outcome": settled.outcome.as_str(),
-        "other_changes": changes,
-    });
-    crate::events::record(conn, fence, AuditKind::TransactionSettled, None, &detail).await
 }
 
 /// An operator took PostgreSQL's side of conflict `conflict_id`: the

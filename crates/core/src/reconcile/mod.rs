@@ -251,7 +251,6 @@ pub fn plan_key_timed(
         plan: KeyPlan::default(),
         parked_here: false,
         restoring: false,
-        dropped: pending.iter().filter(|p| p.dropped).map(|p| p.id).collect(),
         dropped_rows: pending.iter().filter(|p| p.dropped).cloned().collect(),
     };
     let observed = inputs
@@ -283,11 +282,9 @@ pub fn plan_key_timed(
             planner.set_meta(Some(0), meta);
         }
     }
-    if observed && !planner.dropped.is_empty() {
-        planner
-            .plan
-            .consumed
-            .extend(planner.dropped.iter().copied());
+    if observed && !planner.dropped_rows.is_empty() {
+        let ids = planner.dropped_rows.iter().map(|d| d.id);
+        planner.plan.consumed.extend(ids);
         planner.restoring = dropped_last && planner.pending.is_empty();
     }
     for (input, time) in inputs.iter().zip(times) {
@@ -312,8 +309,6 @@ struct Planner {
     /// The row shows a dropped change and nothing else is pending: it takes
     /// etcd's observed state whatever the mapping's direction.
     restoring: bool,
-    /// The ids of the key's dropped changes.
-    dropped: Vec<i64>,
     /// The dropped changes not consumed, their bases kept current as the
     /// changes before them land (chained): a sent one may have landed (a
     /// transaction split over several txns), and its echo is recognized; a
@@ -382,7 +377,6 @@ impl Planner {
             return false;
         };
         let landed = self.dropped_rows.remove(at);
-        self.dropped.retain(|id| *id != landed.id);
         self.pending.insert(0, landed);
         self.consume_echo(input);
         true
@@ -645,8 +639,10 @@ impl Planner {
             (_, None) => {
                 // Nothing would put the row back: the dropped changes stay
                 // for a later observation.
-                let dropped = &self.dropped;
-                self.plan.consumed.retain(|id| !dropped.contains(id));
+                let dropped = &self.dropped_rows;
+                self.plan
+                    .consumed
+                    .retain(|id| dropped.iter().all(|d| d.id != *id));
                 Restore::None
             }
         };
