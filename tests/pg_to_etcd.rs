@@ -796,3 +796,54 @@ async fn a_transaction_that_read_another_reaches_etcd_after_it() -> anyhow::Resu
     let _ = &mut etcd;
     Ok(())
 }
+
+/// A transaction held back for a round (its key's earlier change goes
+/// first) holds back the transactions committed after it: one of them may
+/// have read its writes.
+#[tokio::test]
+async fn a_transaction_that_read_one_held_back_waits_for_it() -> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+
+    let pg = world.pg().await?;
+    // Three transactions (one query string would be one transaction).
+    for sql in [
+        "INSERT INTO kv_a_text (key, value) VALUES ('/a/k', 'zero')",
+        "BEGIN; \
+         UPDATE kv_a_text SET value = 'one' WHERE key = '/a/k'; \
+         INSERT INTO kv_a_text (key, value) VALUES ('/a/j', 'one'); \
+         COMMIT",
+        "INSERT INTO kv_a_text (key, value) \
+             SELECT '/a/m', 'saw ' || value FROM kv_a_text WHERE key = '/a/j'",
+    ] {
+        pg.batch_execute(sql).await?;
+    }
+
+    service.restart()?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    wait_outbox_empty(&world, Duration::from_secs(20)).await?;
+    let etcd = world.etcd_client().await?;
+    let revision = async |key: &str| -> anyhow::Result<i64> {
+        let got = etcd.clone().get(key, None).await?;
+        got.kvs()
+            .first()
+            .map(|kv| kv.mod_revision())
+            .ok_or_else(|| anyhow::anyhow!("{key} not in etcd"))
+    };
+    let written = revision("/a/j").await?;
+    let read_it = revision("/a/m").await?;
+    // The same revision is one etcd txn: a watcher sees both at once.
+    assert!(
+        written <= read_it,
+        "the reader (revision {read_it}) reached etcd before what it read (revision {written})"
+    );
+    assert_eq!(
+        revision("/a/k").await?,
+        written,
+        "the writer is one revision"
+    );
+    Ok(())
+}

@@ -200,6 +200,9 @@ struct PollerState {
     /// elsewhere (parked, dropped, held by a user): the next read takes
     /// that many more, so they cannot fill the window and stop the rest.
     waiting_rows: usize,
+    /// The transaction holding back later ones has rows beyond the last
+    /// read: the next read is as large as it can be.
+    read_past_held: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -397,7 +400,12 @@ async fn drain(
         }
         let applied = *ctx.applied.borrow();
         let batch = ctx.config.sync.outbox_batch_size;
-        let limit = batch + state.waiting_rows.min(MORE_ROWS_PAST_WAITING * batch);
+        let most = batch + MORE_ROWS_PAST_WAITING * batch;
+        let limit = if std::mem::take(&mut state.read_past_held) {
+            most
+        } else {
+            batch + state.waiting_rows.min(MORE_ROWS_PAST_WAITING * batch)
+        };
         let rows = ctx.store.pending_outbox(limit, OUTBOX_READ_BYTES).await?;
         // Rows of waiting transactions, and the rows of their keys queued
         // behind them.
@@ -420,7 +428,18 @@ async fn drain(
             full: window_full,
         };
         let mut grouped = whole_transactions(&rows, candidates, window);
-        after_retries(&mut grouped.groups, &rows, state, Instant::now());
+        if grouped.holder_beyond {
+            if limit < most {
+                // The oldest transaction held back has rows beyond the
+                // window: read them before anything committed after it goes.
+                state.read_past_held = true;
+                continue;
+            }
+            // Larger than the largest read: the rest goes in commit order,
+            // the held transaction once its rows come into the read.
+            grouped.groups.append(&mut grouped.behind);
+            in_commit_order(&mut grouped.groups);
+        }
         if grouped.groups.is_empty() {
             return Ok(if window_full {
                 Drained::WindowAwaitingEchoes
@@ -540,6 +559,13 @@ struct Grouped {
     /// changes sent): the window of oldest rows was full of changes held
     /// back, one transaction larger than it.
     released: Vec<(i64, usize)>,
+    /// Held back until the transaction that committed first among those
+    /// held back (and not waiting for a key settled elsewhere) goes: the
+    /// later ones may have read its writes.
+    behind: Vec<Vec<Candidate>>,
+    /// That transaction has rows beyond the window: a larger read brings
+    /// them.
+    holder_beyond: bool,
 }
 
 /// What [`whole_transactions`] knows of the window besides the candidates.
@@ -563,7 +589,11 @@ struct Window<'a> {
 /// follow that order, and a transaction can outgrow the window: when
 /// nothing can go and every held-back transaction waits only on another
 /// held-back one (or on rows beyond a full window no echo will free), the
-/// oldest goes as it is (a split, reported in `released`).
+/// oldest goes as it is (a split, reported in `released`) — after a larger
+/// read, when its rows lie beyond the window (`holder_beyond`).
+///
+/// Transactions go in commit order: those committed after the oldest one
+/// held back wait in `behind` (see [`hold_behind_oldest`]).
 fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Window) -> Grouped {
     let candidate_ids: HashSet<i64> = candidates.iter().map(|c| c.row.id).collect();
     let mut first_unsent: HashSet<(i64, KeyId)> = HashSet::new();
@@ -613,16 +643,9 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
             Some(_) => held.push(candidate),
         }
     }
-    if !grouped.groups.is_empty() || held.is_empty() {
-        in_commit_order(&mut grouped.groups);
-        return grouped;
-    }
-    // Nothing can go. Transactions waiting for a key settled elsewhere (a
-    // parked or dropped change, a row a user holds), directly or through a
-    // key of such a transaction, are left out: they wait whole, however
-    // long. Of the others, release the oldest only if none of them waits on
-    // something outside their set (an echo, a retry, rows a read will
-    // bring).
+    // Transactions waiting for a key settled elsewhere (a parked or dropped
+    // change, a row a user holds), directly or through a key of such a
+    // transaction, wait whole, however long: they hold back nothing else.
     let blocked_keys: HashSet<KeyId> = rows
         .iter()
         .filter(|r| r.xact.is_some_and(|x| blocked.contains(&x)))
@@ -634,6 +657,22 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
                 .get(xact)
                 .is_some_and(|keys| keys.iter().any(|k| blocked_keys.contains(k)))
     };
+    if !grouped.groups.is_empty() || held.is_empty() {
+        in_commit_order(&mut grouped.groups);
+        hold_behind_oldest(
+            &mut grouped,
+            &held,
+            rows,
+            &complete,
+            &waits_on,
+            &beyond,
+            stuck,
+        );
+        return grouped;
+    }
+    // Nothing can go. Of the transactions not stuck, release the oldest
+    // only if none of them waits on something outside their set (an echo,
+    // a retry, rows a read will bring).
     let movable: Vec<&Candidate> = held
         .iter()
         .filter(|c| c.row.xact.is_some_and(|x| !stuck(&x)))
@@ -663,8 +702,78 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
         .filter(|c| c.row.xact == Some(oldest))
         .collect();
     grouped.released = vec![(oldest, released.len())];
-    grouped.groups.push(released);
+    if beyond.contains(&oldest) {
+        // A larger read may bring the rest: it goes whole then.
+        grouped.holder_beyond = true;
+        grouped.behind.push(released);
+    } else {
+        grouped.groups.push(released);
+    }
     grouped
+}
+
+/// Moves the transactions committed after the oldest one held back into
+/// `grouped.behind`: a transaction that read another's writes committed
+/// after it, and must land after it, whatever held the other back (a key's
+/// earlier change going this round, a failed compare, a retry, rows beyond
+/// the window). A transaction on a key the held one waits for still goes:
+/// per key, the outbox's order comes first. Transactions stuck on a key
+/// settled elsewhere (parked behind a `manual` conflict, dropped, held by a
+/// user) hold nothing back, or one conflict would stop every later
+/// transaction; nor does one whose commit order is unknown.
+fn hold_behind_oldest(
+    grouped: &mut Grouped,
+    held: &[Candidate],
+    rows: &[OutboxRow],
+    complete: &HashMap<i64, bool>,
+    waits_on: &HashMap<i64, Vec<KeyId>>,
+    beyond: &HashSet<i64>,
+    stuck: impl Fn(&i64) -> bool,
+) {
+    let seq_of: HashMap<i64, i64> = rows
+        .iter()
+        .filter_map(|r| Some((r.xact?, r.commit_seq?)))
+        .collect();
+    let holder = complete
+        .iter()
+        .filter(|(xact, whole)| !**whole && !stuck(xact))
+        .filter_map(|(xact, _)| Some((*seq_of.get(xact)?, *xact)))
+        .min();
+    let Some((seq, xact)) = holder else { return };
+    // The keys it waits for, and those the transactions owning their next
+    // change wait for, and so on.
+    let owner: HashMap<KeyId, i64> = grouped
+        .groups
+        .iter()
+        .flatten()
+        .chain(held)
+        .filter_map(|c| Some((key_id(&c.row), c.row.xact?)))
+        .collect();
+    let mut needed: HashSet<KeyId> = HashSet::new();
+    let mut visited: HashSet<i64> = HashSet::from([xact]);
+    let mut todo = vec![xact];
+    while let Some(x) = todo.pop() {
+        for key in waits_on.get(&x).into_iter().flatten() {
+            if needed.insert(key.clone()) {
+                if let Some(next) = owner.get(key).filter(|o| visited.insert(**o)) {
+                    todo.push(*next);
+                }
+            }
+        }
+    }
+    let (go, wait): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut grouped.groups)
+            .into_iter()
+            .partition(|group| {
+                group
+                    .first()
+                    .and_then(|c| c.row.commit_seq)
+                    .is_none_or(|s| s < seq)
+                    || group.iter().any(|c| needed.contains(&key_id(&c.row)))
+            });
+    grouped.groups = go;
+    grouped.holder_beyond = !wait.is_empty() && beyond.contains(&xact);
+    grouped.behind = wait;
 }
 
 /// Orders transactions as they committed: one that read another's writes
@@ -675,29 +784,6 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
 /// order stays the outbox's.
 fn in_commit_order(groups: &mut [Vec<Candidate>]) {
     groups.sort_by_key(|group| group.first().and_then(|c| c.row.commit_seq));
-}
-
-/// Holds back the transactions that committed after one waiting for a
-/// retry: they may have read its writes, and must land after it.
-fn after_retries(
-    groups: &mut Vec<Vec<Candidate>>,
-    rows: &[OutboxRow],
-    state: &PollerState,
-    now: Instant,
-) {
-    let waiting = rows
-        .iter()
-        .filter(|r| state.retry_at.get(&r.id).is_some_and(|at| *at > now))
-        .filter_map(|r| r.commit_seq)
-        .min();
-    if let Some(waiting) = waiting {
-        groups.retain(|group| {
-            group
-                .first()
-                .and_then(|c| c.row.commit_seq)
-                .is_none_or(|seq| seq < waiting)
-        });
-    }
 }
 
 /// A transaction that reached etcd in more than one txn.
@@ -1301,9 +1387,12 @@ mod tests {
         let grouped = group(&PollerState::default(), &rows, false);
         assert!(grouped.groups.is_empty());
         // A full window, nothing in flight: the rest lies beyond it and
-        // nothing else will move it, so it goes as it is.
+        // nothing else will move it. A larger read is tried first; at the
+        // largest, it goes as it is.
         let grouped = group(&PollerState::default(), &rows, true);
-        assert_eq!(ids(&grouped.groups), vec![vec![1, 2]]);
+        assert!(grouped.groups.is_empty());
+        assert!(grouped.holder_beyond);
+        assert_eq!(ids(&grouped.behind), vec![vec![1, 2]]);
         assert_eq!(grouped.released, vec![(7, 2)]);
     }
 
@@ -1381,7 +1470,7 @@ mod tests {
         let now = Instant::now();
         state.retry_at.insert(1, now + Duration::from_secs(5));
         let candidates = state.select(&rows, 0, now).unwrap();
-        let mut grouped = whole_transactions(
+        let grouped = whole_transactions(
             &rows,
             candidates,
             Window {
@@ -1389,8 +1478,97 @@ mod tests {
                 full: false,
             },
         );
-        after_retries(&mut grouped.groups, &rows, &state, now);
         assert_eq!(ids(&grouped.groups), vec![vec![3]], "8 committed after 7");
+        assert_eq!(ids(&grouped.behind), vec![vec![2]]);
+    }
+
+    #[test]
+    fn transactions_committed_after_one_held_back_wait_for_it() {
+        // 6 wrote /k; 7 wrote /k and /j; 8 read /j and wrote /m. 7 waits
+        // for 6's /k to go; 8 may have read 7's writes, so it waits too.
+        let mut rows = [
+            in_xact(row(1, "/k", 1), 6, 1),
+            in_xact(row(2, "/k", 1), 7, 2),
+            in_xact(row(3, "/j", 1), 7, 2),
+            in_xact(row(4, "/m", 1), 8, 1),
+        ];
+        for (row, seq) in rows.iter_mut().zip([10, 11, 11, 12]) {
+            row.commit_seq = Some(seq);
+        }
+        let mut state = PollerState::default();
+        let grouped = group(&state, &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![1]]);
+        assert_eq!(ids(&grouped.behind), vec![vec![4]]);
+        assert!(!grouped.holder_beyond);
+        state.record_applied(&grouped.groups[0][0], 20);
+        let grouped = group(&state, &rows, false);
+        assert_eq!(
+            ids(&grouped.groups),
+            vec![vec![2, 3], vec![4]],
+            "then 7, then 8"
+        );
+    }
+
+    #[test]
+    fn a_transaction_on_a_key_the_held_one_waits_for_goes_whatever_its_commit_order() {
+        // A dead-letter retry (9) queued /k before a user's 8, but
+        // committed after it: 8 waits for 9's /k, so 9 cannot wait for 8.
+        let mut rows = [
+            in_xact(row(1, "/k", 1), 9, 1),
+            in_xact(row(2, "/k", 1), 8, 1),
+        ];
+        rows[0].commit_seq = Some(31);
+        rows[1].commit_seq = Some(30);
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![1]]);
+        assert!(grouped.behind.is_empty());
+    }
+
+    #[test]
+    fn what_the_held_transaction_waits_for_goes_through_any_chain_of_waits() {
+        // 10 waits for 12's /k, 12 waits for 13's /y: 13 must go, or
+        // nothing ever does.
+        let mut rows = [
+            in_xact(row(1, "/y", 1), 13, 1),
+            in_xact(row(2, "/y", 1), 12, 2),
+            in_xact(row(3, "/k", 1), 12, 2),
+            in_xact(row(4, "/k", 1), 10, 1),
+        ];
+        for (row, seq) in rows.iter_mut().zip([13, 12, 12, 10]) {
+            row.commit_seq = Some(seq);
+        }
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![1]]);
+    }
+
+    #[test]
+    fn a_transaction_stuck_on_a_parked_key_holds_nothing_back() {
+        let mut rows = [
+            in_xact(row(1, "/a", 1), 7, 2),
+            in_xact(row(2, "/b", 1), 8, 1),
+        ];
+        rows[0].xact_blocked = true;
+        rows[0].commit_seq = Some(1);
+        rows[1].commit_seq = Some(2);
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![2]]);
+    }
+
+    #[test]
+    fn a_held_transaction_with_rows_beyond_the_window_asks_for_a_larger_read() {
+        // 7 has a third row beyond the full window; 8 committed after it.
+        let mut rows = [
+            in_xact(row(1, "/a", 1), 7, 3),
+            in_xact(row(2, "/b", 1), 7, 3),
+            in_xact(row(3, "/c", 1), 8, 1),
+        ];
+        for (row, seq) in rows.iter_mut().zip([5, 5, 6]) {
+            row.commit_seq = Some(seq);
+        }
+        let grouped = group(&PollerState::default(), &rows, true);
+        assert!(grouped.groups.is_empty());
+        assert_eq!(ids(&grouped.behind), vec![vec![3]]);
+        assert!(grouped.holder_beyond);
     }
 
     #[test]
@@ -1404,7 +1582,7 @@ mod tests {
         ];
         rows[0].xact_blocked = true;
         let grouped = group(&PollerState::default(), &rows, true);
-        assert_eq!(ids(&grouped.groups), vec![vec![2, 3]]);
+        assert_eq!(ids(&grouped.behind), vec![vec![2, 3]]);
         assert_eq!(grouped.released, vec![(8, 2)]);
     }
 
