@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eps_harness::{FaultMode, Proxy, Service};
 use support::*;
@@ -69,23 +69,16 @@ async fn first_row_of_next_term(
     old: i64,
     timeout: Duration,
 ) -> anyhow::Result<(i64, f64)> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    eps_harness::wait_for("a change applied under a new term", timeout, || async move {
         let row = pg
             .query_opt(
                 "SELECT term, extract(epoch FROM min(recorded_at))::float8 FROM history WHERE term > $1 GROUP BY term ORDER BY term LIMIT 1",
                 &[&old],
             )
             .await?;
-        if let Some(row) = row {
-            return Ok((row.get(0), row.get(1)));
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no change applied under a new term within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    })
+    .await
 }
 
 fn unix_now() -> f64 {
@@ -100,11 +93,14 @@ fn unix_now() -> f64 {
 async fn assert_consistent(world: &World) -> anyhow::Result<()> {
     wait_converged(world, "kv_s", b"/s/", Duration::from_secs(30)).await?;
     let pg = world.pg().await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
-        anyhow::ensure!(Instant::now() < deadline, "outbox not drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "outbox not drained",
+        "SELECT count(*) FROM outbox",
+        |n| n <= 0,
+        Duration::from_secs(15),
+    )
+    .await?;
     assert_history_is_etcd_log(world, under_s).await?;
     // No value written in PostgreSQL reached etcd twice (a deposed leader
     // replaying its outbox would show up here).
@@ -276,11 +272,11 @@ async fn a_leader_cut_from_etcd_steps_down_and_a_standby_takes_over() -> anyhow:
     proxy.set(FaultMode::Cut);
     let new_leader = wait_leader(&[&n2, &n3], TTL + Duration::from_secs(10)).await?;
     println!("{} took over", ["n2", "n3"][new_leader]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status(&n1).await?["role"] != "standby" {
-        anyhow::ensure!(Instant::now() < deadline, "n1 did not step down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eps_harness::wait_for("n1 to step down", Duration::from_secs(10), || {
+        let n1 = &n1;
+        async move { Ok((status(n1).await?["role"] == "standby").then_some(())) }
+    })
+    .await?;
     proxy.set(FaultMode::Pass);
     tokio::time::sleep(Duration::from_secs(1)).await;
     load.finish().await?;

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eps_harness::{Etcd, FaultMode, Proxy, Service};
 use support::*;
@@ -60,6 +60,8 @@ async fn compaction_while_stopped_resyncs_and_keeps_pending_pg_changes() -> anyh
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     converge_both(&world).await?;
+    // The rows can match before the snapshot's checkpoint is written.
+    wait_synced(&world).await?;
     let pg = world.pg().await?;
     let checkpoint_before = count(&pg, "SELECT applied_revision FROM sync_state").await?;
     service.terminate(Duration::from_secs(10)).await?;
@@ -170,11 +172,7 @@ async fn compaction_while_the_watcher_lags_under_load() -> anyhow::Result<()> {
     stop.cancel();
     assert!(writer.await? > 0);
     converge_both(&world).await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while event_details(&pg, "compaction-recovery").await?.is_empty() {
-        anyhow::ensure!(Instant::now() < deadline, "no compaction recovery recorded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    awaited_event_details(&pg, "compaction-recovery", Duration::from_secs(20)).await?;
     let mut etcd = world.etcd_client().await?;
     assert_eq!(
         etcd.get("/b/during-lag", None).await?.kvs()[0].value(),
@@ -270,18 +268,18 @@ async fn anti_entropy_repairs_drift_inside_the_leader() -> anyhow::Result<()> {
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
     assert_eq!(state[b"/a/x".as_slice()], b"right");
     // The run's audit event follows the repair's transaction.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let runs = loop {
-        let runs = event_details(&pg, "verify").await?;
-        if runs.iter().any(|r| r["report"]["repaired"] == 1) || Instant::now() > deadline {
-            break runs;
+    eps_harness::wait_for("the verify run's event", Duration::from_secs(10), || {
+        let pg = &pg;
+        async move {
+            let runs = event_details(pg, "verify").await?;
+            anyhow::ensure!(
+                runs.iter().any(|r| r["report"]["repaired"] == 1),
+                "verify events: {runs:?}"
+            );
+            Ok(Some(()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        runs.iter().any(|r| r["report"]["repaired"] == 1),
-        "{runs:?}"
-    );
+    })
+    .await?;
     let (_, metrics) = service.get("/metrics").await?;
     assert!(
         metrics.contains("etcd_pg_sync_drifted_keys"),

@@ -227,19 +227,23 @@ async fn manual_leaves_both_sides_until_an_operator_resolves() -> anyhow::Result
     )
     .await?;
     assert_eq!(code, 0, "{stderr}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let k0 = etcd.get("/a/k000", None).await?;
-        let k1: String = pg
-            .query_one("SELECT value FROM kv_a_text WHERE key = '/a/k001'", &[])
-            .await?
-            .get(0);
-        if k0.kvs()[0].value() == b"pg 0 again" && k1 == "etcd 1" {
-            break;
+    eps_harness::wait_for("the resolutions applied", Duration::from_secs(10), || {
+        let (mut etcd, pg) = (etcd.clone(), &pg);
+        async move {
+            let k0 = etcd.get("/a/k000", None).await?;
+            let k1: String = pg
+                .query_one("SELECT value FROM kv_a_text WHERE key = '/a/k001'", &[])
+                .await?
+                .get(0);
+            let k0 = k0.kvs().first().map(|kv| kv.value().to_vec());
+            anyhow::ensure!(
+                k0.as_deref() == Some(b"pg 0 again".as_slice()) && k1 == "etcd 1",
+                "etcd /a/k000 = {k0:?}, PostgreSQL /a/k001 = {k1:?}"
+            );
+            Ok(Some(()))
         }
-        anyhow::ensure!(Instant::now() < deadline, "resolutions not applied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await?;
     // The third stays parked; the others converge.
     assert_eq!(
         count(
@@ -304,11 +308,14 @@ async fn race(policy: &str) -> anyhow::Result<()> {
     }
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
     let pg = world.pg().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
-        anyhow::ensure!(Instant::now() < deadline, "outbox not drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "outbox not drained",
+        "SELECT count(*) FROM outbox",
+        |n| n <= 0,
+        Duration::from_secs(10),
+    )
+    .await?;
     let found = conflicts(&pg).await?;
     println!(
         "{policy}: {} conflicts out of {} concurrent pairs",
@@ -440,31 +447,35 @@ async fn a_value_etcd_rejects_is_dead_lettered_while_other_keys_flow() -> anyhow
         )
         .await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let dead = count(
-            &pg,
-            "SELECT count(*) FROM dead_letters WHERE kind = 'too-large'",
-        )
-        .await?;
-        let mut etcd = world.etcd_client().await?;
-        let flowed = etcd
-            .get(
-                "/a/v",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only(),
-                ),
-            )
-            .await?
-            .count();
-        if dead == 1 && flowed == 29 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "dead={dead} flowed={flowed}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eps_harness::wait_for(
+        "the dead letter and the others flowing",
+        Duration::from_secs(15),
+        || {
+            let (pg, world) = (&pg, &world);
+            async move {
+                let dead = count(
+                    pg,
+                    "SELECT count(*) FROM dead_letters WHERE kind = 'too-large'",
+                )
+                .await?;
+                let mut etcd = world.etcd_client().await?;
+                let flowed = etcd
+                    .get(
+                        "/a/v",
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await?
+                    .count();
+                anyhow::ensure!(dead == 1 && flowed == 29, "dead={dead} flowed={flowed}");
+                Ok(Some(()))
+            }
+        },
+    )
+    .await?;
     let reason: String = pg
         .query_one("SELECT reason FROM dead_letters", &[])
         .await?
@@ -654,11 +665,14 @@ async fn manual_resolution_of_a_transaction(
     let (world, _service) = transaction_in_conflict("manual", &[]).await?;
     let pg = world.pg().await?;
     let pending = "SELECT count(*) FROM conflicts WHERE status = 'pending'";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&pg, pending).await? < 1 {
-        anyhow::ensure!(Instant::now() < deadline, "conflict not parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "conflict not parked",
+        pending,
+        |n| n >= 1,
+        Duration::from_secs(10),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let parked = transaction_revisions(&world).await?;
     assert_dropped_whole(&parked);

@@ -293,15 +293,15 @@ async fn etcd_partition_stops_the_leader_and_healing_resumes() -> anyhow::Result
             .await?;
     }
     // Lease TTL is 3 s in tests: the leader must notice and step down.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = status(&service).await?;
-        if s["role"] == "standby" {
-            break;
+    eps_harness::wait_for("the leader to step down", Duration::from_secs(15), || {
+        let service = &service;
+        async move {
+            let s = status(service).await?;
+            anyhow::ensure!(s["role"] == "standby", "status: {s}");
+            Ok(Some(()))
         }
-        anyhow::ensure!(Instant::now() < deadline, "leader did not step down: {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
     proxy.set(eps_harness::FaultMode::Pass);
     wait_leader(&[&service], Duration::from_secs(30)).await?;
     converge_all(&world, Duration::from_secs(20)).await?;

@@ -193,18 +193,84 @@ async fn readiness_follows_the_stores() -> anyhow::Result<()> {
     let mut world = World::new("").await?;
     world.etcd.stop();
     let mut service = eps_harness::Service::spawn(world.config("n1"), "n1")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok((200, _)) = service.get("/healthz").await {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no /healthz");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eps_harness::wait_for("/healthz", Duration::from_secs(10), || {
+        let service = &service;
+        async move { Ok(matches!(service.get("/healthz").await, Ok((200, _))).then_some(())) }
+    })
+    .await?;
     let (code, _) = service.get("/readyz").await?;
     assert_eq!(code, 503);
     world.etcd.restart().await?;
     service.wait_ready(Duration::from_secs(30)).await?;
     assert!(service.is_running());
+    Ok(())
+}
+
+/// `doctor` passes against stores the service can use, and names what is
+/// wrong, with a fix, when etcd takes smaller txns than configured or
+/// PostgreSQL cannot be reached.
+#[tokio::test]
+async fn doctor_checks_what_the_service_needs_and_says_how_to_fix_it() -> anyhow::Result<()> {
+    let mut world = World::new("[[mappings]]\nprefix = \"/app/\"\ntable = \"kv_app\"\n").await?;
+    let (code, stdout, stderr) = world.cli(&["migrate"]).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, stdout, stderr) = world.cli(&["doctor"]).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for check in [
+        "etcd.connect",
+        "etcd.access \"/app/\"",
+        "etcd.max_txn_ops",
+        "etcd.max_request_bytes",
+        "postgres.connect",
+        "postgres.version",
+        "postgres.rights",
+        "postgres.triggers",
+        "postgres.connections",
+        "clock",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check} passes:\n{stdout}"
+        );
+    }
+
+    // etcd's default --max-txn-ops is 128.
+    world
+        .env
+        .insert("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS".into(), "500".into());
+    let (code, stdout, _) = world.cli(&["doctor", "--json"]).await?;
+    assert_eq!(code, 1, "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(report["ok"], false);
+    let checks = report["checks"].as_array().cloned().unwrap_or_default();
+    let failed: Vec<&serde_json::Value> = checks.iter().filter(|c| c["status"] == "fail").collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["check"], "etcd.max_txn_ops");
+    assert!(
+        failed[0]["fix"]
+            .as_str()
+            .is_some_and(|fix| fix.contains("--max-txn-ops=500")),
+        "{failed:?}"
+    );
+    world.env.remove("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS");
+
+    // Nothing listens on the port of a stopped etcd.
+    world.etcd.stop();
+    let (code, stdout, _) = world.cli(&["doctor"]).await?;
+    assert_eq!(code, 1, "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("etcd.connect"))
+        .unwrap_or_default();
+    assert!(line.starts_with("FAIL"), "{stdout}");
+    assert!(stdout.contains("fix: check etcd.endpoints"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("postgres.triggers")),
+        "PostgreSQL is still checked:\n{stdout}"
+    );
     Ok(())
 }

@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -190,27 +190,27 @@ async fn traces_of_both_directions_reach_an_otlp_receiver() -> anyhow::Result<()
     wait_outbox_empty(&world, Duration::from_secs(10)).await?;
 
     // The batch exporter sends every few seconds.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (txn, echo) = loop {
+    let (txn, echo) = eps_harness::wait_for("the spans", Duration::from_secs(20), || {
         let spans = receiver.spans.lock().unwrap().clone();
-        let txn = spans.iter().find(|s| s.name == "pg_to_etcd.txn").cloned();
-        let echo = txn.as_ref().and_then(|t| {
-            spans
-                .iter()
-                .find(|s| s.name == "pg_to_etcd.echo_recognized" && s.trace_id == t.trace_id)
-                .cloned()
-        });
-        let batch = spans.iter().any(|s| s.name == "etcd_to_pg.batch");
-        if let (Some(txn), Some(echo), true) = (txn, echo, batch) {
-            break (txn, echo);
+        async move {
+            let txn = spans.iter().find(|s| s.name == "pg_to_etcd.txn").cloned();
+            let echo = txn.as_ref().and_then(|t| {
+                spans
+                    .iter()
+                    .find(|s| s.name == "pg_to_etcd.echo_recognized" && s.trace_id == t.trace_id)
+                    .cloned()
+            });
+            let batch = spans.iter().any(|s| s.name == "etcd_to_pg.batch");
+            match (txn, echo, batch) {
+                (Some(txn), Some(echo), true) => Ok(Some((txn, echo))),
+                _ => anyhow::bail!(
+                    "spans received: {:?}",
+                    spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+                ),
+            }
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "spans received: {:?}",
-            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await?;
     assert_eq!(
         txn.trace_id, echo.trace_id,
         "etcd txn and echo recognition are one trace"
@@ -317,14 +317,14 @@ async fn the_audit_trail_records_every_kind_of_event() -> anyhow::Result<()> {
     )
     .await?;
     wait_converged(&world, "kv_o", b"/o/b", Duration::from_secs(10)).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&pg, "SELECT count(*) FROM dead_letters").await? == 0 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the oversize value was not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "the oversize value was not dead-lettered",
+        "SELECT count(*) FROM dead_letters",
+        |n| n != 0,
+        Duration::from_secs(10),
+    )
+    .await?;
     service.terminate(Duration::from_secs(10)).await?;
     // A conflict, settled by etcd-wins, and a compaction gap.
     pg.execute("UPDATE kv_o_text SET value = 'pg' WHERE key = '/o/a'", &[])
@@ -404,7 +404,7 @@ async fn secrets_never_reach_logs_status_or_errors() -> anyhow::Result<()> {
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let status = service.status().await?;
-    // Make it fail and log errors: the database goes away under it.
+    // Make it fail and log errors: etcd goes away under it.
     world.etcd.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     service.terminate(Duration::from_secs(15)).await?;

@@ -319,11 +319,14 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
         &[],
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(&pg, "SELECT count(*) FROM dead_letters").await? < 3 {
-        anyhow::ensure!(Instant::now() < deadline, "dead letters missing");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "dead letters missing",
+        "SELECT count(*) FROM dead_letters",
+        |n| n >= 3,
+        Duration::from_secs(10),
+    )
+    .await?;
     let rows = pg
         .query(
             "SELECT kind, reason, key FROM dead_letters ORDER BY id",
@@ -355,30 +358,29 @@ async fn changes_that_cannot_go_to_etcd_are_dead_lettered_and_others_flow() -> a
     // The changes behind them keep flowing, including the next change of
     // the key whose value was too large.
     let mut etcd = world.etcd_client().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let huge = etcd.get("/a/huge", None).await?;
-        let fine = etcd
-            .get(
-                "/a/fine",
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only(),
-                ),
-            )
-            .await?;
-        if fine.count() == 20
-            && huge
-                .kvs()
-                .first()
-                .is_some_and(|kv| kv.value() == b"small again")
-        {
-            break;
+    eps_harness::wait_for("the other changes to flow", Duration::from_secs(10), || {
+        let mut etcd = etcd.clone();
+        async move {
+            let huge = etcd.get("/a/huge", None).await?;
+            let fine = etcd
+                .get(
+                    "/a/fine",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await?;
+            Ok((fine.count() == 20
+                && huge
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.value() == b"small again"))
+            .then_some(()))
         }
-        anyhow::ensure!(Instant::now() < deadline, "other changes did not flow");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await?;
     assert!(etcd.get("/z/outside", None).await?.kvs().is_empty());
     assert!(etcd.get("/c/read-only", None).await?.kvs().is_empty());
     let events = count(

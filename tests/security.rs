@@ -5,12 +5,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
+use anyhow::Context as _;
 use eps_harness::etcd::EtcdOptions;
 use eps_harness::{Etcd, Postgres, PostgresOptions, Service, ServiceConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use support::*;
 
 /// A throwaway certificate authority and the certificates it signs.
@@ -183,36 +183,27 @@ async fn syncs_over_mutual_tls_with_both_stores() -> anyhow::Result<()> {
     let mut kv = etcd.client().await?;
     kv.put("/app/over-tls", "from etcd", None).await?;
     let pg = db.client().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let rows = pg
-            .query(
-                "SELECT value FROM etcd_sync.kv_app WHERE key = '/app/over-tls'",
-                &[],
-            )
-            .await?;
-        if rows.len() == 1 {
-            break;
+    eps_harness::wait_for("the etcd change over TLS", Duration::from_secs(10), || {
+        let pg = &pg;
+        async move {
+            let rows = pg
+                .query(
+                    "SELECT value FROM etcd_sync.kv_app WHERE key = '/app/over-tls'",
+                    &[],
+                )
+                .await?;
+            Ok((rows.len() == 1).then_some(()))
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "etcd change did not arrive over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await?;
     pg.execute(
         "INSERT INTO etcd_sync.kv_app_text (key, value) VALUES ('/app/from-pg', 'over tls')",
         &[],
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while kv.get("/app/from-pg", None).await?.kvs().is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "PostgreSQL change did not reach etcd over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_etcd_has(&kv, "/app/from-pg", Duration::from_secs(10))
+        .await
+        .context("the PostgreSQL change over TLS")?;
     // The service's PostgreSQL sessions are encrypted.
     let encrypted = pg
         .query_one("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND usename = 'certuser'", &[])
@@ -456,27 +447,18 @@ async fn an_etcd_role_limited_to_the_mapped_prefix_is_enough_and_denied_elsewher
         "sync-password".into(),
     );
     let service = Service::start(service_config, "n1").await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while status(&service).await?["role"] != "leader" {
-        anyhow::ensure!(Instant::now() < deadline, "{}", service.log_tail(30));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_leader(&[&service], Duration::from_secs(15))
+        .await
+        .with_context(|| service.log_tail(30))?;
     let pg = db.client().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pg
-        .query(
-            "SELECT 1 FROM etcd_sync.kv_app WHERE key = '/app/rw/existing'",
-            &[],
-        )
-        .await?
-        .is_empty()
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the mapped prefix is read with the limited role"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "the mapped prefix is read with the limited role",
+        "SELECT count(*) FROM etcd_sync.kv_app WHERE key = '/app/rw/existing'",
+        |n| n == 1,
+        Duration::from_secs(10),
+    )
+    .await?;
     pg.execute(
         "INSERT INTO etcd_sync.kv_app_text (key, value) VALUES ('/app/ro/refused', 'x')",
         &[],
@@ -487,28 +469,28 @@ async fn an_etcd_role_limited_to_the_mapped_prefix_is_enough_and_denied_elsewher
         &[],
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let dead: Vec<(String, String)> = pg
-            .query("SELECT kind, reason FROM etcd_sync.dead_letters", &[])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let allowed = !root.get("/app/rw/allowed", None).await?.kvs().is_empty();
-        if allowed && dead.len() == 1 {
-            // Refused for good: dead-lettered at once, not retried (a
-            // retry cannot help, and later transactions would wait).
-            assert_eq!(dead[0].0, "refused");
-            assert!(dead[0].1.contains("permission denied"), "{dead:?}");
-            break;
+    let dead = eps_harness::wait_for("the dead letter", Duration::from_secs(20), || {
+        let (pg, mut root) = (&pg, root.clone());
+        async move {
+            let dead: Vec<(String, String)> = pg
+                .query("SELECT kind, reason FROM etcd_sync.dead_letters", &[])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let allowed = !root.get("/app/rw/allowed", None).await?.kvs().is_empty();
+            anyhow::ensure!(
+                allowed && dead.len() == 1,
+                "dead letters {dead:?}, allowed flowed: {allowed}"
+            );
+            Ok(Some(dead))
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "dead letters {dead:?}, allowed flowed: {allowed}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
+    // Refused for good: dead-lettered at once, not retried (a retry cannot
+    // help, and later transactions would wait).
+    assert_eq!(dead[0].0, "refused");
+    assert!(dead[0].1.contains("permission denied"), "{dead:?}");
     let retries = count(
         &pg,
         "SELECT count(*) FROM etcd_sync.sync_events WHERE kind = 'retry-exhausted'",
@@ -530,14 +512,41 @@ async fn an_etcd_role_limited_to_the_mapped_prefix_is_enough_and_denied_elsewher
     .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("1 dead letter(s) put back"), "{stdout}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while root.get("/app/ro/refused", None).await?.kvs().is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the retried change did not reach etcd"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_etcd_has(&root, "/app/ro/refused", Duration::from_secs(15))
+        .await
+        .context("the retried change")?;
+    // `doctor` says so beforehand: reads of /app/ and the cluster's prefix
+    // pass, writes to all of /app/ do not.
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &config(&etcd, &url, "doctor", "").toml)?;
+    let (code, stdout, stderr) = run_cli(
+        &["doctor", "--config", &path(file.path())],
+        &[
+            ("ETCD_PG_SYNC__ETCD__USERNAME", "sync"),
+            ("ETCD_PG_SYNC__ETCD__PASSWORD", "sync-password"),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let line = |check: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(check))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("etcd.access \"/app/\"").starts_with("FAIL"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("etcdctl role grant-permission <role> --prefix=true readwrite '/app/'"),
+        "{stdout}"
+    );
+    assert!(
+        line("etcd.access \"__etcd_pg_sync/test/\"").starts_with("ok"),
+        "{stdout}"
+    );
     // Elsewhere the service's user is denied.
     let sync_options = etcd_client::ConnectOptions::new().with_user("sync", "sync-password");
     let mut sync = etcd_client::Client::connect([etcd.endpoint()], Some(sync_options)).await?;

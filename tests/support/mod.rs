@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eps_harness::{Etcd, Postgres, Service, ServiceConfig, TestDatabase};
 
@@ -41,6 +41,23 @@ impl World {
         );
         config.env = self.env.clone();
         config
+    }
+
+    /// Runs a command of the binary with a replica's configuration (and
+    /// the world's environment): exit code, stdout, stderr.
+    pub async fn cli(&self, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let config = self.config("cli");
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), &config.toml)?;
+        let path = file.path().display().to_string();
+        let mut all = args.to_vec();
+        all.extend(["--config", path.as_str()]);
+        let env: Vec<(&str, &str)> = config
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        run_cli(&all, &env).await
     }
 
     pub async fn start(&self, node: &str) -> anyhow::Result<Service> {
@@ -261,19 +278,15 @@ pub async fn etcd_revision(world: &World) -> anyhow::Result<i64> {
 /// Waits until the checkpoint reaches `revision`.
 pub async fn wait_applied(world: &World, revision: i64, timeout: Duration) -> anyhow::Result<()> {
     let pg = world.pg().await?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let applied = count(&pg, "SELECT applied_revision FROM etcd_sync.sync_state")
-            .await
-            .unwrap_or(0);
-        if applied >= revision {
-            return Ok(());
+    eps_harness::wait_for(&format!("the checkpoint at {revision}"), timeout, || {
+        let pg = &pg;
+        async move {
+            let applied = count(pg, "SELECT applied_revision FROM etcd_sync.sync_state").await?;
+            anyhow::ensure!(applied >= revision, "applied revision {applied}");
+            Ok(Some(()))
         }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("applied revision {applied} did not reach {revision} within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Waits until the leader has taken its initial snapshot and applied
@@ -511,32 +524,65 @@ pub fn background_pg_writer(
     })
 }
 
+/// Waits until the count `sql` returns satisfies `done`; `failing` names
+/// what the test waits against (the error gives the last count).
+pub async fn wait_count(
+    pg: &tokio_postgres::Client,
+    failing: &str,
+    sql: &str,
+    done: impl Fn(i64) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    eps_harness::wait_for(&format!("`{sql}` ({failing})"), timeout, || {
+        let done = &done;
+        async move {
+            let n = count(pg, sql).await?;
+            anyhow::ensure!(done(n), "last count {n}");
+            Ok(Some(n))
+        }
+    })
+    .await
+}
+
 /// Waits until every outbox row is consumed.
 pub async fn wait_outbox_empty(world: &World, timeout: Duration) -> anyhow::Result<()> {
     let pg = world.pg().await?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    while count(&pg, "SELECT count(*) FROM outbox").await? > 0 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "outbox not drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_count(
+        &pg,
+        "outbox not drained",
+        "SELECT count(*) FROM outbox",
+        |n| n <= 0,
+        timeout,
+    )
+    .await?;
     Ok(())
 }
 
 /// The audit events of a kind once there is one (they follow the
-/// transactions they describe), or none after `timeout`.
+/// transactions they describe); an error if none comes within `timeout`.
 pub async fn awaited_event_details(
     pg: &tokio_postgres::Client,
     kind: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    eps_harness::wait_for(&format!("a {kind} event"), timeout, || async move {
         let events = event_details(pg, kind).await?;
-        if !events.is_empty() || Instant::now() > deadline {
-            return Ok(events);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok((!events.is_empty()).then_some(events))
+    })
+    .await
+}
+
+/// Waits until etcd holds `key`.
+pub async fn wait_etcd_has(
+    client: &etcd_client::Client,
+    key: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    eps_harness::wait_for(&format!("{key} in etcd"), timeout, || {
+        let mut client = client.clone();
+        async move { Ok((!client.get(key, None).await?.kvs().is_empty()).then_some(())) }
+    })
+    .await
 }
 
 pub async fn event_details(

@@ -666,9 +666,11 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
             &complete,
             &waits_on,
             &beyond,
-            stuck,
+            &stuck,
         );
-        return grouped;
+        if !grouped.groups.is_empty() || held.is_empty() || grouped.holder_beyond {
+            return grouped;
+        }
     }
     // Nothing can go. Of the transactions not stuck, release the oldest
     // only if none of them waits on something outside their set (an echo,
@@ -728,7 +730,7 @@ fn hold_behind_oldest(
     complete: &HashMap<i64, bool>,
     waits_on: &HashMap<i64, Vec<KeyId>>,
     beyond: &HashSet<i64>,
-    stuck: impl Fn(&i64) -> bool,
+    stuck: &impl Fn(&i64) -> bool,
 ) {
     let seq_of: HashMap<i64, i64> = rows
         .iter()
@@ -754,10 +756,10 @@ fn hold_behind_oldest(
     let mut todo = vec![xact];
     while let Some(x) = todo.pop() {
         for key in waits_on.get(&x).into_iter().flatten() {
-            if needed.insert(key.clone()) {
-                if let Some(next) = owner.get(key).filter(|o| visited.insert(**o)) {
-                    todo.push(*next);
-                }
+            if needed.insert(key.clone())
+                && let Some(next) = owner.get(key).filter(|o| visited.insert(**o))
+            {
+                todo.push(*next);
             }
         }
     }
@@ -1008,18 +1010,13 @@ async fn send(
                 }
                 // A transaction with a failed compare waits whole for the
                 // policy's decision (the watcher or the arbiter settles the
-                // key, then the transaction goes or is dropped, whole); the
-                // other transactions of the txn go on.
-                let waiting: HashSet<i64> =
-                    failed.iter().filter_map(|i| txn[*i].row.xact).collect();
-                let kept: Vec<Candidate> = txn
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| !failed.contains(i))
-                    .map(|(_, c)| c)
-                    .collect();
-                queue.push_front(kept);
-                hold_back(&mut queue, &waiting);
+                // key, then the transaction goes or is dropped, whole). The
+                // transactions committed after it wait too (they may have
+                // read its writes); those committed before it go on.
+                txn.truncate(committed_before_first_failed(&txn, &failed));
+                queue.clear();
+                queue.push_front(txn);
+                round = Round::Stop;
             }
             Ok(CasOutcome::Fenced) => return Err(ActorError::Fenced),
             Err(error) if error.connection_level() || (error.retryable() && txn.len() > 1) => {
@@ -1137,6 +1134,22 @@ async fn send(
 }
 
 /// Whether every change of `txn` belongs to one recorded transaction.
+/// How many of `txn`'s changes belong to transactions committed before
+/// the first one with a failed compare (`failed`: indexes into `txn`, whose
+/// transactions are in commit order, each one's changes together).
+fn committed_before_first_failed(txn: &[Candidate], failed: &HashSet<usize>) -> usize {
+    let Some(first) = failed.iter().copied().min() else {
+        return txn.len();
+    };
+    match txn[first].row.xact {
+        Some(xact) => txn
+            .iter()
+            .position(|c| c.row.xact == Some(xact))
+            .unwrap_or(first),
+        None => first,
+    }
+}
+
 fn one_transaction(txn: &[Candidate]) -> bool {
     txn.first()
         .and_then(|c| c.row.xact)
@@ -1525,6 +1538,30 @@ mod tests {
     }
 
     #[test]
+    fn transactions_waiting_on_each_other_are_untangled_while_later_ones_wait() {
+        // 8 and 9 wait on each other's first change (a dead-letter retry
+        // took no row locks); 10, committed after both, is complete.
+        let mut rows = [
+            in_xact(row(100, "/b", 1), 8, 2),
+            in_xact(row(101, "/a", 1), 9, 2),
+            in_xact(row(102, "/b", 1), 9, 2),
+            in_xact(row(103, "/a", 1), 8, 2),
+            in_xact(row(104, "/c", 1), 10, 1),
+        ];
+        for (row, seq) in rows.iter_mut().zip([8, 9, 9, 8, 10]) {
+            row.commit_seq = Some(seq);
+        }
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(
+            ids(&grouped.groups),
+            vec![vec![100]],
+            "the oldest goes first"
+        );
+        assert_eq!(grouped.released, vec![(8, 1)]);
+        assert_eq!(ids(&grouped.behind), vec![vec![104]]);
+    }
+
+    #[test]
     fn what_the_held_transaction_waits_for_goes_through_any_chain_of_waits() {
         // 10 waits for 12's /k, 12 waits for 13's /y: 13 must go, or
         // nothing ever does.
@@ -1539,6 +1576,36 @@ mod tests {
         }
         let grouped = group(&PollerState::default(), &rows, false);
         assert_eq!(ids(&grouped.groups), vec![vec![1]]);
+    }
+
+    #[test]
+    fn after_a_failed_compare_only_transactions_committed_before_it_go_on() {
+        let candidate = |id: i64, xact: Option<i64>| Candidate {
+            row: OutboxRow {
+                xact,
+                ..row(id, "/k", 1)
+            },
+            op: Op::Put,
+            expected: 1,
+        };
+        let txn = [
+            candidate(1, Some(7)),
+            candidate(2, None),
+            candidate(3, Some(8)),
+            candidate(4, Some(8)),
+            candidate(5, Some(9)),
+        ];
+        let at = |failed: &[usize]| {
+            committed_before_first_failed(&txn, &failed.iter().copied().collect())
+        };
+        assert_eq!(
+            at(&[4, 3]),
+            2,
+            "8 failed on its second key: 7 and the lone change go"
+        );
+        assert_eq!(at(&[1]), 1);
+        assert_eq!(at(&[0, 4]), 0);
+        assert_eq!(at(&[]), 5);
     }
 
     #[test]

@@ -198,7 +198,6 @@ impl Node {
         shutdown: &CancellationToken,
     ) -> Result<(), ClusterError> {
         let cluster = &self.config.cluster;
-        let prefix = election_prefix(&cluster.name);
         let lost = CancellationToken::new();
         let _keepalive = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_alive(
             self.etcd.clone(),
@@ -207,6 +206,27 @@ impl Node {
             granted_at,
             lost.clone(),
         )));
+        let Some((key, term)) = self.campaign(lease, &lost, shutdown).await? else {
+            return Ok(());
+        };
+        if self.claim_term(term, &lost, shutdown).await? {
+            self.lead(key, term, &lost, shutdown).await;
+        }
+        // The caller revokes the lease: the key goes, a standby takes over.
+        Ok(())
+    }
+
+    /// Creates our election key on `lease` and waits until it is the
+    /// oldest: our key and term (its create revision), or `None` when the
+    /// lease or the key was lost meanwhile, or on shutdown (stand again).
+    async fn campaign(
+        &self,
+        lease: i64,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(Vec<u8>, i64)>, ClusterError> {
+        let cluster = &self.config.cluster;
+        let prefix = election_prefix(&cluster.name);
         let mut key = prefix.clone();
         key.extend_from_slice(format!("{lease:016x}").as_bytes());
         let term = self
@@ -214,58 +234,61 @@ impl Node {
             .create_if_absent(&key, cluster.node_id.as_bytes(), lease)
             .await?;
         tracing::info!(term, "campaigning");
-
-        // Wait until our key is the oldest.
         loop {
             if lost.is_cancelled() || shutdown.is_cancelled() {
-                return Ok(());
+                return Ok(None);
             }
-            let leader = self.etcd.oldest_under(&prefix, None).await?;
+            let leader = self.etcd.oldest_under(&prefix).await?;
             self.status.set_leader(
                 leader
                     .as_ref()
                     .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
             );
             if leader.as_ref().is_some_and(|kv| kv.key == key) {
-                break;
+                return Ok(Some((key, term)));
             }
-            let Some(predecessor) = self.etcd.oldest_under(&prefix, Some(term)).await? else {
+            let Some(predecessor) = self.etcd.predecessor_under(&prefix, term).await? else {
                 // Not the oldest, and nothing older than our key: our key is
                 // gone (deleted by hand, lost in an etcd restore) while the
                 // lease lives. Stand again with a new lease and key.
                 tracing::warn!(term, "our election key is gone, campaigning again");
-                return Ok(());
+                return Ok(None);
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(None),
                 _ = lost.cancelled() => {
                     tracing::warn!("lease lost while standing by, campaigning again");
-                    return Ok(());
+                    return Ok(None);
                 }
                 waited = self.etcd.wait_deleted(&predecessor.key, predecessor.meta.mod_revision) => waited?,
                 gone = self.etcd.wait_deleted(&key, term) => {
                     gone?;
                     tracing::warn!(term, "our election key was deleted, campaigning again");
-                    return Ok(());
+                    return Ok(None);
                 }
                 // Refresh the observed leader now and then.
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
+    }
 
-        // Make the term current in PostgreSQL: waits for the old leader's
-        // open transactions, after which every one of them fails.
+    /// Makes `term` current in PostgreSQL: waits for the old leader's open
+    /// transactions, after which every one of them fails. `false` when the
+    /// lease was lost meanwhile, or on shutdown.
+    async fn claim_term(
+        &self,
+        term: i64,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ClusterError> {
+        let node = &self.config.cluster.node_id;
         loop {
             if lost.is_cancelled() || shutdown.is_cancelled() {
-                return Ok(());
+                return Ok(false);
             }
             let etcd_revision = self.etcd.current_revision().await?;
-            match self
-                .store
-                .claim_term(term, &cluster.node_id, etcd_revision)
-                .await
-            {
-                Ok(true) => break,
+            match self.store.claim_term(term, node, etcd_revision).await {
+                Ok(true) => return Ok(true),
                 Ok(false) => return Err(ClusterError::StaleTerm { term }),
                 Err(error) if eps_core::Classify::retryable(&error) => {
                     tracing::warn!(%error, "cannot record the term in PostgreSQL yet");
@@ -274,15 +297,27 @@ impl Node {
                 Err(error) => return Err(error.into()),
             }
         }
+    }
+
+    /// Leads `term` until the lease is lost, the pipeline is fenced, or
+    /// shutdown; then stops the pipeline and stands by.
+    async fn lead(
+        &self,
+        key: Vec<u8>,
+        term: i64,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) {
+        let node = &self.config.cluster.node_id;
         let fence = Fence {
             term,
-            node: cluster.node_id.clone(),
+            node: node.clone(),
         };
         self.status.become_leader(term);
-        self.status.set_leader(Some(cluster.node_id.clone()));
+        self.status.set_leader(Some(node.clone()));
         self.board.clear_last_error();
-        tracing::info!(term, node = %cluster.node_id, "became leader");
-        let event = serde_json::json!({"node": cluster.node_id, "term": term, "event": "elected"});
+        tracing::info!(term, %node, "became leader");
+        let event = serde_json::json!({"node": node, "term": term, "event": "elected"});
         if let Err(error) = self
             .store
             .record_event(&fence, AuditKind::Leadership, None, &event)
@@ -296,10 +331,7 @@ impl Node {
             self.store.clone(),
             self.etcd.clone(),
             fence.clone(),
-            LeaderFence {
-                key: key.clone(),
-                term,
-            },
+            LeaderFence { key, term },
             self.board.clone(),
         );
         let pipeline = Pipeline::start(ctx);
@@ -313,15 +345,12 @@ impl Node {
         self.board.all_stopped();
         self.status.become_standby();
         if reason == StepDown::Shutdown {
-            let event =
-                serde_json::json!({"node": cluster.node_id, "term": term, "event": "resigned"});
+            let event = serde_json::json!({"node": node, "term": term, "event": "resigned"});
             let _ = self
                 .store
                 .record_event(&fence, AuditKind::Leadership, None, &event)
                 .await;
         }
-        // The caller revokes the lease: the key goes, a standby takes over.
-        Ok(())
     }
 }
 

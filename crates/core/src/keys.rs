@@ -1,14 +1,14 @@
 //! etcd key-range arithmetic (byte order, like etcd and PostgreSQL `bytea`).
 
-/// The exclusive end of the range of keys starting with `prefix`, as etcd
-/// computes it: the prefix with its last byte below 0xff incremented. `None`
-/// means "no upper bound" (empty prefix or a prefix of only 0xff bytes).
 /// About how many bytes one compare-and-put of a key and value adds to an
 /// etcd txn request (the key twice, the value, framing).
 pub fn put_request_bytes(key_len: usize, value_len: usize) -> usize {
     2 * key_len + value_len + 64
 }
 
+/// The exclusive end of the range of keys starting with `prefix`, as etcd
+/// computes it: the prefix with its last byte below 0xff incremented. `None`
+/// means "no upper bound" (empty prefix or a prefix of only 0xff bytes).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

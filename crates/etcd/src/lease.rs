@@ -71,21 +71,36 @@ impl EtcdClient {
         }
     }
 
-    /// The key under `prefix` with the lowest create revision (the leader),
-    /// and, separately, the highest one below `below` (the predecessor a
-    /// candidate waits on).
-    pub async fn oldest_under(
+    /// The key under `prefix` with the lowest create revision: the
+    /// leader's.
+    pub async fn oldest_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_limit(1)
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        self.first_of(prefix, options).await
+    }
+
+    /// The key under `prefix` created last before `revision`: the
+    /// predecessor a candidate created at `revision` waits on.
+    pub async fn predecessor_under(
         &self,
         prefix: &[u8],
-        below: Option<i64>,
+        revision: i64,
     ) -> Result<Option<KeyValue>, EtcdError> {
-        let mut options = GetOptions::new().with_prefix().with_limit(1);
-        options = match below {
-            None => options.with_sort(SortTarget::Create, SortOrder::Ascend),
-            Some(revision) => options
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_max_create_revision(revision - 1),
-        };
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_limit(1)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(revision - 1);
+        self.first_of(prefix, options).await
+    }
+
+    async fn first_of(
+        &self,
+        prefix: &[u8],
+        options: GetOptions,
+    ) -> Result<Option<KeyValue>, EtcdError> {
         let mut kv = self.kv();
         let response = self.timed(kv.get(prefix.to_vec(), Some(options))).await?;
         Ok(response.kvs().first().map(convert::key_value))

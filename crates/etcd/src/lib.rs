@@ -9,6 +9,7 @@
 pub mod convert;
 pub mod error;
 pub mod lease;
+pub mod probe;
 pub mod txn;
 pub mod watch;
 

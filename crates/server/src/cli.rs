@@ -29,6 +29,13 @@ pub enum Command {
     Migrate,
     /// Validate and print the effective configuration (secrets redacted).
     CheckConfig,
+    /// Check what the service needs of etcd and PostgreSQL, one line each,
+    /// with a fix for each failure (exit 1 when one fails).
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Leader, term, applied revision, lag, outbox depth, conflicts, dead letters.
     Status {
         /// Print JSON instead of text.

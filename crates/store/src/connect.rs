@@ -150,7 +150,10 @@ impl Connector {
             .max_size(size)
             .min_idle(Some(0))
             .connection_timeout(wait)
-            // A broken connection must not come back from the pool.
+            // No test query on check-out (a round trip per use): a
+            // connection that broke while in use is discarded as it is
+            // returned (bb8 asks the manager whether it is broken), and the
+            // caller's retry takes another.
             .test_on_check_out(false)
             .build_unchecked(manager);
         Ok(pool)

@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod mirror;
 pub mod notify;
 pub mod outbox;
+pub mod preflight;
 pub mod schema;
 pub mod state;
 pub mod tls;
@@ -108,6 +109,13 @@ impl Store {
     /// server (retryable).
     pub async fn check_connection(&self) -> Result<(), StoreError> {
         self.connector.connect().await.map(|_| ())
+    }
+
+    /// The server, this role's rights and the connection headroom, read on
+    /// a connection outside the pool (see [`preflight::facts`]).
+    pub async fn preflight(&self) -> Result<preflight::PgFacts, StoreError> {
+        let mut conn = self.connector.connect().await?;
+        preflight::facts(&mut conn, self.connector.schema()).await
     }
 
     /// True when a connection can be had and answers.

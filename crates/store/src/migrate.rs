@@ -79,6 +79,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000008_whole_transactions",
         up: include_str!("../../../migrations/2026-12-01-000008_whole_transactions/up.sql"),
     },
+    SqlFile {
+        version: "20261201000009",
+        name: "2026-12-01-000009_recreated_row_base",
+        up: include_str!("../../../migrations/2026-12-01-000009_recreated_row_base/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

@@ -596,6 +596,194 @@ fn default_log_level() -> String {
     "info".into()
 }
 
+impl ClusterConfig {
+    /// Checks the `cluster` values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let cluster = self;
+        if cluster.name.is_empty()
+            || !cluster
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ConfigError::invalid(
+                "cluster.name",
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if cluster.node_id.is_empty() || cluster.node_id.len() > 200 {
+            return Err(ConfigError::invalid(
+                "cluster.node_id",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if !(2..=300).contains(&cluster.lease_ttl_secs) {
+            return Err(ConfigError::invalid(
+                "cluster.lease_ttl_secs",
+                "must be between 2 and 300",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl EtcdConfig {
+    /// Checks the `etcd` values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let etcd = self;
+        if etcd.endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                "etcd.endpoints",
+                "needs at least one endpoint",
+            ));
+        }
+        for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+            let url = url::Url::parse(endpoint).map_err(|e| {
+                ConfigError::invalid(format!("etcd.endpoints[{i}]"), format!("{endpoint:?}: {e}"))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ConfigError::invalid(
+                    format!("etcd.endpoints[{i}]"),
+                    format!("{endpoint:?}: expected http://host:port or https://host:port"),
+                ));
+            }
+        }
+        if etcd.username.is_some() {
+            for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+                if let Ok(url) = url::Url::parse(endpoint)
+                    && url.scheme() == "http"
+                    && !is_loopback(&url)
+                {
+                    return Err(ConfigError::invalid(
+                        format!("etcd.endpoints[{i}]"),
+                        format!(
+                            "{endpoint:?}: with etcd.username set, http:// would send the password \
+                             and the auth token in cleartext; use https:// (with [etcd.tls]), or \
+                             a loopback address"
+                        ),
+                    ));
+                }
+            }
+        }
+        if etcd.password.is_some() && etcd.username.is_none() {
+            return Err(ConfigError::invalid(
+                "etcd.username",
+                "is required when a password is set",
+            ));
+        }
+        if etcd.tls.cert_file.is_some() != etcd.tls.key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "etcd.tls.key_file",
+                "cert_file and key_file must be set together",
+            ));
+        }
+        if !(2..=10_000).contains(&etcd.max_txn_ops) {
+            return Err(ConfigError::invalid(
+                "etcd.max_txn_ops",
+                "must be between 2 and 10000",
+            ));
+        }
+        if etcd.max_request_bytes < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "etcd.max_request_bytes",
+                "must be at least 65536",
+            ));
+        }
+        // One watch event carries a value and its previous value, each up to
+        // a request's size: a message must hold that, and a page.
+        if etcd.max_response_bytes < 4 * etcd.max_request_bytes {
+            return Err(ConfigError::invalid(
+                "etcd.max_response_bytes",
+                "must be at least 4 times etcd.max_request_bytes",
+            ));
+        }
+        positive("etcd.connect_timeout_ms", etcd.connect_timeout_ms)?;
+        positive("etcd.request_timeout_ms", etcd.request_timeout_ms)?;
+        Ok(())
+    }
+}
+
+impl PostgresConfig {
+    /// Checks the `postgres` values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let pg = self;
+        let url = url::Url::parse(pg.url.expose()).map_err(|e| {
+            ConfigError::invalid("postgres.url", format!("{}: {e}", pg.url.redacted()))
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::invalid(
+                "postgres.url",
+                "expected postgres://user@host:port/database",
+            ));
+        }
+        Ident::parse(&pg.schema).map_err(|m| ConfigError::invalid("postgres.schema", m))?;
+        if pg.pool_size < 4 {
+            return Err(ConfigError::invalid(
+                "postgres.pool_size",
+                "must be at least 4 (watcher, poller, arbiter and listener)",
+            ));
+        }
+        positive("postgres.connect_timeout_ms", pg.connect_timeout_ms)?;
+        if matches!(pg.tls.mode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && pg.tls.ca_file.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "postgres.tls.ca_file",
+                "is required for verify-ca and verify-full",
+            ));
+        }
+        if pg.tls.cert_file.is_some() != pg.tls.key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "postgres.tls.key_file",
+                "cert_file and key_file must be set together",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SyncConfig {
+    /// Checks the `sync` values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let sync = self;
+        positive("sync.batch_size", sync.batch_size as u64)?;
+        positive("sync.outbox_batch_size", sync.outbox_batch_size as u64)?;
+        positive("sync.poll_interval_ms", sync.poll_interval_ms)?;
+        positive("sync.snapshot_page_size", sync.snapshot_page_size as u64)?;
+        positive("sync.progress_interval_ms", sync.progress_interval_ms)?;
+        positive("sync.clock_interval_ms", sync.clock_interval_ms)?;
+        if sync.watch_stall_timeout_ms <= sync.progress_interval_ms {
+            return Err(ConfigError::invalid(
+                "sync.watch_stall_timeout_ms",
+                "must be greater than sync.progress_interval_ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RetryConfig {
+    /// Checks the `retry` values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let retry = self;
+        positive("retry.initial_ms", retry.initial_ms)?;
+        if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+            return Err(ConfigError::invalid(
+                "retry.multiplier",
+                "must be a number >= 1.0",
+            ));
+        }
+        if retry.max_ms < retry.initial_ms {
+            return Err(ConfigError::invalid(
+                "retry.max_ms",
+                "must be at least retry.initial_ms",
+            ));
+        }
+        positive("retry.max_attempts", retry.max_attempts as u64)?;
+        Ok(())
+    }
+}
+
 impl Config {
     /// Loads the file (if any), applies `ETCD_PG_SYNC__*` overrides from `env`,
     /// reads secret files, fills derived defaults and validates.
@@ -666,166 +854,12 @@ impl Config {
 
     /// Checks every value; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let cluster = &self.cluster;
-        if cluster.name.is_empty()
-            || !cluster
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(ConfigError::invalid(
-                "cluster.name",
-                "must be non-empty and use only letters, digits, '-', '_' and '.'",
-            ));
-        }
-        if cluster.node_id.is_empty() || cluster.node_id.len() > 200 {
-            return Err(ConfigError::invalid(
-                "cluster.node_id",
-                "must be 1 to 200 characters",
-            ));
-        }
-        if !(2..=300).contains(&cluster.lease_ttl_secs) {
-            return Err(ConfigError::invalid(
-                "cluster.lease_ttl_secs",
-                "must be between 2 and 300",
-            ));
-        }
-
-        let etcd = &self.etcd;
-        if etcd.endpoints.is_empty() {
-            return Err(ConfigError::invalid(
-                "etcd.endpoints",
-                "needs at least one endpoint",
-            ));
-        }
-        for (i, endpoint) in etcd.endpoints.iter().enumerate() {
-            let url = url::Url::parse(endpoint).map_err(|e| {
-                ConfigError::invalid(format!("etcd.endpoints[{i}]"), format!("{endpoint:?}: {e}"))
-            })?;
-            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(ConfigError::invalid(
-                    format!("etcd.endpoints[{i}]"),
-                    format!("{endpoint:?}: expected http://host:port or https://host:port"),
-                ));
-            }
-        }
-        if etcd.username.is_some() {
-            for (i, endpoint) in etcd.endpoints.iter().enumerate() {
-                if let Ok(url) = url::Url::parse(endpoint)
-                    && url.scheme() == "http"
-                    && !is_loopback(&url)
-                {
-                    return Err(ConfigError::invalid(
-                        format!("etcd.endpoints[{i}]"),
-                        format!(
-                            "{endpoint:?}: with etcd.username set, http:// would send the password \
-                             and the auth token in cleartext; use https:// (with [etcd.tls]), or \
-                             a loopback address"
-                        ),
-                    ));
-                }
-            }
-        }
-        if etcd.password.is_some() && etcd.username.is_none() {
-            return Err(ConfigError::invalid(
-                "etcd.username",
-                "is required when a password is set",
-            ));
-        }
-        if etcd.tls.cert_file.is_some() != etcd.tls.key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "etcd.tls.key_file",
-                "cert_file and key_file must be set together",
-            ));
-        }
-        if !(2..=10_000).contains(&etcd.max_txn_ops) {
-            return Err(ConfigError::invalid(
-                "etcd.max_txn_ops",
-                "must be between 2 and 10000",
-            ));
-        }
-        if etcd.max_request_bytes < 64 * 1024 {
-            return Err(ConfigError::invalid(
-                "etcd.max_request_bytes",
-                "must be at least 65536",
-            ));
-        }
-        // One watch event carries a value and its previous value, each up to
-        // a request's size: a message must hold that, and a page.
-        if etcd.max_response_bytes < 4 * etcd.max_request_bytes {
-            return Err(ConfigError::invalid(
-                "etcd.max_response_bytes",
-                "must be at least 4 times etcd.max_request_bytes",
-            ));
-        }
-        positive("etcd.connect_timeout_ms", etcd.connect_timeout_ms)?;
-        positive("etcd.request_timeout_ms", etcd.request_timeout_ms)?;
-
-        let pg = &self.postgres;
-        let url = url::Url::parse(pg.url.expose()).map_err(|e| {
-            ConfigError::invalid("postgres.url", format!("{}: {e}", pg.url.redacted()))
-        })?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(ConfigError::invalid(
-                "postgres.url",
-                "expected postgres://user@host:port/database",
-            ));
-        }
-        Ident::parse(&pg.schema).map_err(|m| ConfigError::invalid("postgres.schema", m))?;
-        if pg.pool_size < 4 {
-            return Err(ConfigError::invalid(
-                "postgres.pool_size",
-                "must be at least 4 (watcher, poller, arbiter and listener)",
-            ));
-        }
-        positive("postgres.connect_timeout_ms", pg.connect_timeout_ms)?;
-        if matches!(pg.tls.mode, SslMode::VerifyCa | SslMode::VerifyFull)
-            && pg.tls.ca_file.is_none()
-        {
-            return Err(ConfigError::invalid(
-                "postgres.tls.ca_file",
-                "is required for verify-ca and verify-full",
-            ));
-        }
-        if pg.tls.cert_file.is_some() != pg.tls.key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "postgres.tls.key_file",
-                "cert_file and key_file must be set together",
-            ));
-        }
-
+        self.cluster.validate()?;
+        self.etcd.validate()?;
+        self.postgres.validate()?;
         self.validated_mappings()?;
-
-        let sync = &self.sync;
-        positive("sync.batch_size", sync.batch_size as u64)?;
-        positive("sync.outbox_batch_size", sync.outbox_batch_size as u64)?;
-        positive("sync.poll_interval_ms", sync.poll_interval_ms)?;
-        positive("sync.snapshot_page_size", sync.snapshot_page_size as u64)?;
-        positive("sync.progress_interval_ms", sync.progress_interval_ms)?;
-        positive("sync.clock_interval_ms", sync.clock_interval_ms)?;
-        if sync.watch_stall_timeout_ms <= sync.progress_interval_ms {
-            return Err(ConfigError::invalid(
-                "sync.watch_stall_timeout_ms",
-                "must be greater than sync.progress_interval_ms",
-            ));
-        }
-
-        let retry = &self.retry;
-        positive("retry.initial_ms", retry.initial_ms)?;
-        if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
-            return Err(ConfigError::invalid(
-                "retry.multiplier",
-                "must be a number >= 1.0",
-            ));
-        }
-        if retry.max_ms < retry.initial_ms {
-            return Err(ConfigError::invalid(
-                "retry.max_ms",
-                "must be at least retry.initial_ms",
-            ));
-        }
-        positive("retry.max_attempts", retry.max_attempts as u64)?;
-
+        self.sync.validate()?;
+        self.retry.validate()?;
         self.http.listen.parse::<SocketAddr>().map_err(|e| {
             ConfigError::invalid("http.listen", format!("{:?}: {e}", self.http.listen))
         })?;

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+mod doctor;
 mod ops;
 mod repair;
 mod run;

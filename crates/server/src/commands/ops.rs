@@ -70,6 +70,10 @@ fn exit_code_of(error: &anyhow::Error) -> u8 {
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    if let Command::Doctor { json } = command {
+        // Reports an unreachable store as a failed check, not an error.
+        return super::doctor::doctor(&config, json).await;
+    }
     let store = Store::new(&config).await.context("opening PostgreSQL")?;
     match command {
         Command::Migrate => {
@@ -95,7 +99,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Timeline {
             command: TimelineCommand::Resume { take },
         } => resume_timeline(&store, take.into()).await,
-        Command::Run { .. } | Command::CheckConfig => unreachable!("dispatched elsewhere"),
+        Command::Run { .. } | Command::CheckConfig | Command::Doctor { .. } => {
+            unreachable!("dispatched elsewhere")
+        }
     }
 }
 
@@ -111,7 +117,7 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
         .context("reading etcd's revision")?;
     let prefix = eps_cluster::election_prefix(&config.cluster.name);
     let leader = etcd
-        .oldest_under(&prefix, None)
+        .oldest_under(&prefix)
         .await
         .context("reading the election")?;
     let leader_node = leader

@@ -183,27 +183,82 @@ pub async fn run_restore(
     let etcd = EtcdClient::connect(&config.etcd)
         .await
         .context("connecting to etcd")?;
+    let prefix = prefix.map(String::into_bytes);
+    let mappings = config.validated_mappings()?;
+    let selected = restorable(config, &etcd, &mappings, prefix.as_deref()).await?;
+    let fence = command_fence(store, config, "restore-etcd").await?;
+    let start = adopt_restored_etcd(store, &fence, &etcd, &selected).await?;
+    let started = Instant::now();
+    let mut leases = RestoredLease {
+        ttl: leased_keys_ttl,
+        id: None,
+        keys: 0,
+        keeper: None,
+    };
+    let copied = copy_mirror(
+        config,
+        store,
+        &fence,
+        &etcd,
+        &selected,
+        prefix.as_deref(),
+        &mut leases,
+    )
+    .await?;
+    let head = etcd.current_revision().await?;
+    let detail = serde_json::json!({
+        "keys": copied.keys, "txns": copied.txns, "queued_changes_consumed": copied.consumed,
+        "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
+        "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
+    });
+    store
+        .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
+        .await?;
+    println!(
+        "restored {} keys into etcd in {} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
+        copied.keys,
+        copied.txns,
+        started.elapsed().as_secs_f64()
+    );
+    if copied.consumed > 0 {
+        println!(
+            "{} queued PostgreSQL change(s) were already part of the restored values",
+            copied.consumed
+        );
+    }
+    if let Some(id) = leases.id {
+        println!(
+            "{} key(s) that had a lease were restored under the new lease {id:x}, which expires in {} s \
+             unless their owners write them again",
+            leases.keys, leases.ttl
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The mappings `prefix` restores, once it is safe: no replica runs
+/// against this etcd, and etcd is empty under each of them (nothing there
+/// may be overwritten).
+async fn restorable<'m>(
+    config: &Config,
+    etcd: &EtcdClient,
+    mappings: &'m eps_core::mapping::MappingSet,
+    prefix: Option<&[u8]>,
+) -> anyhow::Result<Vec<&'m eps_core::Mapping>> {
     let election = eps_cluster::election_prefix(&config.cluster.name);
-    if let Some(leader) = etcd.oldest_under(&election, None).await? {
+    if let Some(leader) = etcd.oldest_under(&election).await? {
         anyhow::bail!(
             "replica {} is running against this etcd: stop every replica before restore-etcd",
             String::from_utf8_lossy(&leader.value)
         );
     }
-    let prefix = prefix.map(String::into_bytes);
-    let mappings = config.validated_mappings()?;
     let selected: Vec<_> = mappings
         .iter()
-        .filter(|m| {
-            prefix
-                .as_ref()
-                .is_none_or(|p| p.starts_with(&m.prefix) || m.prefix.starts_with(p))
-        })
+        .filter(|m| prefix.is_none_or(|p| eps_core::mapping::prefixes_overlap(p, &m.prefix)))
         .collect();
     anyhow::ensure!(!selected.is_empty(), "no mapping covers the prefix");
-    // Only an empty etcd (range) is rebuilt: nothing there may be overwritten.
     for mapping in &selected {
-        let (start, end) = mapping.range_within(prefix.as_deref());
+        let (start, end) = mapping.range_within(prefix);
         let page = etcd.range_page(&start, end.as_deref(), 0, 1).await?;
         anyhow::ensure!(
             page.kvs.is_empty(),
@@ -211,14 +266,22 @@ pub async fn run_restore(
             String::from_utf8_lossy(&start)
         );
     }
-    let fence = command_fence(store, config, "restore-etcd").await?;
-    // Sync continues from the empty etcd's revision (or an earlier point of
-    // it, after an earlier restore of another prefix): whatever happens in
-    // etcd while the restore runs (a client's write, a restored lease
-    // ending) is replayed by the watch, and the restored puts themselves
-    // come back as no-ops. A checkpoint past it is the lost etcd's.
+    Ok(selected)
+}
+
+/// Makes the rebuilt etcd the mirror's timeline: sync continues from its
+/// revision (returned), or an earlier point of it after an earlier restore
+/// of another prefix. Whatever happens in etcd while the restore runs (a
+/// client's write, a restored lease ending) is replayed by the watch, and
+/// the restored puts themselves come back as no-ops. A checkpoint past it
+/// is the lost etcd's.
+async fn adopt_restored_etcd(
+    store: &Store,
+    fence: &Fence,
+    etcd: &EtcdClient,
+    selected: &[&eps_core::Mapping],
+) -> anyhow::Result<i64> {
     let (cluster_id, start) = etcd.identity(&selected[0].prefix).await?;
-    // The rebuilt etcd is a timeline of its own, which the mirror matches.
     let state = store.state().await.context("reading sync_state")?;
     let detail = serde_json::json!({
         "reason": "restore-etcd",
@@ -231,32 +294,51 @@ pub async fn run_restore(
     // (A second prefix restored into the same new etcd is the same one.)
     if state.etcd_cluster_id != Some(cluster_id as i64) || state.applied_revision > start {
         store
-            .adopt_timeline(&fence, cluster_id as i64, &detail)
+            .adopt_timeline(fence, cluster_id as i64, &detail)
             .await?;
     }
-    store.lower_checkpoint(&fence, start).await?;
+    store.lower_checkpoint(fence, start).await?;
     // The rebuilt etcd holds no timeline mark (the next leader writes one).
-    store.forget_timeline_mark(&fence).await?;
+    store.forget_timeline_mark(fence).await?;
     // Changes deferred for held rows came from the lost etcd.
     let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();
-    store.discard_deferred(&fence, &tables, None).await?;
+    store.discard_deferred(fence, &tables, None).await?;
+    Ok(start)
+}
+
+/// What [`copy_mirror`] wrote.
+struct Copied {
+    keys: u64,
+    txns: u64,
+    /// Queued PostgreSQL changes the restored values already held.
+    consumed: usize,
+}
+
+/// Writes the mirror rows of `selected` under `prefix` into etcd, page by
+/// page at one snapshot, in txns etcd takes.
+async fn copy_mirror(
+    config: &Config,
+    store: &Store,
+    fence: &Fence,
+    etcd: &EtcdClient,
+    selected: &[&eps_core::Mapping],
+    prefix: Option<&[u8]>,
+    leases: &mut RestoredLease,
+) -> anyhow::Result<Copied> {
     let mut total = 0u64;
-    for mapping in &selected {
+    for mapping in selected {
         total += store.mirror_rows(&mapping.table).await? as u64;
     }
     let mut progress = Progress::new("restoring", Some(total));
-    let started = Instant::now();
-    let (mut restored, mut consumed, mut txns) = (0u64, 0usize, 0u64);
-    let mut leases = RestoredLease {
-        ttl: leased_keys_ttl,
-        id: None,
+    let mut copied = Copied {
         keys: 0,
-        keeper: None,
+        txns: 0,
+        consumed: 0,
     };
     // No fence compare: the restore writes an empty etcd, no leader runs.
     let (max_ops, max_bytes) = config.etcd.txn_limits(0);
-    for mapping in &selected {
-        let (start, end) = mapping.range_within(prefix.as_deref());
+    for mapping in selected {
+        let (start, end) = mapping.range_within(prefix);
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = store
@@ -277,19 +359,11 @@ pub async fn run_restore(
             let rows: Vec<&eps_store::mirror::MirrorRow> =
                 rows.iter().filter(|r| mapping.contains(&r.key)).collect();
             for batch in txn_batches(&rows, max_ops, max_bytes) {
-                consumed += write_batch(
-                    &etcd,
-                    store,
-                    &fence,
-                    mapping,
-                    batch,
-                    &page.snapshot,
-                    &mut leases,
-                )
-                .await?;
-                restored += batch.len() as u64;
-                txns += 1;
-                progress.set(restored);
+                copied.consumed +=
+                    write_batch(etcd, store, fence, mapping, batch, &page.snapshot, leases).await?;
+                copied.keys += batch.len() as u64;
+                copied.txns += 1;
+                progress.set(copied.keys);
             }
             if !page.more {
                 break;
@@ -297,30 +371,7 @@ pub async fn run_restore(
         }
     }
     progress.finish();
-    let head = etcd.current_revision().await?;
-    let detail = serde_json::json!({
-        "keys": restored, "txns": txns, "queued_changes_consumed": consumed,
-        "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
-        "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
-    });
-    store
-        .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
-        .await?;
-    println!(
-        "restored {restored} keys into etcd in {txns} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
-        started.elapsed().as_secs_f64()
-    );
-    if consumed > 0 {
-        println!("{consumed} queued PostgreSQL change(s) were already part of the restored values");
-    }
-    if let Some(id) = leases.id {
-        println!(
-            "{} key(s) that had a lease were restored under the new lease {id:x}, which expires in {} s \
-             unless their owners write them again",
-            leases.keys, leases.ttl
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(copied)
 }
 
 /// Consecutive runs of `rows` that fit one etcd txn (`max_ops` puts, about
@@ -357,15 +408,8 @@ struct RestoredLease {
     ttl: i64,
     id: Option<i64>,
     keys: u64,
-    keeper: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for RestoredLease {
-    fn drop(&mut self) {
-        if let Some(keeper) = self.keeper.take() {
-            keeper.abort();
-        }
-    }
+    /// Keeps the lease alive while the restore runs.
+    keeper: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 /// Renews `lease` every third of its TTL until aborted.
@@ -399,7 +443,9 @@ impl RestoredLease {
             None => {
                 let id = etcd.grant_lease(self.ttl).await?;
                 self.id = Some(id);
-                self.keeper = Some(tokio::spawn(keep_lease_alive(etcd.clone(), id, self.ttl)));
+                self.keeper = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                    keep_lease_alive(etcd.clone(), id, self.ttl),
+                )));
                 id
             }
         };
