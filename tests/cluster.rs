@@ -123,7 +123,7 @@ async fn assert_consistent(world: &World) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn exactly_one_leader_and_standbys_are_ready() -> anyhow::Result<()> {
-    let world = World::new(MAPPINGS).await?;
+    let mut world = World::new(MAPPINGS).await?;
     let replicas = three(&world).await?;
     let leader = leader_of(&replicas).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -168,6 +168,39 @@ async fn exactly_one_leader_and_standbys_are_ready() -> anyhow::Result<()> {
     .await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(&replicas[leader].node_id), "{stdout}");
+    // The whole cluster: every replica in the election, its role and lease.
+    let env = [
+        ("ETCD_PG_SYNC__POSTGRES__URL", url.as_str()),
+        ("ETCD_PG_SYNC__ETCD__ENDPOINTS", endpoint.as_str()),
+        ("ETCD_PG_SYNC__CLUSTER__NAME", "test"),
+    ];
+    let (code, stdout, stderr) = run_cli(&["status", "--json"], &env).await?;
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout)?;
+    let listed = status["replicas"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 3, "{status}");
+    assert_eq!(listed[0]["node_id"], replicas[leader].node_id.as_str());
+    assert_eq!(listed[0]["role"], "leader");
+    assert!(
+        listed[1..].iter().all(|r| r["role"] == "standby"),
+        "{status}"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|r| r["lease_ttl_secs"].as_i64().is_some_and(|t| t > 0)),
+        "{status}"
+    );
+    // etcd down: what PostgreSQL knows, and that etcd is unreachable (3).
+    world.etcd.stop();
+    let (code, stdout, stderr) = run_cli(&["status"], &env).await?;
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stdout.contains("UNREACHABLE"), "{stdout}");
+    assert!(stdout.contains("applied revision:"), "{stdout}");
+    assert!(
+        stdout.contains(&replicas[leader].node_id),
+        "the last leader: {stdout}"
+    );
     Ok(())
 }
 

@@ -226,6 +226,24 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     assert!(stdout.contains("1 in flight"), "{stdout}");
     assert!(stdout.contains("/b/k3"), "{stdout}");
     assert!(stdout.contains("3 difference(s)"), "{stdout}");
+    // The same as JSON lines: one per difference, then the summary.
+    let (code, stdout, _) = cli(&world, &["verify", "--json"]).await?;
+    assert_eq!(code, 1, "{stdout}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let (summary, differences) = lines.split_last().expect("a summary line");
+    assert_eq!(summary["summary"]["different_values"], 2, "{stdout}");
+    assert_eq!(summary["summary"]["missing_in_pg"], 1, "{stdout}");
+    let k1 = differences
+        .iter()
+        .find(|d| d["key"] == "/a/k1")
+        .expect("/a/k1 listed");
+    assert_eq!(k1["kind"], "different-value");
+    assert_eq!(k1["table"], "kv_a");
+    assert_eq!(k1["pg"]["value"], "tampered");
+    assert_eq!(k1["outcome"], "found");
     let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"]).await?;
     assert_eq!(code, 1);
     assert!(

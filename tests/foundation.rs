@@ -50,6 +50,23 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() -> any
     .await?;
     assert_eq!(code, 0);
     assert!(stdout.contains("name = \"from-file\""));
+    // And as JSON, secrets redacted there too.
+    let (code, stdout, stderr) = run_cli(
+        &["check-config", "--json"],
+        &[
+            ("ETCD_PG_SYNC_CONFIG", config.to_str().unwrap()),
+            ("ETCD_PG_SYNC__ETCD__PASSWORD", "env-secret"),
+            ("ETCD_PG_SYNC__ETCD__USERNAME", "root"),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(json["cluster"]["name"], "from-file");
+    assert_eq!(json["mappings"][0]["table"], "kv_app");
+    for secret in ["file-secret", "url-secret", "env-secret"] {
+        assert!(!stdout.contains(secret), "{secret} leaked:\n{stdout}");
+    }
     Ok(())
 }
 
@@ -200,8 +217,18 @@ async fn readiness_follows_the_stores() -> anyhow::Result<()> {
     .await?;
     let (code, _) = service.get("/readyz").await?;
     assert_eq!(code, 503);
+    // The container health check says the same.
+    world.env.insert(
+        "ETCD_PG_SYNC__HTTP__LISTEN".into(),
+        format!("0.0.0.0:{}", service.http.port()),
+    );
+    assert_eq!(world.cli(&["health"]).await?.0, 0);
+    let (code, _, stderr) = world.cli(&["health", "--path", "/readyz"]).await?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("503"), "{stderr}");
     world.etcd.restart().await?;
     service.wait_ready(Duration::from_secs(30)).await?;
+    assert_eq!(world.cli(&["health", "--path", "/readyz"]).await?.0, 0);
     assert!(service.is_running());
     Ok(())
 }

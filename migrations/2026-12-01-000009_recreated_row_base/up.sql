@@ -40,8 +40,8 @@ BEGIN
     -- key shift), its change was queued only now, after the row was
     -- written, so the row is corrected here (`mirror_before_write` lets
     -- exactly this update through, and it queues nothing).
-    IF created_id IS NULL AND (TG_OP = 'INSERT' OR NEW.key IS DISTINCT FROM OLD.key)
-       AND NEW.mod_revision = 0 THEN
+    IF TG_OP <> 'DELETE' AND created_id IS NULL
+       AND (TG_OP = 'INSERT' OR NEW.key IS DISTINCT FROM OLD.key) AND NEW.mod_revision = 0 THEN
         SELECT o.base_revision INTO base FROM @schema@.outbox o
         WHERE o.xact = pg_catalog.pg_current_xact_id() AND o.mirror_table = mirror AND o.key = NEW.key
           AND o.op = 'put';

@@ -435,10 +435,15 @@ async fn drain(
                 state.read_past_held = true;
                 continue;
             }
-            // Larger than the largest read: the rest goes in commit order,
-            // the held transaction once its rows come into the read.
-            grouped.groups.append(&mut grouped.behind);
-            in_commit_order(&mut grouped.groups);
+            // Beyond the largest read: the part of it in the window goes
+            // (audited as a split), so the order holds and the window
+            // moves on.
+            let holder = std::mem::take(&mut grouped.holder_group);
+            if let Some(xact) = holder.first().and_then(|c| c.row.xact) {
+                grouped.released = vec![(xact, holder.len())];
+                grouped.groups.push(holder);
+                in_commit_order(&mut grouped.groups);
+            }
         }
         if grouped.groups.is_empty() {
             return Ok(if window_full {
@@ -492,8 +497,18 @@ async fn drain(
         // One txn at a time, in commit order: etcd orders concurrent
         // requests as it likes, and a transaction that read another's
         // writes must land after it.
-        for txn in txns {
-            if send(ctx, state, txn, arbiter, retrier).await? == Round::Stop {
+        let mut txns = txns.into_iter();
+        for txn in txns.by_ref() {
+            if let Round::Stop { unsent } = send(ctx, state, txn, arbiter, retrier).await? {
+                // Marked as maybe sent, never sent: a resync must not take
+                // them for landed.
+                let unsent: Vec<i64> = unsent
+                    .into_iter()
+                    .chain(txns.flatten().map(|c| c.row.id))
+                    .collect();
+                if !unsent.is_empty() {
+                    ctx.store.unmark_sent(&ctx.fence, &unsent).await?;
+                }
                 break;
             }
         }
@@ -566,6 +581,10 @@ struct Grouped {
     /// That transaction has rows beyond the window: a larger read brings
     /// them.
     holder_beyond: bool,
+    /// Its changes in the window, when only rows beyond the window hold it:
+    /// at the largest read they go as they are (an audited split), and the
+    /// transactions behind it wait on.
+    holder_group: Vec<Candidate>,
 }
 
 /// What [`whole_transactions`] knows of the window besides the candidates.
@@ -646,17 +665,28 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
     // Transactions waiting for a key settled elsewhere (a parked or dropped
     // change, a row a user holds), directly or through a key of such a
     // transaction, wait whole, however long: they hold back nothing else.
-    let blocked_keys: HashSet<KeyId> = rows
-        .iter()
-        .filter(|r| r.xact.is_some_and(|x| blocked.contains(&x)))
-        .map(key_id)
-        .collect();
-    let stuck = |xact: &i64| {
-        blocked.contains(xact)
-            || waits_on
-                .get(xact)
-                .is_some_and(|keys| keys.iter().any(|k| blocked_keys.contains(k)))
-    };
+    // Through any chain of waits: one waiting on a key of a stuck one is
+    // stuck, and so is one waiting on a key of that one.
+    let mut stuck_xacts: HashSet<i64> = blocked.clone();
+    loop {
+        let blocked_keys: HashSet<KeyId> = rows
+            .iter()
+            .filter(|r| r.xact.is_some_and(|x| stuck_xacts.contains(&x)))
+            .map(key_id)
+            .collect();
+        let more: Vec<i64> = waits_on
+            .iter()
+            .filter(|(xact, keys)| {
+                !stuck_xacts.contains(*xact) && keys.iter().any(|k| blocked_keys.contains(k))
+            })
+            .map(|(xact, _)| *xact)
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        stuck_xacts.extend(more);
+    }
+    let stuck = |xact: &i64| stuck_xacts.contains(xact);
     if !grouped.groups.is_empty() || held.is_empty() {
         in_commit_order(&mut grouped.groups);
         hold_behind_oldest(
@@ -703,12 +733,13 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
         .into_iter()
         .filter(|c| c.row.xact == Some(oldest))
         .collect();
-    grouped.released = vec![(oldest, released.len())];
     if beyond.contains(&oldest) {
-        // A larger read may bring the rest: it goes whole then.
+        // A larger read may bring the rest: it goes whole then (or, at the
+        // largest read, as it is).
         grouped.holder_beyond = true;
-        grouped.behind.push(released);
+        grouped.holder_group = released;
     } else {
+        grouped.released = vec![(oldest, released.len())];
         grouped.groups.push(released);
     }
     grouped
@@ -722,7 +753,8 @@ fn whole_transactions(rows: &[OutboxRow], candidates: Vec<Candidate>, window: Wi
 /// per key, the outbox's order comes first. Transactions stuck on a key
 /// settled elsewhere (parked behind a `manual` conflict, dropped, held by a
 /// user) hold nothing back, or one conflict would stop every later
-/// transaction; nor does one whose commit order is unknown.
+/// transaction. One whose commit order is unknown (its stamp lost in a
+/// crash) counts as committed before all others.
 fn hold_behind_oldest(
     grouped: &mut Grouped,
     held: &[Candidate],
@@ -739,7 +771,7 @@ fn hold_behind_oldest(
     let holder = complete
         .iter()
         .filter(|(xact, whole)| !**whole && !stuck(xact))
-        .filter_map(|(xact, _)| Some((*seq_of.get(xact)?, *xact)))
+        .map(|(xact, _)| (seq_of.get(xact).copied().unwrap_or(i64::MIN), *xact))
         .min();
     let Some((seq, xact)) = holder else { return };
     // The keys it waits for, and those the transactions owning their next
@@ -775,6 +807,15 @@ fn hold_behind_oldest(
             });
     grouped.groups = go;
     grouped.holder_beyond = !wait.is_empty() && beyond.contains(&xact);
+    // Held by nothing but rows beyond the window: at the largest read it
+    // may go as it is.
+    if grouped.holder_beyond && waits_on.get(&xact).is_none_or(Vec::is_empty) {
+        grouped.holder_group = held
+            .iter()
+            .filter(|c| c.row.xact == Some(xact))
+            .cloned()
+            .collect();
+    }
     grouped.behind = wait;
 }
 
@@ -961,13 +1002,16 @@ async fn attempt(ctx: &Arc<SyncContext>, txn: &[Candidate]) -> Result<CasOutcome
 }
 
 /// Whether the rest of a round may go after a txn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Round {
     Continue,
-    /// A change waits for a retry: a later transaction of the round may
-    /// have read its transaction's writes, so the round stops (the next
-    /// one reads the outbox again).
-    Stop,
+    /// A change waits for a retry or for its failed compare to be settled:
+    /// a later transaction of the round may have read its transaction's
+    /// writes, so the round stops (the next one reads the outbox again).
+    /// `unsent`: changes of this txn's queue left unsent.
+    Stop {
+        unsent: Vec<i64>,
+    },
 }
 
 /// Settles a txn: conflicts are set aside and the rest retried, a rejected
@@ -980,7 +1024,8 @@ async fn send(
     retrier: &WeakAddr<Retrier>,
 ) -> Result<Round, ActorError> {
     let mut queue: VecDeque<Vec<Candidate>> = VecDeque::from([chunk]);
-    let mut round = Round::Continue;
+    // Set when the round stops: the changes left unsent.
+    let mut stopped: Option<Vec<i64>> = None;
     while let Some(mut txn) = queue.pop_front() {
         if txn.is_empty() {
             continue;
@@ -1014,9 +1059,9 @@ async fn send(
                 // transactions committed after it wait too (they may have
                 // read its writes); those committed before it go on.
                 txn.truncate(committed_before_first_failed(&txn, &failed));
-                queue.clear();
+                let unsent = queue.drain(..).flatten().map(|c| c.row.id);
+                stopped.get_or_insert_with(Vec::new).extend(unsent);
                 queue.push_front(txn);
-                round = Round::Stop;
             }
             Ok(CasOutcome::Fenced) => return Err(ActorError::Fenced),
             Err(error) if error.connection_level() || (error.retryable() && txn.len() > 1) => {
@@ -1117,8 +1162,8 @@ async fn send(
                             .insert(candidate.row.id, Instant::now() + delay);
                         // What is left of the txn may have committed after
                         // it: read again next round (it waits then).
-                        queue.clear();
-                        round = Round::Stop;
+                        let unsent = queue.drain(..).flatten().map(|c| c.row.id);
+                        stopped.get_or_insert_with(Vec::new).extend(unsent);
                     }
                     RetryDecision::DeadLettered => {
                         state.retry_at.remove(&candidate.row.id);
@@ -1130,10 +1175,12 @@ async fn send(
             }
         }
     }
-    Ok(round)
+    Ok(match stopped {
+        Some(unsent) => Round::Stop { unsent },
+        None => Round::Continue,
+    })
 }
 
-/// Whether every change of `txn` belongs to one recorded transaction.
 /// How many of `txn`'s changes belong to transactions committed before
 /// the first one with a failed compare (`failed`: indexes into `txn`, whose
 /// transactions are in commit order, each one's changes together).
@@ -1150,6 +1197,7 @@ fn committed_before_first_failed(txn: &[Candidate], failed: &HashSet<usize>) -> 
     }
 }
 
+/// Whether every change of `txn` belongs to one recorded transaction.
 fn one_transaction(txn: &[Candidate]) -> bool {
     txn.first()
         .and_then(|c| c.row.xact)
@@ -1391,8 +1439,8 @@ mod tests {
 
     #[test]
     fn a_transaction_with_rows_left_out_of_the_read_waits() {
-        // Transaction 7 has 3 rows; the read returned 2 (one key waits for
-        // the watcher): it is held, and nothing is released.
+        // Transaction 7 has 3 rows; the read returned 2 (the third lies
+        // beyond it): it is held, and nothing is released.
         let rows = [
             in_xact(row(1, "/a", 1), 7, 3),
             in_xact(row(2, "/b", 1), 7, 3),
@@ -1405,8 +1453,7 @@ mod tests {
         let grouped = group(&PollerState::default(), &rows, true);
         assert!(grouped.groups.is_empty());
         assert!(grouped.holder_beyond);
-        assert_eq!(ids(&grouped.behind), vec![vec![1, 2]]);
-        assert_eq!(grouped.released, vec![(7, 2)]);
+        assert_eq!(ids(&[grouped.holder_group]), vec![vec![1, 2]]);
     }
 
     #[test]
@@ -1636,6 +1683,48 @@ mod tests {
         assert!(grouped.groups.is_empty());
         assert_eq!(ids(&grouped.behind), vec![vec![3]]);
         assert!(grouped.holder_beyond);
+        assert_eq!(
+            ids(&[grouped.holder_group]),
+            vec![vec![1, 2]],
+            "at the largest read, it goes as it is"
+        );
+    }
+
+    #[test]
+    fn a_transaction_waiting_through_a_chain_on_a_parked_key_holds_nothing_back() {
+        // 5 is parked (its /b is left out of the read); 6 waits for 5's /c,
+        // 7 for 6's /d. Neither may stop 8, committed after them all.
+        let mut rows = [
+            in_xact(row(1, "/c", 1), 5, 2),
+            in_xact(row(2, "/c", 1), 6, 2),
+            in_xact(row(3, "/d", 1), 6, 2),
+            in_xact(row(4, "/d", 1), 7, 2),
+            in_xact(row(5, "/e", 1), 7, 2),
+            in_xact(row(6, "/f", 1), 8, 1),
+        ];
+        rows[0].xact_blocked = true;
+        for (row, seq) in rows.iter_mut().zip([5, 6, 6, 7, 7, 8]) {
+            row.commit_seq = Some(seq);
+        }
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![6]]);
+        assert!(grouped.behind.is_empty());
+    }
+
+    #[test]
+    fn a_held_transaction_whose_commit_order_was_lost_counts_as_first() {
+        // 7's stamp was lost in a crash; it waits for 6's /k.
+        let mut rows = [
+            in_xact(row(1, "/k", 1), 6, 1),
+            in_xact(row(2, "/k", 1), 7, 2),
+            in_xact(row(3, "/j", 1), 7, 2),
+            in_xact(row(4, "/m", 1), 8, 1),
+        ];
+        rows[0].commit_seq = Some(1);
+        rows[3].commit_seq = Some(2);
+        let grouped = group(&PollerState::default(), &rows, false);
+        assert_eq!(ids(&grouped.groups), vec![vec![1]]);
+        assert_eq!(ids(&grouped.behind), vec![vec![4]]);
     }
 
     #[test]
@@ -1649,8 +1738,8 @@ mod tests {
         ];
         rows[0].xact_blocked = true;
         let grouped = group(&PollerState::default(), &rows, true);
-        assert_eq!(ids(&grouped.behind), vec![vec![2, 3]]);
-        assert_eq!(grouped.released, vec![(8, 2)]);
+        assert!(grouped.holder_beyond);
+        assert_eq!(ids(&[grouped.holder_group]), vec![vec![2, 3]]);
     }
 
     #[test]

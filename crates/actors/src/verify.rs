@@ -97,9 +97,11 @@ pub async fn verify(
         revision,
         ..VerifyReport::default()
     };
-    let wanted = |m: &Mapping| match &options.prefix {
-        None => true,
-        Some(p) => p.starts_with(&m.prefix) || m.prefix.starts_with(p),
+    let wanted = |m: &Mapping| {
+        options
+            .prefix
+            .as_deref()
+            .is_none_or(|p| eps_core::mapping::prefixes_overlap(p, &m.prefix))
     };
     for mapping in mappings.iter().filter(|m| wanted(m)) {
         let within = options

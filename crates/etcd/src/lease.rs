@@ -81,6 +81,35 @@ impl EtcdClient {
         self.first_of(prefix, options).await
     }
 
+    /// Every key under `prefix` in create order (the election's
+    /// candidates: the first leads), each with the seconds its lease has
+    /// left (`None`: no lease, or it has just expired).
+    pub async fn candidates_under(
+        &self,
+        prefix: &[u8],
+    ) -> Result<Vec<(KeyValue, Option<i64>)>, EtcdError> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let mut kv = self.kv();
+        let response = self.timed(kv.get(prefix.to_vec(), Some(options))).await?;
+        let mut out = Vec::new();
+        for kv in response.kvs().iter().map(convert::key_value) {
+            let ttl = if kv.meta.lease == 0 {
+                None
+            } else {
+                let mut lease = self.raw().lease_client();
+                let left = self
+                    .timed(lease.time_to_live(kv.meta.lease, None))
+                    .await?
+                    .ttl();
+                (left >= 0).then_some(left)
+            };
+            out.push((kv, ttl));
+        }
+        Ok(out)
+    }
+
     /// The key under `prefix` created last before `revision`: the
     /// predecessor a candidate created at `revision` waits on.
     pub async fn predecessor_under(

@@ -28,7 +28,19 @@ pub enum Command {
     /// Apply the PostgreSQL schema and exit.
     Migrate,
     /// Validate and print the effective configuration (secrets redacted).
-    CheckConfig,
+    CheckConfig {
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask this host's replica for its health over HTTP (for container
+    /// health checks): exit 0 on 200, 1 otherwise.
+    Health {
+        /// The endpoint: /healthz (the process serves) or /readyz (it is
+        /// connected to both stores).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Check what the service needs of etcd and PostgreSQL, one line each,
     /// with a fix for each failure (exit 1 when one fails).
     Doctor {
@@ -50,6 +62,10 @@ pub enum Command {
         /// Fix differences by each mapping's policy, through the fenced paths.
         #[arg(long)]
         repair: bool,
+        /// Print JSON lines (one per difference, then the summary) instead
+        /// of text.
+        #[arg(long)]
+        json: bool,
     },
     /// The conflicts ledger.
     Conflicts {

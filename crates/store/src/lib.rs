@@ -396,6 +396,12 @@ impl Store {
         outbox::mark_sent(&mut conn, fence, ids).await
     }
 
+    /// See [`outbox::unmark_sent`].
+    pub async fn unmark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        outbox::unmark_sent(&mut conn, fence, ids).await
+    }
+
     pub async fn consume_outbox(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
         let mut conn = self.pool.get().await?;
         outbox::consume(&mut conn, fence, ids).await

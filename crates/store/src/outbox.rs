@@ -144,6 +144,22 @@ pub async fn mark_sent(
     .await
 }
 
+/// Takes back [`mark_sent`] for changes a round marked but did not send
+/// (it stopped before them): a resync must not take them for landed.
+pub async fn unmark_sent(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    fenced_on_ids(
+        conn,
+        fence,
+        "UPDATE outbox SET sent = false WHERE id = ANY($1) AND sent",
+        ids,
+    )
+    .await
+}
+
 /// Removes changes that took effect without an etcd event (deleting a key
 /// that was already absent).
 pub async fn consume(

@@ -12,9 +12,67 @@ use eps_store::{Store, ledger};
 
 use crate::cli::{Command, ConflictsCommand, DeadLettersCommand, TimelineCommand};
 
-pub fn check_config(config: &Config) -> ExitCode {
-    print!("{}", config.to_redacted_toml());
-    ExitCode::SUCCESS
+pub fn check_config(config: &Config, json: bool) -> ExitCode {
+    if !json {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::to_string_pretty(config) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: cannot print the configuration as JSON: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GETs `path` from the replica at `http.listen` (its loopback address
+/// when it listens on all): 0 on a 200, 1 otherwise. The slim image has no
+/// HTTP client; one request needs none.
+pub fn health(config: &Config, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut address: std::net::SocketAddr = config
+            .http
+            .listen
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        if address.ip().is_unspecified() {
+            address.set_ip(match address {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.take(64 * 1024).read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match answer {
+        Ok(response)
+            if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") =>
+        {
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!(
+                "unhealthy: {}",
+                response.lines().next().unwrap_or("(empty answer)")
+            );
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {path} on {}: {error}", config.http.listen);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs a one-shot command on a small runtime and maps its result to an
@@ -89,9 +147,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Status { json } => status(&config, &store, json).await,
         Command::Conflicts { command } => conflicts(&store, command).await,
         Command::DeadLetters { command } => dead_letters(&store, command).await,
-        Command::Verify { prefix, repair } => {
-            super::repair::run_verify(&config, &store, prefix, repair).await
-        }
+        Command::Verify {
+            prefix,
+            repair,
+            json,
+        } => super::repair::run_verify(&config, &store, prefix, repair, json).await,
         Command::RestoreEtcd {
             prefix,
             leased_keys_ttl,
@@ -99,44 +159,46 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Timeline {
             command: TimelineCommand::Resume { take },
         } => resume_timeline(&store, take.into()).await,
-        Command::Run { .. } | Command::CheckConfig | Command::Doctor { .. } => {
+        Command::Run { .. }
+        | Command::CheckConfig { .. }
+        | Command::Health { .. }
+        | Command::Doctor { .. } => {
             unreachable!("dispatched elsewhere")
         }
     }
 }
 
-async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<ExitCode> {
-    let state = store.state().await.context("reading sync_state")?;
-    let counts = store.counts().await.context("counting the ledgers")?;
+/// What etcd says for `status`: its revision and the election's
+/// candidates (node, lease seconds left), the first leading.
+struct EtcdView {
+    revision: i64,
+    replicas: Vec<(String, Option<i64>)>,
+}
+
+async fn etcd_view(config: &Config) -> anyhow::Result<EtcdView> {
     let etcd = EtcdClient::connect(&config.etcd)
         .await
         .context("connecting to etcd")?;
-    let etcd_revision = etcd
+    let revision = etcd
         .current_revision()
         .await
         .context("reading etcd's revision")?;
     let prefix = eps_cluster::election_prefix(&config.cluster.name);
-    let leader = etcd
-        .oldest_under(&prefix)
+    let replicas = etcd
+        .candidates_under(&prefix)
         .await
-        .context("reading the election")?;
-    let leader_node = leader
-        .as_ref()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-    let document = serde_json::json!({
-        "cluster": config.cluster.name,
-        "leader": leader_node,
-        "term": state.term,
-        "leader_in_postgres": state.leader_node,
-        "applied_revision": state.applied_revision,
-        "etcd_revision": etcd_revision,
-        "lag_revisions": (etcd_revision - state.applied_revision).max(0),
-        "outbox_pending": counts.outbox_pending,
-        "conflicts_pending": counts.conflicts_pending,
-        "dead_letters": counts.dead_letters,
-        "timeline": state.timeline,
-        "timeline_paused": state.timeline_hold,
-    });
+        .context("reading the election")?
+        .into_iter()
+        .map(|(kv, ttl)| (String::from_utf8_lossy(&kv.value).into_owned(), ttl))
+        .collect();
+    Ok(EtcdView { revision, replicas })
+}
+
+/// The cluster as PostgreSQL and etcd see it. With etcd unreachable it
+/// still shows what PostgreSQL knows, says so, and exits 3.
+async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<ExitCode> {
+    let state = store.state().await.context("reading sync_state")?;
+    let counts = store.counts().await.context("counting the ledgers")?;
     let recent = ledger::recent_events(
         &mut *store
             .connection()
@@ -144,27 +206,80 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
             .context("connecting to PostgreSQL")?,
     )
     .await?;
-    let mut document = document;
-    document["events_last_hour"] = serde_json::json!(
-        recent
-            .iter()
-            .map(|(k, n)| (k.clone(), *n))
-            .collect::<std::collections::BTreeMap<_, _>>()
-    );
+    let etcd = etcd_view(config).await;
+    let (etcd_revision, replicas, etcd_error) = match &etcd {
+        Ok(view) => (Some(view.revision), view.replicas.clone(), None),
+        Err(error) => (None, Vec::new(), Some(format!("{error:#}"))),
+    };
+    let leader_node = replicas.first().map(|(node, _)| node.clone());
+    let lag = etcd_revision.map(|r| (r - state.applied_revision).max(0));
+    let replica_list: Vec<serde_json::Value> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, (node, ttl))| {
+            serde_json::json!({
+                "node_id": node,
+                "role": if i == 0 { "leader" } else { "standby" },
+                "lease_ttl_secs": ttl,
+            })
+        })
+        .collect();
+    let events: std::collections::BTreeMap<String, i64> =
+        recent.iter().map(|(k, n)| (k.clone(), *n)).collect();
     if json {
+        let document = serde_json::json!({
+            "cluster": config.cluster.name,
+            "leader": leader_node,
+            "replicas": replica_list,
+            "etcd_reachable": etcd_error.is_none(),
+            "etcd_error": etcd_error,
+            "term": state.term,
+            "leader_in_postgres": state.leader_node,
+            "applied_revision": state.applied_revision,
+            "etcd_revision": etcd_revision,
+            "lag_revisions": lag,
+            "outbox_pending": counts.outbox_pending,
+            "conflicts_pending": counts.conflicts_pending,
+            "dead_letters": counts.dead_letters,
+            "timeline": state.timeline,
+            "timeline_paused": state.timeline_hold,
+            "events_last_hour": events,
+        });
         println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
+        let unknown = || "(etcd unreachable)".to_owned();
         println!("cluster:           {}", config.cluster.name);
+        match &etcd_error {
+            Some(error) => println!("etcd:              UNREACHABLE: {error}"),
+            None => println!("etcd:              reachable"),
+        }
         println!(
             "leader:            {}",
-            leader_node.as_deref().unwrap_or("(none)")
+            match (&etcd_error, &leader_node) {
+                (Some(_), _) => format!(
+                    "{} (etcd unreachable; the last leader PostgreSQL knows)",
+                    state.leader_node.as_deref().unwrap_or("(none)")
+                ),
+                (None, Some(node)) => node.clone(),
+                (None, None) => "(none)".into(),
+            }
         );
+        for (i, (node, ttl)) in replicas.iter().enumerate() {
+            println!(
+                "replica:           {node:<24} {:<8} lease {}",
+                if i == 0 { "leader" } else { "standby" },
+                ttl.map_or("expiring".into(), |t| format!("{t} s left"))
+            );
+        }
         println!("term:              {}", state.term);
         println!("applied revision:  {}", state.applied_revision);
-        println!("etcd revision:     {etcd_revision}");
+        println!(
+            "etcd revision:     {}",
+            etcd_revision.map_or_else(unknown, |r| r.to_string())
+        );
         println!(
             "lag (revisions):   {}",
-            (etcd_revision - state.applied_revision).max(0)
+            lag.map_or_else(unknown, |l| l.to_string())
         );
         println!("outbox pending:    {}", counts.outbox_pending);
         println!("conflicts pending: {}", counts.conflicts_pending);
@@ -175,7 +290,7 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
                 "PAUSED:            etcd was restored or replaced ({held}); resume with `etcd-pg-sync timeline resume --take etcd|pg`"
             );
         }
-        let summary: Vec<String> = recent
+        let summary: Vec<String> = events
             .iter()
             .map(|(kind, n)| format!("{kind} {n}"))
             .collect();
@@ -188,7 +303,10 @@ async fn status(config: &Config, store: &Store, json: bool) -> anyhow::Result<Ex
             }
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(match etcd {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => ExitCode::from(exit_code_of(&error)),
+    })
 }
 
 /// When etcd's side of a conflict was made, as the revision clock knew it.

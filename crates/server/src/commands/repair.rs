@@ -56,11 +56,82 @@ impl Progress {
         }
     }
 
+    /// Prints a line on stdout now (above the bar on a terminal).
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
     fn finish(self) {
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
         }
     }
+}
+
+/// What a repair did, in words.
+fn outcome_text(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Found => "found",
+        Outcome::RepairedFromEtcd => "repaired: PostgreSQL takes etcd's value",
+        Outcome::RepairedFromPg => "repaired: etcd takes PostgreSQL's value",
+        Outcome::MetadataFromEtcd => "repaired: same value, PostgreSQL takes etcd's metadata",
+        Outcome::NeedsOperator => "not repaired: manual policy",
+        Outcome::ChangedMeanwhile => {
+            "not repaired: changed while verify ran (the newer change stands)"
+        }
+    }
+}
+
+fn difference_line(
+    mapping: &eps_core::Mapping,
+    difference: &eps_actors::diff::Difference,
+    outcome: Outcome,
+) -> String {
+    let etcd_side = difference
+        .etcd
+        .as_ref()
+        .map(|kv| format!("{} @{}", show(Some(&kv.value)), kv.meta.mod_revision))
+        .unwrap_or_else(|| show(None));
+    let pg_side = difference
+        .pg
+        .as_ref()
+        .map(|row| format!("{} @{}", show(Some(&row.value)), row.mod_revision))
+        .unwrap_or_else(|| show(None));
+    let outcome = match outcome {
+        Outcome::Found => String::new(),
+        other => format!(" → {}", outcome_text(other)),
+    };
+    format!(
+        "{kind:<16} table={table} key={key}  etcd: {etcd_side}  pg: {pg_side}{outcome}",
+        kind = difference.kind(),
+        table = mapping.table,
+        key = display_key(&difference.key),
+    )
+}
+
+/// One difference as a JSON object (keys and values escaped as in every
+/// command's JSON: printable ASCII as is, other bytes as `\xNN`).
+fn difference_json(
+    mapping: &eps_core::Mapping,
+    difference: &eps_actors::diff::Difference,
+    outcome: Outcome,
+) -> serde_json::Value {
+    let side = |value: Option<(&[u8], i64)>| {
+        value.map(|(value, revision)| {
+            serde_json::json!({ "value": display_key(value), "mod_revision": revision })
+        })
+    };
+    serde_json::json!({
+        "kind": difference.kind().to_string(),
+        "table": mapping.table.as_str(),
+        "key": display_key(&difference.key),
+        "etcd": side(difference.etcd.as_ref().map(|kv| (kv.value.as_slice(), kv.meta.mod_revision))),
+        "pg": side(difference.pg.as_ref().map(|row| (row.value.as_slice(), row.mod_revision))),
+        "outcome": outcome_text(outcome),
+    })
 }
 
 /// The fence for a command: the current term (commands do not lead; their
@@ -86,6 +157,7 @@ pub async fn run_verify(
     store: &Store,
     prefix: Option<String>,
     repair: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let etcd = EtcdClient::connect(&config.etcd)
         .await
@@ -98,8 +170,9 @@ pub async fn run_verify(
         page_size: config.sync.snapshot_page_size,
         settle: Duration::from_secs(5),
     };
-    let mut progress = Progress::new("verifying", None);
-    let mut lines = Vec::new();
+    let progress = std::cell::RefCell::new(Progress::new("verifying", None));
+    // Each difference is printed as it is found: memory stays bounded by
+    // the diff's pages, whatever the drift.
     let report = verify(
         &etcd,
         store,
@@ -107,58 +180,37 @@ pub async fn run_verify(
         Some(&fence),
         &options,
         |mapping, difference, outcome| {
-            let etcd_side = difference
-                .etcd
-                .as_ref()
-                .map(|kv| format!("{} @{}", show(Some(&kv.value)), kv.meta.mod_revision))
-                .unwrap_or_else(|| show(None));
-            let pg_side = difference
-                .pg
-                .as_ref()
-                .map(|row| format!("{} @{}", show(Some(&row.value)), row.mod_revision))
-                .unwrap_or_else(|| show(None));
-            let outcome = match outcome {
-                Outcome::Found => String::new(),
-                Outcome::RepairedFromEtcd => " → repaired: PostgreSQL takes etcd's value".into(),
-                Outcome::RepairedFromPg => " → repaired: etcd takes PostgreSQL's value".into(),
-                Outcome::MetadataFromEtcd => {
-                    " → repaired: same value, PostgreSQL takes etcd's metadata".into()
-                }
-                Outcome::NeedsOperator => " → not repaired: manual policy".into(),
-                Outcome::ChangedMeanwhile => {
-                    " → not repaired: changed while verify ran (the newer change stands)".into()
-                }
+            let line = if json {
+                difference_json(mapping, difference, outcome).to_string()
+            } else {
+                difference_line(mapping, difference, outcome)
             };
-            lines.push(format!(
-                "{kind:<16} table={table} key={key}  etcd: {etcd_side}  pg: {pg_side}{outcome}",
-                kind = difference.kind(),
-                table = mapping.table,
-                key = display_key(&difference.key),
-            ));
+            progress.borrow().println(&line);
         },
-        |keys| progress.set(keys),
+        |keys| progress.borrow_mut().set(keys),
     )
     .await?;
-    progress.finish();
-    for line in &lines {
-        println!("{line}");
+    progress.into_inner().finish();
+    if json {
+        println!("{}", serde_json::json!({ "summary": report }));
+    } else {
+        println!(
+            "compared {} etcd keys and {} PostgreSQL rows at etcd revision {}: {} difference(s) ({} missing in PostgreSQL, {} missing in etcd, {} different values), {} in flight{}",
+            report.etcd_keys,
+            report.pg_rows,
+            report.revision,
+            report.differences(),
+            report.missing_in_pg,
+            report.missing_in_etcd,
+            report.different_values,
+            report.in_flight,
+            if repair {
+                format!(", {} repaired", report.repaired)
+            } else {
+                String::new()
+            }
+        );
     }
-    println!(
-        "compared {} etcd keys and {} PostgreSQL rows at etcd revision {}: {} difference(s) ({} missing in PostgreSQL, {} missing in etcd, {} different values), {} in flight{}",
-        report.etcd_keys,
-        report.pg_rows,
-        report.revision,
-        report.differences(),
-        report.missing_in_pg,
-        report.missing_in_etcd,
-        report.different_values,
-        report.in_flight,
-        if repair {
-            format!(", {} repaired", report.repaired)
-        } else {
-            String::new()
-        }
-    );
     let detail = serde_json::json!({"source": "command", "repair": repair, "report": report});
     if let Err(error) = store
         .record_event(&fence, AuditKind::Verify, None, &detail)
