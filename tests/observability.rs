@@ -98,6 +98,7 @@ async fn endpoints_answer_and_metrics_move_when_changes_flow() -> anyhow::Result
         "etcd_pg_sync_watch_lag_seconds",
         "etcd_pg_sync_store_up",
         "etcd_pg_sync_build_info{",
+        "cluster=\"test\"",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "process_open_fds",

@@ -105,6 +105,8 @@ async fn serve_logged(config: Arc<Config>, no_migrate: bool) -> anyhow::Result<(
         telemetry::BUILD_INFO,
         "version" => env!("CARGO_PKG_VERSION"),
         "git_revision" => env!("ETCD_PG_SYNC_GIT_REVISION"),
+        // The dashboards select a cluster's replicas by it.
+        "cluster" => config.cluster.name.clone(),
     )
     .set(1.0);
     // Histograms are drained only by a scrape; without one they grow.
