@@ -283,6 +283,21 @@ async fn doctor_checks_what_the_service_needs_and_says_how_to_fix_it() -> anyhow
     );
     world.env.remove("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS");
 
+    // Pools larger than PostgreSQL's connections.
+    world
+        .env
+        .insert("ETCD_PG_SYNC__POSTGRES__POOL_SIZE".into(), "5000".into());
+    let (code, stdout, _) = world.cli(&["doctor"]).await?;
+    println!("{stdout}");
+    assert_eq!(code, 1, "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("postgres.connections"))
+        .unwrap_or_default();
+    assert!(line.starts_with("FAIL"), "{stdout}");
+    assert!(stdout.contains("fix: raise max_connections"), "{stdout}");
+    world.env.remove("ETCD_PG_SYNC__POSTGRES__POOL_SIZE");
+
     // Nothing listens on the port of a stopped etcd.
     world.etcd.stop();
     let (code, stdout, _) = world.cli(&["doctor"]).await?;

@@ -230,7 +230,21 @@ async fn a_wrong_ca_fails_at_start_with_a_clear_error() -> anyhow::Result<()> {
         path(&client.cert),
         path(&client.key)
     );
-    let logs = expect_startup_failure(config(&etcd, &plain_db.url(), "n1", &extra), "n1").await?;
+    let wrong_etcd_ca = config(&etcd, &plain_db.url(), "n1", &extra);
+    // `doctor` names it beforehand, with the setting to check.
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &wrong_etcd_ca.toml)?;
+    let (code, stdout, stderr) = run_cli(&["doctor", "--config", &path(file.path())], &[]).await?;
+    println!("{stdout}");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("etcd.connect") && l.contains("TLS")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fix: check etcd.tls.ca_file"), "{stdout}");
+    let logs = expect_startup_failure(wrong_etcd_ca, "n1").await?;
     assert!(
         logs.contains("etcd TLS handshake failed") && logs.contains("certificate"),
         "{logs}"
