@@ -44,13 +44,15 @@ pub enum AuditKind {
     Verify,
     /// etcd rebuilt from the mirror.
     RestoreEtcd,
+    /// A key range put back to its state at an earlier revision.
+    Rollback,
     /// Old audit events, history rows and clock samples deleted.
     Retention,
 }
 
 impl AuditKind {
     /// Every kind, in README's order.
-    pub const ALL: [AuditKind; 20] = [
+    pub const ALL: [AuditKind; 21] = [
         AuditKind::BatchApplied,
         AuditKind::Conflict,
         AuditKind::Resolution,
@@ -70,6 +72,7 @@ impl AuditKind {
         AuditKind::KeyBlocked,
         AuditKind::Verify,
         AuditKind::RestoreEtcd,
+        AuditKind::Rollback,
         AuditKind::Retention,
     ];
 
@@ -95,6 +98,7 @@ impl AuditKind {
             AuditKind::KeyBlocked => "key-blocked",
             AuditKind::Verify => "verify",
             AuditKind::RestoreEtcd => "restore-etcd",
+            AuditKind::Rollback => "rollback",
             AuditKind::Retention => "retention",
         }
     }

@@ -83,6 +83,28 @@ pub enum Command {
         #[command(subcommand)]
         command: TimelineCommand,
     },
+    /// Put every key under a prefix back to its state at an earlier
+    /// revision (or time), from the history: prints the changes; writes
+    /// them with --apply.
+    Rollback {
+        /// The keys to put back.
+        #[arg(long)]
+        prefix: String,
+        /// The etcd revision whose state to restore.
+        #[arg(long, conflicts_with = "to_time", required_unless_present = "to_time")]
+        to_revision: Option<i64>,
+        /// Or a time (RFC 3339, e.g. 2026-12-01T14:02:00Z): the state of the
+        /// newest revision known to exist by then.
+        #[arg(long)]
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
+        /// Write the changes (as SQL writes of the mirror table, which the
+        /// leader sends to etcd like any other).
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON lines (one per change, then the summary).
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild an empty etcd (or one prefix) from the PostgreSQL mirror.
     RestoreEtcd {
         /// Only keys under this prefix.

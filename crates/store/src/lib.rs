@@ -18,6 +18,7 @@ pub mod mirror;
 pub mod notify;
 pub mod outbox;
 pub mod preflight;
+pub mod rollback;
 pub mod schema;
 pub mod state;
 pub mod tls;
@@ -92,8 +93,7 @@ impl Store {
 
     /// Applies the schema and creates the mirror tables. Idempotent.
     pub async fn migrate(&self) -> Result<migrate::MigrationReport, StoreError> {
-        let tables: Vec<Ident> = self.mappings.iter().map(|m| m.table.clone()).collect();
-        migrate::migrate(&self.connector, &tables).await
+        migrate::migrate(&self.connector, &self.mappings).await
     }
 
     /// Fails unless this role's writes are recognized as the service's own
@@ -116,6 +116,33 @@ impl Store {
     pub async fn preflight(&self) -> Result<preflight::PgFacts, StoreError> {
         let mut conn = self.connector.connect().await?;
         preflight::facts(&mut conn, self.connector.schema()).await
+    }
+
+    /// See [`rollback::plan`].
+    pub async fn rollback_plan(
+        &self,
+        table: &Ident,
+        range: (&[u8], Option<&[u8]>),
+        revision: i64,
+    ) -> Result<Vec<rollback::RollbackChange>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::plan(&mut conn, self.connector.schema(), table, range, revision).await
+    }
+
+    /// See [`rollback::revision_at`].
+    pub async fn revision_at(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::revision_at(&mut conn, self.connector.schema(), at).await
+    }
+
+    /// See [`rollback::apply`].
+    pub async fn rollback_apply(
+        &self,
+        table: &Ident,
+        changes: &[rollback::RollbackChange],
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::apply(&mut conn, self.connector.schema(), table, changes).await
     }
 
     /// True when a connection can be had and answers.

@@ -19,6 +19,7 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::MigrationHarness;
 use eps_core::ident::Ident;
+use eps_core::mapping::MappingSet;
 
 use crate::connect::Connector;
 use crate::error::StoreError;
@@ -83,6 +84,11 @@ const MIGRATIONS: &[SqlFile] = &[
         version: "20261201000009",
         name: "2026-12-01-000009_recreated_row_base",
         up: include_str!("../../../migrations/2026-12-01-000009_recreated_row_base/up.sql"),
+    },
+    SqlFile {
+        version: "20261201000010",
+        name: "2026-12-01-000010_state_at",
+        up: include_str!("../../../migrations/2026-12-01-000010_state_at/up.sql"),
     },
 ];
 
@@ -159,8 +165,9 @@ pub struct MigrationReport {
 /// Applies pending migrations and ensures the mirror tables. Idempotent.
 pub async fn migrate(
     connector: &Connector,
-    tables: &[Ident],
+    mappings: &MappingSet,
 ) -> Result<MigrationReport, StoreError> {
+    let tables: Vec<&Ident> = mappings.iter().map(|m| &m.table).collect();
     let schema = connector.schema().clone();
     // A dedicated connection: the advisory lock is its session's, released
     // when the connection closes on whichever path leaves this function.
@@ -197,14 +204,21 @@ pub async fn migrate(
     .await
     .map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?;
     let applied = applied?;
-    for table in tables {
+    for mapping in mappings.iter() {
         diesel::sql_query(format!(
             "SELECT {}.ensure_mirror_table($1)",
             schema.quoted()
         ))
-        .bind::<Text, _>(table.as_str())
+        .bind::<Text, _>(mapping.table.as_str())
         .execute(&mut conn)
         .await?;
+        // The table's key range, for `state_at`.
+        diesel::sql_query("UPDATE mirror_tables SET prefix = $2, prefix_end = $3 WHERE name = $1")
+            .bind::<Text, _>(mapping.table.as_str())
+            .bind::<diesel::sql_types::Bytea, _>(&mapping.prefix)
+            .bind::<diesel::sql_types::Nullable<diesel::sql_types::Bytea>, _>(mapping.range_end())
+            .execute(&mut conn)
+            .await?;
     }
     Ok(MigrationReport {
         applied,

@@ -152,6 +152,20 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             repair,
             json,
         } => super::repair::run_verify(&config, &store, prefix, repair, json).await,
+        Command::Rollback {
+            prefix,
+            to_revision,
+            to_time,
+            apply,
+            json,
+        } => {
+            let target = match (to_revision, to_time) {
+                (Some(revision), _) => super::repair::Target::Revision(revision),
+                (None, Some(at)) => super::repair::Target::Time(at),
+                (None, None) => anyhow::bail!("--to-revision or --to-time is required"),
+            };
+            super::repair::run_rollback(&config, &store, &prefix, target, apply, json).await
+        }
         Command::RestoreEtcd {
             prefix,
             leased_keys_ttl,

@@ -544,3 +544,161 @@ async fn write_batch(
         .mark_restored(fence, &mapping.table, &restored, revision, snapshot)
         .await?)
 }
+
+/// What `rollback` puts back: the state at a revision, or at a time.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Revision(i64),
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// Prints (and with `apply` writes) the changes that bring every key under
+/// `prefix` back to its state at the target revision. The writes are SQL
+/// writes of the mirror tables, in transactions of at most one etcd txn's
+/// keys: the leader sends each as one txn, compared like any user's change.
+pub async fn run_rollback(
+    config: &Config,
+    store: &Store,
+    prefix: &str,
+    target: Target,
+    apply: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let prefix_bytes = prefix.as_bytes();
+    let mappings = config.validated_mappings()?;
+    let selected: Vec<_> = mappings
+        .iter()
+        .filter(|m| eps_core::mapping::prefixes_overlap(prefix_bytes, &m.prefix))
+        .collect();
+    let state = store.state().await.context("reading sync_state")?;
+    let revision = match target {
+        Target::Revision(revision) => revision,
+        Target::Time(at) => store
+            .revision_at(at)
+            .await
+            .context("reading the revision clock")?,
+    };
+    let invalid = |message: String| {
+        eprintln!("error: {message}");
+        Ok(ExitCode::from(crate::EXIT_CONFIG))
+    };
+    if selected.is_empty() {
+        return invalid(format!("no mapping covers the prefix {prefix:?}"));
+    }
+    if revision <= 0 || revision > state.applied_revision {
+        return invalid(format!(
+            "revision {revision} is not one the mirror has applied (checkpoint {})",
+            state.applied_revision
+        ));
+    }
+    if apply && let Some(read_only) = selected.iter().find(|m| !m.direction.pg_to_etcd()) {
+        return invalid(format!(
+            "mapping {} is {}: its changes cannot go to etcd",
+            read_only.table,
+            read_only.direction.as_str()
+        ));
+    }
+    let fence = command_fence(store, config, "rollback").await?;
+    // One transaction per etcd txn's worth of keys (and bytes).
+    let (max_ops, max_bytes) = config.etcd.txn_limits(1);
+    let (mut puts, mut deletes, mut written) = (0u64, 0u64, 0usize);
+    for mapping in &selected {
+        let (start, end) = mapping.range_within(Some(prefix_bytes));
+        let changes = store
+            .rollback_plan(&mapping.table, (&start, end.as_deref()), revision)
+            .await
+            .context("reading the history")?;
+        for change in &changes {
+            match &change.target {
+                Some(_) => puts += 1,
+                None => deletes += 1,
+            }
+            println!("{}", rollback_line(mapping, change, json));
+        }
+        if !apply {
+            continue;
+        }
+        let mut batch: Vec<eps_store::rollback::RollbackChange> = Vec::new();
+        let mut bytes = 0;
+        for change in changes {
+            let size = eps_core::keys::put_request_bytes(
+                change.key.len(),
+                change.target.as_ref().map_or(0, Vec::len),
+            );
+            if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
+                written += store.rollback_apply(&mapping.table, &batch).await?;
+                batch.clear();
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(change);
+        }
+        if !batch.is_empty() {
+            written += store.rollback_apply(&mapping.table, &batch).await?;
+        }
+    }
+    let changed_meanwhile = (puts + deletes) as usize - written.min((puts + deletes) as usize);
+    let summary = serde_json::json!({
+        "prefix": prefix,
+        "to_revision": revision,
+        "puts": puts,
+        "deletes": deletes,
+        "applied": apply,
+        "written": written,
+        "changed_meanwhile": if apply { changed_meanwhile } else { 0 },
+        "node": config.cluster.node_id,
+    });
+    if json {
+        println!("{}", serde_json::json!({ "summary": summary }));
+    } else if apply {
+        println!(
+            "{written} change(s) written under {prefix:?} to go back to revision {revision} ({puts} put(s), {deletes} delete(s){}); the leader sends them to etcd",
+            if changed_meanwhile > 0 {
+                format!(", {changed_meanwhile} skipped: changed since they were read")
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "{} change(s) would bring {prefix:?} back to revision {revision} ({puts} put(s), {deletes} delete(s)); --apply writes them",
+            puts + deletes
+        );
+    }
+    if apply {
+        store
+            .record_event(&fence, AuditKind::Rollback, None, &summary)
+            .await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rollback_line(
+    mapping: &eps_core::Mapping,
+    change: &eps_store::rollback::RollbackChange,
+    json: bool,
+) -> String {
+    if json {
+        return serde_json::json!({
+            "op": if change.target.is_some() { "put" } else { "delete" },
+            "table": mapping.table.as_str(),
+            "key": display_key(&change.key),
+            "current": change.current.as_deref().map(display_key),
+            "target": change.target.as_deref().map(display_key),
+        })
+        .to_string();
+    }
+    match &change.target {
+        Some(target) => format!(
+            "put    {}  {} → {}",
+            display_key(&change.key),
+            show(change.current.as_deref()),
+            show(Some(target))
+        ),
+        None => format!(
+            "delete {}  {}",
+            display_key(&change.key),
+            show(change.current.as_deref())
+        ),
+    }
+}

@@ -1,0 +1,154 @@
+//! `etcd-pg-sync rollback`: the changes that bring a key range back to its
+//! state at an earlier revision (from the history, `state_at`), and their
+//! application as ordinary SQL writes of the mirror table — the triggers
+//! queue them, and the leader sends them to etcd like any user's change
+//! (compare, policy, history, audit).
+
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use eps_core::ident::Ident;
+
+use crate::error::StoreError;
+
+/// One key's change: `current` (the mirror's value now, `None`: absent)
+/// becomes `target` (its value at the revision, `None`: delete it).
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct RollbackChange {
+    #[diesel(sql_type = Bytea)]
+    pub key: Vec<u8>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub current: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub target: Option<Vec<u8>>,
+}
+
+/// The changes under `[start, end)` of `table` from its rows now to its
+/// state at `revision`, in key order.
+pub async fn plan(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    table: &Ident,
+    (start, end): (&[u8], Option<&[u8]>),
+    revision: i64,
+) -> Result<Vec<RollbackChange>, StoreError> {
+    let changes = diesel::sql_query(format!(
+        "SELECT coalesce(t.key, m.key) AS key, m.value AS current, t.value AS target \
+         FROM (SELECT s.key, s.value FROM {schema}.state_at($1, $2) s \
+               WHERE s.key >= $3 AND ($4::bytea IS NULL OR s.key < $4)) AS t \
+         FULL JOIN (SELECT r.key, r.value FROM {mirror} r \
+                    WHERE r.key >= $3 AND ($4::bytea IS NULL OR r.key < $4)) AS m \
+           ON m.key = t.key \
+         WHERE t.value IS DISTINCT FROM m.value \
+         ORDER BY 1",
+        schema = schema.quoted(),
+        mirror = schema.qualify(table),
+    ))
+    .bind::<Text, _>(table.as_str())
+    .bind::<BigInt, _>(revision)
+    .bind::<Bytea, _>(start)
+    .bind::<Nullable<Bytea>, _>(end)
+    .load(conn)
+    .await?;
+    Ok(changes)
+}
+
+#[derive(QueryableByName)]
+struct Revision {
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
+}
+
+/// The newest etcd revision known to exist by `at` (`revision_at`).
+pub async fn revision_at(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<i64, StoreError> {
+    let found: Revision = diesel::sql_query(format!(
+        "SELECT coalesce({}.revision_at($1), 0) AS revision",
+        schema.quoted()
+    ))
+    .bind::<Timestamptz, _>(at)
+    .get_result(conn)
+    .await?;
+    Ok(found.revision)
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Writes `changes` into `table` in one transaction, as a user would:
+/// each only if the row is still as planned (`current`); returns how many
+/// were written. A row a user holds makes the batch fail after 5 s
+/// (retryable), not wait for ever.
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    table: &Ident,
+    changes: &[RollbackChange],
+) -> Result<usize, StoreError> {
+    let mirror = schema.qualify(table);
+    // Column arrays for `unnest`: keys, then current and/or target values.
+    type Columns<'a> = Vec<&'a [u8]>;
+    let mut updates: (Columns, Columns, Columns) = Default::default();
+    let mut inserts: (Columns, Columns) = Default::default();
+    let mut deletes: (Columns, Columns) = Default::default();
+    for change in changes {
+        match (&change.current, &change.target) {
+            (Some(current), Some(target)) => {
+                updates.0.push(&change.key);
+                updates.1.push(current);
+                updates.2.push(target);
+            }
+            (None, Some(target)) => {
+                inserts.0.push(&change.key);
+                inserts.1.push(target);
+            }
+            (Some(current), None) => {
+                deletes.0.push(&change.key);
+                deletes.1.push(current);
+            }
+            (None, None) => {}
+        }
+    }
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        conn.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+        let updated: Written = diesel::sql_query(format!(
+            "WITH w AS (UPDATE {mirror} r SET value = u.target \
+                        FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS u(key, current, target) \
+                        WHERE r.key = u.key AND r.value = u.current RETURNING 1) \
+             SELECT count(*) AS n FROM w"
+        ))
+        .bind::<Array<Bytea>, _>(&updates.0)
+        .bind::<Array<Bytea>, _>(&updates.1)
+        .bind::<Array<Bytea>, _>(&updates.2)
+        .get_result(conn)
+        .await?;
+        let inserted: Written = diesel::sql_query(format!(
+            "WITH w AS (INSERT INTO {mirror} (key, value) \
+                        SELECT u.key, u.target FROM unnest($1::bytea[], $2::bytea[]) AS u(key, target) \
+                        ON CONFLICT (key) DO NOTHING RETURNING 1) \
+             SELECT count(*) AS n FROM w"
+        ))
+        .bind::<Array<Bytea>, _>(&inserts.0)
+        .bind::<Array<Bytea>, _>(&inserts.1)
+        .get_result(conn)
+        .await?;
+        let deleted: Written = diesel::sql_query(format!(
+            "WITH w AS (DELETE FROM {mirror} r \
+                        USING unnest($1::bytea[], $2::bytea[]) AS u(key, current) \
+                        WHERE r.key = u.key AND r.value = u.current RETURNING 1) \
+             SELECT count(*) AS n FROM w"
+        ))
+        .bind::<Array<Bytea>, _>(&deletes.0)
+        .bind::<Array<Bytea>, _>(&deletes.1)
+        .get_result(conn)
+        .await?;
+        Ok((updated.n + inserted.n + deleted.n) as usize)
+    })
+    .await
+}
