@@ -666,3 +666,38 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
     assert_eq!(code, 2, "{stderr}");
     Ok(())
 }
+
+/// A `json` mapping: etcd's values are queryable as JSON in PostgreSQL, and
+/// a value that is not JSON still syncs (NULL JSON).
+#[tokio::test]
+async fn json_values_from_etcd_are_queryable_in_postgres() -> anyhow::Result<()> {
+    let world = World::new(
+        "[[mappings]]\nprefix = \"/j/\"\ntable = \"kv_j\"\nvalue_format = \"json\"\njson_index = true\n",
+    )
+    .await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/j/svc", r#"{"replicas": 3, "image": "v2"}"#, None)
+        .await?;
+    etcd.put("/j/raw", "not json", None).await?;
+    wait_converged(&world, "kv_j", b"/j/", Duration::from_secs(10)).await?;
+    let pg = world.pg().await?;
+    let rows: Vec<(String, Option<String>)> = pg
+        .query(
+            "SELECT key, value_json->>'image' FROM kv_j_text ORDER BY key",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("/j/raw".into(), None),
+            ("/j/svc".into(), Some("v2".into()))
+        ]
+    );
+    Ok(())
+}

@@ -85,6 +85,16 @@ async fn an_invalid_config_exits_2_naming_the_key() -> anyhow::Result<()> {
             "mappings[0].policy",
         ),
         (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\nvalue_format = \"yaml\"\n",
+            &[],
+            "mappings[0].value_format",
+        ),
+        (
+            "[[mappings]]\nprefix = \"/a/\"\ntable = \"a\"\njson_index = true\n",
+            &[],
+            "mappings[0].json_index",
+        ),
+        (
             "[[mappings]]\nprefix = \"/a/\"\ntable = \"a; DROP TABLE x\"\n",
             &[],
             "mappings[0].table",

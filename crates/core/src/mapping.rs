@@ -10,6 +10,26 @@ use crate::INTERNAL_PREFIX;
 use crate::ident::Ident;
 use crate::keys;
 
+/// How a mapping's values are shown in PostgreSQL besides their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValueFormat {
+    /// `value bytea` only.
+    Bytes,
+    /// Also `value_json jsonb`, generated (NULL when not JSON).
+    Json,
+}
+
+impl ValueFormat {
+    pub fn parse(s: &str) -> Option<ValueFormat> {
+        match s {
+            "bytes" => Some(ValueFormat::Bytes),
+            "json" => Some(ValueFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 /// Which way changes flow for a mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -97,6 +117,9 @@ pub struct Mapping {
     /// The side `newest-wins` keeps when it cannot order two changes
     /// (`sync.newest_wins_tie`).
     pub tie: crate::policy::Side,
+    pub value_format: ValueFormat,
+    /// A GIN index on `value_json` (JSON values only).
+    pub json_index: bool,
 }
 
 impl Mapping {
@@ -205,6 +228,8 @@ mod tests {
             direction: Direction::Both,
             policy: Policy::NewestWins,
             tie: crate::policy::Side::Etcd,
+            value_format: ValueFormat::Bytes,
+            json_index: false,
         }
     }
 

@@ -19,7 +19,7 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::MigrationHarness;
 use eps_core::ident::Ident;
-use eps_core::mapping::MappingSet;
+use eps_core::mapping::{MappingSet, ValueFormat};
 
 use crate::connect::Connector;
 use crate::error::StoreError;
@@ -89,6 +89,11 @@ const MIGRATIONS: &[SqlFile] = &[
         version: "20261201000010",
         name: "2026-12-01-000010_state_at",
         up: include_str!("../../../migrations/2026-12-01-000010_state_at/up.sql"),
+    },
+    SqlFile {
+        version: "20261201000011",
+        name: "2026-12-01-000011_json_values",
+        up: include_str!("../../../migrations/2026-12-01-000011_json_values/up.sql"),
     },
 ];
 
@@ -206,10 +211,12 @@ pub async fn migrate(
     let applied = applied?;
     for mapping in mappings.iter() {
         diesel::sql_query(format!(
-            "SELECT {}.ensure_mirror_table($1)",
+            "SELECT {}.ensure_mirror_table($1, $2, $3)",
             schema.quoted()
         ))
         .bind::<Text, _>(mapping.table.as_str())
+        .bind::<Bool, _>(mapping.value_format == ValueFormat::Json)
+        .bind::<Bool, _>(mapping.json_index)
         .execute(&mut conn)
         .await?;
         // The table's key range, for `state_at`.

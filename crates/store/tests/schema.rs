@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::store_with;
+use common::{store_for, store_with};
 use eps_core::model::{EtcdEvent, KeyMeta, Op, PrevKv};
 use eps_core::reconcile::KeyInput;
 use eps_store::{ApplyRequest, Fence, KeyInputs, StoreError};
@@ -767,5 +767,93 @@ async fn a_key_deleted_and_created_again_in_one_statement_keeps_the_base() -> an
     );
     // Fixing the base was no change of its own.
     assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 4);
+    Ok(())
+}
+
+/// `value_format = "json"`: the mirror table and its text view show each
+/// value as `value_json` (NULL when it is not JSON: written from SQL or
+/// etcd, such a value is kept and synced, never refused), indexed on
+/// request; the history as JSON through `history_json`; back to `bytes`,
+/// the column goes.
+#[tokio::test]
+async fn json_values_are_queryable_and_never_block_a_write() -> anyhow::Result<()> {
+    let json = "[[mappings]]\nprefix = \"/j/\"\ntable = \"kv_j\"\nvalue_format = \"json\"\njson_index = true\n";
+    let (store, db) = store_with(json).await?;
+    store.migrate().await?;
+    store.migrate().await?; // again: a no-op
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    client
+        .batch_execute(
+            "INSERT INTO kv_j_text (key, value) VALUES \
+               ('/j/flag', '{\"enabled\": true, \"rollout\": 20}'), \
+               ('/j/list', '[1, 2, 3]'), \
+               ('/j/not-json', 'plain text {');",
+        )
+        .await?;
+    let enabled: Vec<String> = client
+        .query(
+            "SELECT key FROM kv_j_text WHERE value_json @> '{\"enabled\": true}' ORDER BY key",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(enabled, vec!["/j/flag".to_owned()]);
+    let not_json: Option<String> = client
+        .query_one(
+            "SELECT value_json::text FROM kv_j WHERE key = '/j/not-json'::bytea",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(not_json, None, "kept, as NULL JSON");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        3,
+        "every value, JSON or not, goes to etcd"
+    );
+    let index: i64 = count(
+        &client,
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'kv_j_value_json' \
+           AND indexdef LIKE '%USING gin%'",
+    )
+    .await;
+    assert_eq!(index, 1);
+    client
+        .batch_execute(
+            "BEGIN; SELECT set_config('etcd_sync.applying', 'on', true); \
+             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term) \
+             VALUES ('/j/flag', 5, 'put', '{\"enabled\": false}', 5, 1, 0, 'etcd', 1); COMMIT;",
+        )
+        .await?;
+    let old: String = client
+        .query_one(
+            "SELECT value_json::text FROM history_json WHERE key = '/j/flag'::bytea AND revision = 5",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&old)?,
+        serde_json::json!({"enabled": false})
+    );
+
+    // Back to bytes: the column and its index go; the rows stay.
+    let bytes_again = store_for(
+        &db.url(),
+        "[[mappings]]\nprefix = \"/j/\"\ntable = \"kv_j\"\n",
+    )
+    .await?;
+    bytes_again.migrate().await?;
+    let columns = count(
+        &client,
+        "SELECT count(*) FROM information_schema.columns WHERE table_name IN ('kv_j', 'kv_j_text') \
+           AND column_name = 'value_json'",
+    )
+    .await;
+    assert_eq!(columns, 0);
+    assert_eq!(count(&client, "SELECT count(*) FROM kv_j_text").await, 3);
     Ok(())
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::INTERNAL_PREFIX;
 use crate::backoff::Backoff;
 use crate::ident::{Ident, RESERVED_TABLES};
-use crate::mapping::{Direction, Mapping, MappingSet, Policy, prefixes_overlap};
+use crate::mapping::{Direction, Mapping, MappingSet, Policy, ValueFormat, prefixes_overlap};
 
 /// Environment variable prefix; sections and keys are separated by `__`.
 pub const ENV_PREFIX: &str = "ETCD_PG_SYNC";
@@ -353,6 +353,17 @@ pub struct MappingConfig {
     /// `newest-wins`, `etcd-wins`, `pg-wins` or `manual`.
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// `bytes`, or `json`: the mirror table also shows each value as
+    /// `value_json jsonb` (NULL when the value is not JSON).
+    #[serde(default = "default_value_format")]
+    pub value_format: String,
+    /// With `json`: a GIN index on `value_json`.
+    #[serde(default)]
+    pub json_index: bool,
+}
+
+fn default_value_format() -> String {
+    "bytes".into()
 }
 
 fn default_direction() -> String {
@@ -882,6 +893,8 @@ impl Config {
                 direction: Direction::Both,
                 policy: Policy::NewestWins,
                 tie: self.sync.newest_wins_tie,
+                value_format: ValueFormat::Bytes,
+                json_index: false,
             }]));
         }
         let mut mappings: Vec<Mapping> = Vec::with_capacity(self.mappings.len());
@@ -923,6 +936,21 @@ impl Config {
                 .policy
                 .parse()
                 .map_err(|m: String| ConfigError::invalid(key("policy"), m))?;
+            let value_format = ValueFormat::parse(&raw.value_format).ok_or_else(|| {
+                ConfigError::invalid(
+                    key("value_format"),
+                    format!(
+                        "unknown value format {:?}, expected bytes or json",
+                        raw.value_format
+                    ),
+                )
+            })?;
+            if raw.json_index && value_format != ValueFormat::Json {
+                return Err(ConfigError::invalid(
+                    key("json_index"),
+                    "needs value_format = \"json\"",
+                ));
+            }
             for (j, earlier) in mappings.iter().enumerate() {
                 if prefixes_overlap(&earlier.prefix, &prefix) {
                     return Err(ConfigError::invalid(
@@ -946,6 +974,8 @@ impl Config {
                 direction,
                 policy,
                 tie: self.sync.newest_wins_tie,
+                value_format,
+                json_index: raw.json_index,
             });
         }
         Ok(MappingSet::new(mappings))
