@@ -573,10 +573,24 @@ async fn state_at_answers_as_etcd_did_at_every_revision() -> anyhow::Result<()> 
 async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Result<()> {
     use rand::{Rng, SeedableRng};
     let world = World::new(MAPPINGS).await?;
+    // Written before the first sync: the snapshot records this key at its
+    // own revision, so the history knows the range only from the snapshot.
+    let mut etcd = world.etcd_client().await?;
+    let before_sync = etcd.put("/a/pre", "early", None).await?;
+    let before_sync = before_sync.header().map_or(0, |h| h.revision());
+    etcd.put("/a/pre2", "early", None).await?;
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_synced(&world).await?;
-    let mut etcd = world.etcd_client().await?;
+    // A key bound to a lease at the target revision, gone since: putting
+    // it back would make it permanent, so rollback leaves it out.
+    let lease = etcd.lease_grant(60, None).await?.id();
+    etcd.put(
+        "/a/leased",
+        "held",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let mut change = async |etcd: &mut etcd_client::Client| -> anyhow::Result<()> {
         let key = format!("/a/r{:02}", rng.random_range(0..50));
@@ -592,10 +606,12 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
         change(&mut etcd).await?;
     }
     let target = etcd_revision(&world).await?;
-    let at_target = etcd_snapshot(&mut etcd, b"/a/").await?;
+    let mut at_target = etcd_snapshot(&mut etcd, b"/a/").await?;
     for _ in 0..500 {
         change(&mut etcd).await?;
     }
+    etcd.lease_revoke(lease).await?;
+    at_target.remove(b"/a/leased".as_slice());
     etcd.put("/b/untouched", "b", None).await?;
     let head = etcd_revision(&world).await?;
     wait_applied(&world, head, Duration::from_secs(20)).await?;
@@ -620,6 +636,7 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
         .collect::<Result<_, _>>()?;
     let (summary, changes) = lines.split_last().expect("a summary");
     assert!(!changes.is_empty());
+    assert_eq!(summary["summary"]["leased_skipped"], 1, "{stdout}");
     assert_eq!(
         summary["summary"]["puts"].as_u64().unwrap_or(0)
             + summary["summary"]["deletes"].as_u64().unwrap_or(0),
@@ -664,6 +681,16 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
         .cli(&["rollback", "--prefix", "/a/", "--to-revision", "999999"])
         .await?;
     assert_eq!(code, 2, "{stderr}");
+    // So is one before the history knows the whole range.
+    let (code, _, stderr) = world
+        .cli(&["rollback", "--prefix", "/a/", "--to-revision", &before_sync.to_string()])
+        .await?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("before what the history"), "{stderr}");
+    let refused = pg
+        .query("SELECT * FROM state_at('kv_a', $1)", &[&before_sync])
+        .await;
+    assert!(refused.is_err(), "state_at refuses it too");
     Ok(())
 }
 

@@ -4,10 +4,11 @@
 -- through the `history_json` view.
 
 -- The value as jsonb, NULL when it is not UTF-8 JSON. Immutable (a
--- generated column needs it): it depends on the bytes alone, the
--- database's encoding being UTF-8's or a superset for JSON text.
+-- generated column needs it): it depends on the bytes alone. Parallel
+-- unsafe: its exception block starts a subtransaction, which a parallel
+-- worker may not.
 CREATE FUNCTION @schema@.json_or_null(p_value bytea) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = @schema@, pg_temp AS $$
+LANGUAGE plpgsql IMMUTABLE PARALLEL UNSAFE SET search_path = @schema@, pg_temp AS $$
 BEGIN
     RETURN pg_catalog.convert_from(p_value, 'UTF8')::jsonb;
 EXCEPTION WHEN OTHERS THEN
@@ -22,7 +23,7 @@ CREATE VIEW @schema@.history_json AS
 
 -- Creates (idempotently) a mirror table, its constraints, triggers and
 -- `<table>_text` view, and its JSON column as configured. Called by
--- `migrate` for every mapped table.
+-- `migrate` for every mapped table. (The one-argument form follows.)
 DROP FUNCTION @schema@.ensure_mirror_table(text);
 CREATE FUNCTION @schema@.ensure_mirror_table(p_table text, p_json boolean, p_json_index boolean)
 RETURNS void
@@ -128,4 +129,21 @@ BEGIN
 END
 $fn$;
 
+-- The former signature, for a `migrate` of an older binary (a rollback of
+-- the deployment): the table keeps the JSON column and index it has.
+CREATE FUNCTION @schema@.ensure_mirror_table(p_table text) RETURNS void
+LANGUAGE plpgsql SET search_path = @schema@, pg_temp AS $$
+DECLARE
+    relation regclass := pg_catalog.to_regclass(pg_catalog.format('%I.%I', '@schema_name@', p_table));
+BEGIN
+    PERFORM @schema@.ensure_mirror_table(
+        p_table,
+        EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = relation AND a.attname = 'value_json' AND NOT a.attisdropped),
+        EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = '@schema_name@' AND c.relname = p_table || '_value_json'));
+END
+$$;
+
 REVOKE ALL ON FUNCTION @schema@.ensure_mirror_table(text, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.ensure_mirror_table(text) FROM PUBLIC;

@@ -108,10 +108,12 @@ impl EtcdClient {
         // The compare's value carries the size; the request's other bytes
         // are a few dozen.
         let value = vec![b'x'; bytes.saturating_sub(key.len() + 64)];
-        let txn = Txn::new().when([
-            never(&key),
-            Compare::value(key.clone(), CompareOp::Equal, value),
-        ]);
+        // A txn with a write is checked against etcd's limit before it is
+        // applied (a read-only one is not); the write is in the branch
+        // that cannot run.
+        let txn = Txn::new()
+            .when([never(&key)])
+            .and_then([TxnOp::put(key.clone(), value, None)]);
         let mut kv = self.kv();
         self.timed(kv.txn(txn)).await.map(|_| ())
     }

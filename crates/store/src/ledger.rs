@@ -811,6 +811,21 @@ pub async fn purge(
          WHERE at < now() - make_interval(days => $1) LIMIT $2)",
     )
     .await?;
+    if history_days > 0 {
+        // Below the newest revision about to be purged, some key's state
+        // may be gone: `state_at` refuses those revisions.
+        conn.transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+            diesel::sql_query(
+                "UPDATE sync_state s SET history_complete_from = greatest(s.history_complete_from,                      coalesce((SELECT max(h.revision) + 1 FROM history h WHERE h.timeline = s.timeline                                AND h.recorded_at < now() - make_interval(days => $1)), 0))                  WHERE s.id = 1",
+            )
+            .bind::<diesel::sql_types::Integer, _>(history_days as i32)
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+        .await?;
+    }
     let history = purge_older_than(
         conn,
         fence,

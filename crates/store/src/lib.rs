@@ -129,6 +129,15 @@ impl Store {
         rollback::plan(&mut conn, self.connector.schema(), table, range, revision).await
     }
 
+    /// See [`rollback::table_record`].
+    pub async fn table_record(
+        &self,
+        table: &Ident,
+    ) -> Result<Option<rollback::TableRecord>, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::table_record(&mut conn, table).await
+    }
+
     /// See [`rollback::revision_at`].
     pub async fn revision_at(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
         let mut conn = self.pool.get().await?;

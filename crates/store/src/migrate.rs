@@ -219,13 +219,17 @@ pub async fn migrate(
         .bind::<Bool, _>(mapping.json_index)
         .execute(&mut conn)
         .await?;
-        // The table's key range, for `state_at`.
-        diesel::sql_query("UPDATE mirror_tables SET prefix = $2, prefix_end = $3 WHERE name = $1")
-            .bind::<Text, _>(mapping.table.as_str())
-            .bind::<diesel::sql_types::Bytea, _>(&mapping.prefix)
-            .bind::<diesel::sql_types::Nullable<diesel::sql_types::Bytea>, _>(mapping.range_end())
-            .execute(&mut conn)
-            .await?;
+        // The table's key range, for `state_at`. A table synced before its
+        // first sync's revision was recorded: the newest revision its
+        // snapshot rows carry is the closest known bound.
+        diesel::sql_query(
+            "UPDATE mirror_tables m SET prefix = $2, prefix_end = $3,                  history_from = coalesce(m.history_from, CASE WHEN m.synced THEN                      (SELECT coalesce(max(h.revision), 0) FROM history h, sync_state s                       WHERE s.id = 1 AND h.timeline = s.timeline AND h.origin = 'snapshot'                         AND h.key >= $2 AND ($3::bytea IS NULL OR h.key < $3)) END)              WHERE m.name = $1",
+        )
+        .bind::<Text, _>(mapping.table.as_str())
+        .bind::<diesel::sql_types::Bytea, _>(&mapping.prefix)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Bytea>, _>(mapping.range_end())
+        .execute(&mut conn)
+        .await?;
     }
     Ok(MigrationReport {
         applied,

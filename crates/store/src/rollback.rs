@@ -21,6 +21,39 @@ pub struct RollbackChange {
     pub current: Option<Vec<u8>>,
     #[diesel(sql_type = Nullable<Bytea>)]
     pub target: Option<Vec<u8>>,
+    /// At the revision the key was bound to a lease (long gone since, or
+    /// not): putting it back would make it a key without one.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub target_leased: bool,
+}
+
+/// What `migrate` and the leader recorded of a mirror table.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct TableRecord {
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub prefix: Option<Vec<u8>>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub synced: bool,
+    /// The first revision `state_at` answers for (`None`: not synced yet
+    /// on this timeline): see migration 000010.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub history_floor: Option<i64>,
+}
+
+pub async fn table_record(
+    conn: &mut AsyncPgConnection,
+    table: &Ident,
+) -> Result<Option<TableRecord>, StoreError> {
+    let found: Vec<TableRecord> = diesel::sql_query(
+        "SELECT m.prefix, m.synced, \
+                CASE WHEN m.history_from IS NOT NULL \
+                     THEN greatest(m.history_from, s.history_complete_from) END AS history_floor \
+         FROM mirror_tables m, sync_state s WHERE s.id = 1 AND m.name = $1",
+    )
+    .bind::<Text, _>(table.as_str())
+    .load(conn)
+    .await?;
+    Ok(found.into_iter().next())
 }
 
 /// The changes under `[start, end)` of `table` from its rows now to its
@@ -33,8 +66,13 @@ pub async fn plan(
     revision: i64,
 ) -> Result<Vec<RollbackChange>, StoreError> {
     let changes = diesel::sql_query(format!(
-        "SELECT coalesce(t.key, m.key) AS key, m.value AS current, t.value AS target \
-         FROM (SELECT s.key, s.value FROM {schema}.state_at($1, $2) s \
+        "SELECT coalesce(t.key, m.key) AS key, m.value AS current, t.value AS target, \
+                coalesce(t.lease <> 0, false) AS target_leased \
+         FROM (SELECT s.key, s.value, \
+                      (SELECT h.lease FROM {schema}.history h, {schema}.sync_state st \
+                       WHERE st.id = 1 AND h.timeline = st.timeline AND h.key = s.key \
+                         AND h.revision = s.mod_revision) AS lease \
+               FROM {schema}.state_at($1, $2) s \
                WHERE s.key >= $3 AND ($4::bytea IS NULL OR s.key < $4)) AS t \
          FULL JOIN (SELECT r.key, r.value FROM {mirror} r \
                     WHERE r.key >= $3 AND ($4::bytea IS NULL OR r.key < $4)) AS m \

@@ -259,10 +259,15 @@ pub async fn finish_resync(
         diesel::sql_query("UPDATE sync_state SET timeline_resync = false WHERE id = 1")
             .execute(conn)
             .await?;
-        diesel::sql_query("UPDATE mirror_tables SET synced = true WHERE relid::int8 = ANY($1)")
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(relids)
-            .execute(conn)
-            .await?;
+        // A table synced for the first time (on this timeline) has its
+        // whole range in the history from this revision on.
+        diesel::sql_query(
+            "UPDATE mirror_tables SET synced = true,                  history_from = coalesce(CASE WHEN synced THEN history_from END, $2)              WHERE relid::int8 = ANY($1)",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(relids)
+        .bind::<diesel::sql_types::BigInt, _>(revision)
+        .execute(conn)
+        .await?;
         Ok(())
     })
     .await
@@ -359,6 +364,10 @@ pub async fn begin_timeline(
         .get_result(conn)
         .await?;
         let decision = next.decision.as_deref().and_then(Side::parse);
+        // The new timeline's history starts with its resync.
+        diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
+            .execute(conn)
+            .await?;
         for table in tables {
             diesel::sql_query(format!(
                 "UPDATE {} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",

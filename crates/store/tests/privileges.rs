@@ -288,10 +288,12 @@ async fn every_function_pins_its_search_path_and_only_the_text_helper_is_public(
     for row in rows {
         let (name, definer, config, public): (String, bool, String, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        // The one public function is a pure helper of the text view (its
-        // readers must be able to call it); it touches no table.
-        assert_eq!(public, name == "utf8_or_null", "{name}: EXECUTE for PUBLIC");
-        if definer || name != "utf8_or_null" {
+        // The public functions are pure helpers of the text view and the
+        // JSON column (their readers must be able to call them); they touch
+        // no table.
+        let helper = name == "utf8_or_null" || name == "json_or_null";
+        assert_eq!(public, helper, "{name}: EXECUTE for PUBLIC");
+        if definer || !helper {
             assert!(
                 config == "search_path=etcd_sync, pg_temp"
                     || config == "search_path=\"etcd_sync\", pg_temp",

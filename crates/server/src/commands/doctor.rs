@@ -335,20 +335,27 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
         ),
     });
     let bytes = config.etcd.max_request_bytes;
-    checks.push(match etcd.probe_request_bytes(&probe, bytes).await {
-        Ok(()) => Check::ok(
-            "etcd.max_request_bytes",
-            format!("etcd takes requests of {bytes} bytes"),
-        ),
-        Err(error) => Check::fail(
-            "etcd.max_request_bytes",
-            format!("a request of {bytes} bytes: {error}"),
-            format!(
-                "start etcd with --max-request-bytes={bytes} or more, or lower \
-                 etcd.max_request_bytes to etcd's limit (1572864 by default)"
+    // A write is what etcd checks the size of: probed under the cluster's
+    // own prefix, which the service may always write.
+    checks.push(
+        match etcd
+            .probe_request_bytes(&internal_prefix(config), bytes)
+            .await
+        {
+            Ok(()) => Check::ok(
+                "etcd.max_request_bytes",
+                format!("etcd takes requests of {bytes} bytes"),
             ),
-        ),
-    });
+            Err(error) => Check::fail(
+                "etcd.max_request_bytes",
+                format!("a request of {bytes} bytes: {error}"),
+                format!(
+                    "start etcd with --max-request-bytes={bytes} or more, or lower \
+                 etcd.max_request_bytes to etcd's limit (1572864 by default)"
+                ),
+            ),
+        },
+    );
     Some(etcd)
 }
 

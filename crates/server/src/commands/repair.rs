@@ -570,7 +570,6 @@ pub async fn run_rollback(
         .iter()
         .filter(|m| eps_core::mapping::prefixes_overlap(prefix_bytes, &m.prefix))
         .collect();
-    let state = store.state().await.context("reading sync_state")?;
     let revision = match target {
         Target::Revision(revision) => revision,
         Target::Time(at) => store
@@ -578,55 +577,234 @@ pub async fn run_rollback(
             .await
             .context("reading the revision clock")?,
     };
-    let invalid = |message: String| {
-        eprintln!("error: {message}");
-        Ok(ExitCode::from(crate::EXIT_CONFIG))
-    };
-    if selected.is_empty() {
-        return invalid(format!("no mapping covers the prefix {prefix:?}"));
+    if let Some(refusal) = rollback_refusal(store, &selected, prefix, revision, apply).await? {
+        eprintln!("error: {refusal}");
+        return Ok(ExitCode::from(crate::EXIT_CONFIG));
     }
-    if revision <= 0 || revision > state.applied_revision {
-        return invalid(format!(
-            "revision {revision} is not one the mirror has applied (checkpoint {})",
-            state.applied_revision
-        ));
-    }
-    if apply && let Some(read_only) = selected.iter().find(|m| !m.direction.pg_to_etcd()) {
-        return invalid(format!(
-            "mapping {} is {}: its changes cannot go to etcd",
-            read_only.table,
-            read_only.direction.as_str()
-        ));
+    // The changes are planned against the mirror: it must hold what etcd
+    // holds now, or they would be based on older values.
+    if let Some(behind) = mirror_lag(config, store).await? {
+        eprintln!(
+            "error: the mirror is {behind} revision(s) behind etcd (is a leader running?); rollback plans against the mirror"
+        );
+        return Ok(ExitCode::FAILURE);
     }
     let fence = command_fence(store, config, "rollback").await?;
-    // One transaction per etcd txn's worth of keys (and bytes).
+    let mut tally = RollbackTally::default();
+    let outcome = plan_and_write(
+        config,
+        store,
+        &selected,
+        prefix_bytes,
+        revision,
+        apply,
+        json,
+        &mut tally,
+    )
+    .await;
+    let summary = serde_json::json!({
+        "prefix": prefix,
+        "to_revision": revision,
+        "puts": tally.puts,
+        "deletes": tally.deletes,
+        "leased_skipped": tally.leased,
+        "applied": apply,
+        "written": tally.written,
+        "changed_meanwhile": tally.changed_meanwhile,
+        "error": outcome.as_ref().err().map(|e| format!("{e:#}")),
+        "node": config.cluster.node_id,
+    });
+    if apply {
+        // Also after a failed batch: what was written is on record.
+        store
+            .record_event(&fence, AuditKind::Rollback, None, &summary)
+            .await?;
+    }
+    outcome?;
+    if json {
+        println!("{}", serde_json::json!({ "summary": summary }));
+    } else if apply {
+        println!(
+            "{} change(s) written under {prefix:?} to go back to revision {revision} ({} put(s), {} delete(s){}{}); the leader sends them to etcd, compared and settled like any other write",
+            tally.written,
+            tally.puts,
+            tally.deletes,
+            if tally.changed_meanwhile > 0 {
+                format!(
+                    ", {} skipped: changed since they were read",
+                    tally.changed_meanwhile
+                )
+            } else {
+                String::new()
+            },
+            leased_note(tally.leased),
+        );
+    } else {
+        println!(
+            "{} change(s) would bring {prefix:?} back to revision {revision} ({} put(s), {} delete(s){}); --apply writes them",
+            tally.puts + tally.deletes,
+            tally.puts,
+            tally.deletes,
+            leased_note(tally.leased),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn leased_note(leased: u64) -> String {
+    if leased == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {leased} key(s) that had a lease at that revision left out: they would come back without one"
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct RollbackTally {
+    puts: u64,
+    deletes: u64,
+    leased: u64,
+    written: usize,
+    changed_meanwhile: usize,
+}
+
+/// Why a rollback to `revision` cannot be planned exactly, if it cannot:
+/// no mapping covers the prefix; a table whose recorded range is not the
+/// configured one, that is not synced, or whose history does not reach
+/// back to `revision`; a revision the mirror has not applied, or sync
+/// paused on a restored etcd. With `apply`, also a mapping that cannot
+/// write etcd.
+async fn rollback_refusal(
+    store: &Store,
+    selected: &[&eps_core::Mapping],
+    prefix: &str,
+    revision: i64,
+    apply: bool,
+) -> anyhow::Result<Option<String>> {
+    if selected.is_empty() {
+        return Ok(Some(format!("no mapping covers the prefix {prefix:?}")));
+    }
+    let state = store.state().await.context("reading sync_state")?;
+    if state.timeline_hold.is_some() || state.timeline_resync {
+        return Ok(Some(
+            "sync is paused on, or resyncing onto, a restored or replaced etcd: settle that first"
+                .into(),
+        ));
+    }
+    if revision <= 0 || revision > state.applied_revision {
+        return Ok(Some(format!(
+            "revision {revision} is not one the mirror has applied (checkpoint {})",
+            state.applied_revision
+        )));
+    }
+    for mapping in selected {
+        if apply && !mapping.direction.pg_to_etcd() {
+            return Ok(Some(format!(
+                "mapping {} is {}: its changes cannot go to etcd",
+                mapping.table,
+                mapping.direction.as_str()
+            )));
+        }
+        let Some(record) = store.table_record(&mapping.table).await? else {
+            return Ok(Some(format!(
+                "mirror table {} does not exist (run migrate)",
+                mapping.table
+            )));
+        };
+        if record.prefix.as_deref() != Some(mapping.prefix.as_slice()) {
+            return Ok(Some(format!(
+                "mirror table {} was migrated for another prefix than this configuration's: run migrate with it",
+                mapping.table
+            )));
+        }
+        match record.history_floor {
+            None => {
+                return Ok(Some(format!(
+                    "mirror table {} is not synced yet: its history starts with its first sync",
+                    mapping.table
+                )));
+            }
+            Some(floor) if revision < floor => {
+                return Ok(Some(format!(
+                    "revision {revision} is before what the history of {} knows whole (from revision {floor}: its first sync, or history retention)",
+                    mapping.table
+                )));
+            }
+            Some(_) if !record.synced => {
+                return Ok(Some(format!(
+                    "mirror table {} is being filled again",
+                    mapping.table
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// How far the mirror's checkpoint stays behind etcd's revision of now,
+/// after waiting up to 10 s for the leader to catch up (`None`: caught up).
+async fn mirror_lag(config: &Config, store: &Store) -> anyhow::Result<Option<i64>> {
+    let etcd = EtcdClient::connect(&config.etcd)
+        .await
+        .context("connecting to etcd")?;
+    let head = etcd.current_revision().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let applied = store.state().await?.applied_revision;
+        if applied >= head {
+            return Ok(None);
+        }
+        if Instant::now() > deadline {
+            return Ok(Some(head - applied));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints the changes of every selected mapping and, with `apply`, writes
+/// them in transactions of at most one etcd txn's keys and bytes.
+#[allow(clippy::too_many_arguments)]
+async fn plan_and_write(
+    config: &Config,
+    store: &Store,
+    selected: &[&eps_core::Mapping],
+    prefix: &[u8],
+    revision: i64,
+    apply: bool,
+    json: bool,
+    tally: &mut RollbackTally,
+) -> anyhow::Result<()> {
     let (max_ops, max_bytes) = config.etcd.txn_limits(1);
-    let (mut puts, mut deletes, mut written) = (0u64, 0u64, 0usize);
-    for mapping in &selected {
-        let (start, end) = mapping.range_within(Some(prefix_bytes));
+    for mapping in selected {
+        let (start, end) = mapping.range_within(Some(prefix));
         let changes = store
             .rollback_plan(&mapping.table, (&start, end.as_deref()), revision)
             .await
             .context("reading the history")?;
-        for change in &changes {
-            match &change.target {
-                Some(_) => puts += 1,
-                None => deletes += 1,
-            }
-            println!("{}", rollback_line(mapping, change, json));
-        }
-        if !apply {
-            continue;
-        }
         let mut batch: Vec<eps_store::rollback::RollbackChange> = Vec::new();
         let mut bytes = 0;
         for change in changes {
+            if change.target_leased {
+                tally.leased += 1;
+                continue;
+            }
+            match &change.target {
+                Some(_) => tally.puts += 1,
+                None => tally.deletes += 1,
+            }
+            println!("{}", rollback_line(mapping, &change, json));
+            if !apply {
+                continue;
+            }
             let size = eps_core::keys::put_request_bytes(
                 change.key.len(),
                 change.target.as_ref().map_or(0, Vec::len),
             );
             if !batch.is_empty() && (batch.len() >= max_ops || bytes + size > max_bytes) {
-                written += store.rollback_apply(&mapping.table, &batch).await?;
+                write_rollback_batch(store, mapping, &batch, tally).await?;
                 batch.clear();
                 bytes = 0;
             }
@@ -634,43 +812,25 @@ pub async fn run_rollback(
             batch.push(change);
         }
         if !batch.is_empty() {
-            written += store.rollback_apply(&mapping.table, &batch).await?;
+            write_rollback_batch(store, mapping, &batch, tally).await?;
         }
     }
-    let changed_meanwhile = (puts + deletes) as usize - written.min((puts + deletes) as usize);
-    let summary = serde_json::json!({
-        "prefix": prefix,
-        "to_revision": revision,
-        "puts": puts,
-        "deletes": deletes,
-        "applied": apply,
-        "written": written,
-        "changed_meanwhile": if apply { changed_meanwhile } else { 0 },
-        "node": config.cluster.node_id,
-    });
-    if json {
-        println!("{}", serde_json::json!({ "summary": summary }));
-    } else if apply {
-        println!(
-            "{written} change(s) written under {prefix:?} to go back to revision {revision} ({puts} put(s), {deletes} delete(s){}); the leader sends them to etcd",
-            if changed_meanwhile > 0 {
-                format!(", {changed_meanwhile} skipped: changed since they were read")
-            } else {
-                String::new()
-            }
-        );
-    } else {
-        println!(
-            "{} change(s) would bring {prefix:?} back to revision {revision} ({puts} put(s), {deletes} delete(s)); --apply writes them",
-            puts + deletes
-        );
-    }
-    if apply {
-        store
-            .record_event(&fence, AuditKind::Rollback, None, &summary)
-            .await?;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+async fn write_rollback_batch(
+    store: &Store,
+    mapping: &eps_core::Mapping,
+    batch: &[eps_store::rollback::RollbackChange],
+    tally: &mut RollbackTally,
+) -> anyhow::Result<()> {
+    let written = store
+        .rollback_apply(&mapping.table, batch)
+        .await
+        .with_context(|| format!("writing {} change(s) to {}", batch.len(), mapping.table))?;
+    tally.written += written;
+    tally.changed_meanwhile += batch.len().saturating_sub(written);
+    Ok(())
 }
 
 fn rollback_line(
