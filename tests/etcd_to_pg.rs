@@ -683,7 +683,13 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
     assert_eq!(code, 2, "{stderr}");
     // So is one before the history knows the whole range.
     let (code, _, stderr) = world
-        .cli(&["rollback", "--prefix", "/a/", "--to-revision", &before_sync.to_string()])
+        .cli(&[
+            "rollback",
+            "--prefix",
+            "/a/",
+            "--to-revision",
+            &before_sync.to_string(),
+        ])
         .await?;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("before what the history"), "{stderr}");

@@ -401,6 +401,19 @@ async fn resync_once(
     Ok(revision)
 }
 
+/// Apply transactions of one walk in flight at once, at most: the next
+/// pages are read and compared (etcd, then the mirror) while earlier chunks
+/// are written. The chunks are disjoint key ranges, in key order; each is
+/// its own transaction (the fence is taken FOR SHARE), and the checkpoint
+/// moves only after the walk, once every one of them committed. Measured
+/// (`eps-bench snapshot --quick`, 50,000 keys): 22.9k keys/s one at a time,
+/// 36k with 2, 43k with 3.
+const APPLIES_IN_FLIGHT: usize = 3;
+
+/// Pool connections a walk leaves to the others: the cursor's mirror
+/// reads, the poller, the arbiter and the health checks.
+const POOL_LEFT_DURING_WALK: usize = 4;
+
 /// Feeds every difference between etcd at `revision` and the mirror over
 /// one mapping's range to the apply transaction, a chunk at a time.
 async fn walk(
@@ -419,6 +432,10 @@ async fn walk(
     let observed_at = Instant::now();
     let mut scanned = 0u64;
     let mut last_log = Instant::now();
+    // Aborted when dropped: an error ends the walk and the chunks with it
+    // (the resync starts over; nothing moved the checkpoint).
+    let mut applying: tokio::task::JoinSet<Result<eps_store::ApplyReport, ActorError>> =
+        tokio::task::JoinSet::new();
     while let Some(difference) = cursor.next().await.map_err(ActorError::from)? {
         if last_log.elapsed() > std::time::Duration::from_secs(5) {
             tracing::info!(table = %mapping.table, keys = cursor.etcd_keys, differences = counts.differences, "resync progress");
@@ -432,7 +449,15 @@ async fn walk(
         chunk_bytes += input.key.len() + input_bytes(&input.inputs);
         chunk.push(input);
         if chunk.len() >= page_size || chunk_bytes >= PAGE_BYTES {
-            flush(ctx, &mut chunk, observed_at, rollbacks, counts).await?;
+            let in_flight = (ctx.config.postgres.pool_size as usize)
+                .saturating_sub(POOL_LEFT_DURING_WALK)
+                .clamp(1, APPLIES_IN_FLIGHT);
+            if applying.len() >= in_flight {
+                joined(ctx, &mut applying, counts).await?;
+            }
+            let ctx = ctx.clone();
+            let keys = std::mem::take(&mut chunk);
+            applying.spawn(async move { apply_chunk(&ctx, &keys, observed_at, rollbacks).await });
             chunk_bytes = 0;
         }
         if cursor.etcd_keys > scanned {
@@ -443,7 +468,31 @@ async fn walk(
     }
     metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
     counts.keys_scanned += cursor.etcd_keys;
-    flush(ctx, &mut chunk, observed_at, rollbacks, counts).await
+    if !chunk.is_empty() {
+        let report = apply_chunk(ctx, &chunk, observed_at, rollbacks).await?;
+        tally(ctx, counts, &report);
+    }
+    while !applying.is_empty() {
+        joined(ctx, &mut applying, counts).await?;
+        progress.tick();
+    }
+    Ok(())
+}
+
+/// Waits for one chunk in flight and counts it.
+async fn joined(
+    ctx: &SyncContext,
+    applying: &mut tokio::task::JoinSet<Result<eps_store::ApplyReport, ActorError>>,
+    counts: &mut Counts,
+) -> Result<(), ActorError> {
+    match applying.join_next().await {
+        Some(Ok(report)) => {
+            tally(ctx, counts, &report?);
+            Ok(())
+        }
+        Some(Err(error)) => Err(ActorError::Internal(format!("resync apply task: {error}"))),
+        None => Ok(()),
+    }
 }
 
 fn present(kv: KeyValue, revision: i64, origin: Origin) -> KeyInputs {
@@ -481,18 +530,14 @@ fn input_bytes(inputs: &[KeyInput]) -> usize {
         .sum()
 }
 
-/// `rollbacks`: a resync onto a new timeline, which records every value of
-/// PostgreSQL's it replaces.
-async fn flush(
-    ctx: &Arc<SyncContext>,
-    chunk: &mut Vec<KeyInputs>,
+/// Applies one chunk of differences. `rollbacks`: a resync onto a new
+/// timeline, which records every value of PostgreSQL's it replaces.
+async fn apply_chunk(
+    ctx: &SyncContext,
+    chunk: &[KeyInputs],
     observed_at: Instant,
     rollbacks: bool,
-    counts: &mut Counts,
-) -> Result<(), ActorError> {
-    if chunk.is_empty() {
-        return Ok(());
-    }
+) -> Result<eps_store::ApplyReport, ActorError> {
     let request = ApplyRequest {
         fence: &ctx.fence,
         checkpoint: None,
@@ -506,13 +551,15 @@ async fn flush(
         defer_held: true,
         record_rollbacks: rollbacks,
     };
-    let report = ctx.store.apply(&request).await?;
-    ctx.dropped_with_transactions(&report);
+    Ok(ctx.store.apply(&request).await?)
+}
+
+/// Counts what one chunk's apply did.
+fn tally(ctx: &SyncContext, counts: &mut Counts, report: &eps_store::ApplyReport) {
+    ctx.dropped_with_transactions(report);
     counts.rolled_back += report.rolled_back as u64;
     counts.upserts += report.mirror_upserts as u64;
     counts.deletes += report.mirror_deletes as u64;
     counts.conflicts += report.conflicts.len() as u64;
     telemetry::count_conflicts(&report.conflicts);
-    chunk.clear();
-    Ok(())
 }
