@@ -22,7 +22,8 @@ CREATE INDEX history_recorded_at ON @schema@.history (timeline, recorded_at);
 
 -- The keys of `p_table`'s mapping and their values as of `p_revision` on
 -- the current timeline (deleted keys absent), with the revision of their
--- last change: each key's newest history row at or below the revision.
+-- last change: each key's newest history row at or below the revision,
+-- found through the primary key (key, timeline, revision).
 -- Refuses (SQLSTATE 22023) a revision the history cannot answer for
 -- exactly: before the table's first sync on this timeline, or before
 -- history retention's horizon. Across a compaction gap, rows marked
@@ -56,17 +57,30 @@ BEGIN
                         p_revision, p_table, greatest(m.history_from, horizon)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- Key by key through the primary key (a skip scan): the next key
+    -- after the previous one, then its newest row at or below the
+    -- revision. Two index probes per key, however long each key's history.
     RETURN QUERY
+    WITH RECURSIVE keys(k) AS (
+        (SELECT h.key FROM @schema@.history h
+         WHERE h.key >= m.prefix AND (m.prefix_end IS NULL OR h.key < m.prefix_end)
+           AND h.timeline = current_timeline
+         ORDER BY h.key LIMIT 1)
+        UNION ALL
+        SELECT (SELECT h.key FROM @schema@.history h
+                WHERE h.key > keys.k AND (m.prefix_end IS NULL OR h.key < m.prefix_end)
+                  AND h.timeline = current_timeline
+                ORDER BY h.key LIMIT 1)
+        FROM keys WHERE keys.k IS NOT NULL
+    )
     SELECT last.key, last.value, last.revision
-    FROM (
-        SELECT DISTINCT ON (h.key) h.key, h.op, h.value, h.revision
-        FROM @schema@.history h
-        WHERE h.timeline = current_timeline
-          AND h.key >= m.prefix AND (m.prefix_end IS NULL OR h.key < m.prefix_end)
-          AND h.revision <= p_revision
-        ORDER BY h.key, h.revision DESC
+    FROM keys
+    CROSS JOIN LATERAL (
+        SELECT h.key, h.op, h.value, h.revision FROM @schema@.history h
+        WHERE h.key = keys.k AND h.timeline = current_timeline AND h.revision <= p_revision
+        ORDER BY h.revision DESC LIMIT 1
     ) AS last
-    WHERE last.op = 'put'
+    WHERE keys.k IS NOT NULL AND last.op = 'put'
     ORDER BY last.key;
 END
 $$;

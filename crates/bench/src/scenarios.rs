@@ -25,6 +25,7 @@ pub const ALL: &[&str] = &[
     "failover",
     "vs-make-mirror",
     "long-run-memory",
+    "history-queries",
 ];
 
 pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
@@ -39,6 +40,7 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
         "failover" => failover(binary, sizes).await,
         "vs-make-mirror" => vs_make_mirror(binary, sizes).await,
         "long-run-memory" => long_run_memory(binary, sizes).await,
+        "history-queries" => history_queries(binary, sizes).await,
         other => anyhow::bail!("unknown scenario {other:?}; one of {ALL:?} or all"),
     }
 }
@@ -1171,6 +1173,96 @@ async fn long_run_memory(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome>
         goal: "≤ 1.5 (flat)".into(),
         summary: format!(
             "RSS {after_all:.0} MiB after {total} changes over {keys} keys vs {after_warmup:.0} MiB after {warmup} (×{growth:.2}, peak {peak:.0} MiB)"
+        ),
+    })
+}
+
+/// `value_at` and `state_at` over a large history: rows generated in
+/// PostgreSQL (every key changed many times, a delete now and then), then
+/// random revisions asked. Figures: p50/p99 ms.
+async fn history_queries(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    use rand::{Rng, SeedableRng};
+    let (rows, keys): (i64, i64) = if sizes.quick {
+        (1_000_000, 10_000)
+    } else {
+        (10_000_000, 100_000)
+    };
+    let stores = stores().await?;
+    // The service migrates and syncs the (empty) mapping: its history
+    // starts at that revision.
+    let mut service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
+    wait_leader(&service).await?;
+    let pg = pg(&stores).await?;
+    wait_applied(&pg, 1, Duration::from_secs(30)).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    let from: i64 = pg
+        .query_one(
+            "SELECT history_from FROM etcd_sync.mirror_tables WHERE name = 'kv_bench'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    pg.execute(
+        "INSERT INTO etcd_sync.history (key, revision, op, value, create_revision, version, lease, origin, term) \
+         SELECT convert_to('/bench/h/' || lpad((i % $2::int8)::text, 7, '0'), 'UTF8'), $3::int8 + i, \
+                CASE WHEN i % 17 = 0 THEN 'delete' ELSE 'put' END, \
+                CASE WHEN i % 17 = 0 THEN NULL ELSE convert_to(repeat('v', 40) || i, 'UTF8') END, \
+                $3::int8 + i, 1, 0, 'etcd', 1 \
+         FROM generate_series(1::int8, $1::int8) AS i",
+        &[&rows, &keys, &from],
+    )
+    .await?;
+    pg.batch_execute("ANALYZE etcd_sync.history").await?;
+    let loaded = started.elapsed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let percentiles = |mut ms: Vec<f64>| {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        (at(0.5), at(0.99))
+    };
+    let value_at = pg
+        .prepare(
+            "SELECT etcd_sync.value_at(convert_to('/bench/h/' || lpad($1::int8::text, 7, '0'), 'UTF8'), $2::int8)",
+        )
+        .await?;
+    let mut value_ms = Vec::new();
+    for _ in 0..1000 {
+        let key: i64 = rng.random_range(0..keys);
+        let revision: i64 = from + rng.random_range(1..=rows);
+        let asked = Instant::now();
+        pg.query_one(&value_at, &[&key, &revision]).await?;
+        value_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+    }
+    let state_at = pg
+        .prepare("SELECT count(*) FROM etcd_sync.state_at('kv_bench', $1)")
+        .await?;
+    let mut state_ms = Vec::new();
+    let mut returned = 0i64;
+    for _ in 0..20 {
+        let revision: i64 = from + rng.random_range(1..=rows);
+        let asked = Instant::now();
+        returned = pg.query_one(&state_at, &[&revision]).await?.get(0);
+        state_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (value_p50, value_p99) = percentiles(value_ms);
+    let (state_p50, state_p99) = percentiles(state_ms);
+    eprintln!(
+        "history-queries: {rows} rows over {keys} keys loaded in {loaded:?}; value_at p50 {value_p50:.2} ms p99 {value_p99:.2} ms; state_at ({returned} keys) p50 {state_p50:.0} ms p99 {state_p99:.0} ms"
+    );
+    Ok(Outcome {
+        scenario: "history-queries".into(),
+        parameters: json!({"history_rows": rows, "keys": keys, "value_at_queries": 1000, "state_at_queries": 20}),
+        figures: json!({
+            "value_at_p50_ms": value_p50, "value_at_p99_ms": value_p99,
+            "state_at_p50_ms": state_p50, "state_at_p99_ms": state_p99,
+            "state_at_keys": returned,
+        }),
+        baseline: json!({"summary": "none: latency figures"}),
+        ratio: None,
+        goal: "p50/p99 reported".into(),
+        summary: format!(
+            "{rows} rows over {keys} keys: value_at p50 {value_p50:.2} / p99 {value_p99:.2} ms; state_at of {returned} keys p50 {state_p50:.0} / p99 {state_p99:.0} ms"
         ),
     })
 }
