@@ -655,6 +655,10 @@ async fn rollback_puts_a_prefix_back_to_its_state_at_a_revision() -> anyhow::Res
         ])
         .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("hold the state of revision {target}")),
+        "it waits for its changes and checks: {stdout}"
+    );
     wait_outbox_empty(&world, Duration::from_secs(30)).await?;
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(30)).await?;
     assert_eq!(

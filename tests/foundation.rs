@@ -293,6 +293,22 @@ async fn doctor_checks_what_the_service_needs_and_says_how_to_fix_it() -> anyhow
     );
     world.env.remove("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS");
 
+    // Requests larger than etcd's default --max-request-bytes (1.5 MiB).
+    world.env.insert(
+        "ETCD_PG_SYNC__ETCD__MAX_REQUEST_BYTES".into(),
+        "4194304".into(),
+    );
+    let (code, stdout, _) = world.cli(&["doctor"]).await?;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("etcd.max_request_bytes")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("--max-request-bytes=4194304"), "{stdout}");
+    world.env.remove("ETCD_PG_SYNC__ETCD__MAX_REQUEST_BYTES");
+
     // Pools larger than PostgreSQL's connections.
     world
         .env

@@ -26,6 +26,7 @@ pub const ALL: &[&str] = &[
     "vs-make-mirror",
     "long-run-memory",
     "history-queries",
+    "pg-backlog-drain",
 ];
 
 pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
@@ -41,6 +42,7 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
         "vs-make-mirror" => vs_make_mirror(binary, sizes).await,
         "long-run-memory" => long_run_memory(binary, sizes).await,
         "history-queries" => history_queries(binary, sizes).await,
+        "pg-backlog-drain" => pg_backlog_drain(binary, sizes).await,
         other => anyhow::bail!("unknown scenario {other:?}; one of {ALL:?} or all"),
     }
 }
@@ -1263,6 +1265,73 @@ async fn history_queries(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome>
         goal: "p50/p99 reported".into(),
         summary: format!(
             "{rows} rows over {keys} keys: value_at p50 {value_p50:.2} / p99 {value_p99:.2} ms; state_at of {returned} keys p50 {state_p50:.0} / p99 {state_p99:.0} ms"
+        ),
+    })
+}
+
+/// SQL changes committed while the service is stopped (one key per
+/// transaction), then the service started: keys/s from its start until
+/// etcd holds them all. Baseline: the same keys sent directly in etcd txns
+/// of 100 puts, one at a time.
+async fn pg_backlog_drain(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    let changes: usize = if sizes.quick { 20_000 } else { 50_000 };
+    let stores = stores().await?;
+    let config = config(binary, &stores, "n1", &[]);
+    let mut service = Service::start(config.clone(), "n1").await?;
+    wait_leader(&service).await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    // Committed while no replica runs, one transaction per key.
+    let pg = pg(&stores).await?;
+    let insert = pg
+        .prepare("INSERT INTO etcd_sync.kv_bench (key, value) VALUES ($1, $2)")
+        .await?;
+    for i in 0..changes {
+        pg.execute(
+            &insert,
+            &[
+                &format!("/bench/backlog/{i:07}").into_bytes(),
+                &vec![b'p'; 64],
+            ],
+        )
+        .await?;
+    }
+    let started = Instant::now();
+    let service = Service::start(config, "n1").await?;
+    while etcd_count(&stores.etcd, "/bench/backlog/").await? < changes as i64 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the backlog did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = started.elapsed();
+    drop(service);
+    let rate = changes as f64 / drained.as_secs_f64();
+    let mut client = stores.etcd.client().await?;
+    let baseline_started = Instant::now();
+    for chunk in (0..changes).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(format!("/bench/rawbacklog/{i:07}"), vec![b'p'; 64], None)
+            })
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    let baseline = changes as f64 / baseline_started.elapsed().as_secs_f64();
+    eprintln!(
+        "pg-backlog-drain: {changes} queued changes in etcd {drained:?} after the start (incl. start-up)"
+    );
+    Ok(Outcome {
+        scenario: "pg-backlog-drain".into(),
+        parameters: json!({"changes": changes}),
+        figures: json!({"keys_per_s": rate, "drain_seconds_including_start": drained.as_secs_f64()}),
+        baseline: json!({"direct_100_op_txns_keys_per_s": baseline, "summary": format!("100-op etcd txns {baseline:.0} keys/s")}),
+        ratio: Some(rate / baseline),
+        goal: "≥ 0.5".into(),
+        summary: format!(
+            "{rate:.0} keys/s ({changes} changes, {:.1} s from start-up)",
+            drained.as_secs_f64()
         ),
     })
 }

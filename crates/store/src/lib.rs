@@ -138,6 +138,16 @@ impl Store {
         rollback::table_record(&mut conn, table).await
     }
 
+    /// See [`rollback::queued_in_range`].
+    pub async fn queued_in_range(
+        &self,
+        table: &Ident,
+        range: (&[u8], Option<&[u8]>),
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::queued_in_range(&mut conn, table, range).await
+    }
+
     /// See [`rollback::revision_at`].
     pub async fn revision_at(&self, at: chrono::DateTime<chrono::Utc>) -> Result<i64, StoreError> {
         let mut conn = self.pool.get().await?;

@@ -209,6 +209,7 @@ pub async fn migrate(
     .await
     .map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?;
     let applied = applied?;
+    check_prefixes(&mut conn, mappings).await?;
     for mapping in mappings.iter() {
         diesel::sql_query(format!(
             "SELECT {}.ensure_mirror_table($1, $2, $3)",
@@ -282,6 +283,42 @@ async fn check_schema_owner(
             "migrating as a superuser: the trigger functions run with their owner's rights; \
              let a dedicated role own the schema (SECURITY.md)"
         );
+    }
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct RecordedPrefix {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Bytea)]
+    prefix: Vec<u8>,
+}
+
+/// A mirror table keeps the prefix it was made for: under another one its
+/// rows outside the new range would stay, never compared, and a user's
+/// edit of one would go nowhere. A new prefix needs a new table name.
+async fn check_prefixes(
+    conn: &mut AsyncPgConnection,
+    mappings: &MappingSet,
+) -> Result<(), StoreError> {
+    let recorded: Vec<RecordedPrefix> =
+        diesel::sql_query("SELECT name, prefix FROM mirror_tables WHERE prefix IS NOT NULL")
+            .load(conn)
+            .await?;
+    for mapping in mappings.iter() {
+        if let Some(found) = recorded
+            .iter()
+            .find(|r| r.name == mapping.table.as_str() && r.prefix != mapping.prefix)
+        {
+            return Err(StoreError::Migration(format!(
+                "mirror table {} holds the keys under {:?}, and the configuration now maps {:?} to it: \
+                 map the new prefix to a new table (the old one can then be dropped)",
+                found.name,
+                String::from_utf8_lossy(&found.prefix),
+                String::from_utf8_lossy(&mapping.prefix),
+            )));
+        }
     }
     Ok(())
 }

@@ -190,3 +190,21 @@ pub async fn apply(
     })
     .await
 }
+
+/// Changes of `table` under `[start, end)` still queued for etcd.
+pub async fn queued_in_range(
+    conn: &mut AsyncPgConnection,
+    table: &Ident,
+    (start, end): (&[u8], Option<&[u8]>),
+) -> Result<i64, StoreError> {
+    let found: Written = diesel::sql_query(
+        "SELECT count(*) AS n FROM outbox \
+         WHERE mirror_table = $1 AND key >= $2 AND ($3::bytea IS NULL OR key < $3)",
+    )
+    .bind::<Text, _>(table.as_str())
+    .bind::<Bytea, _>(start)
+    .bind::<Nullable<Bytea>, _>(end)
+    .get_result(conn)
+    .await?;
+    Ok(found.n)
+}

@@ -857,3 +857,24 @@ async fn json_values_are_queryable_and_never_block_a_write() -> anyhow::Result<(
     assert_eq!(count(&client, "SELECT count(*) FROM kv_j_text").await, 3);
     Ok(())
 }
+
+/// A mirror table keeps the prefix it was made for: `migrate` refuses a
+/// configuration that maps another prefix to it.
+#[tokio::test]
+async fn a_mirror_table_keeps_its_prefix() -> anyhow::Result<()> {
+    let (store, db) = store_with("[[mappings]]\nprefix = \"/old/\"\ntable = \"kv_p\"\n").await?;
+    store.migrate().await?;
+    let moved = store_for(
+        &db.url(),
+        "[[mappings]]\nprefix = \"/new/\"\ntable = \"kv_p\"\n",
+    )
+    .await?;
+    let refused = moved.migrate().await;
+    assert!(
+        matches!(&refused, Err(StoreError::Migration(m)) if m.contains("kv_p") && m.contains("/new/")),
+        "{refused:?}"
+    );
+    // The same prefix again is fine.
+    store.migrate().await?;
+    Ok(())
+}

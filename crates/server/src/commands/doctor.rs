@@ -334,28 +334,28 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
             ),
         ),
     });
-    let bytes = config.etcd.max_request_bytes;
-    // A write is what etcd checks the size of: probed under the cluster's
-    // own prefix, which the service may always write.
-    checks.push(
-        match etcd
-            .probe_request_bytes(&internal_prefix(config), bytes)
-            .await
-        {
-            Ok(()) => Check::ok(
-                "etcd.max_request_bytes",
-                format!("etcd takes requests of {bytes} bytes"),
-            ),
-            Err(error) => Check::fail(
-                "etcd.max_request_bytes",
-                format!("a request of {bytes} bytes: {error}"),
-                format!(
-                    "start etcd with --max-request-bytes={bytes} or more, or lower \
+    let configured = config.etcd.max_request_bytes;
+    // The largest txn the service sends (the setting less its framing
+    // headroom). A write is what etcd checks the size of: probed under the
+    // cluster's own prefix, which the service may always write.
+    let (_, bytes) = config.etcd.txn_limits(1);
+    let probed = etcd
+        .probe_request_bytes(&internal_prefix(config), bytes)
+        .await;
+    checks.push(match probed {
+        Ok(()) => Check::ok(
+            "etcd.max_request_bytes",
+            format!("etcd takes the service's largest txns ({bytes} bytes, for {configured})"),
+        ),
+        Err(error) => Check::fail(
+            "etcd.max_request_bytes",
+            format!("a request of {bytes} bytes: {error}"),
+            format!(
+                "start etcd with --max-request-bytes={configured} or more, or lower \
                  etcd.max_request_bytes to etcd's limit (1572864 by default)"
-                ),
             ),
-        },
-    );
+        ),
+    });
     Some(etcd)
 }
 

@@ -621,6 +621,20 @@ pub async fn run_rollback(
             .await?;
     }
     outcome?;
+    // The writes went the way of any SQL change: see where they ended.
+    let left = if apply && tally.written > 0 {
+        Some(rollback_result(store, &selected, prefix_bytes, revision).await?)
+    } else {
+        None
+    };
+    let mut summary = summary;
+    if let Some(left) = &left {
+        summary["queued"] = left.queued.into();
+        summary["differing_after"] = left.differing.into();
+    }
+    let unfinished = left
+        .as_ref()
+        .is_some_and(|l| l.queued > 0 || l.differing > 0);
     if json {
         println!("{}", serde_json::json!({ "summary": summary }));
     } else if apply {
@@ -648,7 +662,85 @@ pub async fn run_rollback(
             leased_note(tally.leased),
         );
     }
-    Ok(ExitCode::SUCCESS)
+    if let Some(left) = &left
+        && !json
+    {
+        if left.queued > 0 {
+            println!(
+                "{} change(s) still queued for etcd after {} s: is a leader running? (`status`)",
+                left.queued,
+                ROLLBACK_WAIT.as_secs()
+            );
+        } else if left.differing > 0 {
+            println!(
+                "{} key(s) under {prefix:?} differ from revision {revision} now: changed meanwhile, or \
+                 settled against the rollback by their policy (`conflicts list`)",
+                left.differing
+            );
+        } else {
+            println!("etcd and PostgreSQL hold the state of revision {revision} under {prefix:?}");
+        }
+    }
+    Ok(if unfinished {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// How long `rollback --apply` waits for its changes to reach etcd.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a rollback's writes ended.
+struct RollbackResult {
+    /// Changes still queued for etcd after the wait.
+    queued: i64,
+    /// Keys that differ from the target state once nothing is queued.
+    differing: usize,
+}
+
+/// Waits (up to [`ROLLBACK_WAIT`]) for the changes under `prefix` to leave
+/// the outbox, then plans again: what is left differs from the target.
+async fn rollback_result(
+    store: &Store,
+    selected: &[&eps_core::Mapping],
+    prefix: &[u8],
+    revision: i64,
+) -> anyhow::Result<RollbackResult> {
+    let deadline = Instant::now() + ROLLBACK_WAIT;
+    loop {
+        let mut queued = 0;
+        for mapping in selected {
+            let (start, end) = mapping.range_within(Some(prefix));
+            queued += store
+                .queued_in_range(&mapping.table, (&start, end.as_deref()))
+                .await?;
+        }
+        if queued == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Ok(RollbackResult {
+                queued,
+                differing: 0,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut differing = 0;
+    for mapping in selected {
+        let (start, end) = mapping.range_within(Some(prefix));
+        differing += store
+            .rollback_plan(&mapping.table, (&start, end.as_deref()), revision)
+            .await?
+            .iter()
+            .filter(|c| !c.target_leased)
+            .count();
+    }
+    Ok(RollbackResult {
+        queued: 0,
+        differing,
+    })
 }
 
 fn leased_note(leased: u64) -> String {
