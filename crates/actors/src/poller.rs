@@ -139,7 +139,8 @@ async fn run(
 
 /// Holds a dedicated connection on `LISTEN <schema>_outbox` and turns
 /// notifications into wake-ups. After every (re)connect it wakes the poller
-/// once: notifications sent meanwhile are lost (pitfall 10).
+/// once: PostgreSQL does not keep notifications for a session that was not
+/// listening, so those sent meanwhile are lost.
 async fn listen(ctx: Arc<SyncContext>, wake: Arc<Notify>) {
     let backoff = ctx.config.backoff();
     let mut attempt = 0u32;

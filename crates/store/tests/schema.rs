@@ -878,3 +878,60 @@ async fn a_mirror_table_keeps_its_prefix() -> anyhow::Result<()> {
     store.migrate().await?;
     Ok(())
 }
+
+/// History retention deletes old rows (keeping every key's newest): below
+/// the newest revision it deleted from, a key's state may be gone, and
+/// `state_at` refuses those revisions rather than answer wrongly.
+#[tokio::test]
+async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result<()> {
+    let (store, db) = store_with("[[mappings]]\nprefix = \"/r/\"\ntable = \"kv_r\"\n").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    // Synced at revision 1; /r/a changed at 5 and 100 (both long ago),
+    // /r/b at 200 (recently).
+    client
+        .batch_execute(
+            "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
+             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) VALUES \
+               ('/r/a', 5, 'put', 'five', 5, 1, 0, 'etcd', 1, now() - interval '40 days'), \
+               ('/r/a', 100, 'put', 'hundred', 5, 2, 0, 'etcd', 1, now() - interval '35 days'), \
+               ('/r/b', 200, 'put', 'b', 200, 1, 0, 'etcd', 1, now());",
+        )
+        .await?;
+    let at = async |revision: i64| {
+        client
+            .query(
+                "SELECT convert_from(value, 'UTF8') FROM state_at('kv_r', $1)",
+                &[&revision],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+            })
+    };
+    assert_eq!(at(50).await?, vec!["five".to_owned()]);
+    store.purge(&fence, 0, 30, 0).await?;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM history WHERE key = '/r/a'::bytea"
+        )
+        .await,
+        1,
+        "the newest row of /r/a is kept"
+    );
+    // At 50, /r/a held "five", now forgotten: refused, not "absent".
+    let refused = at(50).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e
+            .as_db_error()
+            .is_some_and(|d| d.message().contains("before what the history"))),
+        "{refused:?}"
+    );
+    assert_eq!(at(250).await?, vec!["hundred".to_owned(), "b".to_owned()]);
+    Ok(())
+}
