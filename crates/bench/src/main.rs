@@ -141,9 +141,57 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&path, markdown(&outcomes, sizes))?;
-    eprintln!("results written to {}", path.display());
+    // A scenario run alone adds a dated section; `all` writes the file anew.
+    if args.scenario != "all" && path.exists() {
+        let mut text = std::fs::read_to_string(&path)?;
+        text.push_str(&section(&outcomes, sizes));
+        std::fs::write(&path, text)?;
+        eprintln!("results added to {}", path.display());
+    } else {
+        std::fs::write(&path, markdown(&outcomes, sizes))?;
+        eprintln!("results written to {}", path.display());
+    }
     Ok(())
+}
+
+/// The date and time now, UTC.
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The results table of `outcomes`.
+fn table(outcomes: &[Outcome]) -> String {
+    let mut text = String::from(
+        "| scenario | result | baseline | ratio | goal |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for outcome in outcomes {
+        text.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            outcome.scenario,
+            outcome.summary,
+            summarize_baseline(&outcome.baseline),
+            outcome.ratio.map_or("—".into(), |r| format!("{r:.2}")),
+            outcome.goal
+        ));
+    }
+    text
+}
+
+/// A section for scenarios run alone, appended to the results.
+fn section(outcomes: &[Outcome], sizes: Sizes) -> String {
+    let names: Vec<&str> = outcomes.iter().map(|o| o.scenario.as_str()).collect();
+    format!(
+        "\n## {}: {} ({} sizes, run alone)\n\n{}",
+        now_utc(),
+        names.join(", "),
+        if sizes.quick { "quick" } else { "full" },
+        table(outcomes)
+    )
 }
 
 fn machine() -> String {
@@ -164,32 +212,17 @@ fn machine() -> String {
 }
 
 fn markdown(outcomes: &[Outcome], sizes: Sizes) -> String {
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = now_utc();
     let mut text = format!(
         "# Benchmark results\n\nRun {date} on {} ({} sizes), etcd {} and PostgreSQL with default durability, the service in release mode, all on the same machine.\n\
          Each figure has its baseline measured on the same stores in the same run; compare the ratios, not the absolute figures (the machine is shared and noisy).\n\
-         Produced by `cargo run --release -p eps-bench -- all{}` (`just bench`; `just bench-quick` for the quick sizes).\n\n\
-         | scenario | result | baseline | ratio | goal |\n| --- | --- | --- | --- | --- |\n",
+         Produced by `cargo run --release -p eps-bench -- all{}` (`just bench`; `just bench-quick` for the quick sizes).\n\n",
         machine(),
         if sizes.quick { "quick" } else { "full" },
         etcd_version(),
         if sizes.quick { " --quick" } else { "" },
     );
-    for outcome in outcomes {
-        text.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            outcome.scenario,
-            outcome.summary,
-            summarize_baseline(&outcome.baseline),
-            outcome.ratio.map_or("—".into(), |r| format!("{r:.2}")),
-            outcome.goal
-        ));
-    }
+    text.push_str(&table(outcomes));
     text.push_str("\nThe JSON objects printed by the run carry every figure and parameter.\n");
     text
 }
