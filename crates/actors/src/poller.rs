@@ -484,9 +484,17 @@ async fn drain(
         // Durably "may have been sent" before etcd sees them: a resync
         // takes only such a change for landed when etcd holds its value.
         let ids: Vec<i64> = sendable.iter().flatten().map(|c| c.row.id).collect();
-        if !ids.is_empty() {
-            ctx.store.mark_sent(&ctx.fence, &ids).await?;
-        }
+        // Only this round's own marks may be taken back if it stops early:
+        // an earlier round's may stand for a change that landed.
+        let marked_now: HashSet<i64> = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            ctx.store
+                .mark_sent(&ctx.fence, &ids)
+                .await?
+                .into_iter()
+                .collect()
+        };
         let (txns, mut splits) = chunks(sendable, txn_limits(ctx));
         splits.extend(grouped.released.into_iter().map(|(xact, keys)| Split {
             xact,
@@ -506,6 +514,7 @@ async fn drain(
                 let unsent: Vec<i64> = unsent
                     .into_iter()
                     .chain(txns.flatten().map(|c| c.row.id))
+                    .filter(|id| marked_now.contains(id))
                     .collect();
                 if !unsent.is_empty() {
                     ctx.store.unmark_sent(&ctx.fence, &unsent).await?;
@@ -1059,8 +1068,9 @@ async fn send(
                 // key, then the transaction goes or is dropped, whole). The
                 // transactions committed after it wait too (they may have
                 // read its writes); those committed before it go on.
-                txn.truncate(committed_before_first_failed(&txn, &failed));
-                let unsent = queue.drain(..).flatten().map(|c| c.row.id);
+                // The part cut off was in a txn etcd did not apply.
+                let cut = txn.split_off(committed_before_first_failed(&txn, &failed));
+                let unsent = queue.drain(..).flatten().chain(cut).map(|c| c.row.id);
                 stopped.get_or_insert_with(Vec::new).extend(unsent);
                 queue.push_front(txn);
             }

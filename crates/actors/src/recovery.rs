@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::{Actor, AtomicResponse, Context, Handler, Message, Supervised, WrapFuture};
+use eps_core::Classify;
 use eps_core::mapping::Mapping;
 use eps_core::model::{KeyValue, Origin};
 use eps_core::reconcile::KeyInput;
@@ -434,8 +435,11 @@ async fn walk(
     let mut last_log = Instant::now();
     // Aborted when dropped: an error ends the walk and the chunks with it
     // (the resync starts over; nothing moved the checkpoint).
-    let mut applying: tokio::task::JoinSet<Result<eps_store::ApplyReport, ActorError>> =
-        tokio::task::JoinSet::new();
+    let mut applying: Applying = tokio::task::JoinSet::new();
+    // Chunks whose apply failed in a way a retry may mend (two chunks
+    // settling one PostgreSQL transaction deadlocked, a lock timed out):
+    // applied again, one at a time, once the others are done.
+    let mut again: Vec<Vec<KeyInputs>> = Vec::new();
     while let Some(difference) = cursor.next().await.map_err(ActorError::from)? {
         if last_log.elapsed() > std::time::Duration::from_secs(5) {
             tracing::info!(table = %mapping.table, keys = cursor.etcd_keys, differences = counts.differences, "resync progress");
@@ -453,11 +457,14 @@ async fn walk(
                 .saturating_sub(POOL_LEFT_DURING_WALK)
                 .clamp(1, APPLIES_IN_FLIGHT);
             if applying.len() >= in_flight {
-                joined(ctx, &mut applying, counts).await?;
+                joined(ctx, &mut applying, counts, &mut again).await?;
             }
             let ctx = ctx.clone();
             let keys = std::mem::take(&mut chunk);
-            applying.spawn(async move { apply_chunk(&ctx, &keys, observed_at, rollbacks).await });
+            applying.spawn(async move {
+                let applied = apply_chunk(&ctx, &keys, observed_at, rollbacks).await;
+                (keys, applied)
+            });
             chunk_bytes = 0;
         }
         if cursor.etcd_keys > scanned {
@@ -468,28 +475,43 @@ async fn walk(
     }
     metrics::counter!(telemetry::SNAPSHOT_KEYS_TOTAL).increment(cursor.etcd_keys - scanned);
     counts.keys_scanned += cursor.etcd_keys;
-    if !chunk.is_empty() {
-        let report = apply_chunk(ctx, &chunk, observed_at, rollbacks).await?;
-        tally(ctx, counts, &report);
-    }
     while !applying.is_empty() {
-        joined(ctx, &mut applying, counts).await?;
+        joined(ctx, &mut applying, counts, &mut again).await?;
+        progress.tick();
+    }
+    if !chunk.is_empty() {
+        again.push(chunk);
+    }
+    for keys in again {
+        let report = apply_chunk(ctx, &keys, observed_at, rollbacks).await?;
+        tally(ctx, counts, &report);
         progress.tick();
     }
     Ok(())
 }
 
-/// Waits for one chunk in flight and counts it.
+/// Chunks being applied; each task gives its chunk back with the outcome.
+type Applying = tokio::task::JoinSet<(Vec<KeyInputs>, Result<eps_store::ApplyReport, ActorError>)>;
+
+/// Waits for one chunk in flight and counts it; a chunk that failed in a
+/// way a retry may mend goes to `again`.
 async fn joined(
     ctx: &SyncContext,
-    applying: &mut tokio::task::JoinSet<Result<eps_store::ApplyReport, ActorError>>,
+    applying: &mut Applying,
     counts: &mut Counts,
+    again: &mut Vec<Vec<KeyInputs>>,
 ) -> Result<(), ActorError> {
     match applying.join_next().await {
-        Some(Ok(report)) => {
-            tally(ctx, counts, &report?);
+        Some(Ok((_, Ok(report)))) => {
+            tally(ctx, counts, &report);
             Ok(())
         }
+        Some(Ok((keys, Err(error)))) if error.retryable() && !error.connection_level() => {
+            tracing::info!(%error, keys = keys.len(), "resync chunk failed alongside others; applying it again alone");
+            again.push(keys);
+            Ok(())
+        }
+        Some(Ok((_, Err(error)))) => Err(error),
         Some(Err(error)) => Err(ActorError::Internal(format!("resync apply task: {error}"))),
         None => Ok(()),
     }

@@ -437,7 +437,7 @@ impl Store {
     }
 
     /// See [`outbox::mark_sent`].
-    pub async fn mark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<(), StoreError> {
+    pub async fn mark_sent(&self, fence: &Fence, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.pool.get().await?;
         outbox::mark_sent(&mut conn, fence, ids).await
     }

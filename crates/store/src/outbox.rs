@@ -129,23 +129,34 @@ pub(crate) async fn queue(
 }
 
 /// Marks changes as possibly sent to etcd, before the txn that sends them
-/// (see `PendingChange::sent`).
+/// (see `PendingChange::sent`); returns those not marked already.
 pub async fn mark_sent(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
     ids: &[i64],
-) -> Result<(), StoreError> {
-    fenced_on_ids(
-        conn,
-        fence,
-        "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent",
-        ids,
-    )
+) -> Result<Vec<i64>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Marked {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+        let marked: Vec<Marked> = diesel::sql_query(
+            "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent RETURNING id",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .load(conn)
+        .await?;
+        Ok(marked.into_iter().map(|m| m.id).collect())
+    })
     .await
 }
 
 /// Takes back [`mark_sent`] for changes a round marked but did not send
-/// (it stopped before them): a resync must not take them for landed.
+/// (it stopped before them): a resync must not take them for landed. Only
+/// ids that round's [`mark_sent`] returned: a mark an earlier round set
+/// may stand for a change that landed (its outcome unknown).
 pub async fn unmark_sent(
     conn: &mut AsyncPgConnection,
     fence: &Fence,

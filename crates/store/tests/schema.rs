@@ -935,3 +935,36 @@ async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result
     assert_eq!(at(250).await?, vec!["hundred".to_owned(), "b".to_owned()]);
     Ok(())
 }
+
+/// `mark_sent` returns only the changes it marked itself: a poller that
+/// stops a round takes back those, never a mark an earlier round set for a
+/// change whose outcome is unknown (it may have landed).
+#[tokio::test]
+async fn mark_sent_reports_only_its_own_marks() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    client
+        .batch_execute(
+            "INSERT INTO etcd_sync.kv_text (key, value) VALUES ('/m/1', 'a'); \
+             INSERT INTO etcd_sync.kv_text (key, value) VALUES ('/m/2', 'b'); \
+             INSERT INTO etcd_sync.kv_text (key, value) VALUES ('/m/3', 'c');",
+        )
+        .await?;
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM etcd_sync.outbox ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(store.mark_sent(&fence, &ids[..2]).await?, ids[..2].to_vec());
+    let mut second = store.mark_sent(&fence, &ids[1..]).await?;
+    second.sort();
+    assert_eq!(
+        second,
+        vec![ids[2]],
+        "the earlier round's mark is not this round's"
+    );
+    Ok(())
+}
