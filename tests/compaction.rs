@@ -27,28 +27,6 @@ async fn converge_both(world: &World) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cli_env(world: &World) -> Vec<(&'static str, String)> {
-    vec![
-        ("ETCD_PG_SYNC__POSTGRES__URL", world.db.url()),
-        ("ETCD_PG_SYNC__ETCD__ENDPOINTS", world.etcd.endpoint()),
-        ("ETCD_PG_SYNC__CLUSTER__NAME", "test".into()),
-    ]
-}
-
-async fn cli(world: &World, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let env = cli_env(world);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut with_mappings = vec!["--config".to_string()];
-    let dir = std::env::temp_dir().join(format!("eps-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("mappings.toml");
-    std::fs::write(&path, MAPPINGS)?;
-    with_mappings.push(path.display().to_string());
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(with_mappings.iter().map(String::as_str));
-    run_cli(&all, &env).await
-}
-
 #[tokio::test]
 async fn compaction_while_stopped_resyncs_and_keeps_pending_pg_changes() -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;
@@ -192,7 +170,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     converge_both(&world).await?;
-    let (code, stdout, stderr) = cli(&world, &["verify"]).await?;
+    let (code, stdout, stderr) = world.cli(&["verify"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("0 difference(s)"), "{stdout}");
     service.terminate(Duration::from_secs(10)).await?;
@@ -209,7 +187,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     .await?;
     etcd.put("/a/added-while-stopped", "new", None).await?;
 
-    let (code, stdout, _) = cli(&world, &["verify"]).await?;
+    let (code, stdout, _) = world.cli(&["verify"]).await?;
     assert_eq!(code, 1, "{stdout}");
     assert!(
         stdout.contains("different-value") && stdout.contains("/a/k1"),
@@ -227,7 +205,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     assert!(stdout.contains("/b/k3"), "{stdout}");
     assert!(stdout.contains("3 difference(s)"), "{stdout}");
     // The same as JSON lines: one per difference, then the summary.
-    let (code, stdout, _) = cli(&world, &["verify", "--json"]).await?;
+    let (code, stdout, _) = world.cli(&["verify", "--json"]).await?;
     assert_eq!(code, 1, "{stdout}");
     let lines: Vec<serde_json::Value> = stdout
         .lines()
@@ -244,14 +222,14 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     assert_eq!(k1["table"], "kv_a");
     assert_eq!(k1["pg"]["value"], "tampered");
     assert_eq!(k1["outcome"], "found");
-    let (code, stdout, _) = cli(&world, &["verify", "--prefix", "/b/"]).await?;
+    let (code, stdout, _) = world.cli(&["verify", "--prefix", "/b/"]).await?;
     assert_eq!(code, 1);
     assert!(
         stdout.contains("1 difference(s)") && !stdout.contains("/a/k1"),
         "{stdout}"
     );
 
-    let (code, stdout, stderr) = cli(&world, &["verify", "--repair"]).await?;
+    let (code, stdout, stderr) = world.cli(&["verify", "--repair"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("3 repaired"), "{stdout}");
     // etcd-wins repaired PostgreSQL; pg-wins queued PostgreSQL's value for
@@ -262,7 +240,7 @@ async fn verify_finds_each_kind_of_drift_and_repair_fixes_it() -> anyhow::Result
     assert_eq!(state[b"/b/k3".as_slice()], b"pg is right");
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(10)).await?;
     assert_eq!(state[b"/a/k1".as_slice()], b"v1");
-    let (code, stdout, _) = cli(&world, &["verify"]).await?;
+    let (code, stdout, _) = world.cli(&["verify"]).await?;
     assert_eq!(code, 0, "{stdout}");
     assert!(event_details(&pg, "verify").await?.len() >= 4);
     Ok(())
@@ -336,7 +314,9 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
 
     // etcd is lost; a new, empty one takes its place.
     world.etcd = Etcd::start().await?;
-    let (code, stdout, stderr) = cli(&world, &["restore-etcd", "--leased-keys-ttl", "4"]).await?;
+    let (code, stdout, stderr) = world
+        .cli(&["restore-etcd", "--leased-keys-ttl", "4"])
+        .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("restored 303 keys"), "{stdout}");
     assert!(stdout.contains("1 key(s) that had a lease"), "{stdout}");
@@ -354,7 +334,7 @@ async fn restore_etcd_rebuilds_a_lost_etcd_from_the_mirror() -> anyhow::Result<(
     );
     let ttl = fresh.lease_time_to_live(restored_lease, None).await?.ttl();
     assert!((1..=4).contains(&ttl), "ttl {ttl}");
-    let (code, _, stderr) = cli(&world, &["restore-etcd"]).await?;
+    let (code, _, stderr) = world.cli(&["restore-etcd"]).await?;
     assert_eq!(code, 1, "a second restore refuses a non-empty etcd");
     assert!(stderr.contains("not empty"), "{stderr}");
 
@@ -500,7 +480,7 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
     converge_both(&world).await?;
     let pg = world.pg().await?;
     pg.batch_execute("DROP TABLE kv_a CASCADE").await?;
-    let (code, stdout, stderr) = cli(&world, &["migrate"]).await?;
+    let (code, stdout, stderr) = world.cli(&["migrate"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(15)).await?;
     assert_eq!(state.len(), 20);
@@ -531,24 +511,20 @@ async fn writes_to_etcd_during_restore_reach_postgres() -> anyhow::Result<()> {
     service.terminate(Duration::from_secs(10)).await?;
 
     world.etcd = Etcd::start().await?;
-    let (code, stdout, stderr) = cli(&world, &["restore-etcd", "--prefix", "/a/"]).await?;
+    let (code, stdout, stderr) = world.cli(&["restore-etcd", "--prefix", "/a/"]).await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     // A client writes under /a/ while /b/ is restored, in small pages.
     let stop = CancellationToken::new();
     let writer = background_writer(world.etcd.endpoint(), "/a/live", stop.clone());
-    let mut env = cli_env(&world);
-    env.push(("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "5".into()));
-    env.push(("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "5".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("mappings.toml");
-    std::fs::write(&config, MAPPINGS)?;
-    let config = config.display().to_string();
-    let (code, stdout, stderr) = run_cli(
-        &["restore-etcd", "--prefix", "/b/", "--config", &config],
-        &env,
-    )
-    .await?;
+    for (key, value) in [
+        ("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "5"),
+        ("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS", "5"),
+    ] {
+        world.env.insert(key.into(), value.into());
+    }
+    let (code, stdout, stderr) = world.cli(&["restore-etcd", "--prefix", "/b/"]).await?;
+    world.env.remove("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE");
+    world.env.remove("ETCD_PG_SYNC__ETCD__MAX_TXN_OPS");
     assert_eq!(code, 0, "{stdout}{stderr}");
     stop.cancel();
     assert!(writer.await? > 0);

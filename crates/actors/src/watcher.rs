@@ -371,8 +371,8 @@ impl TimelineMark {
     }
 
     fn key(ctx: &SyncContext) -> Vec<u8> {
-        let mut key = eps_core::INTERNAL_PREFIX.to_vec();
-        key.extend_from_slice(format!("{}/timeline-mark", ctx.config.cluster.name).as_bytes());
+        let mut key = eps_core::cluster_prefix(&ctx.config.cluster.name);
+        key.extend_from_slice(b"timeline-mark");
         key
     }
 

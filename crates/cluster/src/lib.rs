@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The election prefix of a cluster.
 pub fn election_prefix(cluster: &str) -> Vec<u8> {
-    let mut prefix = eps_core::INTERNAL_PREFIX.to_vec();
-    prefix.extend_from_slice(format!("{cluster}/election/").as_bytes());
+    let mut prefix = eps_core::cluster_prefix(cluster);
+    prefix.extend_from_slice(b"election/");
     prefix
 }
 

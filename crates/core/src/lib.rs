@@ -24,6 +24,15 @@ pub use mapping::{Direction, Mapping, MappingSet, Policy};
 /// mirrored, whatever the mappings say.
 pub const INTERNAL_PREFIX: &[u8] = b"__etcd_pg_sync/";
 
+/// The keys one cluster of replicas keeps in etcd: `__etcd_pg_sync/<cluster>/`
+/// (its election, its timeline mark).
+pub fn cluster_prefix(cluster: &str) -> Vec<u8> {
+    let mut prefix = INTERNAL_PREFIX.to_vec();
+    prefix.extend_from_slice(cluster.as_bytes());
+    prefix.push(b'/');
+    prefix
+}
+
 /// Classifies a failure for the retry machinery (docs/design.md D8): may a retry
 /// succeed, and is the failure about the connection (pause the whole pipeline)
 /// rather than about one change.

@@ -303,7 +303,7 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
             }
         });
     }
-    let internal = internal_prefix(config);
+    let internal = eps_core::cluster_prefix(&config.cluster.name);
     let shown = display_key(&internal);
     let name = format!("etcd.access {shown:?}");
     checks.push(match etcd.probe_access(&internal, true).await {
@@ -340,7 +340,7 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
     // cluster's own prefix, which the service may always write.
     let (_, bytes) = config.etcd.txn_limits(1);
     let probed = etcd
-        .probe_request_bytes(&internal_prefix(config), bytes)
+        .probe_request_bytes(&eps_core::cluster_prefix(&config.cluster.name), bytes)
         .await;
     checks.push(match probed {
         Ok(()) => Check::ok(
@@ -357,13 +357,6 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
         ),
     });
     Some(etcd)
-}
-
-/// `__etcd_pg_sync/<cluster>/`: the election and the timeline mark.
-fn internal_prefix(config: &Config) -> Vec<u8> {
-    let mut prefix = eps_core::INTERNAL_PREFIX.to_vec();
-    prefix.extend_from_slice(format!("{}/", config.cluster.name).as_bytes());
-    prefix
 }
 
 /// How to fix a PostgreSQL connection error, by its kind.
