@@ -608,3 +608,18 @@ pub fn write_secret(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
 }
+
+/// The keys and values `state_at(table, revision)` returns.
+pub async fn state_at(
+    pg: &tokio_postgres::Client,
+    table: &str,
+    revision: i64,
+) -> anyhow::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+    let rows = pg
+        .query(
+            "SELECT key, value FROM etcd_sync.state_at($1, $2)",
+            &[&table, &revision],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}

@@ -110,6 +110,14 @@ pub enum Command {
         /// Only keys under this prefix.
         #[arg(long)]
         prefix: Option<String>,
+        /// The state of this etcd revision (from the history) instead of
+        /// the newest; the mirror is set back to it too.
+        #[arg(long, conflicts_with = "at_time")]
+        at_revision: Option<i64>,
+        /// Or of a time (RFC 3339): the newest revision known to exist by
+        /// then.
+        #[arg(long)]
+        at_time: Option<chrono::DateTime<chrono::Utc>>,
         /// Keys that had a lease (their lease ids died with the old etcd)
         /// are restored under one new lease of this many seconds, not kept
         /// alive: they expire on both sides unless their owners write them

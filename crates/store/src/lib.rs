@@ -154,6 +154,37 @@ impl Store {
         rollback::revision_at(&mut conn, self.connector.schema(), at).await
     }
 
+    /// See [`rollback::rewind`].
+    pub async fn rewind(
+        &self,
+        fence: &Fence,
+        table: &Ident,
+        range: (&[u8], Option<&[u8]>),
+        revision: i64,
+    ) -> Result<rollback::Rewound, StoreError> {
+        let mut conn = self.pool.get().await?;
+        rollback::rewind(
+            &mut conn,
+            self.connector.schema(),
+            fence,
+            table,
+            range,
+            revision,
+        )
+        .await
+    }
+
+    /// See [`state::history_whole_from`].
+    pub async fn history_whole_from(
+        &self,
+        fence: &Fence,
+        tables: &[&str],
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        state::history_whole_from(&mut conn, fence, tables, revision).await
+    }
+
     /// See [`rollback::apply`].
     pub async fn rollback_apply(
         &self,

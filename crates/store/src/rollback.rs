@@ -208,3 +208,87 @@ pub async fn queued_in_range(
     .await?;
     Ok(found.n)
 }
+
+/// What [`rewind`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rewound {
+    /// The rows hold the state at the revision: `changed` were written,
+    /// `deleted` removed.
+    Done { changed: i64, deleted: i64 },
+    /// Changes of the range written in PostgreSQL are queued for etcd: they
+    /// are newer than the revision, and nothing was done.
+    Queued(i64),
+}
+
+#[derive(QueryableByName)]
+struct RewindCounts {
+    #[diesel(sql_type = BigInt)]
+    changed: i64,
+    #[diesel(sql_type = BigInt)]
+    deleted: i64,
+}
+
+/// Sets the rows of `table` under `[start, end)` to their state at
+/// `revision` — values and etcd's metadata of then, keys created since
+/// removed — as the service's own write (no change is queued for etcd): the
+/// first step of `restore-etcd --at-revision`, which then copies the rows
+/// into the empty etcd. Refuses (doing nothing) while changes of the range
+/// are queued: restoring the older state would drop them unseen. Writers of
+/// the table wait until it commits, so a change made after it is made on
+/// the state at `revision`.
+pub async fn rewind(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    fence: &crate::Fence,
+    table: &Ident,
+    (start, end): (&[u8], Option<&[u8]>),
+    revision: i64,
+) -> Result<Rewound, StoreError> {
+    let mirror = schema.qualify(table);
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        conn.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {mirror} IN SHARE ROW EXCLUSIVE MODE"
+        ))
+        .await?;
+        let queued = queued_in_range(conn, table, (start, end)).await?;
+        if queued > 0 {
+            return Ok(Rewound::Queued(queued));
+        }
+        let counts: RewindCounts = diesel::sql_query(format!(
+            "WITH target AS ( \
+                 SELECT s.key, s.value, s.mod_revision, h.create_revision, h.version, h.lease \
+                 FROM {schema}.state_at($1, $2) s \
+                 JOIN {schema}.sync_state st ON st.id = 1 \
+                 JOIN {schema}.history h ON h.key = s.key AND h.timeline = st.timeline \
+                                        AND h.revision = s.mod_revision \
+                 WHERE s.key >= $3 AND ($4::bytea IS NULL OR s.key < $4)), \
+             deleted AS ( \
+                 DELETE FROM {mirror} r WHERE r.key >= $3 AND ($4::bytea IS NULL OR r.key < $4) \
+                   AND NOT EXISTS (SELECT 1 FROM target t WHERE t.key = r.key) RETURNING 1), \
+             changed AS ( \
+                 INSERT INTO {mirror} AS r (key, value, create_revision, mod_revision, version, lease, origin, updated_at) \
+                 SELECT t.key, t.value, t.create_revision, t.mod_revision, t.version, t.lease, 'etcd', now() \
+                 FROM target t \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                     create_revision = EXCLUDED.create_revision, mod_revision = EXCLUDED.mod_revision, \
+                     version = EXCLUDED.version, lease = EXCLUDED.lease, origin = 'etcd', updated_at = now() \
+                 WHERE (r.value, r.create_revision, r.mod_revision, r.version, r.lease) IS DISTINCT FROM \
+                       (EXCLUDED.value, EXCLUDED.create_revision, EXCLUDED.mod_revision, EXCLUDED.version, EXCLUDED.lease) \
+                 RETURNING 1) \
+             SELECT (SELECT count(*) FROM changed) AS changed, (SELECT count(*) FROM deleted) AS deleted",
+            schema = schema.quoted(),
+        ))
+        .bind::<Text, _>(table.as_str())
+        .bind::<BigInt, _>(revision)
+        .bind::<Bytea, _>(start)
+        .bind::<Nullable<Bytea>, _>(end)
+        .get_result(conn)
+        .await?;
+        Ok(Rewound::Done {
+            changed: counts.changed,
+            deleted: counts.deleted,
+        })
+    })
+    .await
+}

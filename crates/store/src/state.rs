@@ -531,10 +531,41 @@ pub async fn adopt_timeline(
         .bind::<diesel::sql_types::BigInt, _>(cluster_id)
         .get_result(conn)
         .await?;
+        // The new timeline's history starts with what the restore writes
+        // (see `history_whole_from`).
+        diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
+            .execute(conn)
+            .await?;
         let mut detail = detail.clone();
         detail["timeline"] = serde_json::json!(next.timeline);
         crate::events::record(conn, fence, AuditKind::TimelineChange, None, &detail).await?;
         Ok(next.timeline)
+    })
+    .await
+}
+
+/// After `restore-etcd` rebuilt the whole range of each of `tables` in an
+/// etcd that held none of it at `revision`: the watch replays every change
+/// since into the history, so `state_at` answers from `revision` on. A
+/// table whose history is whole already (the same etcd, emptied and
+/// restored) keeps its older start.
+pub async fn history_whole_from(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    tables: &[&str],
+    revision: i64,
+) -> Result<(), StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
+        diesel::sql_query(
+            "UPDATE mirror_tables SET history_from = $2 WHERE name = ANY($1) AND history_from IS NULL",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(tables)
+        .bind::<diesel::sql_types::BigInt, _>(revision)
+        .execute(conn)
+        .await?;
+        Ok(())
     })
     .await
 }

@@ -169,7 +169,16 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::RestoreEtcd {
             prefix,
             leased_keys_ttl,
-        } => super::repair::run_restore(&config, &store, prefix, leased_keys_ttl).await,
+            at_revision,
+            at_time,
+        } => {
+            let at = match (at_revision, at_time) {
+                (Some(revision), _) => Some(super::repair::Target::Revision(revision)),
+                (None, Some(at)) => Some(super::repair::Target::Time(at)),
+                (None, None) => None,
+            };
+            super::repair::run_restore(&config, &store, prefix, leased_keys_ttl, at).await
+        }
         Command::Timeline {
             command: TimelineCommand::Resume { take },
         } => resume_timeline(&store, take.into()).await,

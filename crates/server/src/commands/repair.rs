@@ -231,6 +231,7 @@ pub async fn run_restore(
     store: &Store,
     prefix: Option<String>,
     leased_keys_ttl: i64,
+    at: Option<Target>,
 ) -> anyhow::Result<ExitCode> {
     let etcd = EtcdClient::connect(&config.etcd)
         .await
@@ -238,7 +239,39 @@ pub async fn run_restore(
     let prefix = prefix.map(String::into_bytes);
     let mappings = config.validated_mappings()?;
     let selected = restorable(config, &etcd, &mappings, prefix.as_deref()).await?;
+    let at_revision = match at {
+        None => None,
+        Some(at) => match restore_point(store, &etcd, &selected, prefix.as_deref(), at).await? {
+            Ok(revision) => Some(revision),
+            Err(refusal) => {
+                eprintln!("error: {refusal}");
+                return Ok(ExitCode::from(crate::EXIT_CONFIG));
+            }
+        },
+    };
     let fence = command_fence(store, config, "restore-etcd").await?;
+    let mut rewound = (0i64, 0i64);
+    if let Some(revision) = at_revision {
+        for mapping in &selected {
+            let (start, end) = mapping.range_within(prefix.as_deref());
+            match store
+                .rewind(&fence, &mapping.table, (&start, end.as_deref()), revision)
+                .await?
+            {
+                eps_store::rollback::Rewound::Done { changed, deleted } => {
+                    rewound.0 += changed;
+                    rewound.1 += deleted;
+                }
+                eps_store::rollback::Rewound::Queued(queued) => {
+                    eprintln!(
+                        "error: {}",
+                        queued_refusal(queued, &mapping.table, revision)
+                    );
+                    return Ok(ExitCode::from(crate::EXIT_CONFIG));
+                }
+            }
+        }
+    }
     let start = adopt_restored_etcd(store, &fence, &etcd, &selected).await?;
     let started = Instant::now();
     let mut leases = RestoredLease {
@@ -257,15 +290,30 @@ pub async fn run_restore(
         &mut leases,
     )
     .await?;
+    // etcd held none of a wholly restored mapping's keys at `start`, and
+    // the watch replays everything since into the history.
+    let whole: Vec<&str> = selected
+        .iter()
+        .filter(|m| prefix.as_deref().is_none_or(|p| m.prefix.starts_with(p)))
+        .map(|m| m.table.as_str())
+        .collect();
+    store.history_whole_from(&fence, &whole, start).await?;
     let head = etcd.current_revision().await?;
     let detail = serde_json::json!({
         "keys": copied.keys, "txns": copied.txns, "queued_changes_consumed": copied.consumed,
         "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
         "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
+        "at_revision": at_revision, "mirror_rows_set_back": rewound.0, "mirror_rows_removed": rewound.1,
     });
     store
         .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
         .await?;
+    if let Some(revision) = at_revision {
+        println!(
+            "the mirror was set back to the state of revision {revision}: {} row(s) written, {} removed",
+            rewound.0, rewound.1
+        );
+    }
     println!(
         "restored {} keys into etcd in {} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
         copied.keys,
@@ -319,6 +367,66 @@ async fn restorable<'m>(
         );
     }
     Ok(selected)
+}
+
+/// The revision `restore-etcd --at-revision/--at-time` restores, or why it
+/// cannot: the history must know every selected mapping whole at it, on the
+/// timeline of the lost etcd, and no change written in PostgreSQL may wait
+/// for etcd (it is newer than the revision, and restoring would drop it).
+async fn restore_point(
+    store: &Store,
+    etcd: &EtcdClient,
+    selected: &[&eps_core::Mapping],
+    prefix: Option<&[u8]>,
+    at: Target,
+) -> anyhow::Result<Result<i64, String>> {
+    let revision = match at {
+        Target::Revision(revision) => revision,
+        Target::Time(at) => store
+            .revision_at(at)
+            .await
+            .context("reading the revision clock")?,
+    };
+    let state = store.state().await.context("reading sync_state")?;
+    let (cluster_id, _) = etcd.identity(&selected[0].prefix).await?;
+    if state.timeline_resync || state.etcd_cluster_id == Some(cluster_id as i64) {
+        // Either this very etcd is the mirror's (not lost: its revisions are
+        // the history's), or an earlier restore or resync adopted it.
+        for mapping in selected {
+            let adopted = store
+                .table_record(&mapping.table)
+                .await?
+                .is_some_and(|r| r.history_floor.is_none());
+            if adopted || state.timeline_resync {
+                return Ok(Err(format!(
+                    "the mirror already follows this etcd (an earlier restore-etcd or resync adopted it),                      so the history of {} before it is another timeline's: restore every prefix at a                      revision in the run that adopts the new etcd",
+                    mapping.table
+                )));
+            }
+        }
+    }
+    if let Some(refusal) = history_refusal(store, &state, selected, revision).await? {
+        return Ok(Err(refusal));
+    }
+    for mapping in selected {
+        let (start, end) = mapping.range_within(prefix);
+        let queued = store
+            .queued_in_range(&mapping.table, (&start, end.as_deref()))
+            .await?;
+        if queued > 0 {
+            return Ok(Err(queued_refusal(queued, &mapping.table, revision)));
+        }
+    }
+    Ok(Ok(revision))
+}
+
+fn queued_refusal(queued: i64, table: &eps_core::ident::Ident, revision: i64) -> String {
+    format!(
+        "{queued} change(s) written in PostgreSQL to {table} are queued for etcd; they are newer than \
+         revision {revision}, and restoring it would drop them. Restore without --at-revision (they \
+         are then sent to etcd) and put the keys back with `rollback --to-revision {revision} --apply`, \
+         or give them up by deleting them from the outbox"
+    )
 }
 
 /// Makes the rebuilt etcd the mirror's timeline: sync continues from its
@@ -785,6 +893,24 @@ async fn rollback_refusal(
                 .into(),
         ));
     }
+    if apply && let Some(mapping) = selected.iter().find(|m| !m.direction.pg_to_etcd()) {
+        return Ok(Some(format!(
+            "mapping {} is {}: its changes cannot go to etcd",
+            mapping.table,
+            mapping.direction.as_str()
+        )));
+    }
+    history_refusal(store, &state, selected, revision).await
+}
+
+/// Why the history cannot give the state of every selected mapping at
+/// `revision` on the current timeline (`None`: it can).
+async fn history_refusal(
+    store: &Store,
+    state: &eps_store::SyncState,
+    selected: &[&eps_core::Mapping],
+    revision: i64,
+) -> anyhow::Result<Option<String>> {
     if revision <= 0 || revision > state.applied_revision {
         return Ok(Some(format!(
             "revision {revision} is not one the mirror has applied (checkpoint {})",
@@ -792,13 +918,6 @@ async fn rollback_refusal(
         )));
     }
     for mapping in selected {
-        if apply && !mapping.direction.pg_to_etcd() {
-            return Ok(Some(format!(
-                "mapping {} is {}: its changes cannot go to etcd",
-                mapping.table,
-                mapping.direction.as_str()
-            )));
-        }
         let Some(record) = store.table_record(&mapping.table).await? else {
             return Ok(Some(format!(
                 "mirror table {} does not exist (run migrate)",
