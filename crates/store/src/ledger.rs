@@ -793,7 +793,10 @@ pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> 
 }
 
 /// Deletes audit events older than `events_days`, history rows older than
-/// `history_days` (keeping the newest row of every key) and revision clock
+/// `history_days` that a newer row of their key as old replaces (so every
+/// key keeps its newest row, and `state_at` its answer for every revision
+/// from the horizon on: a key changed long ago and again recently keeps
+/// the old value for the revisions in between), and revision clock
 /// samples older than `clock_days`, a chunk per transaction. 0 days keeps
 /// everything. Returns (events, history rows, clock samples).
 pub async fn purge(
@@ -834,7 +837,8 @@ pub async fn purge(
              SELECT h.key, h.timeline, h.revision FROM history h \
              WHERE h.recorded_at < now() - make_interval(days => $1) \
                AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key \
-                           AND (n.timeline, n.revision) > (h.timeline, h.revision)) \
+                           AND (n.timeline, n.revision) > (h.timeline, h.revision) \
+                           AND n.recorded_at < now() - make_interval(days => $1)) \
              LIMIT $2)",
     )
     .await?;

@@ -936,6 +936,51 @@ async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result
     Ok(())
 }
 
+/// History retention may forget a row only when a newer row of its key is
+/// forgotten too or below the revision `state_at` answers from: a key
+/// changed long ago and again recently keeps its old value for the
+/// revisions in between.
+#[tokio::test]
+async fn retention_keeps_the_state_of_every_revision_it_answers_for() -> anyhow::Result<()> {
+    let (store, db) = store_with("[[mappings]]\nprefix = \"/r/\"\ntable = \"kv_r\"\n").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    // /r/a: "old" at 10, long ago, "new" at 300, today; /r/b: at 100, long
+    // ago (the newest revision retention forgets below).
+    client
+        .batch_execute(
+            "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
+             UPDATE sync_state SET applied_revision = 300; \
+             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) VALUES \
+               ('/r/a', 10, 'put', 'old', 10, 1, 0, 'etcd', 1, now() - interval '40 days'), \
+               ('/r/b', 100, 'put', 'b', 100, 1, 0, 'etcd', 1, now() - interval '35 days'), \
+               ('/r/a', 300, 'put', 'new', 10, 2, 0, 'etcd', 1, now());",
+        )
+        .await?;
+    let at = async |revision: i64| -> anyhow::Result<Vec<String>> {
+        Ok(client
+            .query(
+                "SELECT convert_from(value, 'UTF8') FROM state_at('kv_r', $1)",
+                &[&revision],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect())
+    };
+    assert_eq!(at(250).await?, vec!["old".to_owned(), "b".to_owned()]);
+    store.purge(&fence, 0, 30, 0).await?;
+    assert_eq!(
+        at(250).await?,
+        vec!["old".to_owned(), "b".to_owned()],
+        "a revision state_at still answers for keeps its answer"
+    );
+    assert_eq!(at(300).await?, vec!["new".to_owned(), "b".to_owned()]);
+    Ok(())
+}
+
 /// `mark_sent` returns only the changes it marked itself: a poller that
 /// stops a round takes back those, never a mark an earlier round set for a
 /// change whose outcome is unknown (it may have landed).
