@@ -567,15 +567,27 @@ async fn restore_etcd_at_a_revision_rebuilds_the_state_of_then() -> anyhow::Resu
     let (code, _, stderr) = world.cli(&["restore-etcd", "--at-revision", &to]).await?;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("queued"), "{stderr}");
-    // The operator gives the change up.
-    pg.execute("DELETE FROM outbox", &[]).await?;
-
-    let (code, stdout, stderr) = world.cli(&["restore-etcd", "--at-revision", &to]).await?;
+    // Set aside, it waits in the dead-letter list.
+    let (code, stdout, stderr) = world
+        .cli(&["restore-etcd", "--at-revision", &to, "--set-aside-queued"])
+        .await?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains(&format!("state of revision {target}")),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("1 queued PostgreSQL change(s) were set aside"),
+        "{stdout}"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM outbox").await?, 0);
+    let set_aside: i64 = pg
+        .query_one(
+            "SELECT id FROM dead_letters WHERE kind = 'set-aside-by-restore' AND key = '/b/queued'",
+            &[],
+        )
+        .await?
+        .get(0);
     let mut fresh = world.etcd_client().await?;
     assert_eq!(
         etcd_snapshot(&mut fresh, b"/a/").await?,
@@ -606,6 +618,13 @@ async fn restore_etcd_at_a_revision_rebuilds_the_state_of_then() -> anyhow::Resu
     assert_eq!(state_at(&pg, "kv_b", new_head).await?, at_b);
     let audited = awaited_event_details(&pg, "restore-etcd", Duration::from_secs(5)).await?;
     assert_eq!(audited[0]["at_revision"], target);
+    assert_eq!(audited[0]["queued_changes_set_aside"], 1);
+    // The change set aside goes on top of the restored state when retried.
+    let (code, stdout, stderr) = world
+        .cli(&["dead-letters", "retry", &set_aside.to_string()])
+        .await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    wait_etcd_has(&fresh, "/b/queued", Duration::from_secs(10)).await?;
     Ok(())
 }
 

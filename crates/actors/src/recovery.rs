@@ -111,11 +111,20 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
     let mut next_retention = Instant::now() + Duration::from_secs(60);
     let commits_every = Duration::from_secs(60);
     let mut next_commits = Instant::now() + commits_every;
+    // Partitions are made ahead of the sync, first thing in a term (a
+    // first snapshot may bring a whole etcd's keys).
+    let partitions_every = Duration::from_secs(300);
+    let mut next_partitions = Instant::now();
     loop {
         let wake = next_verify
             .map_or(next_retention, |v| v.min(next_retention))
-            .min(next_commits);
+            .min(next_commits)
+            .min(next_partitions);
         tokio::time::sleep_until(wake.into()).await;
+        if Instant::now() >= next_partitions {
+            extend_history(&ctx).await?;
+            next_partitions = Instant::now() + partitions_every;
+        }
         if Instant::now() >= next_commits {
             ctx.store.forget_old_commits().await?;
             next_commits = Instant::now() + commits_every;
@@ -131,6 +140,30 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
             next_verify = Some(Instant::now() + every);
         }
     }
+}
+
+/// How much time one history partition is sized for.
+fn partition_period(config: &eps_core::Config) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(config.sync.history_partition_days) * 86_400)
+}
+
+/// Keeps history partitions ahead of the sync (see `partitions::extend`):
+/// up to etcd's revision once the watcher has checked that etcd is the
+/// history the mirror follows.
+async fn extend_history(ctx: &SyncContext) -> Result<(), ActorError> {
+    let at_least = if ctx.is_etcd_checked() {
+        ctx.etcd.current_revision().await?
+    } else {
+        0
+    };
+    let made = ctx
+        .store
+        .extend_history(&ctx.fence, partition_period(&ctx.config), at_least)
+        .await?;
+    if made > 0 {
+        tracing::info!(made, "history partitions made ahead of the sync");
+    }
+    Ok(())
 }
 
 async fn retention(ctx: &SyncContext) -> Result<(), ActorError> {
@@ -325,6 +358,20 @@ async fn resync_once(
         _ => mapped,
     };
     tracing::info!(?reason, revision, tables = walked.len(), "resync started");
+    // The walk writes history rows up to `revision`: partitions for them
+    // first, or they would all land in the default one (from which the
+    // next extension moves them, under a lock: so a failure here, e.g. a
+    // user's long query on the history, only costs that).
+    if let Err(error) = ctx
+        .store
+        .extend_history(&ctx.fence, partition_period(&ctx.config), revision)
+        .await
+    {
+        if matches!(error, eps_store::StoreError::Fenced { .. }) {
+            return Err(error.into());
+        }
+        tracing::warn!(%error, "history partitions not made ahead of the resync");
+    }
     let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
     // Inputs deferred for held rows are superseded by the walk at
     // `revision` (a key still held gets the state it reads, deferred

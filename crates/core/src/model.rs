@@ -164,16 +164,20 @@ pub enum DeadLetterKind {
     /// etcd refused it for good (permission denied, an invalid request).
     Refused,
     RetriesExhausted,
+    /// `restore-etcd --at-revision --set-aside-queued` restored an older
+    /// state than the one the change was written on.
+    SetAsideByRestore,
 }
 
 impl DeadLetterKind {
-    pub const ALL: [DeadLetterKind; 6] = [
+    pub const ALL: [DeadLetterKind; 7] = [
         DeadLetterKind::TooLarge,
         DeadLetterKind::Unmapped,
         DeadLetterKind::ReadOnlyMapping,
         DeadLetterKind::Invalid,
         DeadLetterKind::Refused,
         DeadLetterKind::RetriesExhausted,
+        DeadLetterKind::SetAsideByRestore,
     ];
 
     pub fn parse(s: &str) -> Option<DeadLetterKind> {
@@ -188,6 +192,7 @@ impl DeadLetterKind {
             DeadLetterKind::Invalid => "invalid",
             DeadLetterKind::Refused => "refused",
             DeadLetterKind::RetriesExhausted => "retries-exhausted",
+            DeadLetterKind::SetAsideByRestore => "set-aside-by-restore",
         }
     }
 }

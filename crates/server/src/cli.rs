@@ -118,6 +118,11 @@ pub enum Command {
         /// then.
         #[arg(long)]
         at_time: Option<chrono::DateTime<chrono::Utc>>,
+        /// With --at-revision/--at-time: changes written in PostgreSQL and
+        /// still queued for etcd (newer than the state restored) move to
+        /// the dead-letter list instead of stopping the restore.
+        #[arg(long)]
+        set_aside_queued: bool,
         /// Keys that had a lease (their lease ids died with the old etcd)
         /// are restored under one new lease of this many seconds, not kept
         /// alive: they expire on both sides unless their owners write them

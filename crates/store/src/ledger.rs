@@ -792,13 +792,12 @@ pub async fn counts(conn: &mut AsyncPgConnection) -> Result<Counts, StoreError> 
     Ok(rows.into_iter().next().unwrap_or_default())
 }
 
-/// Deletes audit events older than `events_days`, history rows older than
-/// `history_days` that a newer row of their key as old replaces (so every
-/// key keeps its newest row, and `state_at` its answer for every revision
-/// from the horizon on: a key changed long ago and again recently keeps
-/// the old value for the revisions in between), and revision clock
-/// samples older than `clock_days`, a chunk per transaction. 0 days keeps
-/// everything. Returns (events, history rows, clock samples).
+/// Deletes audit events older than `events_days`, history older than
+/// `history_days` by partition (every key keeps its newest row, and
+/// `state_at` its answer for every revision from the horizon on: see
+/// [`crate::partitions::expire`]) and revision clock samples older than
+/// `clock_days`. 0 days keeps everything. Returns (events, history rows,
+/// clock samples).
 pub async fn purge(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
@@ -814,34 +813,7 @@ pub async fn purge(
          WHERE at < now() - make_interval(days => $1) LIMIT $2)",
     )
     .await?;
-    if history_days > 0 {
-        // Below the newest revision about to be purged, some key's state
-        // may be gone: `state_at` refuses those revisions.
-        conn.transaction::<_, StoreError, _>(async |conn| {
-            fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-            diesel::sql_query(
-                "UPDATE sync_state s SET history_complete_from = greatest(s.history_complete_from,                      coalesce((SELECT max(h.revision) + 1 FROM history h WHERE h.timeline = s.timeline                                AND h.recorded_at < now() - make_interval(days => $1)), 0))                  WHERE s.id = 1",
-            )
-            .bind::<diesel::sql_types::Integer, _>(history_days as i32)
-            .execute(conn)
-            .await?;
-            Ok(())
-        })
-        .await?;
-    }
-    let history = purge_older_than(
-        conn,
-        fence,
-        history_days,
-        "DELETE FROM history WHERE (key, timeline, revision) IN ( \
-             SELECT h.key, h.timeline, h.revision FROM history h \
-             WHERE h.recorded_at < now() - make_interval(days => $1) \
-               AND EXISTS (SELECT 1 FROM history n WHERE n.key = h.key \
-                           AND (n.timeline, n.revision) > (h.timeline, h.revision) \
-                           AND n.recorded_at < now() - make_interval(days => $1)) \
-             LIMIT $2)",
-    )
-    .await?;
+    let history = crate::partitions::expire(conn, fence, history_days).await? as usize;
     let clock = purge_older_than(conn, fence, clock_days, crate::clock::PURGE).await?;
     Ok((events, history, clock))
 }

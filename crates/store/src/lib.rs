@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod mirror;
 pub mod notify;
 pub mod outbox;
+pub mod partitions;
 pub mod preflight;
 pub mod rollback;
 pub mod schema;
@@ -154,22 +155,33 @@ impl Store {
         rollback::revision_at(&mut conn, self.connector.schema(), at).await
     }
 
+    /// See [`partitions::extend`].
+    pub async fn extend_history(
+        &self,
+        fence: &Fence,
+        period: std::time::Duration,
+        at_least: i64,
+    ) -> Result<i32, StoreError> {
+        let mut conn = self.pool.get().await?;
+        partitions::extend(&mut conn, fence, period, at_least).await
+    }
+
     /// See [`rollback::rewind`].
     pub async fn rewind(
         &self,
         fence: &Fence,
-        table: &Ident,
-        range: (&[u8], Option<&[u8]>),
+        ranges: &[rollback::RewindRange<'_>],
         revision: i64,
+        set_aside: bool,
     ) -> Result<rollback::Rewound, StoreError> {
         let mut conn = self.pool.get().await?;
         rollback::rewind(
             &mut conn,
             self.connector.schema(),
             fence,
-            table,
-            range,
+            ranges,
             revision,
+            set_aside,
         )
         .await
     }

@@ -95,6 +95,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000011_json_values",
         up: include_str!("../../../migrations/2026-12-01-000011_json_values/up.sql"),
     },
+    SqlFile {
+        version: "20261201000012",
+        name: "2026-12-01-000012_history_partitions",
+        up: include_str!("../../../migrations/2026-12-01-000012_history_partitions/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.
@@ -221,10 +226,18 @@ pub async fn migrate(
         .execute(&mut conn)
         .await?;
         // The table's key range, for `state_at`. A table synced before its
-        // first sync's revision was recorded: the newest revision its
-        // snapshot rows carry is the closest known bound.
+        // first sync's revision was recorded (by a migrate with this
+        // schema, which records the range too): the newest revision its
+        // snapshot rows carry is the closest known bound. Later, an unknown
+        // start means a new timeline not whole yet, and stays unknown.
         diesel::sql_query(
-            "UPDATE mirror_tables m SET prefix = $2, prefix_end = $3,                  history_from = coalesce(m.history_from, CASE WHEN m.synced THEN                      (SELECT coalesce(max(h.revision), 0) FROM history h, sync_state s                       WHERE s.id = 1 AND h.timeline = s.timeline AND h.origin = 'snapshot'                         AND h.key >= $2 AND ($3::bytea IS NULL OR h.key < $3)) END)              WHERE m.name = $1",
+            "UPDATE mirror_tables m SET prefix = $2, prefix_end = $3, \
+                 history_from = CASE WHEN m.prefix IS NOT NULL THEN m.history_from \
+                     ELSE coalesce(m.history_from, CASE WHEN m.synced THEN \
+                         (SELECT coalesce(max(h.revision), 0) FROM history h, sync_state s \
+                          WHERE s.id = 1 AND h.timeline = s.timeline AND h.origin = 'snapshot' \
+                            AND h.key >= $2 AND ($3::bytea IS NULL OR h.key < $3)) END) END \
+             WHERE m.name = $1",
         )
         .bind::<Text, _>(mapping.table.as_str())
         .bind::<diesel::sql_types::Bytea, _>(&mapping.prefix)

@@ -213,11 +213,25 @@ pub async fn queued_in_range(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rewound {
     /// The rows hold the state at the revision: `changed` were written,
-    /// `deleted` removed.
-    Done { changed: i64, deleted: i64 },
-    /// Changes of the range written in PostgreSQL are queued for etcd: they
-    /// are newer than the revision, and nothing was done.
+    /// `deleted` removed, `set_aside` queued changes moved to the
+    /// dead-letter list.
+    Done {
+        changed: i64,
+        deleted: i64,
+        set_aside: i64,
+    },
+    /// Changes of the ranges written in PostgreSQL are queued for etcd
+    /// (newer than the revision) and were not to be set aside: nothing was
+    /// done.
     Queued(i64),
+}
+
+/// One key range of a mirror table to set back.
+#[derive(Debug, Clone, Copy)]
+pub struct RewindRange<'a> {
+    pub table: &'a Ident,
+    pub start: &'a [u8],
+    pub end: Option<&'a [u8]>,
 }
 
 #[derive(QueryableByName)]
@@ -228,67 +242,140 @@ struct RewindCounts {
     deleted: i64,
 }
 
-/// Sets the rows of `table` under `[start, end)` to their state at
-/// `revision` — values and etcd's metadata of then, keys created since
-/// removed — as the service's own write (no change is queued for etcd): the
-/// first step of `restore-etcd --at-revision`, which then copies the rows
-/// into the empty etcd. Refuses (doing nothing) while changes of the range
-/// are queued: restoring the older state would drop them unseen. Writers of
-/// the table wait until it commits, so a change made after it is made on
-/// the state at `revision`.
+/// Sets the rows of every range to their state at `revision` — values and
+/// etcd's metadata of then, keys created since removed — as the service's
+/// own write (no change is queued for etcd), in one transaction: the first
+/// step of `restore-etcd --at-revision`, which then copies the rows into
+/// the empty etcd. The checkpoint goes back to `revision` with them, so
+/// the mirror never claims to hold a later state than it does (should the
+/// lost etcd come back, the watch replays what follows).
+///
+/// Changes written in PostgreSQL and still queued for etcd are newer than
+/// the revision: with `set_aside` they move to the dead-letter list (kind
+/// `set-aside-by-restore`, from which `dead-letters retry` sends them on
+/// top of the restored state); without, nothing is done. Writers of the
+/// tables wait until the transaction ends, so a change made after it is
+/// made on the state at `revision`.
 pub async fn rewind(
     conn: &mut AsyncPgConnection,
     schema: &Ident,
     fence: &crate::Fence,
-    table: &Ident,
-    (start, end): (&[u8], Option<&[u8]>),
+    ranges: &[RewindRange<'_>],
     revision: i64,
+    set_aside: bool,
 ) -> Result<Rewound, StoreError> {
-    let mirror = schema.qualify(table);
+    let mut tables: Vec<&Ident> = ranges.iter().map(|r| r.table).collect();
+    tables.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    tables.dedup();
     conn.transaction::<_, StoreError, _>(async |conn| {
-        crate::fence::enter(conn, fence, crate::fence::Checkpoint::Keep).await?;
-        conn.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '10s'; LOCK TABLE {mirror} IN SHARE ROW EXCLUSIVE MODE"
-        ))
-        .await?;
-        let queued = queued_in_range(conn, table, (start, end)).await?;
-        if queued > 0 {
+        // The locks come first, before any snapshot is taken (so the count
+        // below sees every change committed before them, whatever the
+        // isolation level), in one order.
+        conn.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+        for table in &tables {
+            conn.batch_execute(&format!(
+                "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+                schema.qualify(table)
+            ))
+            .await?;
+        }
+        let mut queued = 0;
+        for range in ranges {
+            queued += queued_in_range(conn, range.table, (range.start, range.end)).await?;
+        }
+        if queued > 0 && !set_aside {
             return Ok(Rewound::Queued(queued));
         }
-        let counts: RewindCounts = diesel::sql_query(format!(
-            "WITH target AS ( \
-                 SELECT s.key, s.value, s.mod_revision, h.create_revision, h.version, h.lease \
-                 FROM {schema}.state_at($1, $2) s \
-                 JOIN {schema}.sync_state st ON st.id = 1 \
-                 JOIN {schema}.history h ON h.key = s.key AND h.timeline = st.timeline \
-                                        AND h.revision = s.mod_revision \
-                 WHERE s.key >= $3 AND ($4::bytea IS NULL OR s.key < $4)), \
-             deleted AS ( \
-                 DELETE FROM {mirror} r WHERE r.key >= $3 AND ($4::bytea IS NULL OR r.key < $4) \
-                   AND NOT EXISTS (SELECT 1 FROM target t WHERE t.key = r.key) RETURNING 1), \
-             changed AS ( \
-                 INSERT INTO {mirror} AS r (key, value, create_revision, mod_revision, version, lease, origin, updated_at) \
-                 SELECT t.key, t.value, t.create_revision, t.mod_revision, t.version, t.lease, 'etcd', now() \
-                 FROM target t \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
-                     create_revision = EXCLUDED.create_revision, mod_revision = EXCLUDED.mod_revision, \
-                     version = EXCLUDED.version, lease = EXCLUDED.lease, origin = 'etcd', updated_at = now() \
-                 WHERE (r.value, r.create_revision, r.mod_revision, r.version, r.lease) IS DISTINCT FROM \
-                       (EXCLUDED.value, EXCLUDED.create_revision, EXCLUDED.mod_revision, EXCLUDED.version, EXCLUDED.lease) \
-                 RETURNING 1) \
-             SELECT (SELECT count(*) FROM changed) AS changed, (SELECT count(*) FROM deleted) AS deleted",
-            schema = schema.quoted(),
-        ))
-        .bind::<Text, _>(table.as_str())
-        .bind::<BigInt, _>(revision)
-        .bind::<Bytea, _>(start)
-        .bind::<Nullable<Bytea>, _>(end)
-        .get_result(conn)
-        .await?;
+        crate::fence::enter(conn, fence, crate::fence::Checkpoint::AtMost(revision)).await?;
+        let (mut changed, mut deleted, mut moved) = (0, 0, 0);
+        for range in ranges {
+            if queued > 0 {
+                moved += set_aside_queued(conn, fence, range, revision).await?;
+            }
+            let counts = rewind_range(conn, schema, range, revision).await?;
+            changed += counts.changed;
+            deleted += counts.deleted;
+        }
         Ok(Rewound::Done {
-            changed: counts.changed,
-            deleted: counts.deleted,
+            changed,
+            deleted,
+            set_aside: moved,
         })
     })
     .await
+}
+
+/// Moves the changes of `range` queued for etcd to the dead-letter list.
+async fn set_aside_queued(
+    conn: &mut AsyncPgConnection,
+    fence: &crate::Fence,
+    range: &RewindRange<'_>,
+    revision: i64,
+) -> Result<i64, StoreError> {
+    let moved: Written = diesel::sql_query(
+        "WITH moved AS ( \
+             DELETE FROM outbox o WHERE o.mirror_table = $1 AND o.key >= $2 \
+               AND ($3::bytea IS NULL OR o.key < $3) \
+             RETURNING o.id, o.mirror_table, o.key, o.op, o.value, o.base_revision, o.attempts, o.xact), \
+         lettered AS ( \
+             INSERT INTO dead_letters (direction, mirror_table, key, op, value, base_revision, outbox_id, \
+                 reason, kind, attempts, node, term, pg_xact) \
+             SELECT 'pg-to-etcd', m.mirror_table, m.key, m.op, m.value, m.base_revision, m.id, $4, $5, \
+                 m.attempts, $6, $7, m.xact::text::int8 \
+             FROM moved m ORDER BY m.id RETURNING 1) \
+         SELECT count(*) AS n FROM lettered",
+    )
+    .bind::<Text, _>(range.table.as_str())
+    .bind::<Bytea, _>(range.start)
+    .bind::<Nullable<Bytea>, _>(range.end)
+    .bind::<Text, _>(format!(
+        "set aside by restore-etcd --at-revision {revision}: written after the state restored"
+    ))
+    .bind::<Text, _>(eps_core::model::DeadLetterKind::SetAsideByRestore.as_str())
+    .bind::<Text, _>(&fence.node)
+    .bind::<BigInt, _>(fence.term)
+    .get_result(conn)
+    .await?;
+    Ok(moved.n)
+}
+
+/// The rows of one range set to the state at `revision` (see [`rewind`]).
+async fn rewind_range(
+    conn: &mut AsyncPgConnection,
+    schema: &Ident,
+    range: &RewindRange<'_>,
+    revision: i64,
+) -> Result<RewindCounts, StoreError> {
+    let mirror = schema.qualify(range.table);
+    let counts = diesel::sql_query(format!(
+        "WITH target AS ( \
+             SELECT s.key, s.value, s.mod_revision, h.create_revision, h.version, h.lease \
+             FROM {schema}.state_at($1, $2) s \
+             JOIN {schema}.sync_state st ON st.id = 1 \
+             JOIN {schema}.history h ON h.key = s.key AND h.timeline = st.timeline \
+                                    AND h.revision = s.mod_revision \
+             WHERE s.key >= $3 AND ($4::bytea IS NULL OR s.key < $4)), \
+         deleted AS ( \
+             DELETE FROM {mirror} r WHERE r.key >= $3 AND ($4::bytea IS NULL OR r.key < $4) \
+               AND NOT EXISTS (SELECT 1 FROM target t WHERE t.key = r.key) RETURNING 1), \
+         changed AS ( \
+             INSERT INTO {mirror} AS r (key, value, create_revision, mod_revision, version, lease, origin, updated_at) \
+             SELECT t.key, t.value, t.create_revision, t.mod_revision, t.version, t.lease, 'etcd', now() \
+             FROM target t \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                 create_revision = EXCLUDED.create_revision, mod_revision = EXCLUDED.mod_revision, \
+                 version = EXCLUDED.version, lease = EXCLUDED.lease, origin = 'etcd', updated_at = now() \
+             WHERE (r.value, r.create_revision, r.mod_revision, r.version, r.lease) IS DISTINCT FROM \
+                   (EXCLUDED.value, EXCLUDED.create_revision, EXCLUDED.mod_revision, EXCLUDED.version, EXCLUDED.lease) \
+             RETURNING 1) \
+         SELECT (SELECT count(*) FROM changed) AS changed, (SELECT count(*) FROM deleted) AS deleted",
+        schema = schema.quoted(),
+    ))
+    .bind::<Text, _>(range.table.as_str())
+    .bind::<BigInt, _>(revision)
+    .bind::<Bytea, _>(range.start)
+    .bind::<Nullable<Bytea>, _>(range.end)
+    .get_result(conn)
+    .await?;
+    Ok(counts)
 }

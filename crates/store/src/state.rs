@@ -364,8 +364,12 @@ pub async fn begin_timeline(
         .get_result(conn)
         .await?;
         let decision = next.decision.as_deref().and_then(Side::parse);
-        // The new timeline's history starts with its resync.
+        // The new timeline's history starts with its resync, and retention
+        // has forgotten none of it.
         diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
+            .execute(conn)
+            .await?;
+        diesel::sql_query("UPDATE sync_state SET history_complete_from = 0 WHERE id = 1")
             .execute(conn)
             .await?;
         for table in tables {
@@ -532,8 +536,12 @@ pub async fn adopt_timeline(
         .get_result(conn)
         .await?;
         // The new timeline's history starts with what the restore writes
-        // (see `history_whole_from`).
+        // (see `history_whole_from`), and retention has forgotten none of
+        // it.
         diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
+            .execute(conn)
+            .await?;
+        diesel::sql_query("UPDATE sync_state SET history_complete_from = 0 WHERE id = 1")
             .execute(conn)
             .await?;
         let mut detail = detail.clone();

@@ -879,6 +879,30 @@ async fn a_mirror_table_keeps_its_prefix() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces the history partitions made ahead of timeline 1 (empty) by
+/// ones ending at `ends`: retention drops whole partitions, so a test of it
+/// needs partitions as small as its rows.
+async fn partition_history(client: &tokio_postgres::Client, ends: &[i64]) -> anyhow::Result<()> {
+    for row in client
+        .query(
+            "SELECT name FROM etcd_sync.history_partitions WHERE from_timeline = 1",
+            &[],
+        )
+        .await?
+    {
+        let name: String = row.get(0);
+        client
+            .batch_execute(&format!("DROP TABLE etcd_sync.{name}"))
+            .await?;
+    }
+    for end in ends {
+        client
+            .execute("SELECT etcd_sync.add_history_partition(1, $1)", &[end])
+            .await?;
+    }
+    Ok(())
+}
+
 /// History retention deletes old rows (keeping every key's newest): below
 /// the newest revision it deleted from, a key's state may be gone, and
 /// `state_at` refuses those revisions rather than answer wrongly.
@@ -891,9 +915,11 @@ async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result
     client.batch_execute("SET search_path TO etcd_sync").await?;
     // Synced at revision 1; /r/a changed at 5 and 100 (both long ago),
     // /r/b at 200 (recently).
+    partition_history(&client, &[150, 250, 400]).await?;
     client
         .batch_execute(
             "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
+             UPDATE sync_state SET applied_revision = 200; \
              INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) VALUES \
                ('/r/a', 5, 'put', 'five', 5, 1, 0, 'etcd', 1, now() - interval '40 days'), \
                ('/r/a', 100, 'put', 'hundred', 5, 2, 0, 'etcd', 1, now() - interval '35 days'), \
@@ -948,7 +974,8 @@ async fn retention_keeps_the_state_of_every_revision_it_answers_for() -> anyhow:
     let client = db.client().await?;
     client.batch_execute("SET search_path TO etcd_sync").await?;
     // /r/a: "old" at 10, long ago, "new" at 300, today; /r/b: at 100, long
-    // ago (the newest revision retention forgets below).
+    // ago. Retention can drop the partitions below 250.
+    partition_history(&client, &[150, 250, 400]).await?;
     client
         .batch_execute(
             "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
@@ -971,13 +998,168 @@ async fn retention_keeps_the_state_of_every_revision_it_answers_for() -> anyhow:
             .collect())
     };
     assert_eq!(at(250).await?, vec!["old".to_owned(), "b".to_owned()]);
-    store.purge(&fence, 0, 30, 0).await?;
+    let (_, gone, _) = store.purge(&fence, 0, 30, 0).await?;
+    assert_eq!(
+        gone, 0,
+        "each key's newest row of the dropped partitions stays"
+    );
     assert_eq!(
         at(250).await?,
         vec!["old".to_owned(), "b".to_owned()],
         "a revision state_at still answers for keeps its answer"
     );
     assert_eq!(at(300).await?, vec!["new".to_owned(), "b".to_owned()]);
+    let partitions: Vec<String> = client
+        .query(
+            "SELECT name FROM history_partitions WHERE NOT is_default \
+             ORDER BY from_timeline NULLS FIRST, from_revision NULLS FIRST",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        partitions,
+        ["history_kept_t1_r250", "history_t1_r250"],
+        "the partitions below 250 were dropped, their rows kept in one"
+    );
+    // A second round has nothing to drop.
+    assert_eq!(store.purge(&fence, 0, 30, 0).await?.1, 0);
+    Ok(())
+}
+
+/// The leader makes history partitions ahead of the sync, and rows no
+/// partition took (a new timeline's) are moved out of the default
+/// partition into partitions made for them.
+#[tokio::test]
+async fn history_partitions_are_made_ahead_and_take_what_the_default_caught() -> anyhow::Result<()>
+{
+    let (store, db) = store_with("").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    let bounds = async || -> anyhow::Result<Vec<(String, Option<i32>, Option<i64>, Option<i32>, Option<i64>)>> {
+        Ok(client
+            .query(
+                "SELECT name, from_timeline, from_revision, to_timeline, to_revision FROM history_partitions \
+                 WHERE NOT is_default ORDER BY from_timeline NULLS FIRST, from_revision NULLS FIRST",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect())
+    };
+    // A fresh schema: the history as it was (empty), then a partition of a
+    // million revisions (the least width) ahead.
+    assert_eq!(
+        bounds().await?,
+        [
+            ("history_tmin_rmin".to_owned(), None, None, Some(1), Some(1)),
+            (
+                "history_t1_r1".to_owned(),
+                Some(1),
+                Some(1),
+                Some(1),
+                Some(1_000_000)
+            ),
+        ]
+    );
+    let day = std::time::Duration::from_secs(86_400);
+    assert_eq!(
+        store.extend_history(&fence, day, 0).await?,
+        0,
+        "far enough ahead"
+    );
+    // etcd is at 900,000: less than half a partition is left.
+    assert_eq!(store.extend_history(&fence, day, 900_000).await?, 1);
+    assert_eq!(
+        bounds().await?.last().cloned(),
+        Some((
+            "history_t1_r1000000".to_owned(),
+            Some(1),
+            Some(1_000_000),
+            Some(1),
+            Some(1_900_000)
+        ))
+    );
+    // A new timeline's rows land in the default partition until the next
+    // extension gives them one.
+    client
+        .batch_execute(
+            "UPDATE sync_state SET timeline = 2, applied_revision = 7; \
+             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, timeline) VALUES \
+               ('/t/a', 5, 'put', 'a', 5, 1, 0, 'etcd', 1, 2), ('/t/b', 7, 'put', 'b', 7, 1, 0, 'etcd', 1, 2);",
+        )
+        .await?;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM history_default").await,
+        2
+    );
+    assert_eq!(store.extend_history(&fence, day, 0).await?, 1);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM history_default").await,
+        0
+    );
+    assert_eq!(
+        bounds().await?.last().cloned(),
+        Some((
+            "history_t2_rmin".to_owned(),
+            Some(2),
+            None,
+            Some(2),
+            Some(1_000_008)
+        ))
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM history WHERE timeline = 2").await,
+        2,
+        "the caught rows moved, none lost"
+    );
+    Ok(())
+}
+
+/// A table whose history a new timeline has not made whole yet (after
+/// `restore-etcd` adopted another etcd) is not taken for one whose history
+/// predates the record of where it starts: `migrate` leaves it unknown, or
+/// `state_at` would answer from the new etcd's revision 0.
+#[tokio::test]
+async fn migrate_does_not_guess_where_a_new_timelines_history_starts() -> anyhow::Result<()> {
+    let (store, db) = store_with("[[mappings]]\nprefix = \"/h/\"\ntable = \"kv_h\"\n").await?;
+    store.migrate().await?;
+    let fence = common::term_one(&store).await?;
+    let client = db.client().await?;
+    client.batch_execute("SET search_path TO etcd_sync").await?;
+    client
+        .batch_execute(
+            "UPDATE mirror_tables SET synced = true, history_from = 5 WHERE name = 'kv_h'; \
+             UPDATE sync_state SET history_complete_from = 40;",
+        )
+        .await?;
+    store
+        .adopt_timeline(&fence, 77, &serde_json::json!({"reason": "test"}))
+        .await?;
+    store.migrate().await?;
+    let (from, horizon): (Option<i64>, i64) = {
+        let row = client
+            .query_one(
+                "SELECT m.history_from, s.history_complete_from FROM mirror_tables m, sync_state s \
+                 WHERE m.name = 'kv_h'",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        from, None,
+        "not whole on the new timeline until a restore or resync says so"
+    );
+    assert_eq!(
+        horizon, 0,
+        "retention has forgotten nothing of the new timeline"
+    );
     Ok(())
 }
 

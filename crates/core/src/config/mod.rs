@@ -403,10 +403,15 @@ pub struct SyncConfig {
     /// A watch that answers nothing for this long is reconnected.
     #[serde(default = "default_watch_stall_timeout_ms")]
     pub watch_stall_timeout_ms: u64,
-    /// Delete history rows older than this many days (keeping the newest row
-    /// of each key); 0 keeps history forever.
+    /// Drop history older than this many days, a partition at a time
+    /// (keeping each key's newest row); 0 keeps history forever.
     #[serde(default)]
     pub history_retention_days: u32,
+    /// About how many days of changes one history partition holds (sized
+    /// by the rate the revision clock measures); retention drops a
+    /// partition once all of it is older than `history_retention_days`.
+    #[serde(default = "default_history_partition_days")]
+    pub history_partition_days: u32,
     /// Delete audit events older than this many days; 0 keeps them forever.
     #[serde(default = "default_events_retention_days")]
     pub events_retention_days: u32,
@@ -463,6 +468,7 @@ impl Default for SyncConfig {
             progress_interval_ms: default_progress_interval_ms(),
             watch_stall_timeout_ms: default_watch_stall_timeout_ms(),
             history_retention_days: 0,
+            history_partition_days: default_history_partition_days(),
             events_retention_days: default_events_retention_days(),
             anti_entropy_interval_secs: 0,
             key_blocked_alert_secs: default_key_blocked_alert_secs(),
@@ -505,6 +511,10 @@ fn default_clock_interval_ms() -> u64 {
     1_000
 }
 fn default_clock_retention_days() -> u32 {
+    30
+}
+
+fn default_history_partition_days() -> u32 {
     30
 }
 
@@ -763,6 +773,10 @@ impl SyncConfig {
         positive("sync.snapshot_page_size", sync.snapshot_page_size as u64)?;
         positive("sync.progress_interval_ms", sync.progress_interval_ms)?;
         positive("sync.clock_interval_ms", sync.clock_interval_ms)?;
+        positive(
+            "sync.history_partition_days",
+            sync.history_partition_days as u64,
+        )?;
         if sync.watch_stall_timeout_ms <= sync.progress_interval_ms {
             return Err(ConfigError::invalid(
                 "sync.watch_stall_timeout_ms",

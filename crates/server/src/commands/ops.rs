@@ -171,13 +171,22 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             leased_keys_ttl,
             at_revision,
             at_time,
+            set_aside_queued,
         } => {
             let at = match (at_revision, at_time) {
                 (Some(revision), _) => Some(super::repair::Target::Revision(revision)),
                 (None, Some(at)) => Some(super::repair::Target::Time(at)),
                 (None, None) => None,
             };
-            super::repair::run_restore(&config, &store, prefix, leased_keys_ttl, at).await
+            super::repair::run_restore(
+                &config,
+                &store,
+                prefix,
+                leased_keys_ttl,
+                at,
+                set_aside_queued,
+            )
+            .await
         }
         Command::Timeline {
             command: TimelineCommand::Resume { take },

@@ -232,6 +232,7 @@ pub async fn run_restore(
     prefix: Option<String>,
     leased_keys_ttl: i64,
     at: Option<Target>,
+    set_aside_queued: bool,
 ) -> anyhow::Result<ExitCode> {
     let etcd = EtcdClient::connect(&config.etcd)
         .await
@@ -241,7 +242,16 @@ pub async fn run_restore(
     let selected = restorable(config, &etcd, &mappings, prefix.as_deref()).await?;
     let at_revision = match at {
         None => None,
-        Some(at) => match restore_point(store, &etcd, &selected, prefix.as_deref(), at).await? {
+        Some(at) => match restore_point(
+            store,
+            &etcd,
+            &selected,
+            prefix.as_deref(),
+            at,
+            set_aside_queued,
+        )
+        .await?
+        {
             Ok(revision) => Some(revision),
             Err(refusal) => {
                 eprintln!("error: {refusal}");
@@ -250,29 +260,37 @@ pub async fn run_restore(
         },
     };
     let fence = command_fence(store, config, "restore-etcd").await?;
-    let mut rewound = (0i64, 0i64);
+    let mut rewound = (0i64, 0i64, 0i64);
     if let Some(revision) = at_revision {
-        for mapping in &selected {
-            let (start, end) = mapping.range_within(prefix.as_deref());
-            match store
-                .rewind(&fence, &mapping.table, (&start, end.as_deref()), revision)
-                .await?
-            {
-                eps_store::rollback::Rewound::Done { changed, deleted } => {
-                    rewound.0 += changed;
-                    rewound.1 += deleted;
-                }
-                eps_store::rollback::Rewound::Queued(queued) => {
-                    eprintln!(
-                        "error: {}",
-                        queued_refusal(queued, &mapping.table, revision)
-                    );
-                    return Ok(ExitCode::from(crate::EXIT_CONFIG));
-                }
+        let bounds: Vec<(Vec<u8>, Option<Vec<u8>>)> = selected
+            .iter()
+            .map(|m| m.range_within(prefix.as_deref()))
+            .collect();
+        let ranges: Vec<eps_store::rollback::RewindRange> = selected
+            .iter()
+            .zip(&bounds)
+            .map(|(m, (start, end))| eps_store::rollback::RewindRange {
+                table: &m.table,
+                start,
+                end: end.as_deref(),
+            })
+            .collect();
+        match store
+            .rewind(&fence, &ranges, revision, set_aside_queued)
+            .await?
+        {
+            eps_store::rollback::Rewound::Done {
+                changed,
+                deleted,
+                set_aside,
+            } => rewound = (changed, deleted, set_aside),
+            eps_store::rollback::Rewound::Queued(queued) => {
+                eprintln!("error: {}", queued_refusal(queued, revision));
+                return Ok(ExitCode::from(crate::EXIT_CONFIG));
             }
         }
     }
-    let start = adopt_restored_etcd(store, &fence, &etcd, &selected).await?;
+    let start = adopt_restored_etcd(store, &fence, &etcd, &selected, prefix.as_deref()).await?;
     let started = Instant::now();
     let mut leases = RestoredLease {
         ttl: leased_keys_ttl,
@@ -304,6 +322,7 @@ pub async fn run_restore(
         "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
         "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
         "at_revision": at_revision, "mirror_rows_set_back": rewound.0, "mirror_rows_removed": rewound.1,
+        "queued_changes_set_aside": rewound.2,
     });
     store
         .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
@@ -313,6 +332,13 @@ pub async fn run_restore(
             "the mirror was set back to the state of revision {revision}: {} row(s) written, {} removed",
             rewound.0, rewound.1
         );
+        if rewound.2 > 0 {
+            println!(
+                "{} queued PostgreSQL change(s) were set aside as dead letters (kind set-aside-by-restore); \
+                 `dead-letters retry` sends them to etcd on top of the restored state",
+                rewound.2
+            );
+        }
     }
     println!(
         "restored {} keys into etcd in {} txns ({:.1} s); sync resumes from etcd revision {start} at the latest",
@@ -379,6 +405,7 @@ async fn restore_point(
     selected: &[&eps_core::Mapping],
     prefix: Option<&[u8]>,
     at: Target,
+    set_aside_queued: bool,
 ) -> anyhow::Result<Result<i64, String>> {
     let revision = match at {
         Target::Revision(revision) => revision,
@@ -399,7 +426,11 @@ async fn restore_point(
                 .is_some_and(|r| r.history_floor.is_none());
             if adopted || state.timeline_resync {
                 return Ok(Err(format!(
-                    "the mirror already follows this etcd (an earlier restore-etcd or resync adopted it),                      so the history of {} before it is another timeline's: restore every prefix at a                      revision in the run that adopts the new etcd",
+                    "the mirror already follows this etcd (an earlier restore-etcd or resync adopted \
+                     it), so the history of {} before it is another timeline's: restore every prefix at \
+                     a revision in the run that adopts the new etcd. (If an earlier restore-etcd \
+                     --at-revision stopped after setting the mirror back, empty the prefix in etcd and \
+                     run restore-etcd without --at-revision: the mirror holds that state.)",
                     mapping.table
                 )));
             }
@@ -408,24 +439,26 @@ async fn restore_point(
     if let Some(refusal) = history_refusal(store, &state, selected, revision).await? {
         return Ok(Err(refusal));
     }
+    let mut queued = 0;
     for mapping in selected {
         let (start, end) = mapping.range_within(prefix);
-        let queued = store
+        queued += store
             .queued_in_range(&mapping.table, (&start, end.as_deref()))
             .await?;
-        if queued > 0 {
-            return Ok(Err(queued_refusal(queued, &mapping.table, revision)));
-        }
+    }
+    if queued > 0 && !set_aside_queued {
+        return Ok(Err(queued_refusal(queued, revision)));
     }
     Ok(Ok(revision))
 }
 
-fn queued_refusal(queued: i64, table: &eps_core::ident::Ident, revision: i64) -> String {
+fn queued_refusal(queued: i64, revision: i64) -> String {
     format!(
-        "{queued} change(s) written in PostgreSQL to {table} are queued for etcd; they are newer than \
-         revision {revision}, and restoring it would drop them. Restore without --at-revision (they \
-         are then sent to etcd) and put the keys back with `rollback --to-revision {revision} --apply`, \
-         or give them up by deleting them from the outbox"
+        "{queued} change(s) written in PostgreSQL under the prefix are queued for etcd; they are \
+         newer than revision {revision}, and restoring it would drop them. Run again with \
+         --set-aside-queued to move them to the dead-letter list (`dead-letters retry` then sends \
+         them on top of the restored state), or without --at-revision to restore them with the \
+         newest state"
     )
 }
 
@@ -440,8 +473,23 @@ async fn adopt_restored_etcd(
     fence: &Fence,
     etcd: &EtcdClient,
     selected: &[&eps_core::Mapping],
+    prefix: Option<&[u8]>,
 ) -> anyhow::Result<i64> {
     let (cluster_id, start) = etcd.identity(&selected[0].prefix).await?;
+    // The watch resumes after `start`: a key a client wrote since the
+    // emptiness check, before it, would reach neither the mirror nor the
+    // history.
+    for mapping in selected {
+        let (first, end) = mapping.range_within(prefix);
+        let page = etcd.range_page(&first, end.as_deref(), start, 1).await?;
+        if let Some(kv) = page.kvs.first() {
+            anyhow::bail!(
+                "a client wrote {} into etcd before the restore began: stop the clients writing under \
+                 the prefix, empty it, and run restore-etcd again",
+                display_key(&kv.key)
+            );
+        }
+    }
     let state = store.state().await.context("reading sync_state")?;
     let detail = serde_json::json!({
         "reason": "restore-etcd",
