@@ -15,6 +15,26 @@
 -- (to attach it) while holding it locked.
 
 LOCK TABLE @schema@.history IN ACCESS EXCLUSIVE MODE;
+-- A user's view on the history would follow the renamed table (the first
+-- partition) and never see a new row: refuse, saying which.
+DO $$
+DECLARE
+    dependents text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT r.ev_class::regclass::text, ', ') INTO dependents
+    FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+    WHERE d.refobjid IN ('@schema@.history'::regclass, '@schema@.history_json'::regclass)
+      AND r.ev_class NOT IN ('@schema@.history'::regclass, '@schema@.history_json'::regclass);
+    IF dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'views depend on the history (%): drop them, migrate (the history becomes partitioned), and create them again', dependents;
+    END IF;
+END
+$$;
+-- The view's grants (e.g. SELECT for analysts), kept for the view made
+-- again below (the table's stay on it: see the end).
+SELECT pg_catalog.set_config('etcd_sync.history_json_acl',
+    coalesce((SELECT c.relacl::text FROM pg_catalog.pg_class c
+              WHERE c.oid = '@schema@.history_json'::regclass), '{}'), true);
 DROP VIEW @schema@.history_json;
 ALTER TABLE @schema@.history RENAME TO history_tmin_rmin;
 ALTER INDEX @schema@.history_pkey RENAME TO history_tmin_rmin_pkey;
@@ -43,6 +63,27 @@ CREATE TABLE @schema@.history_default PARTITION OF @schema@.history DEFAULT;
 
 CREATE VIEW @schema@.history_json AS
     SELECT h.*, @schema@.json_or_null(h.value) AS value_json FROM @schema@.history h;
+-- The grants of the history as it was (now its first partition's) and of
+-- its JSON view, given again to the partitioned table and the new view.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT 'history' AS relation, a.grantee, a.privilege_type
+        FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+        WHERE c.oid = '@schema@.history_tmin_rmin'::regclass AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT 'history_json', a.grantee, a.privilege_type
+        FROM pg_catalog.aclexplode(nullif(pg_catalog.current_setting('etcd_sync.history_json_acl'), '{}')::aclitem[]) a
+        WHERE a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c
+                            WHERE c.oid = '@schema@.history_json'::regclass)
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON @schema@.%I TO %s', g.privilege_type, g.relation,
+            CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+END
+$$;
 
 -- The history's partitions and their bounds: from (inclusive) and to
 -- (exclusive) as (timeline, revision), NULL where unbounded; the default
@@ -112,17 +153,19 @@ BEGIN
     FROM @schema@.revision_clock c
     WHERE c.timeline = t AND c.read_finished > pg_catalog.now() - interval '7 days';
     IF EXISTS (SELECT 1 FROM @schema@.history_default) THEN
-        -- No history row is written while they move.
-        LOCK TABLE @schema@.history IN SHARE ROW EXCLUSIVE MODE;
-        CREATE TEMP TABLE history_caught ON COMMIT DROP AS
+        -- The history is held (no row written, none read) while they
+        -- move; the lock is taken before any work, so that a user's long
+        -- query makes this wait (`lock_timeout`) and give up, not the sync.
+        LOCK TABLE @schema@.history IN ACCESS EXCLUSIVE MODE;
+        CREATE UNLOGGED TABLE @schema@.history_caught AS
             WITH moved AS (DELETE FROM @schema@.history_default RETURNING *) SELECT * FROM moved;
         FOR caught IN SELECT h.timeline, max(h.revision) AS newest
-                      FROM history_caught h GROUP BY h.timeline ORDER BY 1 LOOP
+                      FROM @schema@.history_caught h GROUP BY h.timeline ORDER BY 1 LOOP
             made := made + @schema@.add_history_partition(caught.timeline,
                 caught.newest + 1 + CASE WHEN caught.timeline = t THEN width ELSE 0 END);
         END LOOP;
-        INSERT INTO @schema@.history SELECT * FROM history_caught;
-        DROP TABLE history_caught;
+        INSERT INTO @schema@.history SELECT * FROM @schema@.history_caught;
+        DROP TABLE @schema@.history_caught;
     END IF;
     m := greatest(m, p_at_least,
                   coalesce((SELECT max(h.revision) FROM @schema@.history h WHERE h.timeline = t), 0),
@@ -135,20 +178,27 @@ BEGIN
 END
 $fn$;
 
--- History retention, in three steps (three transactions, so that the long
--- one holds no lock the sync waits for):
+-- History retention, in steps (separate transactions, so that the long
+-- one holds no lock the sync waits for), driven by the leader with its
+-- term:
 --
 -- 1. `begin_history_expiry(p_days)`: the oldest run of partitions whose
---    rows are all older than `p_days` days and that the sync has passed;
---    moves the horizon `state_at` answers from past the run first.
--- 2. `keep_history_rows(run)`: fills the table `history_keeping` (not a
---    partition yet) with each key's newest row in the run: `state_at`
---    answers every revision from the run's end on as before, and every key
---    keeps its newest row.
--- 3. `finish_history_expiry(run, bounds, cutoff)`: with history writes held
---    off, adds the rows written into the run since step 1 (a resync's row
---    at an old revision), drops the run's partitions and attaches
---    `history_keeping` in their place.
+--    rows are all older than `p_days` days (partitions already reduced to
+--    kept rows always qualify) and that the sync has passed; moves the
+--    horizon `state_at` answers from past the run first.
+-- 2. `create_history_keeping(p_term)` then `keep_history_rows(run,
+--    p_term)`: fills `history_keeping_<term>` (not a partition yet; one
+--    per term, so a deposed leader's cannot be taken for the current
+--    one's) with each key's newest row in the run, and indexes it: with
+--    them `state_at` answers every revision from the run's end on as
+--    before, and every key keeps its newest row.
+-- 3. (The leader waits until no snapshot older than step 2 is left: one
+--    would see neither the dropped rows nor the kept copies.)
+--    `finish_history_expiry(run, bounds, cutoff, p_term)`: with the
+--    history held, adds the rows written into the run since step 1 (a
+--    resync's row at an old revision), drops the run's partitions and
+--    attaches the kept table in their place — work that grows with the
+--    keys kept, not with the rows dropped.
 
 -- Step 1. No row when nothing is to go.
 CREATE FUNCTION @schema@.begin_history_expiry(p_days integer)
@@ -175,18 +225,22 @@ BEGIN
         EXIT WHEN p.to_timeline IS NULL OR p.to_revision IS NULL OR p.to_timeline > t
                   OR (p.to_timeline = t AND p.to_revision > applied + 1);
         -- So does one with a row younger than the cutoff (the newest row
-        -- of each timeline: one index probe each).
-        EXECUTE pg_catalog.format(
-            'SELECT max(x.newest) FROM pg_catalog.generate_series(%s, %s) AS g(timeline), '
-            'LATERAL (SELECT max(h.recorded_at) AS newest FROM %I.%I h WHERE h.timeline = g.timeline) x',
-            coalesce(p.from_timeline, 1), p.to_timeline, s, p.name) INTO newest;
-        EXIT WHEN newest >= cutoff;
+        -- of each timeline: one index probe each), but for kept rows:
+        -- a late one (a new mapping's fill at old revisions) must not hold
+        -- retention back.
+        IF p.name NOT LIKE 'history\_kept\_%' THEN
+            EXECUTE pg_catalog.format(
+                'SELECT max(x.newest) FROM pg_catalog.generate_series(%s, %s) AS g(timeline), '
+                'LATERAL (SELECT max(h.recorded_at) AS newest FROM %I.%I h WHERE h.timeline = g.timeline) x',
+                coalesce(p.from_timeline, 1), p.to_timeline, s, p.name) INTO newest;
+            EXIT WHEN newest >= cutoff;
+            fresh := true;
+        END IF;
         IF pg_catalog.cardinality(run) = 0 THEN
             lo_timeline := p.from_timeline;
             lo_revision := p.from_revision;
         END IF;
         run := run || p.name;
-        fresh := fresh OR p.name NOT LIKE 'history\_kept\_%';
         hi_timeline := p.to_timeline;
         hi_revision := p.to_revision;
     END LOOP;
@@ -205,61 +259,99 @@ BEGIN
 END
 $fn$;
 
--- Step 2. Returns how many rows the run holds.
-CREATE FUNCTION @schema@.keep_history_rows(p_run text[]) RETURNS bigint
+-- Step 2, first part: the empty table (a transaction of its own: it
+-- holds a lock on the history only for its creation). Drops what an
+-- earlier term, or an earlier try of this one, left.
+CREATE FUNCTION @schema@.create_history_keeping(p_term bigint) RETURNS void
 LANGUAGE plpgsql SET search_path = @schema@, pg_temp AS $fn$
 DECLARE
     s text := '@schema_name@';
-    parts text;
-    total bigint;
+    left_over text;
 BEGIN
-    SELECT pg_catalog.string_agg(pg_catalog.format('SELECT * FROM %I.%I', s, n), ' UNION ALL ')
-    INTO parts FROM pg_catalog.unnest(p_run) AS n;
-    EXECUTE pg_catalog.format('DROP TABLE IF EXISTS %I.history_keeping', s);
+    FOR left_over IN SELECT c.relname FROM pg_catalog.pg_class c
+                     WHERE c.relnamespace = '@schema@'::regnamespace AND c.relkind = 'r'
+                       AND c.relname ~ '^history_keeping_[0-9]+$'
+                       AND pg_catalog.substr(c.relname, 17)::bigint <= p_term LOOP
+        EXECUTE pg_catalog.format('DROP TABLE %I.%I', s, left_over);
+    END LOOP;
     EXECUTE pg_catalog.format(
-        'CREATE TABLE %I.history_keeping (LIKE %I.history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', s, s);
-    EXECUTE pg_catalog.format('SELECT count(*) FROM (%s) u', parts) INTO total;
-    EXECUTE pg_catalog.format(
-        'INSERT INTO %I.history_keeping SELECT DISTINCT ON (u.key) * FROM (%s) u '
-        'ORDER BY u.key, u.timeline DESC, u.revision DESC', s, parts);
-    EXECUTE pg_catalog.format(
-        'ALTER TABLE %I.history_keeping ADD CONSTRAINT history_keeping_pkey PRIMARY KEY (key, timeline, revision)', s);
-    RETURN total;
+        'CREATE TABLE %I.%I (LIKE %I.history INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+        s, 'history_keeping_' || p_term, s);
 END
 $fn$;
 
--- Step 3. Returns how many rows the run keeps.
+-- Step 2, second part. Reads the run's partitions (not the history: no
+-- lock on it). Returns how many rows the run holds and how many it keeps.
+CREATE FUNCTION @schema@.keep_history_rows(p_run text[], p_term bigint, OUT total bigint, OUT kept bigint)
+LANGUAGE plpgsql SET search_path = @schema@, pg_temp AS $fn$
+DECLARE
+    s text := '@schema_name@';
+    keeping text := 'history_keeping_' || p_term;
+    parts text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.format('SELECT * FROM %I.%I', s, n), ' UNION ALL ')
+    INTO parts FROM pg_catalog.unnest(p_run) AS n;
+    EXECUTE pg_catalog.format('SELECT count(*) FROM (%s) u', parts) INTO total;
+    -- Each key's newest row, in the order of a backward scan of the
+    -- partitions' primary keys (no sort of the run).
+    EXECUTE pg_catalog.format(
+        'INSERT INTO %I.%I SELECT DISTINCT ON (u.key) * FROM (%s) u '
+        'ORDER BY u.key DESC, u.timeline DESC, u.revision DESC', s, keeping, parts);
+    GET DIAGNOSTICS kept = ROW_COUNT;
+    -- The history's indexes, built now rather than when it is attached.
+    EXECUTE pg_catalog.format('ALTER TABLE %I.%I ADD CONSTRAINT %I PRIMARY KEY (key, timeline, revision)',
+                              s, keeping, keeping || '_pkey');
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %I.%I (revision)', keeping || '_revision_idx', s, keeping);
+    EXECUTE pg_catalog.format('CREATE INDEX %I ON %I.%I (timeline, recorded_at)',
+                              keeping || '_recorded_at_idx', s, keeping);
+END
+$fn$;
+
+-- Step 3. Returns how many rows written since step 1 it kept besides.
 CREATE FUNCTION @schema@.finish_history_expiry(
     p_run text[], p_lo_timeline integer, p_lo_revision bigint,
-    p_hi_timeline integer, p_hi_revision bigint, p_cutoff timestamptz)
+    p_hi_timeline integer, p_hi_revision bigint, p_cutoff timestamptz, p_term bigint)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = @schema@, pg_temp AS $fn$
 DECLARE
     s text := '@schema_name@';
-    parts text;
+    keeping text := 'history_keeping_' || p_term;
     kept text := pg_catalog.format('history_kept_t%s_r%s', p_hi_timeline, p_hi_revision);
     part text;
+    late bigint := 0;
     n bigint;
 BEGIN
-    SELECT pg_catalog.string_agg(pg_catalog.format('SELECT * FROM %I.%I', s, r), ' UNION ALL ')
-    INTO parts FROM pg_catalog.unnest(p_run) AS r;
-    -- From here until commit no history row is written.
-    LOCK TABLE @schema@.history IN SHARE ROW EXCLUSIVE MODE;
-    EXECUTE pg_catalog.format(
-        'INSERT INTO %I.history_keeping SELECT * FROM (%s) u WHERE u.recorded_at >= $1 ON CONFLICT DO NOTHING',
-        s, parts) USING p_cutoff;
+    -- The history is held (no row written, none read) until commit; the
+    -- lock comes before any work, so a user's long query makes this give
+    -- up (`lock_timeout`) rather than the sync wait.
+    LOCK TABLE @schema@.history IN ACCESS EXCLUSIVE MODE;
+    FOREACH part IN ARRAY p_run LOOP
+        -- Rows written since step 1 (per timeline: an index probe each).
+        EXECUTE pg_catalog.format(
+            'INSERT INTO %I.%I SELECT x.* FROM pg_catalog.generate_series(%s, %s) AS g(timeline), '
+            'LATERAL (SELECT h.* FROM %I.%I h WHERE h.timeline = g.timeline AND h.recorded_at >= $1) x '
+            'ON CONFLICT DO NOTHING',
+            s, keeping, coalesce(p_lo_timeline, 1), p_hi_timeline, s, part) USING p_cutoff;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        late := late + n;
+    END LOOP;
     FOREACH part IN ARRAY p_run LOOP
         EXECUTE pg_catalog.format('ALTER TABLE %I.history DETACH PARTITION %I.%I', s, s, part);
         EXECUTE pg_catalog.format('DROP TABLE %I.%I', s, part);
     END LOOP;
-    EXECUTE pg_catalog.format('ALTER TABLE %I.history_keeping RENAME TO %I', s, kept);
-    EXECUTE pg_catalog.format('ALTER INDEX %I.history_keeping_pkey RENAME TO %I', s, kept || '_pkey');
+    EXECUTE pg_catalog.format('ALTER TABLE %I.%I RENAME TO %I', s, keeping, kept);
+    EXECUTE pg_catalog.format('ALTER INDEX %I.%I RENAME TO %I', s, keeping || '_pkey', kept || '_pkey');
+    EXECUTE pg_catalog.format('ALTER INDEX %I.%I RENAME TO %I', s, keeping || '_revision_idx',
+                              kept || '_revision_idx');
+    EXECUTE pg_catalog.format('ALTER INDEX %I.%I RENAME TO %I', s, keeping || '_recorded_at_idx',
+                              kept || '_recorded_at_idx');
+    -- Checks the kept rows against the bounds (a scan of them, not of
+    -- what was dropped) and adopts their indexes.
     EXECUTE pg_catalog.format(
         'ALTER TABLE %I.history ATTACH PARTITION %I.%I FOR VALUES FROM (%s, %s) TO (%s, %s)',
         s, s, kept, coalesce(p_lo_timeline::text, 'MINVALUE'), coalesce(p_lo_revision::text, 'MINVALUE'),
         p_hi_timeline, p_hi_revision);
-    EXECUTE pg_catalog.format('SELECT count(*) FROM %I.%I', s, kept) INTO n;
-    RETURN n;
+    RETURN late;
 END
 $fn$;
 
@@ -355,7 +447,8 @@ $$;
 REVOKE ALL ON FUNCTION @schema@.add_history_partition(integer, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @schema@.extend_history_partitions(interval, bigint, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @schema@.begin_history_expiry(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @schema@.keep_history_rows(text[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @schema@.finish_history_expiry(text[], integer, bigint, integer, bigint, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.create_history_keeping(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.keep_history_rows(text[], bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.finish_history_expiry(text[], integer, bigint, integer, bigint, timestamptz, bigint) FROM PUBLIC;
 
 SELECT @schema@.extend_history_partitions(interval '30 days');

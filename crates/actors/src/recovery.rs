@@ -122,7 +122,14 @@ async fn maintenance(ctx: Arc<SyncContext>) -> Result<(), ActorError> {
             .min(next_partitions);
         tokio::time::sleep_until(wake.into()).await;
         if Instant::now() >= next_partitions {
-            extend_history(&ctx).await?;
+            // A failure (a user's long query holding the history) waits
+            // for the next round; the rest of the housekeeping goes on.
+            if let Err(error) = extend_history(&ctx).await {
+                if matches!(error, ActorError::Fenced) {
+                    return Err(error);
+                }
+                tracing::warn!(%error, "history partitions not extended");
+            }
             next_partitions = Instant::now() + partitions_every;
         }
         if Instant::now() >= next_commits {

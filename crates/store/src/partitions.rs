@@ -69,10 +69,10 @@ struct Expiry {
 
 /// History retention: the oldest run of partitions whose rows are all older
 /// than `days` is replaced by one holding each key's newest row among them
-/// (see migration 000012). Three transactions: the horizon `state_at`
-/// answers from moves first; the copy of the kept rows, the long part,
-/// holds no lock the sync waits for; the swap holds history writes off
-/// briefly. Returns how many rows went.
+/// (see migration 000012). The horizon `state_at` answers from moves
+/// first; the copy of the kept rows, the long part, holds no lock the sync
+/// waits for; the swap holds the history for work that grows with the rows
+/// kept. Returns how many rows went.
 pub async fn expire(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
@@ -94,28 +94,79 @@ pub async fn expire(
     let Some(plan) = plan else {
         return Ok(0);
     };
-    // A standalone table, not yet part of the history: a deposed leader
-    // that gets this far changes nothing anyone reads.
-    let total: Count = diesel::sql_query("SELECT keep_history_rows($1) AS n")
-        .bind::<Array<Text>, _>(&plan.run)
-        .get_result(conn)
+    // A table of this term's, not part of the history yet: what a deposed
+    // leader gets this far with changes nothing anyone reads.
+    diesel::sql_query("SELECT create_history_keeping($1)")
+        .bind::<BigInt, _>(fence.term)
+        .execute(conn)
         .await?;
-    let kept = conn
+    #[derive(QueryableByName)]
+    struct Kept {
+        #[diesel(sql_type = BigInt)]
+        total: i64,
+        #[diesel(sql_type = BigInt)]
+        kept: i64,
+        #[diesel(sql_type = Text)]
+        xid: String,
+    }
+    let kept: Kept = conn
+        .transaction::<_, StoreError, _>(async |conn| {
+            Ok(diesel::sql_query(
+                "SELECT k.total, k.kept, (pg_current_xact_id()::text::int8 % 4294967296)::text AS xid \
+                 FROM keep_history_rows($1, $2) k",
+            )
+            .bind::<Array<Text>, _>(&plan.run)
+            .bind::<BigInt, _>(fence.term)
+            .get_result(conn)
+            .await?)
+        })
+        .await?;
+    // A snapshot taken before the kept rows were committed would see
+    // neither them nor, after the swap, the rows they replace.
+    if !older_snapshots_gone(conn, &kept.xid).await? {
+        tracing::info!("history retention waits for older snapshots; tried again next round");
+        return Ok(0);
+    }
+    let late = conn
         .transaction::<_, StoreError, _>(async |conn| {
             fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
             conn.batch_execute(DDL_LOCK_TIMEOUT).await?;
-            let kept: Count =
-                diesel::sql_query("SELECT finish_history_expiry($1, $2, $3, $4, $5, $6) AS n")
+            let late: Count =
+                diesel::sql_query("SELECT finish_history_expiry($1, $2, $3, $4, $5, $6, $7) AS n")
                     .bind::<Array<Text>, _>(&plan.run)
                     .bind::<Nullable<Integer>, _>(plan.lo_timeline)
                     .bind::<Nullable<BigInt>, _>(plan.lo_revision)
                     .bind::<Integer, _>(plan.hi_timeline)
                     .bind::<BigInt, _>(plan.hi_revision)
                     .bind::<Timestamptz, _>(plan.cutoff)
+                    .bind::<BigInt, _>(fence.term)
                     .get_result(conn)
                     .await?;
-            Ok(kept.n)
+            Ok(late.n)
         })
         .await?;
-    Ok((total.n - kept).max(0) as u64)
+    Ok((kept.total - kept.kept - late).max(0) as u64)
+}
+
+/// Waits (up to 30 s) until no client session holds a snapshot that may
+/// predate transaction `xid`'s commit, as `CREATE INDEX CONCURRENTLY` does.
+async fn older_snapshots_gone(conn: &mut AsyncPgConnection, xid: &str) -> Result<bool, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let older: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' \
+               AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age($1::xid)",
+        )
+        .bind::<Text, _>(xid)
+        .get_result(conn)
+        .await?;
+        if older.n == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

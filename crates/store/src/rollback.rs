@@ -268,10 +268,18 @@ pub async fn rewind(
     tables.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     tables.dedup();
     conn.transaction::<_, StoreError, _>(async |conn| {
-        // The locks come first, before any snapshot is taken (so the count
-        // below sees every change committed before them, whatever the
-        // isolation level), in one order.
-        conn.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+        // Each statement sees what was committed before it (the count
+        // below, everything committed before the locks), whatever the
+        // database's default isolation.
+        conn.batch_execute(
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '10s'",
+        )
+        .await?;
+        // In the order an apply takes them: the term's row first, then the
+        // tables.
+        diesel::sql_query("SELECT 1 FROM sync_state WHERE id = 1 FOR NO KEY UPDATE")
+            .execute(conn)
+            .await?;
         for table in &tables {
             conn.batch_execute(&format!(
                 "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
