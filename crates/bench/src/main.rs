@@ -141,8 +141,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // A scenario run alone adds a dated section; `all` writes the file anew.
-    if args.scenario != "all" && path.exists() {
+    // A scenario run alone adds a dated section (none when it failed);
+    // `all` writes the file anew.
+    if args.scenario != "all" && outcomes.is_empty() {
+        eprintln!("nothing added to {}", path.display());
+    } else if args.scenario != "all" && path.exists() {
         let mut text = std::fs::read_to_string(&path)?;
         text.push_str(&section(&outcomes, sizes));
         std::fs::write(&path, text)?;
