@@ -498,6 +498,44 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
     Ok(())
 }
 
+/// A snapshot that takes longer than the watcher's watchdog (four times
+/// `sync.watch_stall_timeout_ms`) but keeps moving is not taken for a
+/// stuck watcher: the watcher, which waits for it, is not restarted (a
+/// restart would queue a second snapshot behind the first).
+#[tokio::test]
+async fn a_long_snapshot_that_moves_does_not_restart_the_watcher() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    for chunk in 0..60 {
+        let ops: Vec<etcd_client::TxnOp> = (0..100)
+            .map(|i| etcd_client::TxnOp::put(format!("/a/k{chunk:03}{i:03}"), "v", None))
+            .collect();
+        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    for (key, value) in [
+        ("ETCD_PG_SYNC__SYNC__PROGRESS_INTERVAL_MS", "100"),
+        ("ETCD_PG_SYNC__SYNC__WATCH_STALL_TIMEOUT_MS", "250"),
+        ("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "10"),
+    ] {
+        world.env.insert(key.into(), value.into());
+    }
+    let started = std::time::Instant::now();
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(60)).await?;
+    let took = started.elapsed();
+    let status = status(&service).await?;
+    assert!(
+        took > Duration::from_secs(2),
+        "the snapshot must outlast the watchdog (1 s) for this test to mean anything: {took:?}"
+    );
+    assert_eq!(
+        status["actors"]["etcd_watcher"]["restarts"], 0,
+        "snapshot took {took:?}: {status}"
+    );
+    Ok(())
+}
+
 /// `restore-etcd --at-revision R` rebuilds a lost etcd with the state of
 /// revision R, from the history: etcd then holds what its own `Range` at R
 /// returned (read before R was lost), and the mirror follows it back.

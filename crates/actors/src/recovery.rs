@@ -46,10 +46,18 @@ pub enum ResyncReason {
 }
 
 /// Resyncs and returns the new checkpoint R.
+///
+/// The handler holds this actor for the whole walk (one resync at a time;
+/// actix's atomic response also holds the actor's own timers, so its shell
+/// cannot watch the walk). So the walk reports its progress to `waiting`,
+/// the progress of the actor that waits for it: a long walk that moves is
+/// not taken for a stuck waiter, and one that stops moving for the
+/// waiter's watchdog ends with `Stalled` rather than hold both actors.
 #[derive(Message)]
 #[rtype(result = "Result<i64, ActorError>")]
 pub struct Resync {
     pub reason: ResyncReason,
+    pub waiting: Arc<Progress>,
 }
 
 pub struct CompactionRecovery {
@@ -93,7 +101,44 @@ impl Handler<Resync> for CompactionRecovery {
     fn handle(&mut self, msg: Resync, _ctx: &mut Context<Self>) -> Self::Result {
         let ctx = self.ctx.clone();
         let progress = self.shell.progress.clone();
-        AtomicResponse::new(Box::pin(resync(ctx, msg.reason, progress).into_actor(self)))
+        let stall = crate::watcher::watchdog(&ctx.config);
+        let walk = resync(ctx, msg.reason, progress.clone());
+        AtomicResponse::new(Box::pin(
+            relayed(walk, progress, msg.waiting, stall).into_actor(self),
+        ))
+    }
+}
+
+/// Runs `walk`, passing its progress (`own`) on to `waiting` every
+/// second, and ends it with `Stalled` once it has not moved for `stall`.
+async fn relayed<F>(
+    walk: F,
+    own: Arc<Progress>,
+    waiting: Arc<Progress>,
+    stall: std::time::Duration,
+) -> Result<i64, ActorError>
+where
+    F: std::future::Future<Output = Result<i64, ActorError>>,
+{
+    let relay_every = std::time::Duration::from_secs(1).min(stall / 4);
+    own.tick();
+    tokio::pin!(walk);
+    let mut every = tokio::time::interval(relay_every);
+    loop {
+        tokio::select! {
+            result = &mut walk => return result,
+            _ = every.tick() => {
+                let idle = own.idle();
+                if idle >= stall {
+                    return Err(ActorError::Stalled(format!(
+                        "resync made no progress for {} s", idle.as_secs()
+                    )));
+                }
+                if idle < relay_every * 2 {
+                    waiting.tick();
+                }
+            }
+        }
     }
 }
 
@@ -638,4 +683,42 @@ fn tally(ctx: &SyncContext, counts: &mut Counts, report: &eps_store::ApplyReport
     counts.deletes += report.mirror_deletes as u64;
     counts.conflicts += report.conflicts.len() as u64;
     telemetry::count_conflicts(&report.conflicts);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_walk_that_moves_is_relayed_and_one_that_stops_ends_stalled() {
+        let stall = Duration::from_millis(400);
+        // Moves for a while (twice the stall), then finishes.
+        let (own, waiting) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
+        let walk = {
+            let own = own.clone();
+            async move {
+                for _ in 0..16 {
+                    own.tick();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(7)
+            }
+        };
+        let result = relayed(walk, own, waiting.clone(), stall).await;
+        assert_eq!(result.ok(), Some(7));
+        assert!(
+            waiting.idle() < Duration::from_millis(300),
+            "the waiter saw the walk move: idle {:?}",
+            waiting.idle()
+        );
+        // Never moves: ends, and the waiter saw nothing.
+        let (own, waiting) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
+        waiting.tick();
+        let started = std::time::Instant::now();
+        let result = relayed(std::future::pending(), own, waiting.clone(), stall).await;
+        assert!(matches!(result, Err(ActorError::Stalled(_))), "{result:?}");
+        assert!(started.elapsed() >= stall);
+        assert!(waiting.idle() >= stall / 4, "idle {:?}", waiting.idle());
+    }
 }

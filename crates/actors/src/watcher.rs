@@ -37,7 +37,6 @@ impl EtcdWatcher {
         recovery: WeakAddr<CompactionRecovery>,
         alive: mpsc::Sender<()>,
     ) -> Self {
-        let stall = Duration::from_millis(ctx.config.sync.watch_stall_timeout_ms);
         let shell = Shell::new(
             "etcd_watcher",
             ctx.kill.clone(),
@@ -45,15 +44,21 @@ impl EtcdWatcher {
             ctx.config.backoff(),
             alive,
         )
-        // A snapshot of a big keyspace reports progress per page; the
-        // stream reports at least every progress interval.
-        .with_watchdog(stall * 4);
+        // A resync relays its walk's progress (per page); the stream
+        // reports at least every progress interval.
+        .with_watchdog(watchdog(&ctx.config));
         EtcdWatcher {
             ctx,
             recovery,
             shell,
         }
     }
+}
+
+/// How long the watcher may go without progress before its shell restarts
+/// it (a silent watch, a stuck apply, a resync that stopped moving).
+pub fn watchdog(config: &eps_core::Config) -> Duration {
+    Duration::from_millis(config.sync.watch_stall_timeout_ms) * 4
 }
 
 impl Actor for EtcdWatcher {
@@ -78,11 +83,17 @@ impl Supervised for EtcdWatcher {
 async fn resync(
     recovery: &WeakAddr<CompactionRecovery>,
     reason: ResyncReason,
+    progress: &Arc<Progress>,
 ) -> Result<i64, ActorError> {
     let addr = recovery
         .upgrade()
         .ok_or_else(|| ActorError::Internal("compaction recovery actor is gone".into()))?;
-    addr.send(Resync { reason }).await?
+    // The walk's progress is this actor's while it waits (see `Resync`).
+    addr.send(Resync {
+        reason,
+        waiting: progress.clone(),
+    })
+    .await?
 }
 
 async fn run(
@@ -104,18 +115,25 @@ async fn run(
     // compact revision the resync starts from.
     if state.timeline_resync {
         // A resync onto a new timeline was interrupted: finish it.
-        checkpoint = resync(&recovery, ResyncReason::TimelineChanged { checkpoint }).await?;
+        checkpoint = resync(
+            &recovery,
+            ResyncReason::TimelineChanged { checkpoint },
+            &progress,
+        )
+        .await?;
     } else if checkpoint == 0 {
         ctx.store.record_cluster_id(&ctx.fence, cluster_id).await?;
-        checkpoint = resync(&recovery, ResyncReason::Initial).await?;
+        checkpoint = resync(&recovery, ResyncReason::Initial, &progress).await?;
     } else if let Some(evidence) = new_timeline(&ctx, &state, cluster_id, current).await? {
         let follow = match ctx.config.sync.on_etcd_restore {
             OnEtcdRestore::FollowEtcd => true,
             OnEtcdRestore::Pause => hold(&ctx, &progress, &evidence, probe).await?,
         };
         if follow {
-            checkpoint =
-                follow_new_timeline(&ctx, &recovery, cluster_id, &evidence, checkpoint).await?;
+            checkpoint = follow_new_timeline(
+                &ctx, &recovery, cluster_id, &evidence, checkpoint, &progress,
+            )
+            .await?;
         }
     } else {
         // etcd is the one the mirror follows: a hold left from an etcd put
@@ -131,7 +149,12 @@ async fn run(
         .unsync_unmapped(&ctx.fence, &etcd_to_pg_tables(&ctx))
         .await?;
     if !unsynced_tables(&ctx).await?.is_empty() {
-        checkpoint = resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
+        checkpoint = resync(
+            &recovery,
+            ResyncReason::MirrorTablesCreated { checkpoint },
+            &progress,
+        )
+        .await?;
     }
     let mut mark = TimelineMark::new(&ctx);
     mark.write_if_due(&ctx, checkpoint).await?;
@@ -146,8 +169,12 @@ async fn run(
                     checkpoint,
                     "mirror tables were created: filling them from etcd"
                 );
-                checkpoint =
-                    resync(&recovery, ResyncReason::MirrorTablesCreated { checkpoint }).await?;
+                checkpoint = resync(
+                    &recovery,
+                    ResyncReason::MirrorTablesCreated { checkpoint },
+                    &progress,
+                )
+                .await?;
                 ctx.applied.send_replace(checkpoint);
             }
             StreamEnd::Compacted { compact_revision } => {
@@ -162,6 +189,7 @@ async fn run(
                         checkpoint,
                         compact_revision: Some(compact_revision),
                     },
+                    &progress,
                 )
                 .await?;
                 ctx.applied.send_replace(checkpoint);
@@ -179,6 +207,7 @@ async fn follow_new_timeline(
     cluster_id: i64,
     evidence: &serde_json::Value,
     checkpoint: i64,
+    progress: &Arc<Progress>,
 ) -> Result<i64, ActorError> {
     tracing::error!(
         %evidence,
@@ -194,7 +223,12 @@ async fn follow_new_timeline(
         .await?;
     ctx.timeline_epoch
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    resync(recovery, ResyncReason::TimelineChanged { checkpoint }).await
+    resync(
+        recovery,
+        ResyncReason::TimelineChanged { checkpoint },
+        progress,
+    )
+    .await
 }
 
 /// `sync.on_etcd_restore = "pause"`: holds the new timeline (recorded,
