@@ -102,6 +102,9 @@ pub struct DiffCursor<'a> {
     pub etcd_keys: u64,
     /// Rows seen in the mirror so far.
     pub pg_rows: u64,
+    /// Ticked at every page read: a walk over keys that all match finds
+    /// no difference for long, yet moves.
+    progress: Option<std::sync::Arc<crate::shell::Progress>>,
 }
 
 impl<'a> DiffCursor<'a> {
@@ -131,6 +134,19 @@ impl<'a> DiffCursor<'a> {
             avg_bytes: FIRST_GUESS_BYTES,
             etcd_keys: 0,
             pg_rows: 0,
+            progress: None,
+        }
+    }
+
+    /// Reports each page read to `progress`.
+    pub fn with_progress(mut self, progress: std::sync::Arc<crate::shell::Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn tick(&self) {
+        if let Some(progress) = &self.progress {
+            progress.tick();
         }
     }
 
@@ -211,6 +227,7 @@ impl<'a> DiffCursor<'a> {
                 self.avg_bytes = (bytes / page.kvs.len()).max(1);
             }
             self.etcd_keys += page.kvs.len() as u64;
+            self.tick();
             let mapping = self.mapping;
             self.etcd_buf
                 .extend(page.kvs.into_iter().filter(|kv| mapping.contains(&kv.key)));
@@ -232,6 +249,7 @@ impl<'a> DiffCursor<'a> {
             self.pg_done = !page.more;
             self.pg_after = page.rows.last().map(|r| r.key.clone());
             self.pg_rows += page.rows.len() as u64;
+            self.tick();
             self.pg_buf.extend(page.rows);
         }
         Ok(())

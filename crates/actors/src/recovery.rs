@@ -83,8 +83,17 @@ impl Actor for CompactionRecovery {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Resyncs come as messages; the loop runs the leader's housekeeping.
-        let body = maintenance(self.ctx.clone());
+        // Resyncs come as messages; the loop runs the leader's housekeeping,
+        // as a task of its own rather than a future of this actor: while a
+        // resync holds the actor (an atomic response), actix polls nothing
+        // else of it, and a housekeeping transaction left open meanwhile
+        // would hold its locks against the resync's writes.
+        let task =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(maintenance(self.ctx.clone())));
+        let body = async move {
+            task.await
+                .map_err(|e| ActorError::Internal(format!("housekeeping task: {e}")))?
+        };
         self.shell.spawn_loop(ctx, body);
     }
 }
@@ -102,34 +111,42 @@ impl Handler<Resync> for CompactionRecovery {
         let ctx = self.ctx.clone();
         let progress = self.shell.progress.clone();
         let stall = crate::watcher::watchdog(&ctx.config);
+        let kill = ctx.kill.clone();
         let walk = resync(ctx, msg.reason, progress.clone());
         AtomicResponse::new(Box::pin(
-            relayed(walk, progress, msg.waiting, stall).into_actor(self),
+            relayed(walk, progress, msg.waiting, stall, kill).into_actor(self),
         ))
     }
 }
 
 /// Runs `walk`, passing its progress (`own`) on to `waiting` every
-/// second, and ends it with `Stalled` once it has not moved for `stall`.
+/// second, and ends it with `Stalled` once it has not moved for about
+/// `stall` (the waiter's watchdog), or when the term ends.
 async fn relayed<F>(
     walk: F,
     own: Arc<Progress>,
     waiting: Arc<Progress>,
     stall: std::time::Duration,
+    kill: tokio_util::sync::CancellationToken,
 ) -> Result<i64, ActorError>
 where
     F: std::future::Future<Output = Result<i64, ActorError>>,
 {
     let relay_every = std::time::Duration::from_secs(1).min(stall / 4);
+    // Before the waiter's own watchdog would fire (its progress lags this
+    // walk's by up to two relays).
+    let give_up = stall.saturating_sub(relay_every * 2);
     own.tick();
     tokio::pin!(walk);
     let mut every = tokio::time::interval(relay_every);
     loop {
         tokio::select! {
             result = &mut walk => return result,
+            // The actor's own kill switch is not polled while it waits.
+            _ = kill.cancelled() => return Err(ActorError::Fenced),
             _ = every.tick() => {
                 let idle = own.idle();
-                if idle >= stall {
+                if idle >= give_up {
                     return Err(ActorError::Stalled(format!(
                         "resync made no progress for {} s", idle.as_secs()
                     )));
@@ -210,7 +227,7 @@ async fn extend_history(ctx: &SyncContext) -> Result<(), ActorError> {
     };
     let made = ctx
         .store
-        .extend_history(&ctx.fence, partition_period(&ctx.config), at_least)
+        .extend_history(&ctx.fence, partition_period(&ctx.config), at_least, false)
         .await?;
     if made > 0 {
         tracing::info!(made, "history partitions made ahead of the sync");
@@ -260,6 +277,7 @@ async fn anti_entropy(ctx: &SyncContext) -> Result<(), ActorError> {
         repair: true,
         page_size: ctx.config.sync.snapshot_page_size,
         settle: std::time::Duration::from_secs(2),
+        progress: None,
     };
     let report = crate::verify::verify(
         &ctx.etcd,
@@ -309,7 +327,10 @@ struct Counts {
 /// queued again from PostgreSQL (as `verify --repair` does), based on
 /// etcd's current state; a row whose value etcd holds takes etcd's
 /// metadata.
-async fn push_pg_to_etcd_tables(ctx: &SyncContext) -> Result<u64, ActorError> {
+async fn push_pg_to_etcd_tables(
+    ctx: &SyncContext,
+    progress: &Arc<Progress>,
+) -> Result<u64, ActorError> {
     let one_way: Vec<Mapping> = ctx
         .mappings
         .iter()
@@ -324,6 +345,7 @@ async fn push_pg_to_etcd_tables(ctx: &SyncContext) -> Result<u64, ActorError> {
         repair: true,
         page_size: ctx.config.sync.snapshot_page_size,
         settle: std::time::Duration::ZERO,
+        progress: Some(progress.clone()),
     };
     let report = crate::verify::verify(
         &ctx.etcd,
@@ -374,7 +396,7 @@ async fn resync_once(
     ctx: &Arc<SyncContext>,
     reason: ResyncReason,
     at_compact_revision: bool,
-    progress: &Progress,
+    progress: &Arc<Progress>,
 ) -> Result<i64, ActorError> {
     let started = Instant::now();
     // The smallest revision etcd still knows: only what it destroyed
@@ -416,7 +438,7 @@ async fn resync_once(
     // user's long query on the history, only costs that).
     if let Err(error) = ctx
         .store
-        .extend_history(&ctx.fence, partition_period(&ctx.config), revision)
+        .extend_history(&ctx.fence, partition_period(&ctx.config), revision, true)
         .await
     {
         if matches!(error, eps_store::StoreError::Fenced { .. }) {
@@ -456,7 +478,7 @@ async fn resync_once(
     }
     // Before the resync is finished: an interruption pushes again.
     if matches!(reason, ResyncReason::TimelineChanged { .. }) {
-        counts.pushed = push_pg_to_etcd_tables(ctx).await?;
+        counts.pushed = push_pg_to_etcd_tables(ctx, progress).await?;
     }
     ctx.store
         .finish_resync(&ctx.fence, revision, &walked_relids)
@@ -522,11 +544,12 @@ async fn walk(
     revision: i64,
     origin: Origin,
     rollbacks: bool,
-    progress: &Progress,
+    progress: &Arc<Progress>,
     counts: &mut Counts,
 ) -> Result<(), ActorError> {
     let page_size = ctx.config.sync.snapshot_page_size;
-    let mut cursor = DiffCursor::new(&ctx.etcd, &ctx.store, mapping, revision, page_size, None);
+    let mut cursor = DiffCursor::new(&ctx.etcd, &ctx.store, mapping, revision, page_size, None)
+        .with_progress(progress.clone());
     let mut chunk: Vec<KeyInputs> = Vec::new();
     let mut chunk_bytes = 0usize;
     let observed_at = Instant::now();
@@ -705,7 +728,7 @@ mod tests {
                 Ok(7)
             }
         };
-        let result = relayed(walk, own, waiting.clone(), stall).await;
+        let result = relayed(walk, own, waiting.clone(), stall, Default::default()).await;
         assert_eq!(result.ok(), Some(7));
         assert!(
             waiting.idle() < Duration::from_millis(300),
@@ -716,9 +739,16 @@ mod tests {
         let (own, waiting) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
         waiting.tick();
         let started = std::time::Instant::now();
-        let result = relayed(std::future::pending(), own, waiting.clone(), stall).await;
+        let result = relayed(
+            std::future::pending(),
+            own,
+            waiting.clone(),
+            stall,
+            Default::default(),
+        )
+        .await;
         assert!(matches!(result, Err(ActorError::Stalled(_))), "{result:?}");
-        assert!(started.elapsed() >= stall);
+        assert!(started.elapsed() >= stall / 2);
         assert!(waiting.idle() >= stall / 4, "idle {:?}", waiting.idle());
     }
 }

@@ -27,6 +27,9 @@ pub struct VerifyOptions {
     /// How long to wait for the leader's checkpoint to reach the verify
     /// revision, so lag is not reported as drift.
     pub settle: Duration,
+    /// Ticked at every page read (a walk inside the leader reports that it
+    /// moves).
+    pub progress: Option<std::sync::Arc<crate::shell::Progress>>,
 }
 
 /// What happened to one difference.
@@ -116,6 +119,9 @@ pub async fn verify(
             options.page_size.max(1),
             within,
         );
+        if let Some(progress) = &options.progress {
+            cursor = cursor.with_progress(progress.clone());
+        }
         // A narrower prefix than the mapping's: keys outside it are not ours.
         let in_scope = |key: &[u8]| options.prefix.as_deref().is_none_or(|p| key.starts_with(p));
         while let Some(difference) = cursor.next().await.map_err(ActorError::from)? {

@@ -161,9 +161,10 @@ impl Store {
         fence: &Fence,
         period: std::time::Duration,
         at_least: i64,
+        briefly: bool,
     ) -> Result<i32, StoreError> {
         let mut conn = self.pool.get().await?;
-        partitions::extend(&mut conn, fence, period, at_least).await
+        partitions::extend(&mut conn, fence, period, at_least, briefly).await
     }
 
     /// See [`rollback::rewind`].

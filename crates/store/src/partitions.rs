@@ -24,12 +24,15 @@ struct Count {
 /// partition is left above the newest revision known (at least
 /// `at_least`), sized for `period` of changes at the measured rate; moves
 /// rows the default partition caught into partitions made for them.
-/// Returns how many partitions it made.
+/// Returns how many partitions it made. `briefly`: gives up after 5 s
+/// (before a resync, which must not wait on a big move out of the default
+/// partition; the housekeeping does that later).
 pub async fn extend(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
     period: std::time::Duration,
     at_least: i64,
+    briefly: bool,
 ) -> Result<i32, StoreError> {
     #[derive(QueryableByName)]
     struct Made {
@@ -39,6 +42,10 @@ pub async fn extend(
     conn.transaction::<_, StoreError, _>(async |conn| {
         fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
         conn.batch_execute(DDL_LOCK_TIMEOUT).await?;
+        if briefly {
+            conn.batch_execute("SET LOCAL statement_timeout = '5s'")
+                .await?;
+        }
         let made: Made = diesel::sql_query(
             "SELECT extend_history_partitions(make_interval(secs => $1), $2) AS made",
         )

@@ -1069,12 +1069,12 @@ async fn history_partitions_are_made_ahead_and_take_what_the_default_caught() ->
     );
     let day = std::time::Duration::from_secs(86_400);
     assert_eq!(
-        store.extend_history(&fence, day, 0).await?,
+        store.extend_history(&fence, day, 0, false).await?,
         0,
         "far enough ahead"
     );
     // etcd is at 900,000: less than half a partition is left.
-    assert_eq!(store.extend_history(&fence, day, 900_000).await?, 1);
+    assert_eq!(store.extend_history(&fence, day, 900_000, false).await?, 1);
     assert_eq!(
         bounds().await?.last().cloned(),
         Some((
@@ -1098,7 +1098,7 @@ async fn history_partitions_are_made_ahead_and_take_what_the_default_caught() ->
         count(&client, "SELECT count(*) FROM history_default").await,
         2
     );
-    assert_eq!(store.extend_history(&fence, day, 0).await?, 1);
+    assert_eq!(store.extend_history(&fence, day, 0, false).await?, 1);
     assert_eq!(
         count(&client, "SELECT count(*) FROM history_default").await,
         0

@@ -169,6 +169,7 @@ pub async fn run_verify(
         repair,
         page_size: config.sync.snapshot_page_size,
         settle: Duration::from_secs(5),
+        progress: None,
     };
     let progress = std::cell::RefCell::new(Progress::new("verifying", None));
     // Each difference is printed as it is found: memory stays bounded by
