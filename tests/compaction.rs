@@ -498,6 +498,29 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
     Ok(())
 }
 
+/// 6,000 keys under `/a/`, in txns of 100.
+async fn put_6000_keys(etcd: &mut etcd_client::Client) -> anyhow::Result<()> {
+    for chunk in 0..60 {
+        let ops: Vec<etcd_client::TxnOp> = (0..100)
+            .map(|i| etcd_client::TxnOp::put(format!("/a/k{chunk:03}{i:03}"), "v", None))
+            .collect();
+        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// The watcher's watchdog at 1 s (four stall timeouts of 250 ms) and walks
+/// of ten keys a page: a walk over 6,000 keys outlasts the watchdog.
+fn one_second_watchdog_small_pages(world: &mut World) {
+    for (key, value) in [
+        ("ETCD_PG_SYNC__SYNC__PROGRESS_INTERVAL_MS", "100"),
+        ("ETCD_PG_SYNC__SYNC__WATCH_STALL_TIMEOUT_MS", "250"),
+        ("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "10"),
+    ] {
+        world.env.insert(key.into(), value.into());
+    }
+}
+
 /// A snapshot that takes longer than the watcher's watchdog (four times
 /// `sync.watch_stall_timeout_ms`) but keeps moving is not taken for a
 /// stuck watcher: the watcher, which waits for it, is not restarted (a
@@ -506,19 +529,8 @@ async fn a_mirror_table_dropped_and_created_again_is_filled_from_etcd() -> anyho
 async fn a_long_snapshot_that_moves_does_not_restart_the_watcher() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     let mut etcd = world.etcd_client().await?;
-    for chunk in 0..60 {
-        let ops: Vec<etcd_client::TxnOp> = (0..100)
-            .map(|i| etcd_client::TxnOp::put(format!("/a/k{chunk:03}{i:03}"), "v", None))
-            .collect();
-        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
-    }
-    for (key, value) in [
-        ("ETCD_PG_SYNC__SYNC__PROGRESS_INTERVAL_MS", "100"),
-        ("ETCD_PG_SYNC__SYNC__WATCH_STALL_TIMEOUT_MS", "250"),
-        ("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "10"),
-    ] {
-        world.env.insert(key.into(), value.into());
-    }
+    put_6000_keys(&mut etcd).await?;
+    one_second_watchdog_small_pages(&mut world);
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(60)).await?;
@@ -544,12 +556,7 @@ async fn a_long_snapshot_that_moves_does_not_restart_the_watcher() -> anyhow::Re
 async fn a_resync_over_keys_that_all_match_is_not_taken_for_stalled() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     let mut etcd = world.etcd_client().await?;
-    for chunk in 0..60 {
-        let ops: Vec<etcd_client::TxnOp> = (0..100)
-            .map(|i| etcd_client::TxnOp::put(format!("/a/k{chunk:03}{i:03}"), "v", None))
-            .collect();
-        etcd.txn(etcd_client::Txn::new().and_then(ops)).await?;
-    }
+    put_6000_keys(&mut etcd).await?;
     let mut service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(60)).await?;
@@ -559,13 +566,7 @@ async fn a_resync_over_keys_that_all_match_is_not_taken_for_stalled() -> anyhow:
     // keys, one page of ten at a time, to find one difference.
     etcd.put("/a/zz-changed", "while stopped", None).await?;
     world.etcd.compact(etcd_revision(&world).await?).await?;
-    for (key, value) in [
-        ("ETCD_PG_SYNC__SYNC__PROGRESS_INTERVAL_MS", "100"),
-        ("ETCD_PG_SYNC__SYNC__WATCH_STALL_TIMEOUT_MS", "250"),
-        ("ETCD_PG_SYNC__SYNC__SNAPSHOT_PAGE_SIZE", "10"),
-    ] {
-        world.env.insert(key.into(), value.into());
-    }
+    one_second_watchdog_small_pages(&mut world);
     let service = world.start("n1").await?;
     wait_leader(&[&service], Duration::from_secs(10)).await?;
     let state = wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(60)).await?;

@@ -903,42 +903,74 @@ async fn partition_history(client: &tokio_postgres::Client, ends: &[i64]) -> any
     Ok(())
 }
 
-/// History retention deletes old rows (keeping every key's newest): below
-/// the newest revision it deleted from, a key's state may be gone, and
-/// `state_at` refuses those revisions rather than answer wrongly.
-#[tokio::test]
-async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result<()> {
+/// A mapping of `/r/` synced from revision 1 and applied up to `applied`,
+/// its history partitioned to end at 150, 250 and 400, holding `rows`
+/// (`(key, revision, value, days ago)`, puts). For the retention tests.
+async fn retention_setup(
+    applied: i64,
+    rows: &[(&str, i64, &str, i32)],
+) -> anyhow::Result<(eps_store::Store, Fence, tokio_postgres::Client)> {
     let (store, db) = store_with("[[mappings]]\nprefix = \"/r/\"\ntable = \"kv_r\"\n").await?;
     store.migrate().await?;
     let fence = common::term_one(&store).await?;
     let client = db.client().await?;
     client.batch_execute("SET search_path TO etcd_sync").await?;
-    // Synced at revision 1; /r/a changed at 5 and 100 (both long ago),
-    // /r/b at 200 (recently).
     partition_history(&client, &[150, 250, 400]).await?;
     client
-        .batch_execute(
-            "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
-             UPDATE sync_state SET applied_revision = 200; \
-             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) VALUES \
-               ('/r/a', 5, 'put', 'five', 5, 1, 0, 'etcd', 1, now() - interval '40 days'), \
-               ('/r/a', 100, 'put', 'hundred', 5, 2, 0, 'etcd', 1, now() - interval '35 days'), \
-               ('/r/b', 200, 'put', 'b', 200, 1, 0, 'etcd', 1, now());",
+        .execute(
+            "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'",
+            &[],
         )
         .await?;
-    let at = async |revision: i64| {
+    client
+        .execute("UPDATE sync_state SET applied_revision = $1", &[&applied])
+        .await?;
+    for (key, revision, value, days) in rows {
         client
-            .query(
-                "SELECT convert_from(value, 'UTF8') FROM state_at('kv_r', $1)",
-                &[&revision],
+            .execute(
+                "INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) \
+                 VALUES (convert_to($1, 'UTF8'), $2, 'put', convert_to($3, 'UTF8'), $2, 1, 0, 'etcd', 1, \
+                         now() - make_interval(days => $4))",
+                &[key, revision, value, days],
             )
-            .await
-            .map(|rows| {
-                rows.iter()
-                    .map(|r| r.get::<_, String>(0))
-                    .collect::<Vec<_>>()
-            })
-    };
+            .await?;
+    }
+    Ok((store, fence, client))
+}
+
+/// The values `state_at('kv_r', revision)` returns, in key order.
+async fn values_at(
+    client: &tokio_postgres::Client,
+    revision: i64,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT convert_from(value, 'UTF8') FROM state_at('kv_r', $1)",
+            &[&revision],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect())
+}
+
+/// History retention deletes old rows (keeping every key's newest): below
+/// the newest revision it deleted from, a key's state may be gone, and
+/// `state_at` refuses those revisions rather than answer wrongly.
+#[tokio::test]
+async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result<()> {
+    // Synced at revision 1; /r/a changed at 5 and 100 (both long ago),
+    // /r/b at 200 (recently).
+    let (store, fence, client) = retention_setup(
+        200,
+        &[
+            ("/r/a", 5, "five", 40),
+            ("/r/a", 100, "hundred", 35),
+            ("/r/b", 200, "b", 0),
+        ],
+    )
+    .await?;
+    let at = async |revision: i64| values_at(&client, revision).await;
     assert_eq!(at(50).await?, vec!["five".to_owned()]);
     store.purge(&fence, 0, 30, 0).await?;
     assert_eq!(
@@ -968,35 +1000,18 @@ async fn state_at_refuses_revisions_history_retention_forgot() -> anyhow::Result
 /// revisions in between.
 #[tokio::test]
 async fn retention_keeps_the_state_of_every_revision_it_answers_for() -> anyhow::Result<()> {
-    let (store, db) = store_with("[[mappings]]\nprefix = \"/r/\"\ntable = \"kv_r\"\n").await?;
-    store.migrate().await?;
-    let fence = common::term_one(&store).await?;
-    let client = db.client().await?;
-    client.batch_execute("SET search_path TO etcd_sync").await?;
     // /r/a: "old" at 10, long ago, "new" at 300, today; /r/b: at 100, long
     // ago. Retention can drop the partitions below 250.
-    partition_history(&client, &[150, 250, 400]).await?;
-    client
-        .batch_execute(
-            "UPDATE mirror_tables SET synced = true, history_from = 1 WHERE name = 'kv_r'; \
-             UPDATE sync_state SET applied_revision = 300; \
-             INSERT INTO history (key, revision, op, value, create_revision, version, lease, origin, term, recorded_at) VALUES \
-               ('/r/a', 10, 'put', 'old', 10, 1, 0, 'etcd', 1, now() - interval '40 days'), \
-               ('/r/b', 100, 'put', 'b', 100, 1, 0, 'etcd', 1, now() - interval '35 days'), \
-               ('/r/a', 300, 'put', 'new', 10, 2, 0, 'etcd', 1, now());",
-        )
-        .await?;
-    let at = async |revision: i64| -> anyhow::Result<Vec<String>> {
-        Ok(client
-            .query(
-                "SELECT convert_from(value, 'UTF8') FROM state_at('kv_r', $1)",
-                &[&revision],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect())
-    };
+    let (store, fence, client) = retention_setup(
+        300,
+        &[
+            ("/r/a", 10, "old", 40),
+            ("/r/b", 100, "b", 35),
+            ("/r/a", 300, "new", 0),
+        ],
+    )
+    .await?;
+    let at = async |revision: i64| values_at(&client, revision).await;
     assert_eq!(at(250).await?, vec!["old".to_owned(), "b".to_owned()]);
     let (_, gone, _) = store.purge(&fence, 0, 30, 0).await?;
     assert_eq!(
