@@ -586,6 +586,47 @@ async fn a_resync_over_keys_that_all_match_is_not_taken_for_stalled() -> anyhow:
     Ok(())
 }
 
+/// An etcd change that waited behind a user's open transaction on its row
+/// (deferred) is a committed write of the lost etcd, newer than the
+/// mirror's value: `restore-etcd` applies it before copying the mirror,
+/// instead of discarding it with the lost etcd's other leftovers.
+#[tokio::test]
+async fn restore_etcd_keeps_an_etcd_change_that_waited_for_a_held_row() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/held", "v1", None).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let user = world.pg().await?;
+    user.batch_execute("BEGIN; SELECT 1 FROM kv_a WHERE key = '/a/held' FOR UPDATE")
+        .await?;
+    etcd.put("/a/held", "v2", None).await?;
+    let pg = world.pg().await?;
+    wait_count(
+        &pg,
+        "the etcd change deferred behind the held row",
+        "SELECT count(*) FROM deferred_inputs WHERE key = '/a/held'",
+        |n| n > 0,
+        Duration::from_secs(10),
+    )
+    .await?;
+    service.terminate(Duration::from_secs(10)).await?;
+    user.batch_execute("COMMIT").await?;
+
+    world.etcd = Etcd::start().await?;
+    let (code, stdout, stderr) = world.cli(&["restore-etcd"]).await?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let mut fresh = world.etcd_client().await?;
+    assert_eq!(
+        fresh.get("/a/held", None).await?.kvs()[0].value(),
+        b"v2",
+        "the change that waited for the row is not lost"
+    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM deferred_inputs").await?, 0);
+    Ok(())
+}
+
 /// `restore-etcd --at-revision R` rebuilds a lost etcd with the state of
 /// revision R, from the history: etcd then holds what its own `Range` at R
 /// returned (read before R was lost), and the mirror follows it back.

@@ -261,6 +261,17 @@ pub async fn run_restore(
         },
     };
     let fence = command_fence(store, config, "restore-etcd").await?;
+    let deferred = apply_deferred(store, &fence, &selected, prefix.as_deref()).await?;
+    if deferred.held > 0 {
+        eprintln!(
+            "error: {} etcd change(s) of the lost etcd wait behind users' open transactions on their \
+             rows ({}): end those transactions and run restore-etcd again (restoring now would lose \
+             them)",
+            deferred.held,
+            deferred.first_held.as_deref().unwrap_or_default()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let mut rewound = (0i64, 0i64, 0i64);
     if let Some(revision) = at_revision {
         let bounds: Vec<(Vec<u8>, Option<Vec<u8>>)> = selected
@@ -323,7 +334,7 @@ pub async fn run_restore(
         "checkpoint": start, "head": head, "duration_ms": started.elapsed().as_millis() as u64,
         "leased_keys": leases.keys, "lease": leases.id, "lease_ttl_secs": leases.ttl,
         "at_revision": at_revision, "mirror_rows_set_back": rewound.0, "mirror_rows_removed": rewound.1,
-        "queued_changes_set_aside": rewound.2,
+        "queued_changes_set_aside": rewound.2, "deferred_etcd_changes_applied": deferred.applied,
     });
     store
         .record_event(&fence, AuditKind::RestoreEtcd, None, &detail)
@@ -394,6 +405,71 @@ async fn restorable<'m>(
         );
     }
     Ok(selected)
+}
+
+/// What [`apply_deferred`] did.
+struct Deferred {
+    /// Keys whose deferred changes went into the mirror.
+    applied: usize,
+    /// Keys whose rows users still hold.
+    held: usize,
+    first_held: Option<String>,
+}
+
+/// etcd changes deferred behind a user's open transaction on their rows
+/// are writes the lost etcd committed, newer than the mirror's values:
+/// they go into the mirror (and the history) before it is copied, waiting
+/// up to 30 s for the rows; discarding them would lose them.
+async fn apply_deferred(
+    store: &Store,
+    fence: &Fence,
+    selected: &[&eps_core::Mapping],
+    prefix: Option<&[u8]>,
+) -> anyhow::Result<Deferred> {
+    let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();
+    let ours = |key: &eps_store::deferred::DeferredKey| {
+        tables.contains(&key.mirror_table.as_str()) && prefix.is_none_or(|p| key.key.starts_with(p))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut applied = 0;
+    loop {
+        let mut keys = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.deferred_keys(after.as_ref(), 1000).await?;
+            let done = page.len() < 1000;
+            after = page.last().cloned();
+            keys.extend(page.into_iter().filter(|k| ours(k)));
+            if done {
+                break;
+            }
+        }
+        if keys.is_empty() || Instant::now() > deadline {
+            return Ok(Deferred {
+                applied,
+                held: keys.len(),
+                first_held: keys.first().map(|k| display_key(&k.key)),
+            });
+        }
+        for chunk in keys.chunks(500) {
+            let inputs: Vec<eps_store::KeyInputs> = chunk
+                .iter()
+                .map(|k| eps_store::KeyInputs {
+                    key: k.key.clone(),
+                    inputs: Vec::new(),
+                })
+                .collect();
+            let report = store
+                .apply(&eps_store::ApplyRequest::new(
+                    fence,
+                    &inputs,
+                    Instant::now(),
+                ))
+                .await?;
+            applied += report.drained_keys;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The revision `restore-etcd --at-revision/--at-time` restores, or why it
