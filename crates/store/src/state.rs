@@ -364,14 +364,8 @@ pub async fn begin_timeline(
         .get_result(conn)
         .await?;
         let decision = next.decision.as_deref().and_then(Side::parse);
-        // The new timeline's history starts with its resync, and retention
-        // has forgotten none of it.
-        diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
-            .execute(conn)
-            .await?;
-        diesel::sql_query("UPDATE sync_state SET history_complete_from = 0 WHERE id = 1")
-            .execute(conn)
-            .await?;
+        // The new timeline's history starts with its resync.
+        new_timeline_history(conn).await?;
         for table in tables {
             diesel::sql_query(format!(
                 "UPDATE {} SET create_revision = 0, mod_revision = 0, version = 0, lease = 0",
@@ -536,20 +530,26 @@ pub async fn adopt_timeline(
         .get_result(conn)
         .await?;
         // The new timeline's history starts with what the restore writes
-        // (see `history_whole_from`), and retention has forgotten none of
-        // it.
-        diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
-            .execute(conn)
-            .await?;
-        diesel::sql_query("UPDATE sync_state SET history_complete_from = 0 WHERE id = 1")
-            .execute(conn)
-            .await?;
+        // (see `history_whole_from`).
+        new_timeline_history(conn).await?;
         let mut detail = detail.clone();
         detail["timeline"] = serde_json::json!(next.timeline);
         crate::events::record(conn, fence, AuditKind::TimelineChange, None, &detail).await?;
         Ok(next.timeline)
     })
     .await
+}
+
+/// On a new timeline no table's history is whole yet (until its resync or
+/// restore says from where), and retention has forgotten none of it.
+async fn new_timeline_history(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
+    diesel::sql_query("UPDATE mirror_tables SET history_from = NULL")
+        .execute(conn)
+        .await?;
+    diesel::sql_query("UPDATE sync_state SET history_complete_from = 0 WHERE id = 1")
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// After `restore-etcd` rebuilt the whole range of each of `tables` in an

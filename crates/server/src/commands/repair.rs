@@ -243,16 +243,7 @@ pub async fn run_restore(
     let selected = restorable(config, &etcd, &mappings, prefix.as_deref()).await?;
     let at_revision = match at {
         None => None,
-        Some(at) => match restore_point(
-            store,
-            &etcd,
-            &selected,
-            prefix.as_deref(),
-            at,
-            set_aside_queued,
-        )
-        .await?
-        {
+        Some(at) => match restore_point(store, &etcd, &selected, at).await? {
             Ok(revision) => Some(revision),
             Err(refusal) => {
                 eprintln!("error: {refusal}");
@@ -474,15 +465,12 @@ async fn apply_deferred(
 
 /// The revision `restore-etcd --at-revision/--at-time` restores, or why it
 /// cannot: the history must know every selected mapping whole at it, on the
-/// timeline of the lost etcd, and no change written in PostgreSQL may wait
-/// for etcd (it is newer than the revision, and restoring would drop it).
+/// timeline of the lost etcd.
 async fn restore_point(
     store: &Store,
     etcd: &EtcdClient,
     selected: &[&eps_core::Mapping],
-    prefix: Option<&[u8]>,
     at: Target,
-    set_aside_queued: bool,
 ) -> anyhow::Result<Result<i64, String>> {
     let revision = match at {
         Target::Revision(revision) => revision,
@@ -513,20 +501,10 @@ async fn restore_point(
             }
         }
     }
-    if let Some(refusal) = history_refusal(store, &state, selected, revision).await? {
-        return Ok(Err(refusal));
-    }
-    let mut queued = 0;
-    for mapping in selected {
-        let (start, end) = mapping.range_within(prefix);
-        queued += store
-            .queued_in_range(&mapping.table, (&start, end.as_deref()))
-            .await?;
-    }
-    if queued > 0 && !set_aside_queued {
-        return Ok(Err(queued_refusal(queued, revision)));
-    }
-    Ok(Ok(revision))
+    // (Changes queued for etcd are checked by the rewind, under its locks.)
+    Ok(history_refusal(store, &state, selected, revision)
+        .await?
+        .map_or(Ok(revision), Err))
 }
 
 fn queued_refusal(queued: i64, revision: i64) -> String {
