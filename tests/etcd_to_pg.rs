@@ -191,6 +191,80 @@ async fn an_idle_watch_advances_the_checkpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The checkpoint is a promise: every change up to it is in the mirror (a
+/// restart resumes after it). etcd before 3.4.31 and 3.5.13 answers a
+/// requested progress notification at once with its current revision,
+/// ahead of the events a catching-up watch has yet to deliver; trusting it
+/// would move the checkpoint past changes not applied, and a restart then
+/// would skip them for good.
+#[tokio::test]
+async fn a_catching_up_watch_never_claims_changes_it_has_not_applied() -> anyhow::Result<()> {
+    let mut world = World::new(MAPPINGS).await?;
+    // Asked for progress whenever the watch pauses between etcd's batches.
+    world.env.insert(
+        "ETCD_PG_SYNC__SYNC__PROGRESS_INTERVAL_MS".into(),
+        "20".into(),
+    );
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_synced(&world).await?;
+    service.terminate(Duration::from_secs(15)).await?;
+    // One new key per revision: at checkpoint A the mirror must hold at
+    // least the keys of revisions base+1..=A.
+    let base = etcd_revision(&world).await?;
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let endpoint = world.etcd.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await?;
+            for i in 0..2_500 {
+                client
+                    .put(format!("/a/backlog/{c}/{i:05}"), "v", None)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let head = etcd_revision(&world).await?;
+    assert_eq!(head - base, 20_000, "one revision per put");
+    let pg = world.pg().await?;
+    service.restart()?;
+    let started = Instant::now();
+    let mut checks = 0;
+    loop {
+        // One statement: one snapshot of the checkpoint and the mirror.
+        let row = pg
+            .query_one(
+                "SELECT s.applied_revision, \
+                        (SELECT count(*) FROM kv_a WHERE key >= '/a/backlog/'::bytea \
+                                                     AND key < '/a/backlog0'::bytea) \
+                 FROM sync_state s",
+                &[],
+            )
+            .await?;
+        let (applied, keys): (i64, i64) = (row.get(0), row.get(1));
+        checks += 1;
+        assert!(
+            applied <= base || keys >= applied - base,
+            "checkpoint {applied} claims {} backlog changes, the mirror holds {keys}",
+            applied - base
+        );
+        if applied >= head {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "no catch-up in 60 s (checkpoint {applied})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("{checks} checks while catching up {} changes", head - base);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_killed_service_resumes_without_gap_or_duplicate() -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;

@@ -553,7 +553,9 @@ async fn stream(
             let item = items.next().await.transpose();
             let stop = !matches!(
                 item,
-                Some(Ok(WatchItem::Events(_) | WatchItem::Progress(_)))
+                Some(Ok(WatchItem::Events(_)
+                    | WatchItem::Progress(_)
+                    | WatchItem::Alive))
             );
             let item = item.unwrap_or_else(|| {
                 Err(eps_etcd::EtcdError::Unavailable(
@@ -691,6 +693,8 @@ impl Batch {
                 self.progress = Some(self.progress.map_or(revision, |p| p.max(revision)));
                 None
             }
+            // Heard from, nothing learnt.
+            WatchItem::Alive => None,
             WatchItem::Compacted { compact_revision } => Some(compact_revision),
         }
     }

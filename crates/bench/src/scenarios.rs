@@ -272,6 +272,14 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
 
     // Baseline: the same watch stream, one multi-row INSERT per response.
     let baseline_rate = watch_insert_baseline(&stores, &pg, from, head).await?;
+    let written = (per_client * 16) as u64;
+    let single_watch = watch_replay(&stores, from, written, &writer_ranges(1)).await?;
+    let mut raw_parallel = serde_json::Map::new();
+    for n in [2, 4, 8] {
+        let rate = watch_replay(&stores, from, written, &writer_ranges(n)).await?;
+        raw_parallel.insert(n.to_string(), json!(rate));
+    }
+    eprintln!("single {single_watch:.0}/s; parallel {raw_parallel:?}");
 
     service.restart()?;
     service.wait_ready(Duration::from_secs(60)).await?;
@@ -429,6 +437,63 @@ async fn watch_insert_baseline(
         .await?;
     }
     Ok((head - from) as f64 / baseline_started.elapsed().as_secs_f64())
+}
+
+/// The bare replay of `(from, head]` by one watch per key range (with
+/// previous values and fragments, as the service watches), nothing
+/// written: events per second over all ranges, until they delivered the
+/// `expected` events of the backlog.
+async fn watch_replay(
+    stores: &Stores,
+    from: i64,
+    expected: u64,
+    ranges: &[(Vec<u8>, Vec<u8>)],
+) -> anyhow::Result<f64> {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let started = Instant::now();
+    let mut tasks: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    for (start, end) in ranges.iter().cloned() {
+        let mut client = stores.etcd.client().await?;
+        let (delivered, done) = (delivered.clone(), done.clone());
+        tasks.spawn(async move {
+            let options = etcd_client::WatchOptions::new()
+                .with_range(end)
+                .with_start_revision(from + 1)
+                .with_prev_key()
+                .with_fragment();
+            let mut stream = client.watch(start, Some(options)).await?;
+            while let Some(response) = stream.message().await? {
+                let n = response.events().len() as u64;
+                if delivered.fetch_add(n, Ordering::SeqCst) + n >= expected {
+                    done.notify_one();
+                }
+            }
+            anyhow::bail!("watch ended")
+        });
+    }
+    tokio::select! {
+        () = done.notified() => {}
+        failed = tasks.join_next() => anyhow::bail!("replay stopped: {failed:?}"),
+    }
+    let rate = expected as f64 / started.elapsed().as_secs_f64();
+    tasks.shutdown().await;
+    Ok(rate)
+}
+
+/// `/bench/catchup/` split into `n` ranges of whole writers' prefixes
+/// (`c00`..`c15`), for a replay by `n` watches.
+fn writer_ranges(n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bounds: Vec<usize> = (0..=n).map(|i| i * 16 / n).collect();
+    bounds
+        .windows(2)
+        .map(|w| {
+            (
+                format!("/bench/catchup/c{:02}", w[0]).into_bytes(),
+                format!("/bench/catchup/c{:02}", w[1]).into_bytes(),
+            )
+        })
+        .collect()
 }
 
 /// Commits `n` single-row inserts from 8 sessions; returns when committed.

@@ -32,6 +32,9 @@ pub struct EtcdClient {
     /// tonic's limit on one message from etcd (its default, 4 MiB, is less
     /// than a txn response of large values): `etcd.max_response_bytes`.
     max_response_bytes: usize,
+    /// What it connected with: [`EtcdClient::progress_requests_ordered`]
+    /// asks each endpoint on its own.
+    config: std::sync::Arc<EtcdConfig>,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -92,6 +95,7 @@ impl EtcdClient {
             kv,
             request_timeout,
             max_response_bytes,
+            config: std::sync::Arc::new(config.clone()),
         };
         // Channels connect lazily: ask once so that a refused certificate
         // or password shows here, with its reason.
@@ -189,6 +193,38 @@ impl EtcdClient {
         Ok((response.kvs().first().map(convert::key_value), revision))
     }
 
+    /// Whether every configured endpoint answers a requested progress
+    /// notification in order with the events of its watches (see
+    /// [`orders_progress_requests`]). Asked of each endpoint on its own: a
+    /// watch may be served by any of them. An endpoint that cannot be asked
+    /// counts as not ordering them.
+    pub async fn progress_requests_ordered(&self) -> bool {
+        for endpoint in &self.config.endpoints {
+            let mut one = (*self.config).clone();
+            one.endpoints = vec![endpoint.clone()];
+            let version = match EtcdClient::connect(&one).await {
+                Ok(client) => client.server_status().await.map(|s| s.version),
+                Err(error) => Err(error),
+            };
+            match version {
+                Ok(version) if orders_progress_requests(&version) => {}
+                Ok(version) => {
+                    tracing::debug!(
+                        endpoint,
+                        version,
+                        "etcd answers progress requests out of order"
+                    );
+                    return false;
+                }
+                Err(error) => {
+                    tracing::debug!(endpoint, %error, "cannot ask etcd its version");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// The underlying client, for the modules of this crate.
     pub(crate) fn raw(&self) -> etcd_client::Client {
         self.client.clone()
@@ -199,6 +235,31 @@ impl EtcdClient {
     }
 }
 
+/// Whether etcd of `version` sends the answer to a requested progress
+/// notification in order with the events of the watch. Before 3.4.31 and
+/// 3.5.13 it answers at once, with its current revision, through a path
+/// that overtakes events not yet sent — all of a catching-up watch's
+/// backlog (etcd issues 15220 and 17507; Kubernetes gates its use of
+/// progress requests on the same versions). Its own periodic progress
+/// notifications are in order in every version.
+pub fn orders_progress_requests(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .map(|part| part.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    match (major, minor) {
+        (3, 4) => patch >= 31,
+        (3, 5) => patch >= 13,
+        (3, m) => m >= 6,
+        (m, _) => m > 3,
+    }
+}
+
 /// etcd rejects an empty key: the range "from the beginning" starts at
 /// the smallest key there can be, "\0".
 pub(crate) fn range_start(start: &[u8]) -> Vec<u8> {
@@ -206,6 +267,25 @@ pub(crate) fn range_start(start: &[u8]) -> Vec<u8> {
         vec![0]
     } else {
         start.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::orders_progress_requests;
+
+    #[test]
+    fn progress_requests_are_ordered_from_3_4_31_and_3_5_13() {
+        for version in [
+            "3.4.31", "3.4.34", "3.5.13", "3.5.17", "3.6.0", "v3.6.4", "4.0.0",
+        ] {
+            assert!(orders_progress_requests(version), "{version}");
+        }
+        for version in [
+            "3.4.23", "3.4.30", "3.5.0", "3.5.12", "3.3.27", "3.4", "", "x.y.z",
+        ] {
+            assert!(!orders_progress_requests(version), "{version}");
+        }
     }
 }
 

@@ -17,6 +17,11 @@ pub enum WatchItem {
     /// Progress notification: every event of the range up to this revision
     /// has been delivered.
     Progress(i64),
+    /// The answer to a progress request from an etcd that sends it ahead
+    /// of events not yet delivered (see
+    /// [`crate::orders_progress_requests`]): the stream is alive, and
+    /// nothing is known of its progress.
+    Alive,
     /// The start revision is compacted: never re-watch from it, re-snapshot.
     Compacted { compact_revision: i64 },
 }
@@ -31,17 +36,22 @@ pub struct WatchSession {
 struct Responses {
     stream: etcd_client::WatchResponseStream,
     held: Vec<EtcdEvent>,
+    /// Whether etcd's answers to progress requests are in order with the
+    /// events (its own periodic notifications always are).
+    requested_progress_ordered: bool,
 }
 
 impl WatchSession {
     /// Watches `[start, end)` (`end == None`: to the end of the keyspace)
-    /// from `from_revision`, with `prev_kv`.
+    /// from `from_revision`, with `prev_kv`. Asks etcd's members first
+    /// whether their answers to progress requests can be trusted.
     pub async fn start(
         client: &EtcdClient,
         start: &[u8],
         end: Option<&[u8]>,
         from_revision: i64,
     ) -> Result<Self, EtcdError> {
+        let requested_progress_ordered = client.progress_requests_ordered().await;
         let options = WatchOptions::new()
             .with_range(eps_core::keys::range_end_for_etcd(end))
             .with_start_revision(from_revision)
@@ -64,6 +74,7 @@ impl WatchSession {
             responses: Responses {
                 stream: responses,
                 held: Vec::new(),
+                requested_progress_ordered,
             },
         })
     }
@@ -87,7 +98,8 @@ impl WatchSession {
     }
 
     /// Asks etcd for a progress notification (answered only once the watch
-    /// has caught up).
+    /// has caught up; by an etcd that answers out of order, with
+    /// [`WatchItem::Alive`]).
     pub async fn request_progress(&mut self) -> Result<(), EtcdError> {
         self.requests.request_progress().await?;
         Ok(())
@@ -143,6 +155,11 @@ async fn next_item(responses: &mut Responses) -> Result<Option<WatchItem>, EtcdE
         if response.events().is_empty() {
             if response.created() {
                 continue;
+            }
+            // An answer to a progress request carries no watch id (-1);
+            // etcd's periodic notifications carry the watch's own.
+            if response.watch_id() == -1 && !responses.requested_progress_ordered {
+                return Ok(Some(WatchItem::Alive));
             }
             let revision = response.header().map_or(0, |h| h.revision());
             return Ok(Some(WatchItem::Progress(revision)));

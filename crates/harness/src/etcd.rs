@@ -124,6 +124,11 @@ impl Etcd {
             .arg("zap")
             .arg("--log-level")
             .arg("warn")
+            // etcd before 3.4.31/3.5.13 answers progress requests out of
+            // order, so the service ignores those answers: an idle watch's
+            // checkpoint moves with etcd's periodic notifications, every
+            // 10 minutes unless told otherwise (README, "etcd versions").
+            .arg("--experimental-watch-progress-notify-interval=250ms")
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

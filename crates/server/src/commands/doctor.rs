@@ -267,6 +267,21 @@ async fn check_etcd(config: &Config, checks: &mut Vec<Check>) -> Option<EtcdClie
             checks.push(Check::fail("etcd.connect", error.to_string(), fix));
         }
     }
+    checks.push(if etcd.progress_requests_ordered().await {
+        Check::ok(
+            "etcd.progress",
+            "every endpoint answers progress requests in order with its watches",
+        )
+    } else {
+        Check::warn(
+            "etcd.progress",
+            "an endpoint runs etcd older than 3.4.31 (3.5.13 in 3.5), which answers progress \
+             requests out of order (or could not be asked): the service ignores those answers, \
+             so the checkpoint of an idle mapping moves only with etcd's periodic progress \
+             notifications, every 10 minutes by default",
+            "upgrade etcd, or start it with --experimental-watch-progress-notify-interval=5s",
+        )
+    });
     let mappings = match config.validated_mappings() {
         Ok(mappings) => mappings,
         Err(error) => {
