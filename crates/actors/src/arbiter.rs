@@ -86,6 +86,7 @@ async fn resolve_stale(ctx: Arc<SyncContext>, msg: ResolveStale) -> Result<(), A
     let request = ApplyRequest {
         fence: &ctx.fence,
         checkpoint: None,
+        catchup_range: None,
         observed_at,
         trace_id: None,
         keys: &keys,

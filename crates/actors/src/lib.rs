@@ -10,6 +10,7 @@
 //! durable state (docs/design.md D7: an actor's memory may be stale after a failure).
 
 pub mod arbiter;
+pub mod catchup;
 pub mod diff;
 pub mod poller;
 pub mod recovery;

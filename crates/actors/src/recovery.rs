@@ -685,6 +685,7 @@ async fn apply_chunk(
     let request = ApplyRequest {
         fence: &ctx.fence,
         checkpoint: None,
+        catchup_range: None,
         observed_at,
         trace_id: None,
         keys: chunk,

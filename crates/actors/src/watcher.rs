@@ -12,6 +12,7 @@ use eps_core::config::OnEtcdRestore;
 use eps_core::model::EtcdEvent;
 use eps_core::reconcile::KeyInput;
 use eps_etcd::{WatchItem, WatchSession};
+use eps_store::catchup::Ranges;
 use eps_store::{ApplyRequest, KeyInputs};
 use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
@@ -161,9 +162,41 @@ async fn run(
     ctx.applied.send_replace(checkpoint);
     ctx.etcd_checked.send_replace(true);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
+    // Far behind etcd: replay the backlog in parallel key ranges first.
+    let mut skip = match crate::catchup::run(&ctx, &progress, checkpoint).await? {
+        crate::catchup::Outcome::Caught {
+            checkpoint: caught,
+            skip,
+        } => {
+            checkpoint = caught;
+            skip
+        }
+        crate::catchup::Outcome::Compacted { compact_revision } => {
+            tracing::warn!(
+                checkpoint,
+                compact_revision,
+                "watch revision compacted during the catch-up, resyncing"
+            );
+            checkpoint = resync(
+                &recovery,
+                ResyncReason::Compacted {
+                    checkpoint,
+                    compact_revision: Some(compact_revision),
+                },
+                &progress,
+            )
+            .await?;
+            Ranges::default()
+        }
+    };
+    ctx.applied.send_replace(checkpoint);
+    metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
-        match stream(&ctx, &progress, &mut checkpoint, &mut mark).await? {
+        let end = stream(&ctx, &progress, &mut checkpoint, &mut mark, &skip).await?;
+        // A resync sets the checkpoint anew: no range is left.
+        skip = Ranges::default();
+        match end {
             StreamEnd::MirrorTablesCreated => {
                 tracing::warn!(
                     checkpoint,
@@ -524,65 +557,32 @@ async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
 const READ_AHEAD_KIB: usize = 64 * 1024;
 
 /// A watch item on its way to a batch, holding its share of the budget.
-struct Buffered {
+pub(crate) struct Buffered {
     item: Result<WatchItem, eps_etcd::EtcdError>,
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Streams from `checkpoint + 1` until the watch's revision is compacted;
 /// errors end the incarnation (the actor restarts from the checkpoint).
+/// Changes a parallel catch-up's range applied already (`skip`) are left
+/// out.
 async fn stream(
     ctx: &Arc<SyncContext>,
     progress: &Progress,
     checkpoint: &mut i64,
     mark: &mut TimelineMark,
+    skip: &Ranges,
 ) -> Result<StreamEnd, ActorError> {
     let sync = &ctx.config.sync;
     let (start, end) = ctx.mappings.covering_range();
     tracing::debug!(from_revision = *checkpoint + 1, "watch starting");
     let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), *checkpoint + 1).await?;
     tracing::debug!("watch started");
-    let (mut requester, mut items) = session.split();
-    // The reader runs ahead of the applies by at most READ_AHEAD_BYTES of
-    // events (a catch-up over large values must not fill memory): each item
-    // holds its size in permits until the batch that applies it is done.
-    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_KIB));
-    let (tx, mut rx) = mpsc::channel::<Buffered>(256);
-    let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
-        loop {
-            let item = items.next().await.transpose();
-            let stop = !matches!(
-                item,
-                Some(Ok(WatchItem::Events(_)
-                    | WatchItem::Progress(_)
-                    | WatchItem::Alive))
-            );
-            let item = item.unwrap_or_else(|| {
-                Err(eps_etcd::EtcdError::Unavailable(
-                    "watch stream closed".into(),
-                ))
-            });
-            let kib = match &item {
-                Ok(WatchItem::Events(events)) => {
-                    let bytes: usize = events.iter().map(EtcdEvent::size_bytes).sum();
-                    (bytes / 1024 + 1).min(READ_AHEAD_KIB)
-                }
-                _ => 1,
-            };
-            let Ok(permit) = budget.clone().acquire_many_owned(kib as u32).await else {
-                return;
-            };
-            if tx.send(Buffered { item, permit }).await.is_err() || stop {
-                return;
-            }
-        }
-    }));
+    let (mut requester, items) = session.split();
+    let (mut rx, _reader) = read_ahead(items);
 
     let progress_interval = Duration::from_millis(sync.progress_interval_ms);
     let stall_timeout = Duration::from_millis(sync.watch_stall_timeout_ms);
-    let linger = Duration::from_millis(sync.batch_linger_ms);
-    let max_events = sync.batch_size;
-    let max_bytes = 32 * 1024 * 1024;
     let mut last_heard = Instant::now();
     let mut progress_asked = Instant::now();
     // A replica's `migrate` may create a mirror table (again) while this
@@ -626,35 +626,11 @@ async fn stream(
         };
         last_heard = Instant::now();
         progress.tick();
-        let mut batch = Batch::default();
-        let mut held = Vec::new();
-        let mut compacted = match first {
-            None => return Err(ActorError::Internal("watch reader ended".into())),
-            Some(buffered) => {
-                held.push(buffered.permit);
-                batch.add(buffered.item?)
-            }
+        let Some(first) = first else {
+            return Err(ActorError::Internal("watch reader ended".into()));
         };
-        // Take what else has arrived (and, with a linger, what arrives soon).
-        let linger_until = Instant::now() + linger;
-        while compacted.is_none() && batch.events.len() < max_events && batch.bytes < max_bytes {
-            let next = match rx.try_recv() {
-                Ok(item) => Some(item),
-                Err(mpsc::error::TryRecvError::Empty)
-                    if !linger.is_zero() && Instant::now() < linger_until =>
-                {
-                    tokio::time::timeout_at(linger_until.into(), rx.recv())
-                        .await
-                        .ok()
-                        .flatten()
-                }
-                Err(_) => None,
-            };
-            let Some(buffered) = next else { break };
-            held.push(buffered.permit);
-            compacted = batch.add(buffered.item?);
-        }
-        deferred.pending |= apply(ctx, &batch, checkpoint).await?;
+        let (batch, held, compacted) = gather(first, &mut rx, sync).await?;
+        deferred.pending |= apply(ctx, &batch, checkpoint, Checkpointed::Global { skip }).await?;
         drop(held);
         mark.write_if_due(ctx, *checkpoint).await?;
         if let Some(compact_revision) = compacted {
@@ -663,8 +639,86 @@ async fn stream(
     }
 }
 
+/// Items of a watch on their way to the applies, read by a task of their
+/// own (dropped with the returned handle).
+pub(crate) type ReadAhead = (mpsc::Receiver<Buffered>, AbortOnDropHandle<()>);
+
+/// Reads a watch's items ahead of the applies, by at most
+/// `READ_AHEAD_KIB` of events (a catch-up over large values must not fill
+/// memory): each item holds its size in permits until the batch that
+/// applies it is done.
+pub(crate) fn read_ahead(mut items: eps_etcd::WatchItems) -> ReadAhead {
+    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_KIB));
+    let (tx, rx) = mpsc::channel::<Buffered>(256);
+    let reader = AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            let item = items.next().await.transpose();
+            let stop = !matches!(
+                item,
+                Some(Ok(WatchItem::Events(_)
+                    | WatchItem::Progress(_)
+                    | WatchItem::Alive))
+            );
+            let item = item.unwrap_or_else(|| {
+                Err(eps_etcd::EtcdError::Unavailable(
+                    "watch stream closed".into(),
+                ))
+            });
+            let kib = match &item {
+                Ok(WatchItem::Events(events)) => {
+                    let bytes: usize = events.iter().map(EtcdEvent::size_bytes).sum();
+                    (bytes / 1024 + 1).min(READ_AHEAD_KIB)
+                }
+                _ => 1,
+            };
+            let Ok(permit) = budget.clone().acquire_many_owned(kib as u32).await else {
+                return;
+            };
+            if tx.send(Buffered { item, permit }).await.is_err() || stop {
+                return;
+            }
+        }
+    }));
+    (rx, reader)
+}
+
+/// A batch: `first` and whatever else has arrived (with a linger, what
+/// arrives soon), up to `sync.batch_size` events or 32 MiB; the permits
+/// it holds; and the compact revision if the watch was compacted.
+pub(crate) async fn gather(
+    first: Buffered,
+    rx: &mut mpsc::Receiver<Buffered>,
+    sync: &eps_core::config::SyncConfig,
+) -> Result<(Batch, Vec<tokio::sync::OwnedSemaphorePermit>, Option<i64>), ActorError> {
+    let linger = Duration::from_millis(sync.batch_linger_ms);
+    let max_events = sync.batch_size;
+    let max_bytes = 32 * 1024 * 1024;
+    let mut batch = Batch::default();
+    let mut held = vec![first.permit];
+    let mut compacted = batch.add(first.item?);
+    let linger_until = Instant::now() + linger;
+    while compacted.is_none() && batch.events.len() < max_events && batch.bytes < max_bytes {
+        let next = match rx.try_recv() {
+            Ok(item) => Some(item),
+            Err(mpsc::error::TryRecvError::Empty)
+                if !linger.is_zero() && Instant::now() < linger_until =>
+            {
+                tokio::time::timeout_at(linger_until.into(), rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Err(_) => None,
+        };
+        let Some(buffered) = next else { break };
+        held.push(buffered.permit);
+        compacted = batch.add(buffered.item?);
+    }
+    Ok((batch, held, compacted))
+}
+
 #[derive(Default)]
-struct Batch {
+pub(crate) struct Batch {
     events: Vec<EtcdEvent>,
     bytes: usize,
     progress: Option<i64>,
@@ -701,7 +755,7 @@ impl Batch {
 
     /// The checkpoint after this batch: its last event, or a later progress
     /// notification (which promises every earlier event was delivered).
-    fn checkpoint(&self) -> Option<i64> {
+    pub(crate) fn checkpoint(&self) -> Option<i64> {
         let last_event = self.events.last().map(|e| e.revision);
         match (last_event, self.progress) {
             (Some(e), Some(p)) => Some(e.max(p)),
@@ -711,12 +765,13 @@ impl Batch {
 }
 
 /// Groups events by key (first-appearance order, revision order within a
-/// key), leaving out keys no mapping covers.
-fn group_by_key(ctx: &SyncContext, events: &[EtcdEvent]) -> Vec<KeyInputs> {
+/// key), leaving out keys no mapping covers and changes a catch-up range
+/// applied already.
+fn group_by_key(ctx: &SyncContext, events: &[EtcdEvent], skip: &Ranges) -> Vec<KeyInputs> {
     let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
     let mut keys: Vec<KeyInputs> = Vec::new();
     for event in events {
-        if ctx.mappings.find(&event.key).is_none() {
+        if ctx.mappings.find(&event.key).is_none() || skip.skips(&event.key, event.revision) {
             continue;
         }
         let slot = *index.entry(event.key.as_slice()).or_insert_with(|| {
@@ -731,12 +786,23 @@ fn group_by_key(ctx: &SyncContext, events: &[EtcdEvent]) -> Vec<KeyInputs> {
     keys
 }
 
+/// Which checkpoint a batch moves.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Checkpointed<'a> {
+    /// The global one; changes a catch-up range applied already are left
+    /// out.
+    Global { skip: &'a Ranges },
+    /// The one of the catch-up range starting at `start`.
+    Range { start: &'a [u8] },
+}
+
 /// Applies a batch; true when some of its keys were deferred (a user's
 /// transaction holds their rows).
-async fn apply(
+pub(crate) async fn apply(
     ctx: &Arc<SyncContext>,
     batch: &Batch,
     checkpoint: &mut i64,
+    checkpointed: Checkpointed<'_>,
 ) -> Result<bool, ActorError> {
     let Some(new_checkpoint) = batch.checkpoint() else {
         return Ok(false);
@@ -745,7 +811,11 @@ async fn apply(
         return Ok(false);
     }
     let mut deferred = false;
-    let keys = group_by_key(ctx, &batch.events);
+    let (skip, catchup_range) = match checkpointed {
+        Checkpointed::Global { skip } => (skip, None),
+        Checkpointed::Range { start } => (&Ranges::EMPTY, Some(start)),
+    };
+    let keys = group_by_key(ctx, &batch.events, skip);
     let started = Instant::now();
     let span = tracing::info_span!(
         "etcd_to_pg.batch",
@@ -761,13 +831,23 @@ async fn apply(
         .echo_traces
         .trace_ids(keys.iter().map(|k| k.key.as_slice()));
     if keys.is_empty() {
-        ctx.store
-            .advance_checkpoint(&ctx.fence, new_checkpoint)
-            .await?;
+        match catchup_range {
+            None => {
+                ctx.store
+                    .advance_checkpoint(&ctx.fence, new_checkpoint)
+                    .await?
+            }
+            Some(start) => {
+                ctx.store
+                    .advance_catchup_range(&ctx.fence, start, new_checkpoint)
+                    .await?
+            }
+        }
     } else {
         let request = ApplyRequest {
             fence: &ctx.fence,
             checkpoint: Some(new_checkpoint),
+            catchup_range,
             observed_at: batch.observed_at.unwrap_or(started),
             trace_id: trace_id.as_deref(),
             keys: &keys,
@@ -816,8 +896,10 @@ async fn apply(
         );
     }
     *checkpoint = new_checkpoint.max(*checkpoint);
-    ctx.applied.send_replace(*checkpoint);
-    metrics::gauge!(telemetry::APPLIED_REVISION).set(*checkpoint as f64);
+    if catchup_range.is_none() {
+        ctx.applied.send_replace(*checkpoint);
+        metrics::gauge!(telemetry::APPLIED_REVISION).set(*checkpoint as f64);
+    }
     Ok(deferred)
 }
 

@@ -238,27 +238,99 @@ async fn live(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
 }
 
 async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
+    const STREAMS: usize = 4;
     let stores = stores().await?;
     let mut service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
     wait_leader(&service).await?;
     let pg = pg(&stores).await?;
-    let from = stores.etcd.revision().await?;
-    wait_applied(&pg, from, Duration::from_secs(30)).await?;
-    service.terminate(Duration::from_secs(15)).await?;
-    // N single-key revisions while the service is down.
     let per_client = sizes.catchup_changes / 16;
+
+    // Round 1, one watch: against the watch + INSERT loop and the bare
+    // replay of the same backlog by one watch.
+    let (from, head) = backlog(&stores, &mut service, &pg, "/bench/catchup/", per_client).await?;
+    let changes = (head - from) as f64;
+    let written = (per_client * 16) as u64;
+    let baseline_rate = watch_insert_baseline(&stores, &pg, from, head).await?;
+    let single_watch =
+        watch_replay(&stores, from, written, &writer_ranges("/bench/catchup/", 1)).await?;
+    service.set_env("ETCD_PG_SYNC__SYNC__CATCHUP_STREAMS", Some("1"));
+    let (rate, seconds) = catch_up(&mut service, &pg, changes, head).await?;
+
+    // Round 2, parallel ranges: a backlog as large on other keys, against
+    // the bare replay of it by one watch (and, for reference, by as many
+    // watches as streams on the writers' prefixes).
+    let (from2, head2) =
+        backlog(&stores, &mut service, &pg, "/bench/catchup2/", per_client).await?;
+    let changes2 = (head2 - from2) as f64;
+    let single_watch2 = watch_replay(
+        &stores,
+        from2,
+        written,
+        &writer_ranges("/bench/catchup2/", 1),
+    )
+    .await?;
+    let raw_parallel = watch_replay(
+        &stores,
+        from2,
+        written,
+        &writer_ranges("/bench/catchup2/", STREAMS),
+    )
+    .await?;
+    let streams = STREAMS.to_string();
+    service.set_env("ETCD_PG_SYNC__SYNC__CATCHUP_STREAMS", Some(&streams));
+    let (parallel_rate, parallel_seconds) = catch_up(&mut service, &pg, changes2, head2).await?;
+    Ok(Outcome {
+        scenario: "etcd-to-pg-catchup".into(),
+        parameters: json!({"changes": changes, "writers": 16}),
+        figures: json!({
+            "catch_up_rate_per_s": rate,
+            "seconds": seconds,
+            "single_watch_replay_per_s": single_watch,
+            "ratio_vs_single_watch": rate / single_watch,
+            "parallel_streams": {
+                "streams": STREAMS,
+                "changes": changes2,
+                "seconds": parallel_seconds,
+                "rate_per_s": parallel_rate,
+                "single_watch_replay_per_s": single_watch2,
+                "ratio_vs_single_watch": parallel_rate / single_watch2,
+                "bare_parallel_replay_per_s": raw_parallel,
+            },
+        }),
+        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
+        ratio: Some(rate / baseline_rate),
+        goal: "≥ 1.0".into(),
+        summary: format!(
+            "one watch: {rate:.0} changes/s ({changes:.0} in {seconds:.1} s; {:.2} × the bare replay's {single_watch:.0}/s); \
+             {STREAMS} ranges: {parallel_rate:.0} changes/s ({:.2} × the bare replay's {single_watch2:.0}/s; {STREAMS} bare watches {raw_parallel:.0}/s)",
+            rate / single_watch,
+            parallel_rate / single_watch2,
+        ),
+    })
+}
+
+/// Stops the service and puts `16 × per_client` new keys under `prefix`,
+/// one revision each, from 16 clients; returns the revisions before and
+/// after.
+async fn backlog(
+    stores: &Stores,
+    service: &mut Service,
+    pg: &tokio_postgres::Client,
+    prefix: &str,
+    per_client: usize,
+) -> anyhow::Result<(i64, i64)> {
+    let from = stores.etcd.revision().await?;
+    wait_applied(pg, from, Duration::from_secs(30)).await?;
+    service.terminate(Duration::from_secs(15)).await?;
+    let from = stores.etcd.revision().await?;
     let mut tasks = Vec::new();
     for c in 0..16 {
-        let endpoint = stores.etcd.endpoint();
+        let (endpoint, prefix) = (stores.etcd.endpoint(), prefix.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut client = etcd_client::Client::connect([endpoint], None).await?;
             for i in 0..per_client {
                 client
-                    .put(
-                        format!("/bench/catchup/c{c:02}/{i:06}"),
-                        vec![b'v'; 64],
-                        None,
-                    )
+                    .put(format!("{prefix}c{c:02}/{i:06}"), vec![b'v'; 64], None)
                     .await?;
             }
             anyhow::Ok(())
@@ -267,38 +339,24 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
     for task in tasks {
         task.await??;
     }
-    let head = stores.etcd.revision().await?;
-    let changes = (head - from) as f64;
+    Ok((from, stores.etcd.revision().await?))
+}
 
-    // Baseline: the same watch stream, one multi-row INSERT per response.
-    let baseline_rate = watch_insert_baseline(&stores, &pg, from, head).await?;
-    let written = (per_client * 16) as u64;
-    let single_watch = watch_replay(&stores, from, written, &writer_ranges(1)).await?;
-    let mut raw_parallel = serde_json::Map::new();
-    for n in [2, 4, 8] {
-        let rate = watch_replay(&stores, from, written, &writer_ranges(n)).await?;
-        raw_parallel.insert(n.to_string(), json!(rate));
-    }
-    eprintln!("single {single_watch:.0}/s; parallel {raw_parallel:?}");
-
+/// Starts the service and waits until its checkpoint reaches `head`:
+/// changes per second from the moment it leads, and the seconds.
+async fn catch_up(
+    service: &mut Service,
+    pg: &tokio_postgres::Client,
+    changes: f64,
+    head: i64,
+) -> anyhow::Result<(f64, f64)> {
     service.restart()?;
     service.wait_ready(Duration::from_secs(60)).await?;
-    wait_leader(&service).await?;
+    wait_leader(service).await?;
     let started = Instant::now();
-    wait_applied(&pg, head, Duration::from_secs(600)).await?;
-    let rate = changes / started.elapsed().as_secs_f64();
-    Ok(Outcome {
-        scenario: "etcd-to-pg-catchup".into(),
-        parameters: json!({"changes": changes, "writers": 16}),
-        figures: json!({"catch_up_rate_per_s": rate, "seconds": started.elapsed().as_secs_f64()}),
-        baseline: json!({"watch_and_multirow_insert_rate_per_s": baseline_rate, "summary": format!("watch + INSERT loop {baseline_rate:.0} changes/s")}),
-        ratio: Some(rate / baseline_rate),
-        goal: "≥ 1.0".into(),
-        summary: format!(
-            "{rate:.0} changes/s ({changes:.0} changes in {:.1} s)",
-            started.elapsed().as_secs_f64()
-        ),
-    })
+    wait_applied(pg, head, Duration::from_secs(600)).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((changes / seconds, seconds))
 }
 
 /// Keys changed on both sides while the service was down, under `pg-wins`:
@@ -481,16 +539,16 @@ async fn watch_replay(
     Ok(rate)
 }
 
-/// `/bench/catchup/` split into `n` ranges of whole writers' prefixes
-/// (`c00`..`c15`), for a replay by `n` watches.
-fn writer_ranges(n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// `prefix` split into `n` ranges of whole writers' prefixes (`c00` to
+/// `c15`), for a replay by `n` watches.
+fn writer_ranges(prefix: &str, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     let bounds: Vec<usize> = (0..=n).map(|i| i * 16 / n).collect();
     bounds
         .windows(2)
         .map(|w| {
             (
-                format!("/bench/catchup/c{:02}", w[0]).into_bytes(),
-                format!("/bench/catchup/c{:02}", w[1]).into_bytes(),
+                format!("{prefix}c{:02}", w[0]).into_bytes(),
+                format!("{prefix}c{:02}", w[1]).into_bytes(),
             )
         })
         .collect()

@@ -185,6 +185,47 @@ impl EtcdClient {
         })
     }
 
+    /// How many keys `[start, end)` holds at `revision`.
+    pub async fn count_at(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        revision: i64,
+    ) -> Result<i64, EtcdError> {
+        let options = GetOptions::new()
+            .with_range(eps_core::keys::range_end_for_etcd(end))
+            .with_revision(revision)
+            .with_count_only();
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed(kv.get(range_start(start), Some(options)))
+            .await?;
+        Ok(response.count())
+    }
+
+    /// The keys of one page of `[start, end)` at `revision`, in order, and
+    /// whether more follow.
+    pub async fn key_page(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        revision: i64,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), EtcdError> {
+        let options = GetOptions::new()
+            .with_range(eps_core::keys::range_end_for_etcd(end))
+            .with_revision(revision)
+            .with_limit(limit as i64)
+            .with_keys_only()
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed(kv.get(range_start(start), Some(options)))
+            .await?;
+        let keys = response.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        Ok((keys, response.more()))
+    }
+
     /// The current value of one key.
     pub async fn get(&self, key: &[u8]) -> Result<(Option<KeyValue>, i64), EtcdError> {
         let mut kv = self.kv.clone();
@@ -270,25 +311,6 @@ pub(crate) fn range_start(start: &[u8]) -> Vec<u8> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::orders_progress_requests;
-
-    #[test]
-    fn progress_requests_are_ordered_from_3_4_31_and_3_5_13() {
-        for version in [
-            "3.4.31", "3.4.34", "3.5.13", "3.5.17", "3.6.0", "v3.6.4", "4.0.0",
-        ] {
-            assert!(orders_progress_requests(version), "{version}");
-        }
-        for version in [
-            "3.4.23", "3.4.30", "3.5.0", "3.5.12", "3.3.27", "3.4", "", "x.y.z",
-        ] {
-            assert!(!orders_progress_requests(version), "{version}");
-        }
-    }
-}
-
 fn tls_options(config: &EtcdConfig) -> Result<Option<etcd_client::TlsOptions>, EtcdError> {
     let https = config.endpoints.iter().any(|e| e.starts_with("https://"));
     let tls = &config.tls;
@@ -316,4 +338,23 @@ fn tls_options(config: &EtcdConfig) -> Result<Option<etcd_client::TlsOptions>, E
         options = options.domain_name(domain.clone());
     }
     Ok(Some(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::orders_progress_requests;
+
+    #[test]
+    fn progress_requests_are_ordered_from_3_4_31_and_3_5_13() {
+        for version in [
+            "3.4.31", "3.4.34", "3.5.13", "3.5.17", "3.6.0", "v3.6.4", "4.0.0",
+        ] {
+            assert!(orders_progress_requests(version), "{version}");
+        }
+        for version in [
+            "3.4.23", "3.4.30", "3.5.0", "3.5.12", "3.3.27", "3.4", "", "x.y.z",
+        ] {
+            assert!(!orders_progress_requests(version), "{version}");
+        }
+    }
 }

@@ -36,6 +36,9 @@ pub struct ApplyRequest<'a> {
     pub fence: &'a Fence,
     /// New checkpoint (applied revision), written in the same transaction.
     pub checkpoint: Option<i64>,
+    /// The checkpoint is the one of the catch-up range starting here, not
+    /// the global one (see [`crate::catchup`]).
+    pub catchup_range: Option<&'a [u8]>,
     /// When the inputs were read from etcd (service clock; converted to
     /// PostgreSQL's clock inside the transaction).
     pub observed_at: Instant,
@@ -86,6 +89,7 @@ impl<'a> ApplyRequest<'a> {
         ApplyRequest {
             fence,
             checkpoint: None,
+            catchup_range: None,
             observed_at,
             trace_id: None,
             keys,
@@ -283,9 +287,11 @@ pub async fn apply(
         let pg_now_us = fence::enter(
             conn,
             request.fence,
-            request
-                .checkpoint
-                .map_or(fence::Checkpoint::Keep, fence::Checkpoint::Advance),
+            match (request.checkpoint, request.catchup_range) {
+                (None, _) => fence::Checkpoint::Keep,
+                (Some(revision), None) => fence::Checkpoint::Advance(revision),
+                (Some(revision), Some(start)) => fence::Checkpoint::Range { start, revision },
+            },
         )
         .await?;
         let observed_at_us = pg_now_us - request.observed_at.elapsed().as_micros() as i64;

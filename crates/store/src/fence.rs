@@ -27,15 +27,37 @@ struct FenceRow {
 
 /// What a fenced transaction does to the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Checkpoint {
+pub enum Checkpoint<'a> {
     Keep,
-    /// Move it forward to this revision (never back).
+    /// Move it forward to this revision (never back); the catch-up ranges
+    /// it passes go (they no longer skip anything).
     Advance(i64),
-    /// Set it to exactly this revision (a resync at R).
+    /// Set it to exactly this revision (a resync at R); every catch-up
+    /// range goes.
     Set(i64),
     /// Move it back to this revision if it is past it (`restore-etcd`: the
-    /// watch must replay whatever the new etcd did from there).
+    /// watch must replay whatever the new etcd did from there); every
+    /// catch-up range goes.
     AtMost(i64),
+    /// Move the checkpoint of the catch-up range starting at `start`
+    /// forward to `revision`, the global one staying (see
+    /// `crate::catchup`). Excludes the other fenced transactions as an
+    /// advance of the global checkpoint does. Fails if the range is gone.
+    Range {
+        start: &'a [u8],
+        revision: i64,
+    },
+}
+
+#[derive(QueryableByName)]
+struct RangeRow {
+    #[diesel(sql_type = Text)]
+    #[allow(dead_code)] // evaluated for its side effect
+    applying: String,
+    #[diesel(sql_type = BigInt)]
+    now_us: i64,
+    #[diesel(sql_type = BigInt)]
+    ranged: i64,
 }
 
 /// Checks the term, marks the transaction as the service's own (the mirror
@@ -44,18 +66,26 @@ pub enum Checkpoint {
 pub async fn enter(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint<'_>,
 ) -> Result<i64, StoreError> {
+    // One statement: the catch-up ranges change only once the term's row
+    // is updated (a fenced-out leader deletes nothing).
     let advance = |revision, how: &'static str| {
         diesel::sql_query(
-            "UPDATE sync_state \
-             SET applied_revision = CASE $3 WHEN 'set' THEN $2 \
-                                            WHEN 'at-most' THEN LEAST(applied_revision, $2) \
-                                            ELSE GREATEST(applied_revision, $2) END, \
-                 applied_at = now() \
-             WHERE id = 1 AND term = $1 \
-             RETURNING set_config('etcd_sync.applying', 'on', true) AS applying, \
-                       (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us",
+            "WITH moved AS ( \
+                 UPDATE sync_state \
+                 SET applied_revision = CASE $3 WHEN 'set' THEN $2 \
+                                                WHEN 'at-most' THEN LEAST(applied_revision, $2) \
+                                                ELSE GREATEST(applied_revision, $2) END, \
+                     applied_at = now() \
+                 WHERE id = 1 AND term = $1 \
+                 RETURNING applied_revision, \
+                           set_config('etcd_sync.applying', 'on', true) AS applying, \
+                           (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us), \
+             passed AS ( \
+                 DELETE FROM catchup_ranges c USING moved \
+                 WHERE $3 <> 'advance' OR c.applied_revision <= moved.applied_revision) \
+             SELECT applying, now_us FROM moved",
         )
         .bind::<BigInt, _>(fence.term)
         .bind::<BigInt, _>(revision)
@@ -74,6 +104,32 @@ pub async fn enter(
             .bind::<BigInt, _>(fence.term)
             .load(conn)
             .await?
+        }
+        Checkpoint::Range { start, revision } => {
+            let rows: Vec<RangeRow> = diesel::sql_query(
+                "WITH fenced AS ( \
+                     SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \
+                            (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \
+                     FROM sync_state WHERE id = 1 AND term = $1 FOR NO KEY UPDATE), \
+                 moved AS ( \
+                     UPDATE catchup_ranges c \
+                     SET applied_revision = GREATEST(c.applied_revision, $3) \
+                     FROM fenced WHERE c.range_start = $2 RETURNING 1) \
+                 SELECT applying, now_us, (SELECT count(*) FROM moved) AS ranged FROM fenced",
+            )
+            .bind::<BigInt, _>(fence.term)
+            .bind::<diesel::sql_types::Bytea, _>(start)
+            .bind::<BigInt, _>(revision)
+            .load(conn)
+            .await?;
+            return match rows.into_iter().next() {
+                Some(row) if row.ranged > 0 => Ok(row.now_us),
+                Some(_) => Err(StoreError::Invalid(format!(
+                    "the catch-up range from {} is gone (the checkpoint was set anew)",
+                    eps_core::keys::display_key(start)
+                ))),
+                None => Err(StoreError::Fenced { term: fence.term }),
+            };
         }
     };
     match rows.into_iter().next() {

@@ -6,6 +6,7 @@
 //! etcd-client types (etcd data arrives as `eps_core::model` values).
 
 pub mod apply;
+pub mod catchup;
 pub mod clock;
 pub mod connect;
 pub mod deferred;
@@ -248,6 +249,34 @@ impl Store {
                 .map(|_| ())
         })
         .await
+    }
+
+    /// The ranges of a parallel catch-up left (see [`catchup`]).
+    pub async fn catchup_ranges(&self) -> Result<catchup::Ranges, StoreError> {
+        let mut conn = self.pool.get().await?;
+        catchup::load(&mut conn).await
+    }
+
+    /// Starts a parallel catch-up (see [`catchup::begin`]).
+    pub async fn begin_catchup(
+        &self,
+        fence: &Fence,
+        from: i64,
+        bounds: &[Vec<u8>],
+    ) -> Result<catchup::Ranges, StoreError> {
+        let mut conn = self.pool.get().await?;
+        catchup::begin(&mut conn, fence, from, bounds).await
+    }
+
+    /// Moves a catch-up range's checkpoint alone (see [`catchup::advance`]).
+    pub async fn advance_catchup_range(
+        &self,
+        fence: &Fence,
+        start: &[u8],
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.get().await?;
+        catchup::advance(&mut conn, fence, start, revision).await
     }
 
     /// Sets the checkpoint to exactly `revision` (the end of a resync).

@@ -100,6 +100,11 @@ const MIGRATIONS: &[SqlFile] = &[
         name: "2026-12-01-000012_history_partitions",
         up: include_str!("../../../migrations/2026-12-01-000012_history_partitions/up.sql"),
     },
+    SqlFile {
+        version: "20261201000013",
+        name: "2026-12-01-000013_catchup_ranges",
+        up: include_str!("../../../migrations/2026-12-01-000013_catchup_ranges/up.sql"),
+    },
 ];
 
 /// The versions of every migration this build knows, oldest first.

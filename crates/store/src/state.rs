@@ -364,6 +364,10 @@ pub async fn begin_timeline(
         .get_result(conn)
         .await?;
         let decision = next.decision.as_deref().and_then(Side::parse);
+        // A catch-up's ranges name revisions of the old timeline.
+        diesel::sql_query("DELETE FROM catchup_ranges")
+            .execute(conn)
+            .await?;
         // The new timeline's history starts with its resync.
         new_timeline_history(conn).await?;
         for table in tables {

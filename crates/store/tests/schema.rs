@@ -315,6 +315,7 @@ async fn binary_keys_and_values_round_trip_through_apply() -> anyhow::Result<()>
                 let request = ApplyRequest {
                     fence: &fence,
                     checkpoint: None,
+                    catchup_range: None,
                     observed_at: Instant::now(),
                     trace_id: None,
                     keys: &keys,
@@ -422,6 +423,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         .apply(&ApplyRequest {
             fence: &fence,
             checkpoint: Some(11),
+            catchup_range: None,
             observed_at: Instant::now(),
             trace_id: Some("t1"),
             keys: &keys,
@@ -464,6 +466,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
         .apply(&ApplyRequest {
             fence: &fence,
             checkpoint: Some(11),
+            catchup_range: None,
             observed_at: Instant::now(),
             trace_id: None,
             keys: &keys,
@@ -483,6 +486,7 @@ async fn apply_writes_mirror_history_and_checkpoint_under_the_term() -> anyhow::
     let stale = ApplyRequest {
         fence: &fence,
         checkpoint: Some(12),
+        catchup_range: None,
         observed_at: Instant::now(),
         trace_id: None,
         keys: &[KeyInputs {

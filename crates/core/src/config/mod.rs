@@ -403,6 +403,15 @@ pub struct SyncConfig {
     /// A watch that answers nothing for this long is reconnected.
     #[serde(default = "default_watch_stall_timeout_ms")]
     pub watch_stall_timeout_ms: u64,
+    /// Watches replaying a large backlog in parallel, one per key range
+    /// (etcd replays each watch at about 10,000 revisions a second); 1
+    /// keeps one watch.
+    #[serde(default = "default_catchup_streams")]
+    pub catchup_streams: u32,
+    /// How many revisions behind etcd's head a leader must be for the
+    /// parallel catch-up (one watch replays fewer in about a second).
+    #[serde(default = "default_catchup_min_behind")]
+    pub catchup_min_behind: u64,
     /// Drop history older than this many days, a partition at a time
     /// (keeping each key's newest row); 0 keeps history forever.
     #[serde(default)]
@@ -467,6 +476,8 @@ impl Default for SyncConfig {
             snapshot_page_size: default_snapshot_page_size(),
             progress_interval_ms: default_progress_interval_ms(),
             watch_stall_timeout_ms: default_watch_stall_timeout_ms(),
+            catchup_streams: default_catchup_streams(),
+            catchup_min_behind: default_catchup_min_behind(),
             history_retention_days: 0,
             history_partition_days: default_history_partition_days(),
             events_retention_days: default_events_retention_days(),
@@ -514,6 +525,12 @@ fn default_clock_retention_days() -> u32 {
     30
 }
 
+fn default_catchup_streams() -> u32 {
+    4
+}
+fn default_catchup_min_behind() -> u64 {
+    10_000
+}
 fn default_history_partition_days() -> u32 {
     30
 }
@@ -777,6 +794,12 @@ impl SyncConfig {
             "sync.history_partition_days",
             sync.history_partition_days as u64,
         )?;
+        if !(1..=64).contains(&sync.catchup_streams) {
+            return Err(ConfigError::invalid(
+                "sync.catchup_streams",
+                "must be between 1 and 64",
+            ));
+        }
         if sync.watch_stall_timeout_ms <= sync.progress_interval_ms {
             return Err(ConfigError::invalid(
                 "sync.watch_stall_timeout_ms",
