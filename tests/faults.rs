@@ -4,7 +4,8 @@
 //! multi-key txns, expiring leases, SQL inserts/updates/deletes,
 //! multi-row statements and multi-statement transactions, SQL edits of
 //! leased keys, refused TRUNCATEs, often
-//! on the same keys); a seeded schedule kills, pauses and partitions
+//! on the same keys); a leader that takes over 50 revisions behind
+//! catches up in parallel key ranges; a seeded schedule kills, pauses and partitions
 //! replicas, restarts both stores, compacts etcd and runs an operator's
 //! `verify --repair`.
 //! Then everything heals and the checker verifies: both stores equal, no
@@ -471,6 +472,11 @@ impl Cluster {
                 &mapping,
             );
             let mut config = config;
+            // A leader that takes over behind replays in parallel key
+            // ranges (the default needs 10,000 revisions behind).
+            config
+                .env
+                .insert("ETCD_PG_SYNC__SYNC__CATCHUP_MIN_BEHIND".into(), "50".into());
             config.toml = config.toml.replace(
                 "log_level = \"info\"",
                 "log_level = \"warn,eps_cluster=info,eps_actors=info,eps_actors::watcher=debug\"",

@@ -57,6 +57,21 @@ pub(crate) async fn run(
         skip: Ranges::default(),
     };
     let mut ranges = ctx.store.catchup_ranges().await?;
+    if ranges.0.iter().any(|r| r.applied_revision < checkpoint) {
+        // The checkpoint moved past ranges without removing them: a leader
+        // that does not know them (an older build) led meanwhile. Those it
+        // passed skip nothing; the others still say what is applied.
+        tracing::warn!(
+            checkpoint,
+            "catch-up ranges behind the checkpoint: a leader that ignores them led; \
+             not resuming them"
+        );
+        ranges.0.retain(|r| r.applied_revision > checkpoint);
+        return Ok(Outcome::Caught {
+            checkpoint,
+            skip: ranges,
+        });
+    }
     if !ranges.is_empty() && !ranges.cover_keyspace() {
         // The replays ended and the single watch was on its way: it goes
         // on, leaving out what the ranges still ahead applied.
@@ -95,6 +110,8 @@ pub(crate) async fn run(
     // exclude each other on the checkpoint row anyway.
     let applying = Arc::new(tokio::sync::Mutex::new(()));
     let mut streams = tokio::task::JoinSet::new();
+    // The watcher's read-ahead budget, shared out.
+    let read_ahead_kib = crate::watcher::READ_AHEAD_KIB / ranges.0.len().max(1);
     for range in ranges.0 {
         streams.spawn(replay(
             ctx.clone(),
@@ -102,6 +119,7 @@ pub(crate) async fn run(
             target,
             progress.clone(),
             applying.clone(),
+            read_ahead_kib,
         ));
     }
     while let Some(joined) = streams.join_next().await {
@@ -190,6 +208,7 @@ async fn replay(
     target: i64,
     progress: Arc<Progress>,
     applying: Arc<tokio::sync::Mutex<()>>,
+    read_ahead_kib: usize,
 ) -> Result<Option<i64>, ActorError> {
     let mut applied = range.applied_revision;
     if applied >= target {
@@ -205,7 +224,7 @@ async fn replay(
     let sync = &ctx.config.sync;
     let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), applied + 1).await?;
     let (mut requester, items) = session.split();
-    let (mut rx, _reader) = read_ahead(items);
+    let (mut rx, _reader) = read_ahead(items, read_ahead_kib);
     let interval = Duration::from_millis(sync.progress_interval_ms);
     let stall_timeout = Duration::from_millis(sync.watch_stall_timeout_ms);
     let quiet = (interval * 2).max(Duration::from_secs(1));

@@ -376,8 +376,11 @@ pub async fn resync(
 ) -> Result<i64, ActorError> {
     // First at the compact revision (everything after it is still in etcd
     // and comes from the watch); if etcd compacts again during the walk,
-    // at its head.
-    let mut at_compact_revision = true;
+    // at its head. Always at the head while a parallel catch-up's ranges
+    // are ahead of the checkpoint: a walk at an older revision would set
+    // their keys back (and take a SQL write on a key a range deleted for a
+    // conflict with etcd's older state), then replay what they applied.
+    let mut at_compact_revision = ctx.store.catchup_ranges().await?.is_empty();
     loop {
         match resync_once(&ctx, reason, at_compact_revision, &progress).await {
             Err(ActorError::Etcd(EtcdError::Compacted { .. })) => {

@@ -358,7 +358,16 @@ async fn new_timeline(
     {
         return Ok(with("cluster-id"));
     }
-    if state.applied_revision > current {
+    // A parallel catch-up's ranges may be ahead of the checkpoint.
+    let applied = ctx
+        .store
+        .catchup_ranges()
+        .await?
+        .0
+        .iter()
+        .map(|r| r.applied_revision)
+        .fold(state.applied_revision, i64::max);
+    if applied > current {
         return Ok(with("revision-went-back"));
     }
     if let Some((expected, found)) = TimelineMark::missing(ctx, state).await? {
@@ -553,8 +562,9 @@ async fn unsynced_tables(ctx: &SyncContext) -> Result<Vec<String>, ActorError> {
     Ok(ctx.store.unsynced_tables(&etcd_to_pg_tables(ctx)).await?)
 }
 
-/// How far (KiB of events) the watch reader may run ahead of the applies.
-const READ_AHEAD_KIB: usize = 64 * 1024;
+/// How far (KiB of events) the watch reader may run ahead of the applies
+/// (shared out among the watches of a parallel catch-up).
+pub(crate) const READ_AHEAD_KIB: usize = 64 * 1024;
 
 /// A watch item on its way to a batch, holding its share of the budget.
 pub(crate) struct Buffered {
@@ -579,7 +589,7 @@ async fn stream(
     let session = WatchSession::start(&ctx.etcd, &start, end.as_deref(), *checkpoint + 1).await?;
     tracing::debug!("watch started");
     let (mut requester, items) = session.split();
-    let (mut rx, _reader) = read_ahead(items);
+    let (mut rx, _reader) = read_ahead(items, READ_AHEAD_KIB);
 
     let progress_interval = Duration::from_millis(sync.progress_interval_ms);
     let stall_timeout = Duration::from_millis(sync.watch_stall_timeout_ms);
@@ -643,12 +653,12 @@ async fn stream(
 /// own (dropped with the returned handle).
 pub(crate) type ReadAhead = (mpsc::Receiver<Buffered>, AbortOnDropHandle<()>);
 
-/// Reads a watch's items ahead of the applies, by at most
-/// `READ_AHEAD_KIB` of events (a catch-up over large values must not fill
-/// memory): each item holds its size in permits until the batch that
-/// applies it is done.
-pub(crate) fn read_ahead(mut items: eps_etcd::WatchItems) -> ReadAhead {
-    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_KIB));
+/// Reads a watch's items ahead of the applies, by at most `kib` KiB of
+/// events (a catch-up over large values must not fill memory): each item
+/// holds its size in permits until the batch that applies it is done.
+pub(crate) fn read_ahead(mut items: eps_etcd::WatchItems, kib: usize) -> ReadAhead {
+    let budget_kib = kib.max(1);
+    let budget = Arc::new(tokio::sync::Semaphore::new(budget_kib));
     let (tx, rx) = mpsc::channel::<Buffered>(256);
     let reader = AbortOnDropHandle::new(tokio::spawn(async move {
         loop {
@@ -667,7 +677,7 @@ pub(crate) fn read_ahead(mut items: eps_etcd::WatchItems) -> ReadAhead {
             let kib = match &item {
                 Ok(WatchItem::Events(events)) => {
                     let bytes: usize = events.iter().map(EtcdEvent::size_bytes).sum();
-                    (bytes / 1024 + 1).min(READ_AHEAD_KIB)
+                    (bytes / 1024 + 1).min(budget_kib)
                 }
                 _ => 1,
             };

@@ -238,7 +238,11 @@ async fn live(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
 }
 
 async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
-    const STREAMS: usize = 4;
+    // The service's default; `EPS_BENCH_CATCHUP_STREAMS` tries another.
+    let streams: usize = std::env::var("EPS_BENCH_CATCHUP_STREAMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
     let stores = stores().await?;
     let mut service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
     wait_leader(&service).await?;
@@ -273,11 +277,13 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
         &stores,
         from2,
         written,
-        &writer_ranges("/bench/catchup2/", STREAMS),
+        &writer_ranges("/bench/catchup2/", streams),
     )
     .await?;
-    let streams = STREAMS.to_string();
-    service.set_env("ETCD_PG_SYNC__SYNC__CATCHUP_STREAMS", Some(&streams));
+    service.set_env(
+        "ETCD_PG_SYNC__SYNC__CATCHUP_STREAMS",
+        Some(&streams.to_string()),
+    );
     let (parallel_rate, parallel_seconds) = catch_up(&mut service, &pg, changes2, head2).await?;
     Ok(Outcome {
         scenario: "etcd-to-pg-catchup".into(),
@@ -288,7 +294,7 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
             "single_watch_replay_per_s": single_watch,
             "ratio_vs_single_watch": rate / single_watch,
             "parallel_streams": {
-                "streams": STREAMS,
+                "streams": streams,
                 "changes": changes2,
                 "seconds": parallel_seconds,
                 "rate_per_s": parallel_rate,
@@ -302,7 +308,7 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
         goal: "≥ 1.0".into(),
         summary: format!(
             "one watch: {rate:.0} changes/s ({changes:.0} in {seconds:.1} s; {:.2} × the bare replay's {single_watch:.0}/s); \
-             {STREAMS} ranges: {parallel_rate:.0} changes/s ({:.2} × the bare replay's {single_watch2:.0}/s; {STREAMS} bare watches {raw_parallel:.0}/s)",
+             {streams} ranges: {parallel_rate:.0} changes/s ({:.2} × the bare replay's {single_watch2:.0}/s; {streams} bare watches {raw_parallel:.0}/s)",
             rate / single_watch,
             parallel_rate / single_watch2,
         ),

@@ -35,6 +35,8 @@ pub struct EtcdClient {
     /// What it connected with: [`EtcdClient::progress_requests_ordered`]
     /// asks each endpoint on its own.
     config: std::sync::Arc<EtcdConfig>,
+    /// Its last answer and when: asked again after a minute.
+    progress_order: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -96,6 +98,7 @@ impl EtcdClient {
             request_timeout,
             max_response_bytes,
             config: std::sync::Arc::new(config.clone()),
+            progress_order: Default::default(),
         };
         // Channels connect lazily: ask once so that a refused certificate
         // or password shows here, with its reason.
@@ -240,6 +243,25 @@ impl EtcdClient {
     /// watch may be served by any of them. An endpoint that cannot be asked
     /// counts as not ordering them.
     pub async fn progress_requests_ordered(&self) -> bool {
+        let cached = *self
+            .progress_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, ordered)) = cached
+            && at.elapsed() < Duration::from_secs(60)
+        {
+            return ordered;
+        }
+        let ordered = self.ask_progress_order().await;
+        *self
+            .progress_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), ordered));
+        ordered
+    }
+
+    async fn ask_progress_order(&self) -> bool {
         for endpoint in &self.config.endpoints {
             let mut one = (*self.config).clone();
             one.endpoints = vec![endpoint.clone()];

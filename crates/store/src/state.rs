@@ -273,8 +273,9 @@ pub async fn finish_resync(
     .await
 }
 
-/// The newest history row of the current timeline up to the checkpoint:
-/// key, revision, and the value (`None`: absent). Every row says what etcd
+/// The newest history row of the current timeline up to the checkpoint
+/// (or a parallel catch-up range's, when one is ahead of it): key,
+/// revision, and the value (`None`: absent). Every row says what etcd
 /// held at its revision — a change, or a state a snapshot or resync read
 /// (a key's value at its mod revision, or its absence at the resync's).
 pub async fn last_applied_change(
@@ -292,7 +293,9 @@ pub async fn last_applied_change(
     let rows: Vec<Change> = diesel::sql_query(
         "SELECT h.key, h.revision, CASE WHEN h.op = 'put' THEN h.value END AS value \
          FROM history h, sync_state s \
-         WHERE s.id = 1 AND h.timeline = s.timeline AND h.revision <= s.applied_revision \
+         WHERE s.id = 1 AND h.timeline = s.timeline \
+           AND h.revision <= GREATEST(s.applied_revision, \
+                                      (SELECT max(c.applied_revision) FROM catchup_ranges c)) \
          ORDER BY h.revision DESC LIMIT 1",
     )
     .load(conn)
