@@ -627,6 +627,68 @@ async fn restore_etcd_keeps_an_etcd_change_that_waited_for_a_held_row() -> anyho
     Ok(())
 }
 
+/// etcd changes that waited behind a user's held row are committed etcd
+/// writes: a compaction resync supersedes their effect on the mirror (it
+/// reads the key's state after them) but keeps them in the history.
+#[tokio::test]
+async fn a_compaction_resync_keeps_the_history_of_changes_that_waited_for_a_held_row()
+-> anyhow::Result<()> {
+    let world = World::new(MAPPINGS).await?;
+    let mut etcd = world.etcd_client().await?;
+    etcd.put("/a/held", "v1", None).await?;
+    let mut service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let user = world.pg().await?;
+    user.batch_execute("BEGIN; SELECT 1 FROM kv_a WHERE key = '/a/held' FOR UPDATE")
+        .await?;
+    let r2 = etcd
+        .put("/a/held", "v2", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    let r3 = etcd
+        .put("/a/held", "v3", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    let pg = world.pg().await?;
+    wait_count(
+        &pg,
+        "the etcd changes deferred behind the held row",
+        "SELECT count(*) FROM deferred_inputs WHERE key = '/a/held'",
+        |n| n >= 2,
+        Duration::from_secs(10),
+    )
+    .await?;
+    // Compacted while the service is down: the watch resumes into a
+    // resync, the row still held.
+    service.terminate(Duration::from_secs(10)).await?;
+    etcd.put("/a/other", "x", None).await?;
+    world.etcd.compact(etcd_revision(&world).await?).await?;
+    service.restart()?;
+    wait_leader(&[&service], Duration::from_secs(15)).await?;
+    wait_count(
+        &pg,
+        "the compaction resync",
+        "SELECT count(*) FROM sync_events WHERE kind = 'compaction-recovery'",
+        |n| n > 0,
+        Duration::from_secs(20),
+    )
+    .await?;
+    user.batch_execute("COMMIT").await?;
+    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let kept = count(
+        &pg,
+        &format!(
+            "SELECT count(*) FROM history WHERE key = '/a/held'::bytea AND revision IN ({r2}, {r3})"
+        ),
+    )
+    .await?;
+    assert_eq!(kept, 2, "both changes that waited are in the history");
+    Ok(())
+}
+
 /// `restore-etcd --at-revision R` rebuilds a lost etcd with the state of
 /// revision R, from the history: etcd then holds what its own `Range` at R
 /// returned (read before R was lost), and the mirror follows it back.

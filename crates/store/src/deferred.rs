@@ -180,19 +180,47 @@ pub async fn load(
 
 /// Drops the deferred inputs of `tables` (all of them, or those up to
 /// `revision`): a resync that walks the tables at `revision` supersedes
-/// them, and those of a lost etcd belong to another history.
+/// their effect on the mirror (their watch events still go into the
+/// history, as the service's `term`), and those of a lost etcd belong to
+/// another history.
 pub async fn discard(
     conn: &mut AsyncPgConnection,
     tables: &[&str],
     up_to_revision: Option<i64>,
+    term: i64,
 ) -> Result<usize, StoreError> {
+    // Superseded by a resync on the same timeline, a deferred watch event
+    // is still a change etcd made: it goes into the history (the resync
+    // records only the state it reads). After etcd went back (no
+    // revision), the deferred inputs belong to the history it lost.
     Ok(diesel::sql_query(
-        "DELETE FROM deferred_inputs WHERE mirror_table = ANY($1) AND ($2::int8 IS NULL OR revision <= $2)",
+        "WITH gone AS ( \
+             DELETE FROM deferred_inputs \
+             WHERE mirror_table = ANY($1) AND ($2::int8 IS NULL OR revision <= $2) \
+             RETURNING key, kind, revision, op, value, prev_value, create_revision, version, \
+                       lease, record_history), \
+         kept AS ( \
+             INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, \
+                                  lease, origin, term, timeline) \
+             SELECT g.key, g.revision, g.op, g.value, g.prev_value, g.create_revision, g.version, \
+                    g.lease, 'etcd', $3, s.timeline \
+             FROM gone g, sync_state s \
+             WHERE s.id = 1 AND $2::int8 IS NOT NULL AND g.kind = 'event' AND g.record_history \
+             ON CONFLICT (key, timeline, revision) DO NOTHING) \
+         SELECT count(*) AS n FROM gone",
     )
     .bind::<Array<Text>, _>(tables)
     .bind::<Nullable<BigInt>, _>(up_to_revision)
-    .execute(conn)
-    .await?)
+    .bind::<BigInt, _>(term)
+    .get_result::<Count>(conn)
+    .await?
+    .n as usize)
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 /// Drops the deferred inputs of one key (its mapping is gone).

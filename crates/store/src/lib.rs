@@ -424,7 +424,7 @@ impl Store {
         let mut conn = self.pool.get().await?;
         conn.transaction::<_, StoreError, _>(async |conn| {
             fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-            deferred::discard(conn, tables, up_to_revision).await
+            deferred::discard(conn, tables, up_to_revision, fence.term).await
         })
         .await
     }
