@@ -376,11 +376,8 @@ pub async fn resync(
 ) -> Result<i64, ActorError> {
     // First at the compact revision (everything after it is still in etcd
     // and comes from the watch); if etcd compacts again during the walk,
-    // at its head. Always at the head while a parallel catch-up's ranges
-    // are ahead of the checkpoint: a walk at an older revision would set
-    // their keys back (and take a SQL write on a key a range deleted for a
-    // conflict with etcd's older state), then replay what they applied.
-    let mut at_compact_revision = ctx.store.catchup_ranges().await?.is_empty();
+    // at its head.
+    let mut at_compact_revision = true;
     loop {
         match resync_once(&ctx, reason, at_compact_revision, &progress).await {
             Err(ActorError::Etcd(EtcdError::Compacted { .. })) => {
@@ -465,6 +462,13 @@ async fn resync_once(
         tracing::info!(discarded, "deferred inputs superseded by the resync");
     }
     let walked_relids = ctx.store.table_relids(&walked_tables).await?;
+    // The keys of a parallel catch-up's ranges that are past `revision`
+    // are applied further than the walk reads: left alone (the walk would
+    // set them back, and take a SQL write on a key such a range deleted
+    // for a conflict with etcd's older state). The ranges stay, and the
+    // watch from `revision` leaves out what they applied.
+    let mut ahead = ctx.store.catchup_ranges().await?;
+    ahead.0.retain(|r| r.applied_revision > revision);
     let mut counts = Counts::default();
     for mapping in &walked {
         let rollbacks = matches!(reason, ResyncReason::TimelineChanged { .. });
@@ -476,6 +480,7 @@ async fn resync_once(
             rollbacks,
             progress,
             &mut counts,
+            &ahead,
         )
         .await?;
     }
@@ -549,6 +554,7 @@ async fn walk(
     rollbacks: bool,
     progress: &Arc<Progress>,
     counts: &mut Counts,
+    ahead: &eps_store::catchup::Ranges,
 ) -> Result<(), ActorError> {
     let page_size = ctx.config.sync.snapshot_page_size;
     let mut cursor = DiffCursor::new(&ctx.etcd, &ctx.store, mapping, revision, page_size, None)
@@ -569,6 +575,9 @@ async fn walk(
         if last_log.elapsed() > std::time::Duration::from_secs(5) {
             tracing::info!(table = %mapping.table, keys = cursor.etcd_keys, differences = counts.differences, "resync progress");
             last_log = Instant::now();
+        }
+        if ahead.applied(&difference.key).is_some() {
+            continue;
         }
         counts.differences += 1;
         let input = match difference.etcd {

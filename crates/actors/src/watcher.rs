@@ -149,7 +149,10 @@ async fn run(
     ctx.store
         .unsync_unmapped(&ctx.fence, &etcd_to_pg_tables(&ctx))
         .await?;
-    if !unsynced_tables(&ctx).await?.is_empty() {
+    // Not while a parallel catch-up's ranges are past the checkpoint: the
+    // walk at the checkpoint would set their keys back (the stream fills
+    // the new tables once the checkpoint has passed them).
+    if !unsynced_tables(&ctx).await?.is_empty() && ctx.store.catchup_ranges().await?.is_empty() {
         checkpoint = resync(
             &recovery,
             ResyncReason::MirrorTablesCreated { checkpoint },
@@ -186,17 +189,15 @@ async fn run(
                 &progress,
             )
             .await?;
-            Ranges::default()
+            // The ranges past the resync's revision are left.
+            ctx.store.catchup_ranges().await?
         }
     };
     ctx.applied.send_replace(checkpoint);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
-        let end = stream(&ctx, &progress, &mut checkpoint, &mut mark, &skip).await?;
-        // A resync sets the checkpoint anew: no range is left.
-        skip = Ranges::default();
-        match end {
+        match stream(&ctx, &progress, &mut checkpoint, &mut mark, &skip).await? {
             StreamEnd::MirrorTablesCreated => {
                 tracing::warn!(
                     checkpoint,
@@ -228,6 +229,8 @@ async fn run(
                 ctx.applied.send_replace(checkpoint);
             }
         }
+        // The resync left the catch-up ranges past its revision.
+        skip = ctx.store.catchup_ranges().await?;
     }
 }
 
@@ -603,7 +606,10 @@ async fn stream(
     let mut deferred = Deferred::new(!ctx.store.deferred_keys(None, 1).await?.is_empty());
 
     loop {
-        if tables_checked.elapsed() >= progress_interval {
+        // New tables are filled at the checkpoint: once no catch-up range
+        // is past it.
+        let passed_ranges = skip.0.iter().all(|r| r.applied_revision <= *checkpoint);
+        if tables_checked.elapsed() >= progress_interval && passed_ranges {
             tables_checked = Instant::now();
             if !unsynced_tables(ctx).await?.is_empty() {
                 return Ok(StreamEnd::MirrorTablesCreated);

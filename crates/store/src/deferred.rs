@@ -179,8 +179,9 @@ pub async fn load(
 }
 
 /// Drops the deferred inputs of `tables` (all of them, or those up to
-/// `revision`): a resync that walks the tables at `revision` supersedes
-/// their effect on the mirror (their watch events still go into the
+/// `revision` but of keys a parallel catch-up's range applied past it): a
+/// resync that walks the tables at `revision` supersedes their effect on
+/// the mirror (their watch events still go into the
 /// history, as the service's `term`), and those of a lost etcd belong to
 /// another history.
 pub async fn discard(
@@ -195,8 +196,12 @@ pub async fn discard(
     // revision), the deferred inputs belong to the history it lost.
     Ok(diesel::sql_query(
         "WITH gone AS ( \
-             DELETE FROM deferred_inputs \
-             WHERE mirror_table = ANY($1) AND ($2::int8 IS NULL OR revision <= $2) \
+             DELETE FROM deferred_inputs d \
+             WHERE d.mirror_table = ANY($1) AND ($2::int8 IS NULL OR d.revision <= $2) \
+               AND ($2::int8 IS NULL OR NOT EXISTS ( \
+                   SELECT 1 FROM catchup_ranges c \
+                   WHERE c.applied_revision > $2 AND d.key >= c.range_start \
+                     AND (c.range_end IS NULL OR d.key < c.range_end))) \
              RETURNING key, kind, revision, op, value, prev_value, create_revision, version, \
                        lease, record_history), \
          kept AS ( \

@@ -32,8 +32,9 @@ pub enum Checkpoint<'a> {
     /// Move it forward to this revision (never back); the catch-up ranges
     /// it passes go (they no longer skip anything).
     Advance(i64),
-    /// Set it to exactly this revision (a resync at R); every catch-up
-    /// range goes.
+    /// Set it to exactly this revision (a resync at R); the catch-up
+    /// ranges at or below it go (the resync left the keys of those past
+    /// it alone).
     Set(i64),
     /// Move it back to this revision if it is past it (`restore-etcd`: the
     /// watch must replay whatever the new etcd did from there); every
@@ -84,7 +85,7 @@ pub async fn enter(
                            (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us), \
              passed AS ( \
                  DELETE FROM catchup_ranges c USING moved \
-                 WHERE $3 <> 'advance' OR c.applied_revision <= moved.applied_revision) \
+                 WHERE $3 = 'at-most' OR c.applied_revision <= moved.applied_revision) \
              SELECT applying, now_us FROM moved",
         )
         .bind::<BigInt, _>(fence.term)
