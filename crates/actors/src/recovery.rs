@@ -472,17 +472,13 @@ async fn resync_once(
     let mut counts = Counts::default();
     for mapping in &walked {
         let rollbacks = matches!(reason, ResyncReason::TimelineChanged { .. });
-        walk(
-            ctx,
-            mapping,
+        let at = WalkAt {
             revision,
             origin,
             rollbacks,
-            progress,
-            &mut counts,
-            &ahead,
-        )
-        .await?;
+            ahead: &ahead,
+        };
+        walk(ctx, mapping, &at, progress, &mut counts).await?;
     }
     // Before the resync is finished: an interruption pushes again.
     if matches!(reason, ResyncReason::TimelineChanged { .. }) {
@@ -544,18 +540,34 @@ const APPLIES_IN_FLIGHT: usize = 3;
 /// reads, the poller, the arbiter and the health checks.
 const POOL_LEFT_DURING_WALK: usize = 4;
 
-/// Feeds every difference between etcd at `revision` and the mirror over
-/// one mapping's range to the apply transaction, a chunk at a time.
+/// What a walk reads and records.
+#[derive(Clone, Copy)]
+struct WalkAt<'a> {
+    /// The etcd revision read.
+    revision: i64,
+    /// The history origin of what it finds.
+    origin: Origin,
+    /// Record every value of PostgreSQL's the walk replaces (a new timeline).
+    rollbacks: bool,
+    /// Catch-up ranges past `revision`: their keys are left alone.
+    ahead: &'a eps_store::catchup::Ranges,
+}
+
+/// Feeds every difference between etcd at `at.revision` and the mirror
+/// over one mapping's range to the apply transaction, a chunk at a time.
 async fn walk(
     ctx: &Arc<SyncContext>,
     mapping: &Mapping,
-    revision: i64,
-    origin: Origin,
-    rollbacks: bool,
+    at: &WalkAt<'_>,
     progress: &Arc<Progress>,
     counts: &mut Counts,
-    ahead: &eps_store::catchup::Ranges,
 ) -> Result<(), ActorError> {
+    let WalkAt {
+        revision,
+        origin,
+        rollbacks,
+        ahead,
+    } = *at;
     let page_size = ctx.config.sync.snapshot_page_size;
     let mut cursor = DiffCursor::new(&ctx.etcd, &ctx.store, mapping, revision, page_size, None)
         .with_progress(progress.clone());
