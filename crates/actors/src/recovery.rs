@@ -447,21 +447,24 @@ async fn resync_once(
         tracing::warn!(%error, "history partitions not made ahead of the resync");
     }
     let walked_tables: Vec<&str> = walked.iter().map(|m| m.table.as_str()).collect();
-    // Inputs deferred for held rows are superseded by the walk at
-    // `revision` (a key still held gets the state it reads, deferred
-    // again); after etcd went back, they belong to the history it lost.
-    let superseded_up_to = match reason {
-        ResyncReason::TimelineChanged { .. } | ResyncReason::Initial => None,
-        ResyncReason::Compacted { .. } | ResyncReason::MirrorTablesCreated { .. } => Some(revision),
-    };
-    let discarded = ctx
-        .store
-        .discard_deferred(&ctx.fence, &walked_tables, superseded_up_to)
-        .await?;
-    if discarded > 0 {
-        tracing::info!(discarded, "deferred inputs superseded by the resync");
+    // After etcd went back, inputs deferred for held rows belong to the
+    // history it lost. On the same timeline they are changes etcd made, in
+    // order: they stay, and go before what the walk reads (an apply takes
+    // a key's deferred inputs back first), so their history is recorded
+    // when they are applied — nothing is dropped in a transaction of its
+    // own that a crash could separate from the end of the resync.
+    if matches!(
+        reason,
+        ResyncReason::TimelineChanged { .. } | ResyncReason::Initial
+    ) {
+        let discarded = ctx
+            .store
+            .discard_deferred(&ctx.fence, &walked_tables)
+            .await?;
+        if discarded > 0 {
+            tracing::info!(discarded, "deferred inputs of a lost history discarded");
+        }
     }
-    let walked_relids = ctx.store.table_relids(&walked_tables).await?;
     // The keys of a parallel catch-up's ranges that are past `revision`
     // are applied further than the walk reads: left alone (the walk would
     // set them back, and take a SQL write on a key such a range deleted
@@ -469,6 +472,20 @@ async fn resync_once(
     // watch from `revision` leaves out what they applied.
     let mut ahead = ctx.store.catchup_ranges().await?;
     ahead.0.retain(|r| r.applied_revision > revision);
+    // A table not in sync yet is marked so only when the walk filled it
+    // whole: with keys left alone, the stream fills it once the
+    // checkpoint has passed the ranges.
+    let unsynced = if ahead.is_empty() {
+        Vec::new()
+    } else {
+        ctx.store.unsynced_tables(&walked_tables).await?
+    };
+    let filled: Vec<&str> = walked_tables
+        .iter()
+        .copied()
+        .filter(|t| !unsynced.iter().any(|u| u == t))
+        .collect();
+    let walked_relids = ctx.store.table_relids(&filled).await?;
     let mut counts = Counts::default();
     for mapping in &walked {
         let rollbacks = matches!(reason, ResyncReason::TimelineChanged { .. });

@@ -166,38 +166,29 @@ async fn run(
     ctx.etcd_checked.send_replace(true);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     // Far behind etcd: replay the backlog in parallel key ranges first.
-    let mut skip = match crate::catchup::run(&ctx, &progress, checkpoint).await? {
+    let mut skip = Ranges::default();
+    let mut ended = match crate::catchup::run(&ctx, &progress, checkpoint).await? {
         crate::catchup::Outcome::Caught {
             checkpoint: caught,
-            skip,
+            skip: ahead,
         } => {
             checkpoint = caught;
-            skip
+            skip = ahead;
+            None
         }
         crate::catchup::Outcome::Compacted { compact_revision } => {
-            tracing::warn!(
-                checkpoint,
-                compact_revision,
-                "watch revision compacted during the catch-up, resyncing"
-            );
-            checkpoint = resync(
-                &recovery,
-                ResyncReason::Compacted {
-                    checkpoint,
-                    compact_revision: Some(compact_revision),
-                },
-                &progress,
-            )
-            .await?;
-            // The ranges past the resync's revision are left.
-            ctx.store.catchup_ranges().await?
+            Some(StreamEnd::Compacted { compact_revision })
         }
     };
     ctx.applied.send_replace(checkpoint);
     metrics::gauge!(telemetry::APPLIED_REVISION).set(checkpoint as f64);
     loop {
         progress.tick();
-        match stream(&ctx, &progress, &mut checkpoint, &mut mark, &skip).await? {
+        let end = match ended.take() {
+            Some(end) => end,
+            None => stream(&ctx, &progress, &mut checkpoint, &mut mark, &skip).await?,
+        };
+        match end {
             StreamEnd::MirrorTablesCreated => {
                 tracing::warn!(
                     checkpoint,

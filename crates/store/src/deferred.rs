@@ -178,54 +178,16 @@ pub async fn load(
     Ok(deferred)
 }
 
-/// Drops the deferred inputs of `tables` (all of them, or those up to
-/// `revision` but of keys a parallel catch-up's range applied past it): a
-/// resync that walks the tables at `revision` supersedes their effect on
-/// the mirror (their watch events still go into the
-/// history, as the service's `term`), and those of a lost etcd belong to
-/// another history.
-pub async fn discard(
-    conn: &mut AsyncPgConnection,
-    tables: &[&str],
-    up_to_revision: Option<i64>,
-    term: i64,
-) -> Result<usize, StoreError> {
-    // Superseded by a resync on the same timeline, a deferred watch event
-    // is still a change etcd made: it goes into the history (the resync
-    // records only the state it reads). After etcd went back (no
-    // revision), the deferred inputs belong to the history it lost.
-    Ok(diesel::sql_query(
-        "WITH gone AS ( \
-             DELETE FROM deferred_inputs d \
-             WHERE d.mirror_table = ANY($1) AND ($2::int8 IS NULL OR d.revision <= $2) \
-               AND ($2::int8 IS NULL OR NOT EXISTS ( \
-                   SELECT 1 FROM catchup_ranges c \
-                   WHERE c.applied_revision > $2 AND d.key >= c.range_start \
-                     AND (c.range_end IS NULL OR d.key < c.range_end))) \
-             RETURNING key, kind, revision, op, value, prev_value, create_revision, version, \
-                       lease, record_history), \
-         kept AS ( \
-             INSERT INTO history (key, revision, op, value, prev_value, create_revision, version, \
-                                  lease, origin, term, timeline) \
-             SELECT g.key, g.revision, g.op, g.value, g.prev_value, g.create_revision, g.version, \
-                    g.lease, 'etcd', $3, s.timeline \
-             FROM gone g, sync_state s \
-             WHERE s.id = 1 AND $2::int8 IS NOT NULL AND g.kind = 'event' AND g.record_history \
-             ON CONFLICT (key, timeline, revision) DO NOTHING) \
-         SELECT count(*) AS n FROM gone",
+/// Drops every deferred input of `tables`: those of a lost etcd belong to
+/// another history. (On the same timeline nothing supersedes them: a
+/// resync's state of a key goes in after them, in order.)
+pub async fn discard(conn: &mut AsyncPgConnection, tables: &[&str]) -> Result<usize, StoreError> {
+    Ok(
+        diesel::sql_query("DELETE FROM deferred_inputs WHERE mirror_table = ANY($1)")
+            .bind::<Array<Text>, _>(tables)
+            .execute(conn)
+            .await?,
     )
-    .bind::<Array<Text>, _>(tables)
-    .bind::<Nullable<BigInt>, _>(up_to_revision)
-    .bind::<BigInt, _>(term)
-    .get_result::<Count>(conn)
-    .await?
-    .n as usize)
-}
-
-#[derive(diesel::QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
 }
 
 /// Drops the deferred inputs of one key (its mapping is gone).

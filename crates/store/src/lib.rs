@@ -418,13 +418,12 @@ impl Store {
         &self,
         fence: &Fence,
         tables: &[&str],
-        up_to_revision: Option<i64>,
     ) -> Result<usize, StoreError> {
         use diesel_async::AsyncConnection;
         let mut conn = self.pool.get().await?;
         conn.transaction::<_, StoreError, _>(async |conn| {
             fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-            deferred::discard(conn, tables, up_to_revision, fence.term).await
+            deferred::discard(conn, tables).await
         })
         .await
     }

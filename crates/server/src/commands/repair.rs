@@ -565,7 +565,7 @@ async fn adopt_restored_etcd(
     store.forget_timeline_mark(fence).await?;
     // Changes deferred for held rows came from the lost etcd.
     let tables: Vec<&str> = selected.iter().map(|m| m.table.as_str()).collect();
-    store.discard_deferred(fence, &tables, None).await?;
+    store.discard_deferred(fence, &tables).await?;
     Ok(start)
 }
 
