@@ -463,10 +463,10 @@ async fn a_repair_of_an_absent_row_waits_for_a_users_insert_of_it() -> anyhow::R
 }
 
 /// Held rows: the watcher's batches defer the key's inputs, the arbiter's
-/// applies skip it; a resync supersedes what was deferred up to its
-/// revision.
+/// applies skip it; once the row is free the deferred inputs go in order,
+/// each into the history.
 #[tokio::test]
-async fn held_rows_are_deferred_or_skipped_and_resyncs_supersede_them() -> anyhow::Result<()> {
+async fn held_rows_are_deferred_or_skipped_and_applied_in_order() -> anyhow::Result<()> {
     let (store, db) = store_with("").await?;
     let fence = common::term_one(&store).await?;
     let admin = db.client().await?;
@@ -495,10 +495,7 @@ async fn held_rows_are_deferred_or_skipped_and_resyncs_supersede_them() -> anyho
         vec![10, 20],
         "in order, behind each other"
     );
-    // A resync at 15 supersedes the input at 10, not the one at 20.
-    store.discard_deferred(&fence, &["kv"], Some(15)).await?;
-    assert_eq!(deferred_revisions(&admin).await?, vec![20]);
-    // Released, the rest is applied by the next apply of the key.
+    // Released, they are applied by the next apply of the key.
     holder.batch_execute("ROLLBACK").await?;
     let drain = vec![KeyInputs {
         key: b"/h".to_vec(),
@@ -514,6 +511,14 @@ async fn held_rows_are_deferred_or_skipped_and_resyncs_supersede_them() -> anyho
         .await?
         .get(0);
     assert_eq!(value, b"e20");
+    let recorded: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM etcd_sync.history WHERE key = '/h' AND revision IN (10, 20)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(recorded, 2, "both deferred changes are in the history");
     Ok(())
 }
 
