@@ -242,7 +242,7 @@ async fn catchup(binary: &Path, sizes: Sizes) -> anyhow::Result<Outcome> {
     let streams: usize = std::env::var("EPS_BENCH_CATCHUP_STREAMS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(8);
     let stores = stores().await?;
     let mut service = Service::start(config(binary, &stores, "n1", &[]), "n1").await?;
     wait_leader(&service).await?;

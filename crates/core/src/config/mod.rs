@@ -404,8 +404,8 @@ pub struct SyncConfig {
     #[serde(default = "default_watch_stall_timeout_ms")]
     pub watch_stall_timeout_ms: u64,
     /// Watches replaying a large backlog in parallel, one per key range
-    /// (etcd replays each watch at about 10,000 revisions a second); 1
-    /// keeps one watch.
+    /// (etcd replays each watch at about 10,000 revisions a second; on 2
+    /// cores 8 did best, bench/RESULTS.md); 1 keeps one watch.
     #[serde(default = "default_catchup_streams")]
     pub catchup_streams: u32,
     /// How many revisions behind etcd's head a leader must be for the
@@ -526,7 +526,7 @@ fn default_clock_retention_days() -> u32 {
 }
 
 fn default_catchup_streams() -> u32 {
-    4
+    8
 }
 fn default_catchup_min_behind() -> u64 {
     10_000
