@@ -473,7 +473,11 @@ impl Cluster {
             );
             let mut config = config;
             // A leader that takes over behind replays in parallel key
-            // ranges (the default needs 10,000 revisions behind).
+            // ranges (off by default; the default needs 10,000 revisions
+            // behind).
+            config
+                .env
+                .insert("ETCD_PG_SYNC__SYNC__CATCHUP_STREAMS".into(), "8".into());
             config
                 .env
                 .insert("ETCD_PG_SYNC__SYNC__CATCHUP_MIN_BEHIND".into(), "50".into());

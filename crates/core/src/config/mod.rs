@@ -405,7 +405,10 @@ pub struct SyncConfig {
     pub watch_stall_timeout_ms: u64,
     /// Watches replaying a large backlog in parallel, one per key range
     /// (etcd replays each watch at about 10,000 revisions a second; on 2
-    /// cores 8 did best, bench/RESULTS.md); 1 keeps one watch.
+    /// cores 8 did best, bench/RESULTS.md). More than 1 relaxes "an etcd
+    /// txn is applied in one PostgreSQL transaction" while catching up (a
+    /// txn's keys in different ranges land apart), so 1, one watch, is the
+    /// default.
     #[serde(default = "default_catchup_streams")]
     pub catchup_streams: u32,
     /// How many revisions behind etcd's head a leader must be for the
@@ -526,7 +529,7 @@ fn default_clock_retention_days() -> u32 {
 }
 
 fn default_catchup_streams() -> u32 {
-    8
+    1
 }
 fn default_catchup_min_behind() -> u64 {
     10_000
