@@ -791,6 +791,9 @@ mod tests {
         .await;
         assert!(matches!(result, Err(ActorError::Stalled(_))), "{result:?}");
         assert!(started.elapsed() >= stall / 2);
-        assert!(waiting.idle() >= stall / 4, "idle {:?}", waiting.idle());
+        // The waiter is ticked while the walk's last tick is under two
+        // relays (stall / 4 each) old, so its idle time at the end is about
+        // one relay: less by the timers' jitter on a loaded machine.
+        assert!(waiting.idle() >= stall / 8, "idle {:?}", waiting.idle());
     }
 }
