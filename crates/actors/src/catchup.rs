@@ -1,11 +1,13 @@
-//! Parallel catch-up (`sync.catchup_streams`), part of `EtcdWatcher`.
+//! Parallel catch-up (`sync.catchup_streams` above 1; off by default),
+//! part of `EtcdWatcher`.
 //!
 //! etcd replays a watch that starts behind its head at about 10,000
 //! revisions a second, however fast the reader; several watches on
 //! disjoint key ranges are replayed side by side. So a leader far behind
-//! (`sync.catchup_min_behind` revisions, 10,000 by default) cuts the keyspace into ranges of
-//! about as many of etcd's current keys, and replays each range with its
-//! own watch from its own checkpoint (`eps_store::catchup`). The applies
+//! (`sync.catchup_min_behind` revisions, 10,000 by default) cuts the
+//! keyspace into ranges of about as many of etcd's current keys, and
+//! replays each range with its own watch from its own checkpoint
+//! (`eps_store::catchup`). The applies
 //! stay one at a time, each excluding the other fenced transactions as the
 //! watcher's always did; only etcd's replay and the decoding run in
 //! parallel.
@@ -20,8 +22,11 @@
 //!
 //! While the ranges replay, a reader of PostgreSQL may see one etcd txn's
 //! keys at different revisions (one range ahead of another); revisions are
-//! whole again once the global checkpoint passes them. A restart during
-//! the replay resumes every range from its own checkpoint.
+//! whole again once the global checkpoint passes them (so it is off by
+//! default: the contract applies an etcd txn in one PostgreSQL
+//! transaction). A restart during the replay resumes every range from its
+//! own checkpoint; a compaction resync leaves the keys of ranges past its
+//! revision alone (`recovery::WalkAt::ahead`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
