@@ -586,6 +586,23 @@ async fn a_resync_over_keys_that_all_match_is_not_taken_for_stalled() -> anyhow:
     Ok(())
 }
 
+/// A leader that has synced `/a/held` = "v1", and a user's open
+/// transaction holding its mirror row (on the returned client).
+async fn hold_a_synced_row(world: &World) -> anyhow::Result<(Service, tokio_postgres::Client)> {
+    world
+        .etcd_client()
+        .await?
+        .put("/a/held", "v1", None)
+        .await?;
+    let service = world.start("n1").await?;
+    wait_leader(&[&service], Duration::from_secs(10)).await?;
+    wait_converged(world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
+    let user = world.pg().await?;
+    user.batch_execute("BEGIN; SELECT 1 FROM kv_a WHERE key = '/a/held' FOR UPDATE")
+        .await?;
+    Ok((service, user))
+}
+
 /// An etcd change that waited behind a user's open transaction on its row
 /// (deferred) is a committed write of the lost etcd, newer than the
 /// mirror's value: `restore-etcd` applies it before copying the mirror,
@@ -594,13 +611,7 @@ async fn a_resync_over_keys_that_all_match_is_not_taken_for_stalled() -> anyhow:
 async fn restore_etcd_keeps_an_etcd_change_that_waited_for_a_held_row() -> anyhow::Result<()> {
     let mut world = World::new(MAPPINGS).await?;
     let mut etcd = world.etcd_client().await?;
-    etcd.put("/a/held", "v1", None).await?;
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
-    let user = world.pg().await?;
-    user.batch_execute("BEGIN; SELECT 1 FROM kv_a WHERE key = '/a/held' FOR UPDATE")
-        .await?;
+    let (mut service, user) = hold_a_synced_row(&world).await?;
     etcd.put("/a/held", "v2", None).await?;
     let pg = world.pg().await?;
     wait_count(
@@ -635,13 +646,7 @@ async fn a_compaction_resync_keeps_the_history_of_changes_that_waited_for_a_held
 -> anyhow::Result<()> {
     let world = World::new(MAPPINGS).await?;
     let mut etcd = world.etcd_client().await?;
-    etcd.put("/a/held", "v1", None).await?;
-    let mut service = world.start("n1").await?;
-    wait_leader(&[&service], Duration::from_secs(10)).await?;
-    wait_converged(&world, "kv_a", b"/a/", Duration::from_secs(20)).await?;
-    let user = world.pg().await?;
-    user.batch_execute("BEGIN; SELECT 1 FROM kv_a WHERE key = '/a/held' FOR UPDATE")
-        .await?;
+    let (mut service, user) = hold_a_synced_row(&world).await?;
     let r2 = etcd
         .put("/a/held", "v2", None)
         .await?
