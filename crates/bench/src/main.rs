@@ -21,7 +21,7 @@ use clap::Parser;
 struct Args {
     /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup,
     /// conflict-catchup, pg-to-etcd, pg-txn-to-etcd, latency-1k, snapshot, failover,
-    /// vs-make-mirror, long-run-memory.
+    /// vs-make-mirror, long-run-memory, history-queries, pg-backlog-drain.
     scenario: String,
     /// The service binary to measure (default: `etcd-pg-sync` next to this
     /// one); another build's binary gives before/after figures.
@@ -36,6 +36,10 @@ struct Args {
     /// Where to write the Markdown table (default bench/RESULTS.md).
     #[arg(long)]
     results: Option<PathBuf>,
+    /// Load `pg_stat_statements` into the scenarios' PostgreSQL and print,
+    /// when a scenario ends, the statements that took the most server time.
+    #[arg(long)]
+    profile_sql: bool,
 }
 
 /// Sizes for a run.
@@ -96,6 +100,7 @@ pub struct Outcome {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sizes = Sizes::new(args.quick, args.large);
+    scenarios::PROFILE_SQL.store(args.profile_sql, std::sync::atomic::Ordering::Relaxed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

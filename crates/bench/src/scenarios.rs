@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eps_harness::{Etcd, Postgres, PostgresOptions, Service, ServiceConfig, TestDatabase};
@@ -49,27 +49,104 @@ pub async fn run(name: &str, binary: &Path, sizes: Sizes) -> anyhow::Result<Outc
 
 const MAPPING: &str = "\n[[mappings]]\nprefix = \"/bench/\"\ntable = \"kv_bench\"\n";
 
+/// `--profile-sql`: see [`Stores`]'s `Drop`.
+pub static PROFILE_SQL: AtomicBool = AtomicBool::new(false);
+
 /// etcd and a PostgreSQL with default durability (fsync and synchronous
 /// commit on, unlike the test harness's default).
 struct Stores {
     etcd: Etcd,
-    _pg: Postgres,
+    pg: Postgres,
     db: TestDatabase,
 }
 
 async fn stores() -> anyhow::Result<Stores> {
+    let profile = PROFILE_SQL.load(Ordering::Relaxed);
     let etcd = Etcd::start().await?;
+    let mut settings = vec![
+        ("fsync".into(), "on".into()),
+        ("synchronous_commit".into(), "on".into()),
+        ("full_page_writes".into(), "on".into()),
+    ];
+    if profile {
+        settings.extend([
+            (
+                "shared_preload_libraries".into(),
+                "pg_stat_statements,auto_explain".into(),
+            ),
+            ("pg_stat_statements.track".into(), "all".into()),
+            ("auto_explain.log_min_duration".into(), "8ms".into()),
+            ("auto_explain.log_analyze".into(), "on".into()),
+            ("auto_explain.log_nested_statements".into(), "on".into()),
+        ]);
+    }
     let pg = Postgres::start_custom(PostgresOptions {
-        settings: vec![
-            ("fsync".into(), "on".into()),
-            ("synchronous_commit".into(), "on".into()),
-            ("full_page_writes".into(), "on".into()),
-        ],
+        settings,
         ..PostgresOptions::default()
     })
     .await?;
     let db = pg.create_database().await?;
-    Ok(Stores { etcd, _pg: pg, db })
+    if profile {
+        db.client()
+            .await?
+            .batch_execute("CREATE EXTENSION pg_stat_statements")
+            .await?;
+    }
+    Ok(Stores { etcd, pg, db })
+}
+
+impl Drop for Stores {
+    /// With `--profile-sql`, prints the statements that took the most
+    /// server time in the scenario (its set-up included) before the
+    /// servers stop. `psql` runs synchronously: a drop cannot await.
+    fn drop(&mut self) {
+        if !PROFILE_SQL.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(bin) = eps_harness::postgres::pg_bindir() else {
+            return;
+        };
+        let statements = "SELECT calls, round(total_exec_time) AS total_ms, \
+                            round(mean_exec_time::numeric, 3) AS mean_ms, rows, \
+                            left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query \
+                     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25";
+        // The apply transactions as their `batch-applied` audit events saw
+        // them: from reading etcd to their last statement (not the commit).
+        let batches = "SELECT count(*) AS batches, sum((detail->>'changes')::int) AS changes, \
+                              sum((detail->>'conflicts')::int) AS conflicts, \
+                              round(avg((detail->>'duration_ms')::int), 1) AS mean_ms, \
+                              percentile_disc(0.5) WITHIN GROUP (ORDER BY (detail->>'duration_ms')::int) AS p50_ms, \
+                              percentile_disc(0.99) WITHIN GROUP (ORDER BY (detail->>'duration_ms')::int) AS p99_ms, \
+                              max((detail->>'duration_ms')::int) AS max_ms \
+                       FROM etcd_sync.sync_events WHERE kind = 'batch-applied'";
+        let slowest = "SELECT (detail->>'duration_ms')::int AS ms, detail->>'changes' AS changes, \
+                              detail->>'conflicts' AS conflicts, detail->>'mirror_upserts' AS upserts, \
+                              detail->>'from_pg_confirmed' AS echoes \
+                       FROM etcd_sync.sync_events WHERE kind = 'batch-applied' \
+                       ORDER BY (detail->>'duration_ms')::int DESC LIMIT 5";
+        match std::process::Command::new(bin.join("psql"))
+            .arg(self.db.url())
+            .args(["-X", "-c", statements, "-c", batches, "-c", slowest])
+            .output()
+        {
+            Ok(out) => eprintln!(
+                "-- statements by server time\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(error) => eprintln!("--profile-sql: psql failed: {error}"),
+        }
+        // The plans of statements slower than 8 ms, as `auto_explain`
+        // logged them.
+        let log = std::env::temp_dir().join(format!("eps-bench-postgres-{}.log", self.db.port));
+        match std::fs::copy(self.pg.dir().join("postgres.log"), &log) {
+            Ok(_) => eprintln!(
+                "-- server log with slow statements' plans: {}",
+                log.display()
+            ),
+            Err(error) => eprintln!("--profile-sql: keeping the server log failed: {error}"),
+        }
+    }
 }
 
 fn config(binary: &Path, stores: &Stores, node: &str, env: &[(&str, &str)]) -> ServiceConfig {

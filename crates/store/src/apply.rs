@@ -1150,32 +1150,27 @@ async fn record_conflicts(
         return Ok(());
     }
     let conn: &AsyncPgConnection = conn;
-    let settled = conflicts.iter().filter(|(_, c)| c.winner.is_some()).count();
-    let mut fresh_ids = allocate_conflict_ids(conn, settled).await?.into_iter();
+    let settled: Vec<(&[u8], &ConflictEntry)> = conflicts
+        .iter()
+        .filter(|(_, c)| c.winner.is_some())
+        .copied()
+        .collect();
+    let settled_ids = allocate_conflict_ids(conn, settled.len()).await?;
+    let mut fresh_ids = settled_ids.iter().copied();
     let mut ids = Vec::with_capacity(conflicts.len());
-    let mut inserts = Vec::with_capacity(settled);
     for (key, conflict) in &conflicts {
         if conflict.winner.is_some() {
-            let id = fresh_ids
-                .next()
-                .ok_or_else(|| StoreError::Invalid("too few conflict ids allocated".into()))?;
-            inserts.push(insert_conflict(
-                conn,
-                Some(id),
-                mapping,
-                key,
-                conflict,
-                timeline_keys.contains(key),
-                request,
-            ));
-            ids.push(id);
+            ids.push(
+                fresh_ids
+                    .next()
+                    .ok_or_else(|| StoreError::Invalid("too few conflict ids allocated".into()))?,
+            );
         } else {
             // A pending conflict may merge into the key's pending one: its
             // id comes back from the upsert.
             ids.push(
                 insert_conflict(
                     conn,
-                    None,
                     mapping,
                     key,
                     conflict,
@@ -1186,7 +1181,15 @@ async fn record_conflicts(
             );
         }
     }
-    futures_util::future::try_join_all(inserts).await?;
+    insert_settled_conflicts(
+        conn,
+        &settled_ids,
+        mapping,
+        &settled,
+        timeline_keys,
+        request,
+    )
+    .await?;
 
     let mut park_ids = Vec::new();
     let mut park_conflicts = Vec::new();
@@ -1275,12 +1278,111 @@ async fn allocate_conflict_ids(
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
-/// Inserts one conflict row with `id` (a settled conflict) or, for a pending
-/// one, a fresh id unless the key already has a pending conflict, which
-/// then takes the newer etcd side. Returns the row's id.
+/// Inserts the conflicts a policy settled, with their preallocated `ids`,
+/// in one statement: a catch-up after a failover can meet a conflict per
+/// etcd event, and one statement per conflict cost a statement's
+/// preparation and round trip each (about 0.6 ms, against 0.03 ms of
+/// execution).
+async fn insert_settled_conflicts(
+    conn: &AsyncPgConnection,
+    ids: &[i64],
+    mapping: &Mapping,
+    settled: &[(&[u8], &ConflictEntry)],
+    timeline_keys: &HashSet<&[u8]>,
+    request: &ApplyRequest<'_>,
+) -> Result<(), StoreError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&[u8]> = settled.iter().map(|(k, _)| *k).collect();
+    let etcd_values: Vec<Option<&[u8]>> = settled
+        .iter()
+        .map(|(_, c)| c.etcd.value.as_deref())
+        .collect();
+    let etcd_revisions: Vec<i64> = settled.iter().map(|(_, c)| c.etcd.revision).collect();
+    let etcd_observed: Vec<i64> = settled.iter().map(|(_, c)| c.etcd.observed_at_us).collect();
+    let pg_values: Vec<Option<&[u8]>> =
+        settled.iter().map(|(_, c)| c.pg_value.as_deref()).collect();
+    let pg_revisions: Vec<i64> = settled.iter().map(|(_, c)| c.pg_base_revision).collect();
+    let pg_changed: Vec<i64> = settled.iter().map(|(_, c)| c.pg_changed_at_us).collect();
+    let policies: Vec<&str> = settled.iter().map(|(_, c)| c.policy.as_str()).collect();
+    let winners: Vec<Option<&str>> = settled
+        .iter()
+        .map(|(_, c)| c.winner.map(Side::as_str))
+        .collect();
+    let reasons: Vec<Option<&str>> = settled
+        .iter()
+        .map(|(k, _)| timeline_keys.contains(k).then_some("timeline-change"))
+        .collect();
+    let changed_after: Vec<Option<i64>> = settled
+        .iter()
+        .map(|(_, c)| c.etcd.changed.after_us)
+        .collect();
+    let changed_by: Vec<i64> = settled.iter().map(|(_, c)| c.etcd.changed.by_us).collect();
+    let ties: Vec<bool> = settled.iter().map(|(_, c)| c.decided_by_tie).collect();
+    let committed_by: Vec<i64> = settled.iter().map(|(_, c)| c.pg_committed_by_us).collect();
+    let xacts: Vec<Option<i64>> = settled.iter().map(|(_, c)| c.pg_xact).collect();
+    // The superseded values, one array per conflict, flattened: (owner id,
+    // value) pairs in order.
+    let mut superseded_ids = Vec::new();
+    let mut superseded_values: Vec<Option<&[u8]>> = Vec::new();
+    for (id, (_, conflict)) in ids.iter().zip(settled) {
+        for value in &conflict.pg_superseded {
+            superseded_ids.push(*id);
+            superseded_values.push(value.as_deref());
+        }
+    }
+    diesel::sql_query(
+        "WITH sup AS ( \
+             SELECT s.id, array_agg(s.value ORDER BY s.n) AS vals \
+             FROM unnest($17::int8[], $18::bytea[]) WITH ORDINALITY AS s(id, value, n) GROUP BY s.id) \
+         INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
+             pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
+             pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by, pg_xact) \
+         SELECT u.id, $1, u.key, u.etcd_value, u.etcd_revision, to_timestamp(u.etcd_observed::float8 / 1000000), \
+             u.pg_value, u.pg_revision, to_timestamp(u.pg_changed::float8 / 1000000), u.policy, u.winner, \
+             'resolved', 'policy', clock_timestamp(), $2, $3, $4, coalesce(sup.vals, '{}'), u.reason, \
+             to_timestamp(u.changed_after::float8 / 1000000), to_timestamp(u.changed_by::float8 / 1000000), \
+             u.tie, to_timestamp(u.committed_by::float8 / 1000000), u.xact \
+         FROM unnest($5::int8[], $6::bytea[], $7::bytea[], $8::int8[], $9::int8[], $10::bytea[], $11::int8[], \
+                     $12::int8[], $13::text[], $14::text[], $15::text[], $16::int8[], $19::int8[], \
+                     $20::bool[], $21::int8[], $22::int8[]) \
+              AS u(id, key, etcd_value, etcd_revision, etcd_observed, pg_value, pg_revision, pg_changed, policy, \
+                   winner, reason, changed_after, changed_by, tie, committed_by, xact) \
+         LEFT JOIN sup ON sup.id = u.id",
+    )
+    .bind::<Text, _>(mapping.table.as_str())
+    .bind::<Text, _>(&request.fence.node)
+    .bind::<BigInt, _>(request.fence.term)
+    .bind::<Nullable<Text>, _>(request.trace_id)
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Bytea>, _>(&keys)
+    .bind::<Array<Nullable<Bytea>>, _>(&etcd_values)
+    .bind::<Array<BigInt>, _>(&etcd_revisions)
+    .bind::<Array<BigInt>, _>(&etcd_observed)
+    .bind::<Array<Nullable<Bytea>>, _>(&pg_values)
+    .bind::<Array<BigInt>, _>(&pg_revisions)
+    .bind::<Array<BigInt>, _>(&pg_changed)
+    .bind::<Array<Text>, _>(&policies)
+    .bind::<Array<Nullable<Text>>, _>(&winners)
+    .bind::<Array<Nullable<Text>>, _>(&reasons)
+    .bind::<Array<Nullable<BigInt>>, _>(&changed_after)
+    .bind::<Array<BigInt>, _>(&superseded_ids)
+    .bind::<Array<Nullable<Bytea>>, _>(&superseded_values)
+    .bind::<Array<BigInt>, _>(&changed_by)
+    .bind::<Array<diesel::sql_types::Bool>, _>(&ties)
+    .bind::<Array<BigInt>, _>(&committed_by)
+    .bind::<Array<Nullable<BigInt>>, _>(&xacts)
+    .execute(&mut &*conn)
+    .await?;
+    Ok(())
+}
+
+/// Inserts a pending conflict with a fresh id unless the key already has a
+/// pending conflict, which then takes the newer etcd side. Returns the
+/// row's id.
 async fn insert_conflict(
     conn: &AsyncPgConnection,
-    id: Option<i64>,
     mapping: &Mapping,
     key: &[u8],
     conflict: &ConflictEntry,
@@ -1296,12 +1398,12 @@ async fn insert_conflict(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
              pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by, pg_xact) \
-         VALUES (coalesce($16, nextval(pg_get_serial_sequence('conflicts', 'id'))), \
+         VALUES (nextval(pg_get_serial_sequence('conflicts', 'id')), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
              $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
-             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $17, \
-             to_timestamp($18::float8 / 1000000), to_timestamp($19::float8 / 1000000), $20, \
-             to_timestamp($21::float8 / 1000000), $22) \
+             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $16, \
+             to_timestamp($17::float8 / 1000000), to_timestamp($18::float8 / 1000000), $19, \
+             to_timestamp($20::float8 / 1000000), $21) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at, \
@@ -1323,7 +1425,6 @@ async fn insert_conflict(
     .bind::<BigInt, _>(request.fence.term)
     .bind::<Nullable<Text>, _>(request.trace_id)
     .bind::<Array<Nullable<Bytea>>, _>(&conflict.pg_superseded)
-    .bind::<Nullable<BigInt>, _>(id)
     .bind::<Nullable<Text>, _>(timeline_change.then_some("timeline-change"))
     .bind::<Nullable<BigInt>, _>(conflict.etcd.changed.after_us)
     .bind::<BigInt, _>(conflict.etcd.changed.by_us)

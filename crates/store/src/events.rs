@@ -1,6 +1,7 @@
 //! The audit trail (`sync_events`).
 
 use diesel::ExpressionMethods;
+use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use eps_core::audit::AuditKind;
 
@@ -29,32 +30,32 @@ pub async fn record(
     Ok(())
 }
 
-/// Appends many audit events in one statement per 10,000 (bind limit).
-/// Takes the connection shared so the insert can be pipelined with the
-/// caller's other statements.
+/// Appends many audit events in one statement (arrays of kinds and
+/// details, so the statement is the same whatever their number and is
+/// prepared once). Takes the connection shared so the insert can be
+/// pipelined with the caller's other statements.
 pub async fn record_many(
     conn: &AsyncPgConnection,
     fence: &Fence,
     trace_id: Option<&str>,
     events: &[(AuditKind, serde_json::Value)],
 ) -> Result<(), StoreError> {
-    for chunk in events.chunks(10_000) {
-        let rows: Vec<_> = chunk
-            .iter()
-            .map(|(kind, detail)| {
-                (
-                    sync_events::kind.eq(kind.as_str()),
-                    sync_events::node.eq(&fence.node),
-                    sync_events::term.eq(fence.term),
-                    sync_events::trace_id.eq(trace_id),
-                    sync_events::detail.eq(detail),
-                )
-            })
-            .collect();
-        diesel::insert_into(sync_events::table)
-            .values(rows)
-            .execute(&mut &*conn)
-            .await?;
+    if events.is_empty() {
+        return Ok(());
     }
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    let details: Vec<&serde_json::Value> = events.iter().map(|(_, detail)| detail).collect();
+    diesel::sql_query(
+        "INSERT INTO sync_events (kind, node, term, trace_id, detail) \
+         SELECT e.kind, $3, $4, $5, e.detail FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS e(kind, detail, n) \
+         ORDER BY e.n",
+    )
+    .bind::<Array<Text>, _>(&kinds)
+    .bind::<Array<Jsonb>, _>(&details)
+    .bind::<Text, _>(&fence.node)
+    .bind::<BigInt, _>(fence.term)
+    .bind::<Nullable<Text>, _>(trace_id)
+    .execute(&mut &*conn)
+    .await?;
     Ok(())
 }
