@@ -547,7 +547,8 @@ async fn resync_once(
 /// Apply transactions of one walk in flight at once, at most: the next
 /// pages are read and compared (etcd, then the mirror) while earlier chunks
 /// are written. The chunks are disjoint key ranges, in key order; each is
-/// its own transaction (the fence is taken FOR SHARE), and the checkpoint
+/// its own transaction (the fence is taken FOR SHARE: they run alongside
+/// each other and the poller's marks), and the checkpoint
 /// moves only after the walk, once every one of them committed. Measured
 /// (`eps-bench snapshot --quick`, 50,000 keys): 22.9k keys/s one at a time,
 /// 36k with 2, 43k with 3.

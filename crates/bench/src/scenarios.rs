@@ -77,6 +77,7 @@ async fn stores() -> anyhow::Result<Stores> {
             ("pg_stat_statements.track".into(), "all".into()),
             ("auto_explain.log_min_duration".into(), "8ms".into()),
             ("auto_explain.log_analyze".into(), "on".into()),
+            ("auto_explain.log_timing".into(), "off".into()),
             ("auto_explain.log_nested_statements".into(), "on".into()),
         ]);
     }

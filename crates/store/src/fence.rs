@@ -28,7 +28,16 @@ struct FenceRow {
 /// What a fenced transaction does to the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint<'a> {
+    /// Leave it; wait for a transaction moving it to end (and hold it
+    /// back meanwhile). Transactions fenced so run alongside each other.
     Keep,
+    /// Leave it, running alongside the transactions that move it (`FOR KEY
+    /// SHARE`, which only `FOR UPDATE` waits for): for the poller's marks
+    /// (`crate::outbox::mark_sent`), which an apply orders through the
+    /// outbox rows' own locks. A term claim and the resyncs lock the row
+    /// `FOR UPDATE` ([`lock_exclusively`]), so they still wait for such a
+    /// transaction and it for them.
+    KeepConcurrently,
     /// Move it forward to this revision (never back); the catch-up ranges
     /// it passes go (they no longer skip anything).
     Advance(i64),
@@ -43,11 +52,9 @@ pub enum Checkpoint<'a> {
     /// Move the checkpoint of the catch-up range starting at `start`
     /// forward to `revision`, the global one staying (see
     /// `crate::catchup`). Excludes the other fenced transactions as an
-    /// advance of the global checkpoint does. Fails if the range is gone.
-    Range {
-        start: &'a [u8],
-        revision: i64,
-    },
+    /// advance of the global checkpoint does (all but the poller's marks,
+    /// [`Checkpoint::KeepConcurrently`]). Fails if the range is gone.
+    Range { start: &'a [u8], revision: i64 },
 }
 
 #[derive(QueryableByName)]
@@ -92,20 +99,26 @@ pub async fn enter(
         .bind::<BigInt, _>(revision)
         .bind::<Text, _>(how)
     };
+    let keep = |lock: &'static str| {
+        diesel::sql_query(format!(
+            "SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \
+                    (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \
+             FROM sync_state WHERE id = 1 AND term = $1 {lock}"
+        ))
+        .bind::<BigInt, _>(fence.term)
+    };
     let rows: Vec<FenceRow> = match checkpoint {
         Checkpoint::Advance(revision) => advance(revision, "advance").load(conn).await?,
-        Checkpoint::Set(revision) => advance(revision, "set").load(conn).await?,
-        Checkpoint::AtMost(revision) => advance(revision, "at-most").load(conn).await?,
-        Checkpoint::Keep => {
-            diesel::sql_query(
-                "SELECT set_config('etcd_sync.applying', 'on', true) AS applying, \
-                        (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now_us \
-                 FROM sync_state WHERE id = 1 AND term = $1 FOR SHARE",
-            )
-            .bind::<BigInt, _>(fence.term)
-            .load(conn)
-            .await?
+        Checkpoint::Set(revision) => {
+            lock_exclusively(conn, Some(fence.term)).await?;
+            advance(revision, "set").load(conn).await?
         }
+        Checkpoint::AtMost(revision) => {
+            lock_exclusively(conn, Some(fence.term)).await?;
+            advance(revision, "at-most").load(conn).await?
+        }
+        Checkpoint::Keep => keep("FOR SHARE").load(conn).await?,
+        Checkpoint::KeepConcurrently => keep("FOR KEY SHARE").load(conn).await?,
         Checkpoint::Range { start, revision } => {
             let rows: Vec<RangeRow> = diesel::sql_query(
                 "WITH fenced AS ( \
@@ -137,4 +150,23 @@ pub async fn enter(
         Some(row) => Ok(row.now_us),
         None => Err(StoreError::Fenced { term: fence.term }),
     }
+}
+
+/// Locks the `sync_state` row `FOR UPDATE` until the transaction ends: the
+/// one lock that also waits for (and holds back) the transactions fenced
+/// [`Checkpoint::KeepConcurrently`]. A term claim takes it (`term` None),
+/// and so do the resyncs (a checkpoint set anew or moved back) while their
+/// `term` is still the stored one — a deposed leader's resync takes no
+/// lock before it finds itself fenced.
+pub(crate) async fn lock_exclusively(
+    conn: &mut AsyncPgConnection,
+    term: Option<i64>,
+) -> Result<(), StoreError> {
+    diesel::sql_query(
+        "SELECT 1 FROM sync_state WHERE id = 1 AND ($1::int8 IS NULL OR term = $1) FOR UPDATE",
+    )
+    .bind::<diesel::sql_types::Nullable<BigInt>, _>(term)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -130,6 +130,16 @@ pub(crate) async fn queue(
 
 /// Marks changes as possibly sent to etcd, before the txn that sends them
 /// (see `PendingChange::sent`); returns those not marked already.
+///
+/// A mark runs alongside the watcher's applies (fenced
+/// [`fence::Checkpoint::KeepConcurrently`]) and takes its rows `NOWAIT`: an
+/// apply that reads them holds them `FOR UPDATE`, so the apply sees the
+/// mark, or the mark does not happen this way. Waiting for such a row
+/// instead could close a cycle: the apply locks outbox rows in key order
+/// and then its transactions' other rows, the mark in id order. When a row
+/// is held (an apply consuming the echo of the key's earlier change), the
+/// mark is made as every fenced transaction is, behind the checkpoint's
+/// movers ([`fence::Checkpoint::Keep`]).
 pub async fn mark_sent(
     conn: &mut AsyncPgConnection,
     fence: &Fence,
@@ -140,17 +150,37 @@ pub async fn mark_sent(
         #[diesel(sql_type = BigInt)]
         id: i64,
     }
-    conn.transaction::<_, StoreError, _>(async |conn| {
-        fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-        let marked: Vec<Marked> = diesel::sql_query(
-            "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent RETURNING id",
-        )
-        .bind::<Array<BigInt>, _>(ids)
-        .load(conn)
-        .await?;
-        Ok(marked.into_iter().map(|m| m.id).collect())
-    })
-    .await
+    let alongside = conn
+        .transaction::<_, StoreError, _>(async |conn| {
+            fence::enter(conn, fence, fence::Checkpoint::KeepConcurrently).await?;
+            let marked: Vec<Marked> = diesel::sql_query(
+                "UPDATE outbox SET sent = true \
+                 WHERE id IN (SELECT id FROM outbox WHERE id = ANY($1) AND NOT sent FOR UPDATE NOWAIT) \
+                 RETURNING id",
+            )
+            .bind::<Array<BigInt>, _>(ids)
+            .load(conn)
+            .await?;
+            Ok(marked)
+        })
+        .await;
+    let marked = match alongside {
+        Err(StoreError::RowHeld(_)) => {
+            conn.transaction::<_, StoreError, _>(async |conn| {
+                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
+                let marked: Vec<Marked> = diesel::sql_query(
+                    "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent RETURNING id",
+                )
+                .bind::<Array<BigInt>, _>(ids)
+                .load(conn)
+                .await?;
+                Ok(marked)
+            })
+            .await?
+        }
+        other => other?,
+    };
+    Ok(marked.into_iter().map(|m| m.id).collect())
 }
 
 /// Takes back [`mark_sent`] for changes a round marked but did not send

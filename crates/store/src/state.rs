@@ -162,22 +162,30 @@ pub async fn claim_term(
     etcd_revision: i64,
 ) -> Result<bool, StoreError> {
     use diesel::BoolExpressionMethods;
-    let superseded = sync_state::term
-        .lt(term)
-        .or(sync_state::term.gt(etcd_revision));
-    let updated = diesel::update(
-        sync_state::table
-            .filter(sync_state::id.eq(1))
-            .filter(superseded),
-    )
-    .set((
-        sync_state::term.eq(term),
-        sync_state::leader_node.eq(node),
-        sync_state::leader_since.eq(diesel::dsl::now),
-    ))
-    .execute(conn)
-    .await?;
-    Ok(updated == 1)
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        // `FOR UPDATE`, not the update's own lock: it also waits for the
+        // old term's transactions fenced `FOR KEY SHARE` (the poller's
+        // marks), which an update of the term alone would not.
+        crate::fence::lock_exclusively(conn, None).await?;
+        let superseded = sync_state::term
+            .lt(term)
+            .or(sync_state::term.gt(etcd_revision));
+        let updated = diesel::update(
+            sync_state::table
+                .filter(sync_state::id.eq(1))
+                .filter(superseded),
+        )
+        .set((
+            sync_state::term.eq(term),
+            sync_state::leader_node.eq(node),
+            sync_state::leader_since.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+        Ok(updated == 1)
+    })
+    .await
 }
 
 #[derive(diesel::QueryableByName)]

@@ -533,3 +533,95 @@ async fn deferred_revisions(client: &tokio_postgres::Client) -> anyhow::Result<V
         .map(|r| r.get::<_, i64>(0))
         .collect())
 }
+
+/// A mark that finds one of its rows in an apply's hands waits behind the
+/// applies, as every fenced transaction does; a new leader's term claim
+/// must wait for it: were the claim to commit first, the deposed leader's
+/// mark would commit after it, a write of the old term inside the new one.
+/// The mark is held mid-transaction by a test session's lock on its outbox
+/// row.
+#[tokio::test]
+async fn a_term_claim_waits_for_a_mark_of_the_old_term_in_flight() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    let fence = common::term_one(&store).await?;
+    let admin = db.client().await?;
+    admin
+        .batch_execute("INSERT INTO etcd_sync.kv (key, value) VALUES ('/m', 'v')")
+        .await?;
+    let id: i64 = admin
+        .query_one("SELECT id FROM etcd_sync.outbox WHERE key = '/m'", &[])
+        .await?
+        .get(0);
+    let holder = db.client().await?;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM etcd_sync.outbox WHERE id = {id} FOR UPDATE"
+        ))
+        .await?;
+    let store = std::sync::Arc::new(store);
+    let mark = tokio::spawn({
+        let store = store.clone();
+        async move { store.mark_sent(&fence, &[id]).await }
+    });
+    wait_until_blocked(&admin).await?;
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim_term(2, "n2", 100).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !claim.is_finished(),
+        "the term was claimed while a mark of term 1 was in flight"
+    );
+    holder.batch_execute("COMMIT").await?;
+    assert_eq!(mark.await??, vec![id], "the mark of term 1 commits first");
+    assert!(claim.await??, "then term 2 is claimed");
+    Ok(())
+}
+
+/// A mark runs alongside an apply that moves the checkpoint (which holds
+/// the `sync_state` row from its first statement to its commit): the
+/// poller's next txn must not wait for the watcher's batch. A term claim
+/// still waits for a mark in flight, fenced with the weakest lock; here a
+/// test session holds the locks of both.
+#[tokio::test]
+async fn marks_run_alongside_applies_and_a_term_claim_still_waits_for_them() -> anyhow::Result<()> {
+    let (store, db) = store_with("").await?;
+    let fence = common::term_one(&store).await?;
+    let admin = db.client().await?;
+    admin
+        .batch_execute("INSERT INTO etcd_sync.kv (key, value) VALUES ('/m', 'v')")
+        .await?;
+    let id: i64 = admin
+        .query_one("SELECT id FROM etcd_sync.outbox WHERE key = '/m'", &[])
+        .await?
+        .get(0);
+    let apply = db.client().await?;
+    apply
+        .batch_execute(
+            "BEGIN; UPDATE etcd_sync.sync_state SET applied_revision = applied_revision WHERE id = 1",
+        )
+        .await?;
+    let marked = tokio::time::timeout(Duration::from_secs(5), store.mark_sent(&fence, &[id]))
+        .await
+        .map_err(|_| anyhow::anyhow!("the mark waited for the apply"))??;
+    assert_eq!(marked, vec![id]);
+    apply.batch_execute("COMMIT").await?;
+
+    let mark = db.client().await?;
+    mark.batch_execute("BEGIN; SELECT 1 FROM etcd_sync.sync_state WHERE id = 1 FOR KEY SHARE")
+        .await?;
+    let store = std::sync::Arc::new(store);
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim_term(2, "n2", 100).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !claim.is_finished(),
+        "the term was claimed while a mark was in flight"
+    );
+    mark.batch_execute("COMMIT").await?;
+    assert!(claim.await??);
+    Ok(())
+}
