@@ -518,12 +518,30 @@ async fn apply_table(
         )
         .await?;
     }
-    insert_history(conn, &plans, request)
-        .await
-        .map(|n| report.history_rows += n)?;
+    count_echoes(&plans, report);
+    // The history, the mirror and the outbox are written by independent
+    // statements: pipelined, they cost one wait for PostgreSQL instead of
+    // one each (each function's own statements still run in order).
     let repair_at = request.repair.map(|r| r.revision);
-    write_mirror(conn, &table, &plans, &locked, repair_at, report).await?;
-    update_outbox(conn, &plans, report).await?;
+    let shared: &AsyncPgConnection = conn;
+    let (history, mirror, outbox) = futures_util::join!(
+        insert_history(shared, &plans, request),
+        write_mirror(shared, &table, &plans, &locked, repair_at),
+        update_outbox(shared, &plans),
+    );
+    let (history_rows, (upserts, deletes), ()) = match (history, mirror, outbox) {
+        (Ok(history), Ok(mirror), Ok(outbox)) => (history, mirror, outbox),
+        (history, mirror, outbox) => {
+            return Err(first_failure(
+                [history.err(), mirror.err(), outbox.err()]
+                    .into_iter()
+                    .flatten(),
+            ));
+        }
+    };
+    report.history_rows += history_rows;
+    report.mirror_upserts += upserts;
+    report.mirror_deletes += deletes;
     record_conflicts(conn, mapping, &plans, &rollback_keys, request, report).await?;
     Ok(())
 }
@@ -760,7 +778,7 @@ async fn moved_since_diff<'k>(
 }
 
 async fn insert_history(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     plans: &[(&[u8], KeyPlan)],
     request: &ApplyRequest<'_>,
 ) -> Result<usize, StoreError> {
@@ -810,7 +828,7 @@ async fn insert_history(
     .bind::<Array<Text>, _>(&origins)
     .bind::<BigInt, _>(request.fence.term)
     .bind::<Array<Nullable<Text>>, _>(&traces)
-    .execute(conn)
+    .execute(&mut &*conn)
     .await?;
     Ok(inserted)
 }
@@ -820,13 +838,14 @@ async fn insert_history(
 /// a row a user created since then carries a local change this
 /// transaction has not seen, and is left to the outbox and the compare.
 async fn write_mirror(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     table: &str,
     plans: &[(&[u8], KeyPlan)],
     locked: &std::collections::HashSet<Vec<u8>>,
     repair_at: Option<i64>,
-    report: &mut ApplyReport,
-) -> Result<(), StoreError> {
+) -> Result<(usize, usize), StoreError> {
+    let mut upserted = 0;
+    let mut deleted = 0;
     // Normally a row moves only forward in etcd's revisions; a repair at R
     // (-1: none) may rewrite any row not changed after R.
     let repair_revision = repair_at.unwrap_or(-1);
@@ -898,9 +917,8 @@ async fn write_mirror(
     }
     // Rows absent at lock time are only inserted: one a user created
     // meanwhile is theirs.
-    report.mirror_upserts +=
-        write_rows(conn, table, &inserts, "DO NOTHING", repair_revision).await?;
-    report.mirror_upserts += write_rows(
+    upserted += write_rows(conn, table, &inserts, "DO NOTHING", repair_revision).await?;
+    upserted += write_rows(
         conn,
         table,
         &upserts,
@@ -917,7 +935,7 @@ async fn write_mirror(
     if !deletes.is_empty() {
         let keys: Vec<&[u8]> = deletes.iter().map(|d| d.0).collect();
         let revisions: Vec<i64> = deletes.iter().map(|d| d.1).collect();
-        report.mirror_deletes += diesel::sql_query(format!(
+        deleted += diesel::sql_query(format!(
             "DELETE FROM {table} AS t USING unnest($1::bytea[], $2::int8[]) AS u(key, revision) \
              WHERE t.key = u.key \
                AND CASE WHEN $3 < 0 THEN t.mod_revision < u.revision ELSE t.mod_revision <= $3 END"
@@ -925,10 +943,10 @@ async fn write_mirror(
         .bind::<Array<Bytea>, _>(&keys)
         .bind::<Array<BigInt>, _>(&revisions)
         .bind::<BigInt, _>(repair_revision)
-        .execute(conn)
+        .execute(&mut &*conn)
         .await?;
     }
-    report.mirror_upserts += write_rows(
+    upserted += write_rows(
         conn,
         table,
         &restore_upserts,
@@ -942,13 +960,13 @@ async fn write_mirror(
     if !restore_deletes.is_empty() {
         let keys: Vec<&[u8]> = restore_deletes.iter().map(|d| d.0).collect();
         let revisions: Vec<i64> = restore_deletes.iter().map(|d| d.1).collect();
-        report.mirror_deletes += diesel::sql_query(format!(
+        deleted += diesel::sql_query(format!(
             "DELETE FROM {table} AS t USING unnest($1::bytea[], $2::int8[]) AS u(key, revision) \
              WHERE t.key = u.key AND t.mod_revision <= u.revision"
         ))
         .bind::<Array<Bytea>, _>(&keys)
         .bind::<Array<BigInt>, _>(&revisions)
-        .execute(conn)
+        .execute(&mut &*conn)
         .await?;
     }
     if !metas.is_empty() {
@@ -971,11 +989,11 @@ async fn write_mirror(
         .bind::<Array<BigInt>, _>(&modr)
         .bind::<Array<BigInt>, _>(&version)
         .bind::<Array<BigInt>, _>(&lease)
-        .execute(conn)
+        .execute(&mut &*conn)
         .await?;
     }
     restore_local_values(conn, table, &restore_local, locked).await?;
-    Ok(())
+    Ok((upserted, deleted))
 }
 
 /// A row to put back to a queued change: key, value (`None`: absent), base.
@@ -986,7 +1004,7 @@ type LocalRestore<'a> = (&'a [u8], Option<&'a [u8]>, i64);
 /// metadata stays. A row absent at lock time is created as a local row
 /// based on `base` (the queued change's base).
 async fn restore_local_values(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     table: &str,
     rows: &[LocalRestore<'_>],
     locked: &std::collections::HashSet<Vec<u8>>,
@@ -999,7 +1017,7 @@ async fn restore_local_values(
                 ))
                 .bind::<Bytea, _>(*key)
                 .bind::<Bytea, _>(*value)
-                .execute(conn)
+                .execute(&mut &*conn)
                 .await?;
             }
             Some(value) => {
@@ -1010,13 +1028,13 @@ async fn restore_local_values(
                 .bind::<Bytea, _>(*key)
                 .bind::<Bytea, _>(*value)
                 .bind::<BigInt, _>(*base)
-                .execute(conn)
+                .execute(&mut &*conn)
                 .await?;
             }
             None if locked.contains(*key) => {
                 diesel::sql_query(format!("DELETE FROM {table} WHERE key = $1"))
                     .bind::<Bytea, _>(*key)
-                    .execute(conn)
+                    .execute(&mut &*conn)
                     .await?;
             }
             None => {}
@@ -1028,7 +1046,7 @@ async fn restore_local_values(
 /// Writes mirror rows in one statement; `on_conflict` follows `ON CONFLICT
 /// (key)` and may use `$8`, the repair revision (-1: none).
 async fn write_rows(
-    conn: &mut AsyncPgConnection,
+    conn: &AsyncPgConnection,
     table: &str,
     rows: &[(&[u8], &[u8], &KeyMeta, &'static str)],
     on_conflict: &str,
@@ -1059,42 +1077,54 @@ async fn write_rows(
     .bind::<Array<BigInt>, _>(&lease)
     .bind::<Array<Text>, _>(&origin)
     .bind::<BigInt, _>(repair_revision)
-    .execute(conn)
+    .execute(&mut &*conn)
     .await?)
 }
 
-async fn update_outbox(
-    conn: &mut AsyncPgConnection,
-    plans: &[(&[u8], KeyPlan)],
-    report: &mut ApplyReport,
-) -> Result<(), StoreError> {
-    let consumed: Vec<i64> = plans
-        .iter()
-        .flat_map(|(_, p)| p.consumed.iter().copied())
-        .collect();
-    let echoes: usize = plans
-        .iter()
-        .map(|(_, p)| {
-            p.history
-                .iter()
-                .filter(|h| h.origin == eps_core::model::Origin::Pg)
-                .count()
-        })
-        .sum();
-    report.echoes += echoes;
+/// The error of pipelined statements to report: the one that failed, not
+/// those sent after it, which PostgreSQL refuses because the transaction is
+/// aborted (and which say nothing of whether to retry).
+fn first_failure(errors: impl Iterator<Item = StoreError>) -> StoreError {
+    let mut errors: Vec<StoreError> = errors.collect();
+    let aborted = |e: &StoreError| {
+        matches!(e, StoreError::Query { message, .. }
+            if message.contains("current transaction is aborted"))
+    };
+    match errors.iter().position(|e| !aborted(e)) {
+        Some(i) => errors.swap_remove(i),
+        None => errors
+            .pop()
+            .unwrap_or_else(|| StoreError::Invalid("no error to report".into())),
+    }
+}
+
+/// Counts the plans' echoes (changes of PostgreSQL's that came back from
+/// etcd) into the report.
+fn count_echoes(plans: &[(&[u8], KeyPlan)], report: &mut ApplyReport) {
     for (key, plan) in plans {
         for _ in plan
             .history
             .iter()
             .filter(|h| h.origin == eps_core::model::Origin::Pg)
         {
+            report.echoes += 1;
             report.echoed_keys.push(key.to_vec());
         }
     }
+}
+
+async fn update_outbox(
+    conn: &AsyncPgConnection,
+    plans: &[(&[u8], KeyPlan)],
+) -> Result<(), StoreError> {
+    let consumed: Vec<i64> = plans
+        .iter()
+        .flat_map(|(_, p)| p.consumed.iter().copied())
+        .collect();
     if !consumed.is_empty() {
         diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind::<Array<BigInt>, _>(&consumed)
-            .execute(conn)
+            .execute(&mut &*conn)
             .await?;
     }
     let rebased: Vec<(i64, i64)> = plans
@@ -1110,19 +1140,18 @@ async fn update_outbox(
         )
         .bind::<Array<BigInt>, _>(&ids)
         .bind::<Array<BigInt>, _>(&bases)
-        .execute(conn)
+        .execute(&mut &*conn)
         .await?;
     }
     Ok(())
 }
 
 /// Records the plans' conflicts: one row each, a `conflict` audit event
-/// each and a `resolution` event for those the policy settled. Settled
-/// conflicts get ids up front and their statements are pipelined, so a
-/// conflict costs server time, not a round trip: a leader catching up on a
-/// busy key after a failover meets one conflict per etcd event.
-/// Records the plans' conflicts; those of `timeline_keys` (settled while
-/// following a new etcd timeline) carry reason `timeline-change`.
+/// each and a `resolution` event for those the policy settled; those of
+/// `timeline_keys` (settled while following a new etcd timeline) carry
+/// reason `timeline-change`. The settled ones are written together (see
+/// [`insert_settled_conflicts`]): a leader catching up on a busy key after
+/// a failover meets one conflict per etcd event.
 async fn record_conflicts(
     conn: &mut AsyncPgConnection,
     mapping: &Mapping,
