@@ -20,7 +20,7 @@ use clap::Parser;
 )]
 struct Args {
     /// Scenario to run: all, etcd-to-pg-live, etcd-to-pg-catchup,
-    /// conflict-catchup, pg-to-etcd, pg-txn-to-etcd, latency-1k, snapshot, failover,
+    /// conflict-catchup, pg-to-etcd, pg-txn-to-etcd, latency-1k, latency-5k, snapshot, failover,
     /// vs-make-mirror, long-run-memory, history-queries, pg-backlog-drain.
     scenario: String,
     /// The service binary to measure (default: `etcd-pg-sync` next to this
