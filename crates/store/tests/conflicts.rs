@@ -5,28 +5,11 @@ mod common;
 
 use std::time::Instant;
 
-use eps_core::model::{EtcdEvent, KeyMeta, Op};
-use eps_core::reconcile::KeyInput;
 use eps_store::{ApplyRequest, KeyInputs};
 
 /// etcd's change of `key` (created at revision 3) to `value` at `revision`.
 fn changed(key: &str, value: &str, revision: i64) -> KeyInputs {
-    KeyInputs {
-        key: key.as_bytes().to_vec(),
-        inputs: vec![KeyInput::Event(EtcdEvent {
-            op: Op::Put,
-            key: key.as_bytes().to_vec(),
-            revision,
-            value: value.as_bytes().to_vec(),
-            meta: KeyMeta {
-                create_revision: 3,
-                mod_revision: revision,
-                version: 2,
-                lease: 0,
-            },
-            prev: None,
-        })],
-    }
+    common::put_event(key, value, revision, 3, 2)
 }
 
 /// A conflict row as the test reads it back.

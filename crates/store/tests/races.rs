@@ -21,22 +21,7 @@ async fn store_with(toml_extra: &str) -> anyhow::Result<(Store, eps_harness::Tes
 }
 
 fn created(key: &str, value: &str, revision: i64) -> KeyInputs {
-    KeyInputs {
-        key: key.as_bytes().to_vec(),
-        inputs: vec![KeyInput::Event(EtcdEvent {
-            op: Op::Put,
-            key: key.as_bytes().to_vec(),
-            revision,
-            value: value.as_bytes().to_vec(),
-            meta: KeyMeta {
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-                lease: 0,
-            },
-            prev: None,
-        })],
-    }
+    common::put_event(key, value, revision, revision, 1)
 }
 
 fn whole_table() -> eps_store::mirror::PageRequest<'static> {
@@ -545,13 +530,7 @@ async fn a_term_claim_waits_for_a_mark_of_the_old_term_in_flight() -> anyhow::Re
     let (store, db) = store_with("").await?;
     let fence = common::term_one(&store).await?;
     let admin = db.client().await?;
-    admin
-        .batch_execute("INSERT INTO etcd_sync.kv (key, value) VALUES ('/m', 'v')")
-        .await?;
-    let id: i64 = admin
-        .query_one("SELECT id FROM etcd_sync.outbox WHERE key = '/m'", &[])
-        .await?
-        .get(0);
+    let id = common::queued_insert(&admin, "/m").await?;
     let holder = db.client().await?;
     holder
         .batch_execute(&format!(
@@ -589,13 +568,7 @@ async fn marks_run_alongside_applies_and_a_term_claim_still_waits_for_them() -> 
     let (store, db) = store_with("").await?;
     let fence = common::term_one(&store).await?;
     let admin = db.client().await?;
-    admin
-        .batch_execute("INSERT INTO etcd_sync.kv (key, value) VALUES ('/m', 'v')")
-        .await?;
-    let id: i64 = admin
-        .query_one("SELECT id FROM etcd_sync.outbox WHERE key = '/m'", &[])
-        .await?
-        .get(0);
+    let id = common::queued_insert(&admin, "/m").await?;
     let apply = db.client().await?;
     apply
         .batch_execute(

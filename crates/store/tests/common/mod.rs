@@ -57,3 +57,49 @@ pub async fn insert_as_service(
     inserted?;
     Ok(())
 }
+
+/// etcd's put of `key = value` at `revision`, the key created at
+/// `create_revision` and at `version`, as the watcher hands it to an apply.
+pub fn put_event(
+    key: &str,
+    value: &str,
+    revision: i64,
+    create_revision: i64,
+    version: i64,
+) -> eps_store::KeyInputs {
+    use eps_core::model::{EtcdEvent, KeyMeta, Op};
+    eps_store::KeyInputs {
+        key: key.as_bytes().to_vec(),
+        inputs: vec![eps_core::reconcile::KeyInput::Event(EtcdEvent {
+            op: Op::Put,
+            key: key.as_bytes().to_vec(),
+            revision,
+            value: value.as_bytes().to_vec(),
+            meta: KeyMeta {
+                create_revision,
+                mod_revision: revision,
+                version,
+                lease: 0,
+            },
+            prev: None,
+        })],
+    }
+}
+
+/// Inserts `key` into `etcd_sync.kv` as a user does; returns the id of
+/// the outbox row the insert queued.
+pub async fn queued_insert(client: &tokio_postgres::Client, key: &str) -> anyhow::Result<i64> {
+    client
+        .execute(
+            "INSERT INTO etcd_sync.kv (key, value) VALUES (convert_to($1, 'UTF8'), 'v')",
+            &[&key],
+        )
+        .await?;
+    Ok(client
+        .query_one(
+            "SELECT id FROM etcd_sync.outbox WHERE key = convert_to($1, 'UTF8')",
+            &[&key],
+        )
+        .await?
+        .get(0))
+}
