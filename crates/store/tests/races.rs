@@ -543,15 +543,7 @@ async fn a_term_claim_waits_for_a_mark_of_the_old_term_in_flight() -> anyhow::Re
         async move { store.mark_sent(&fence, &[id]).await }
     });
     wait_until_blocked(&admin).await?;
-    let claim = tokio::spawn({
-        let store = store.clone();
-        async move { store.claim_term(2, "n2", 100).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !claim.is_finished(),
-        "the term was claimed while a mark of term 1 was in flight"
-    );
+    let claim = claim_that_waits(&store).await;
     holder.batch_execute("COMMIT").await?;
     assert_eq!(mark.await??, vec![id], "the mark of term 1 commits first");
     assert!(claim.await??, "then term 2 is claimed");
@@ -585,6 +577,17 @@ async fn marks_run_alongside_applies_and_a_term_claim_still_waits_for_them() -> 
     mark.batch_execute("BEGIN; SELECT 1 FROM etcd_sync.sync_state WHERE id = 1 FOR KEY SHARE")
         .await?;
     let store = std::sync::Arc::new(store);
+    let claim = claim_that_waits(&store).await;
+    mark.batch_execute("COMMIT").await?;
+    assert!(claim.await??);
+    Ok(())
+}
+
+/// Claims term 2 for `n2` in the background; half a second on, the claim
+/// must still be waiting (for a mark of term 1 in flight).
+async fn claim_that_waits(
+    store: &std::sync::Arc<Store>,
+) -> tokio::task::JoinHandle<Result<bool, eps_store::StoreError>> {
     let claim = tokio::spawn({
         let store = store.clone();
         async move { store.claim_term(2, "n2", 100).await }
@@ -592,9 +595,7 @@ async fn marks_run_alongside_applies_and_a_term_claim_still_waits_for_them() -> 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !claim.is_finished(),
-        "the term was claimed while a mark was in flight"
+        "the term was claimed while a mark of term 1 was in flight"
     );
-    mark.batch_execute("COMMIT").await?;
-    assert!(claim.await??);
-    Ok(())
+    claim
 }
