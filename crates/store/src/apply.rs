@@ -1407,9 +1407,10 @@ async fn insert_settled_conflicts(
     Ok(())
 }
 
-/// Inserts a pending conflict with a fresh id unless the key already has a
-/// pending conflict, which then takes the newer etcd side. Returns the
-/// row's id.
+/// Inserts a pending conflict (one `manual` parks) with a fresh id unless
+/// the key already has a pending conflict, which then takes the newer etcd
+/// side. Returns the row's id. Settled conflicts go through
+/// [`insert_settled_conflicts`].
 async fn insert_conflict(
     conn: &AsyncPgConnection,
     mapping: &Mapping,
@@ -1418,21 +1419,15 @@ async fn insert_conflict(
     timeline_change: bool,
     request: &ApplyRequest<'_>,
 ) -> Result<i64, StoreError> {
-    let status = if conflict.winner.is_some() {
-        "resolved"
-    } else {
-        "pending"
-    };
     let rows: Vec<IdRow> = diesel::sql_query(
         "INSERT INTO conflicts (id, mirror_table, key, etcd_value, etcd_revision, etcd_observed_at, pg_value, \
              pg_revision, pg_changed_at, policy, winner, status, resolved_by, resolved_at, node, term, trace_id, \
              pg_superseded, reason, etcd_changed_after, etcd_changed_by, decided_by_tie, pg_committed_by, pg_xact) \
          VALUES (nextval(pg_get_serial_sequence('conflicts', 'id')), \
              $1, $2, $3, $4, to_timestamp($5::float8 / 1000000), $6, $7, to_timestamp($8::float8 / 1000000), \
-             $9, $10, $11, CASE WHEN $10 IS NULL THEN NULL ELSE 'policy' END, \
-             CASE WHEN $10 IS NULL THEN NULL ELSE clock_timestamp() END, $12, $13, $14, $15, $16, \
-             to_timestamp($17::float8 / 1000000), to_timestamp($18::float8 / 1000000), $19, \
-             to_timestamp($20::float8 / 1000000), $21) \
+             $9, NULL, 'pending', NULL, NULL, $10, $11, $12, $13, $14, \
+             to_timestamp($15::float8 / 1000000), to_timestamp($16::float8 / 1000000), $17, \
+             to_timestamp($18::float8 / 1000000), $19) \
          ON CONFLICT (mirror_table, key) WHERE status = 'pending' DO UPDATE SET \
              etcd_value = EXCLUDED.etcd_value, etcd_revision = EXCLUDED.etcd_revision, \
              etcd_observed_at = EXCLUDED.etcd_observed_at, \
@@ -1448,8 +1443,6 @@ async fn insert_conflict(
     .bind::<BigInt, _>(conflict.pg_base_revision)
     .bind::<BigInt, _>(conflict.pg_changed_at_us)
     .bind::<Text, _>(conflict.policy.as_str())
-    .bind::<Nullable<Text>, _>(conflict.winner.map(Side::as_str))
-    .bind::<Text, _>(status)
     .bind::<Text, _>(&request.fence.node)
     .bind::<BigInt, _>(request.fence.term)
     .bind::<Nullable<Text>, _>(request.trace_id)

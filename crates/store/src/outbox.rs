@@ -145,42 +145,54 @@ pub async fn mark_sent(
     fence: &Fence,
     ids: &[i64],
 ) -> Result<Vec<i64>, StoreError> {
+    let alongside = mark(
+        conn,
+        fence,
+        ids,
+        fence::Checkpoint::KeepConcurrently,
+        "UPDATE outbox SET sent = true \
+         WHERE id IN (SELECT id FROM outbox WHERE id = ANY($1) AND NOT sent FOR UPDATE NOWAIT) \
+         RETURNING id",
+    )
+    .await;
+    match alongside {
+        Err(StoreError::RowHeld(_)) => {
+            mark(
+                conn,
+                fence,
+                ids,
+                fence::Checkpoint::Keep,
+                "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent RETURNING id",
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// One try of [`mark_sent`]: `sql` (taking the ids as `$1`, returning the
+/// ids marked) in its own transaction fenced as `checkpoint` says.
+async fn mark(
+    conn: &mut AsyncPgConnection,
+    fence: &Fence,
+    ids: &[i64],
+    checkpoint: fence::Checkpoint<'_>,
+    sql: &'static str,
+) -> Result<Vec<i64>, StoreError> {
     #[derive(QueryableByName)]
     struct Marked {
         #[diesel(sql_type = BigInt)]
         id: i64,
     }
-    let alongside = conn
-        .transaction::<_, StoreError, _>(async |conn| {
-            fence::enter(conn, fence, fence::Checkpoint::KeepConcurrently).await?;
-            let marked: Vec<Marked> = diesel::sql_query(
-                "UPDATE outbox SET sent = true \
-                 WHERE id IN (SELECT id FROM outbox WHERE id = ANY($1) AND NOT sent FOR UPDATE NOWAIT) \
-                 RETURNING id",
-            )
+    conn.transaction::<_, StoreError, _>(async |conn| {
+        fence::enter(conn, fence, checkpoint).await?;
+        let marked: Vec<Marked> = diesel::sql_query(sql)
             .bind::<Array<BigInt>, _>(ids)
             .load(conn)
             .await?;
-            Ok(marked)
-        })
-        .await;
-    let marked = match alongside {
-        Err(StoreError::RowHeld(_)) => {
-            conn.transaction::<_, StoreError, _>(async |conn| {
-                fence::enter(conn, fence, fence::Checkpoint::Keep).await?;
-                let marked: Vec<Marked> = diesel::sql_query(
-                    "UPDATE outbox SET sent = true WHERE id = ANY($1) AND NOT sent RETURNING id",
-                )
-                .bind::<Array<BigInt>, _>(ids)
-                .load(conn)
-                .await?;
-                Ok(marked)
-            })
-            .await?
-        }
-        other => other?,
-    };
-    Ok(marked.into_iter().map(|m| m.id).collect())
+        Ok(marked.into_iter().map(|m| m.id).collect())
+    })
+    .await
 }
 
 /// Takes back [`mark_sent`] for changes a round marked but did not send
